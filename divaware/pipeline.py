@@ -1,0 +1,180 @@
+"""Batch execution of the notebook series with papermill.
+
+``run_series`` executes ``notebooks/01..04`` in order into one run folder::
+
+    <out>/
+      series.yaml                      the resolved series configuration
+      params/<notebook>.yaml           the parameters each execution received
+      notebooks/<notebook>.ipynb       executed copies (03 once per method: 03_training_<method>.ipynb)
+      01_data_exploration/ ...         what each notebook writes (figures, tables, results.json)
+      runs/<method>/                   one training run folder per method (written by 03)
+
+A failing notebook stops the series with a :class:`NotebookFailed` naming the cell and the executed copy.
+``sweep`` runs the training notebook over methods x seeds x a parameter grid and aggregates the
+evaluation of every run into one table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SERIES = ("01_data_exploration", "02_subgroup_divergence", "03_training", "04_fairness_evaluation")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook of the series raised; the message names the cell and the executed copy."""
+
+
+def notebooks_dir() -> Path:
+    """The folder holding the numbered notebooks: ``$DIVAWARE_NOTEBOOKS``, the checkout's ``notebooks/``,
+    or ``./notebooks``."""
+    env = os.environ.get("DIVAWARE_NOTEBOOKS")
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[1] / "notebooks", Path.cwd() / "notebooks"]
+    for folder in candidates:
+        if (folder / f"{SERIES[0]}.ipynb").is_file():
+            return folder
+    raise FileNotFoundError(
+        "cannot find the divaware notebooks (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); run from a checkout of the repository or set DIVAWARE_NOTEBOOKS"
+    )
+
+
+def notebook_parameters(path: Path) -> dict[str, dict[str, Any]]:
+    """The parameters a notebook declares in its ``parameters`` cell: name -> {default, help}."""
+    import papermill
+
+    return {
+        name: {"default": spec["default"], "help": spec.get("help", "")}
+        for name, spec in papermill.inspect_notebook(str(path)).items()
+    }
+
+
+def execute_notebook(
+    source: Path, output: Path, parameters: Mapping[str, Any], *, cwd: Path | None = None,
+    log_output: bool = False,
+) -> float:
+    """Execute ``source`` into ``output`` with ``parameters``; return the wall time in seconds.
+
+    Unknown parameter names are refused up front (papermill would silently inject them), and a failing
+    cell raises :class:`NotebookFailed` naming the cell and where the executed copy is.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    declared = notebook_parameters(source)
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise ValueError(
+            f"{source.name} has no parameter(s) {unknown}; it declares {sorted(declared)} "
+            f"(see `papermill --help-notebook {source}`)"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(
+            str(source), str(output), parameters=dict(parameters), kernel_name="python3",
+            cwd=str(cwd) if cwd else None, progress_bar=False, log_output=log_output,
+        )
+    except PapermillExecutionError as err:
+        raise NotebookFailed(
+            f"{source.name} failed in cell {err.cell_index} ({err.ename}: {err.evalue}); "
+            f"the executed copy with the traceback is {output}"
+        ) from err
+    return time.perf_counter() - start
+
+
+def load_series_config(path: str | Path | None) -> dict[str, Any]:
+    """Read a series YAML (``configs/default.yaml`` layout); ``None`` gives the built-in default."""
+    if path is None:
+        path = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"series configuration {path} does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    known = {"data_root", "methods", "common", "notebooks", "training", "sweep"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected some of {sorted(known)}")
+    methods = config.get("methods", ["erm", "divaware"])
+    if not methods or not all(isinstance(m, str) for m in methods):
+        raise ValueError(f"{path}: 'methods' must be a non-empty list of strategy names")
+    config["methods"] = list(methods)
+    return config
+
+
+def _params_for(name: str, config: Mapping[str, Any], declared: Mapping[str, Any]) -> dict[str, Any]:
+    """Common parameters the notebook declares, then its own section of the config."""
+    params = {k: v for k, v in (config.get("common") or {}).items() if k in declared}
+    if config.get("data_root") and "data_root" in declared:
+        params["data_root"] = str(config["data_root"])
+    params.update((config.get("notebooks") or {}).get(name) or {})
+    return params
+
+
+def run_series(
+    config: Mapping[str, Any], out_dir: str | Path, *, only: list[str] | None = None,
+    log_output: bool = False,
+) -> dict[str, float]:
+    """Execute the notebook series into ``out_dir``; return wall seconds per executed notebook.
+
+    ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``).
+    """
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    src = notebooks_dir()
+    (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    selected = [n for n in SERIES if not only or any(n.startswith(o) or n == o for o in only)]
+    timings: dict[str, float] = {}
+    for name in selected:
+        source = src / f"{name}.ipynb"
+        declared = notebook_parameters(source)
+        base = _params_for(name, config, declared)
+        if name == "03_training":
+            jobs = []
+            for method in config["methods"]:
+                params = {**base, **(config.get("training") or {}), "method": method,
+                          "out_dir": str(out / "runs" / method)}
+                jobs.append((f"{name}_{method}", params))
+        else:
+            params = {**base, "out_dir": str(out / name)}
+            if "runs_dir" in declared:
+                params["runs_dir"] = str(out / "runs")
+            if "reference_method" in declared and "reference_method" not in params:
+                params["reference_method"] = config["methods"][0]
+            jobs = [(name, params)]
+        for label, params in jobs:
+            params_file = out / "params" / f"{label}.yaml"
+            params_file.parent.mkdir(parents=True, exist_ok=True)
+            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+            print(f"[divaware run] {label} ...", flush=True)
+            seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
+                                       cwd=out, log_output=log_output)
+            timings[label] = round(seconds, 1)
+            print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    return timings
+
+
+def sweep_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Expand the ``sweep`` section (methods x seeds x grid values) into one parameter dict per run."""
+    section = dict(config.get("sweep") or {})
+    methods = section.pop("methods", config.get("methods"))
+    seeds = section.pop("seeds", [0])
+    grid = section.pop("grid", {}) or {}
+    if section:
+        raise ValueError(f"unknown key(s) in 'sweep': {sorted(section)}; expected methods, seeds, grid")
+    keys = sorted(grid)
+    runs = []
+    for method, seed, *values in itertools.product(methods, seeds, *(grid[k] for k in keys)):
+        runs.append({"method": method, "seed": seed, **dict(zip(keys, values, strict=True))})
+    return runs
