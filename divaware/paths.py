@@ -1,0 +1,69 @@
+"""Where the data lives: one environment variable with a sensible default.
+
+``resolve_data_root("")`` gives, in order: the argument when it is non-empty, ``$DIVAWARE_DATA`` when set, or
+the synthetic stand-in cohort in the divaware cache (``$DIVAWARE_CACHE``, default ``~/.cache/divaware``),
+generated on first use. Generation goes to a temporary sibling folder renamed into place at the end, so an
+interrupted or concurrent first use never leaves a half-written cohort behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DATA_ENV = "DIVAWARE_DATA"
+CACHE_ENV = "DIVAWARE_CACHE"
+
+
+def cache_dir() -> Path:
+    """The divaware cache folder (synthetic cohorts); ``$DIVAWARE_CACHE`` or ``~/.cache/divaware``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "divaware").expanduser()
+
+
+def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching") -> Path:
+    """Cache location of the synthetic cohort with these generation settings."""
+    return cache_dir() / f"synthetic-{preset}-{missingness}-n{n_cases}-seed{seed}"
+
+
+def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
+                     missingness: str = "teaching") -> Path:
+    """The cached synthetic cohort with these settings, generated (atomically) if it is not there yet."""
+    from divaware.synthetic import make_cohort
+
+    root = synthetic_root(n_cases, seed, preset, missingness)
+    if (root / "clinical_and_imaging_info.xlsx").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        make_cohort(staging, n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
+                    overwrite=True)
+        try:
+            staging.rename(root)
+        except OSError:
+            # Another process finished first; its cohort is identical (same settings, deterministic).
+            if not (root / "clinical_and_imaging_info.xlsx").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, seed: int = 0,
+                      preset: str = "default", missingness: str = "teaching") -> Path:
+    """The cohort folder to use: explicit argument, else ``$DIVAWARE_DATA``, else the synthetic default."""
+    if data_root:
+        root = Path(data_root).expanduser()
+    elif os.environ.get(DATA_ENV):
+        root = Path(os.environ[DATA_ENV]).expanduser()
+    else:
+        return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data folder {root} does not exist; pass the MAMA-MIA root (the folder holding images/ and "
+            f"clinical_and_imaging_info.xlsx), set ${DATA_ENV}, or leave both empty for the synthetic cohort"
+        )
+    return root

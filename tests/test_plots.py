@@ -1,0 +1,209 @@
+"""Figures: the right number of bars/labels/panels, colours that mean something, files only where asked."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never open a window in tests
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
+from matplotlib.container import ErrorbarContainer  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from divaware import metrics as M  # noqa: E402
+from divaware import plots as P  # noqa: E402
+
+
+def cohort(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = pd.Index([f"ISPY2_{i:06d}" for i in range(n)], name="patient_id")
+    meta = pd.DataFrame(
+        {
+            "age_group": rng.choice(["0-40", "41-50", "51-60", "71+"], size=n),
+            "menopause": rng.choice(["pre", "post", "unknown"], size=n),
+            "breast_density": rng.choice(["a", "b", "unknown"], size=n),
+        },
+        index=ids,
+    )
+    meta.iloc[0, meta.columns.get_loc("age_group")] = "61-70"  # a one-case group: no CI, flagged small
+    per_case = pd.DataFrame({"dice": rng.uniform(0.4, 0.95, n)}, index=ids)
+    per_case["norm_hd"] = 1 - per_case["dice"]
+    per_case["hd95_mm"] = 40 * per_case["norm_hd"]
+    return meta, per_case
+
+
+def ytick_texts(ax):
+    return [t.get_text() for t in ax.get_yticklabels()]
+
+
+def test_save_figure_formats_and_refusals(tmp_path):
+    fig = Figure()
+    fig.subplots().plot([0, 1], [0, 1])
+    assert P.save_figure(fig, None) == []
+    written = P.save_figure(fig, tmp_path / "sub" / "both")
+    assert sorted(p.name for p in written) == ["both.png", "both.svg"]
+    assert all(p.stat().st_size > 0 for p in written)
+    assert P.save_figure(fig, tmp_path / "one.svg") == [tmp_path / "one.svg"]
+    with pytest.raises(ValueError, match=r"\.jpg"):
+        P.save_figure(fig, tmp_path / "x.jpg")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["both.png", "both.svg", "one.svg"]
+
+
+def test_group_dice_bars_cis_and_n_labels(tmp_path):
+    meta, pc = cohort()
+    table = M.group_table(pc, meta, "age_group", n_boot=200)
+    fig = P.plot_group_dice(table, path=tmp_path / "groups.png")
+    assert isinstance(fig, Figure) and (tmp_path / "groups.png").stat().st_size > 0
+    ax = fig.axes[0]
+    assert len(ax.patches) == len(table) == 5
+    labels = ytick_texts(ax)
+    assert labels[0] == f"0-40 (n={table.loc[0, 'n']})"
+    assert labels[3] == "61-70 * (n=1)"  # the one-case group is marked small
+    widths = sorted(p.get_width() for p in ax.patches)
+    assert widths == pytest.approx(sorted(table["mean"]))
+    # small groups (n < 10) are drawn pale, the others in the full colour
+    colours = [to_hex(p.get_facecolor()) for p in ax.patches]
+    assert 0 < table["small"].sum() < len(table)
+    assert [c == colours[3] for c in colours] == table["small"].tolist()
+    # one error bar per group that has a CI (the single-case group has none)
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars.lines[2][0].get_segments()) == table["ci_low"].notna().sum() == 4
+
+
+def test_divergent_itemsets_top_bars_coloured_by_significance(tmp_path):
+    itemsets = pd.DataFrame(
+        {
+            "label": [f"attr=v{i}" for i in range(12)],
+            "divergence": np.linspace(-0.3, 0.25, 12),
+            "t": [-4.0, -1.0, -2.5, np.nan, -0.5, 1.0, 2.0, 3.0, 0.1, 0.2, 0.3, 5.0],
+            "count": np.arange(10, 22),
+            "support": np.arange(10, 22) / 100,
+        }
+    )
+    fig = P.plot_divergent_itemsets(itemsets, top=5, path=tmp_path / "items")
+    assert (tmp_path / "items.png").exists() and (tmp_path / "items.svg").exists()
+    ax = fig.axes[0]
+    bars = [p for p in ax.patches if p.get_height() > 0 and p.get_width() != 0]
+    assert len(bars) == 5
+    assert ytick_texts(ax)[0] == "attr=v0 (n=10)"  # most negative divergence first
+    red = sum(to_hex(b.get_facecolor()) == P._SIG_COLOR for b in bars)
+    assert red == 2  # |t| >= 2 among the top five: v0 (-4.0) and v2 (-2.5); NaN t is not significant
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["|t| ≥ 2", "|t| < 2"]
+    pos = P.plot_divergent_itemsets(itemsets, top=3, which="positive")
+    assert ytick_texts(pos.axes[0])[0] == "attr=v11 (n=21)"
+
+
+def test_run_comparison_dumbbell():
+    meta, a = cohort()
+    b = a.assign(dice=a["dice"] + np.where(meta["menopause"] == "pre", 0.1, 0.0))
+    cmp = M.compare_runs(a, b, meta, "menopause", labels=("ERM", "divaware"), n_boot=200)
+    fig = P.plot_run_comparison(cmp)
+    ax = fig.axes[0]
+    labels = ytick_texts(ax)
+    assert len(labels) == 3 and labels[0].startswith("pre * ")  # 8 cases: flagged small
+    assert ax.get_yticks()[0] == max(ax.get_yticks())  # first group drawn on top
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ERM", "divaware"]
+    notes = [t.get_text() for t in ax.texts]
+    assert "+0.100 [+0.100, +0.100]" in notes and len(notes) == 3
+    with pytest.raises(ValueError, match="per-group"):
+        P.plot_run_comparison(M.compare_runs(a, b))
+
+
+def test_dice_heatmap_cells_annotated_with_n():
+    meta, pc = cohort()
+    fig = P.plot_dice_heatmap(pc, meta, "age_group", "breast_density")
+    ax = fig.axes[0]
+    assert ytick_texts(ax) == ["0-40", "41-50", "51-60", "61-70", "71+"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "unknown"]
+    cells = [t.get_text() for t in ax.texts if "n=" in t.get_text()]
+    table = M.group_table(pc, meta, ["age_group", "breast_density"], n_boot=0)
+    assert len(cells) == len(table)
+    assert sum(int(c.split("n=")[1]) for c in cells) == len(pc)
+    first = table.iloc[0]
+    assert f"{first['mean']:.2f}\nn={first['n']}" in cells
+
+
+def weights_history(meta):
+    rows = []
+    for refresh in range(3):
+        for pid, age in meta["age_group"].items():
+            flagged = refresh > 0 and age == "0-40"
+            rows.append(dict(refresh=refresh, epoch=10 * refresh, patient_id=pid, weight=2.0 if flagged else 0.8,
+                             worst_itemset="age_group=0-40" if flagged else None,
+                             divergence=-0.2 if flagged else np.nan))
+    return pd.DataFrame(rows)
+
+
+def test_weights_over_refreshes():
+    meta, _ = cohort()
+    h = weights_history(meta)
+    fig = P.plot_weights(h)
+    left, right = fig.axes[:2]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["0", "1", "2"]
+    legend = [t.get_text() for t in right.get_legend().get_texts()]
+    assert legend == ["flagged (in a divergent subgroup)", "other"]
+    flagged_line = right.get_lines()[0]
+    assert list(flagged_line.get_xdata()) == [1, 2] and list(flagged_line.get_ydata()) == [2.0, 2.0]
+    by_group = P.plot_weights(h, meta, "menopause")
+    assert [t.get_text() for t in by_group.axes[1].get_legend().get_texts()] == ["pre", "post", "unknown"]
+    with pytest.raises(ValueError, match="ISPY2_999999"):
+        P.plot_weights(pd.concat([h, h.iloc[:1].assign(patient_id="ISPY2_999999")]), meta, "menopause")
+
+
+def test_training_curves_skip_epochs_without_validation():
+    log = pd.DataFrame(
+        {
+            "epoch": range(1, 11),
+            "loss": np.linspace(1, 0.2, 10),
+            "val_dice": [np.nan, 0.5, np.nan, 0.6, np.nan, 0.65, np.nan, 0.7, np.nan, 0.72],
+            "val_worst_group_dice": [np.nan, 0.3, np.nan, 0.4, np.nan, 0.45, np.nan, 0.5, np.nan, 0.55],
+            "time_s": [6.0] * 10,
+        }
+    )
+    fig = P.plot_training_curves(log)
+    loss_ax, val_ax = fig.axes[:2]
+    assert len(loss_ax.get_lines()[0].get_xdata()) == 10
+    val_lines = val_ax.get_lines()
+    assert len(val_lines) == 2 and all(len(line.get_xdata()) == 5 for line in val_lines)
+    assert fig.get_suptitle() == "training (1.0 min)"
+
+
+def test_tumour_slice_goes_through_the_centre():
+    m = np.zeros((10, 10, 30), dtype=bool)
+    m[3:6, 3:6, 10:15] = True
+    assert P.tumour_slice(m) == 12
+    assert P.tumour_slice(m, axis=0) == 4
+    assert P.tumour_slice(np.zeros((4, 4, 8))) == 4
+    ring = np.zeros((10, 10, 30), dtype=bool)
+    ring[2, 2, 5] = ring[2, 2, 25] = True  # centre of mass on an empty slice: use the nearest non-empty
+    assert ring[:, :, P.tumour_slice(ring)].any()
+
+
+def test_case_gallery_panels_and_contours(tmp_path):
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 12)
+    truth = np.zeros(shape, dtype=bool)
+    truth[8:14, 8:14, 4:8] = True
+    pred = np.roll(truth, 2, axis=0)
+    volume = rng.normal(size=(3, *shape))  # three phases
+    slice2d = rng.normal(size=(24, 24))  # a single-phase 2D slice with no prediction
+    fig = P.plot_case_gallery(
+        [volume, slice2d], [truth, truth[:, :, 6]], [pred, None],
+        titles=["DUKE_001", "NACT_01"], phase_names=["pre", "post 1", "post 2"], path=tmp_path / "g.svg",
+    )
+    assert (tmp_path / "g.svg").exists()
+    axes = fig.axes
+    assert len(axes) == 6  # 2 cases x 3 phase columns
+    assert [a.get_title() for a in axes[:3]] == ["pre", "post 1", "post 2"]
+    assert axes[0].get_ylabel() == "DUKE_001" and axes[3].get_ylabel() == "NACT_01"
+    from matplotlib.contour import ContourSet
+
+    n_contours = [sum(isinstance(c, ContourSet) for c in a.collections) for a in axes]
+    assert n_contours == [2, 2, 2, 1, 0, 0]  # truth + prediction; truth only; empty phase slots
+    assert not axes[4].axison and not axes[5].axison
+    with pytest.raises(ValueError, match="shape"):
+        P.plot_case_gallery([volume], [truth[:-1]])
