@@ -407,3 +407,59 @@ def plot_case_gallery(
                loc="outside lower center", ncol=2, fontsize="small")
     save_figure(fig, path)
     return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# data exploration
+# --------------------------------------------------------------------------------------------------
+
+
+def plot_missingness(table: pd.DataFrame, *, title: str | None = None, path: str | Path | None = None) -> Figure:
+    """Heatmap of the fraction of unknown values (:func:`divaware.exploration.missingness`), n per row."""
+    _require(table, ("n",), "missingness table")
+    values = table.drop(columns="n")
+    fig, axes = _figure(figsize=(1.6 * values.shape[1] + 2.5, 0.5 * len(values) + 1.5))
+    ax = axes[0, 0]
+    labels = [f"{g} (n={n})" for g, n in zip(table.index, table["n"], strict=True)]
+    sns.heatmap(values.to_numpy(float), annot=True, fmt=".0%", cmap="Reds", vmin=0, vmax=1, cbar=False,
+                xticklabels=list(values.columns), yticklabels=labels, ax=ax)
+    ax.set_title(title or "fraction unknown")
+    save_figure(fig, path)
+    return fig
+
+
+def plot_by_group(
+    values: pd.DataFrame, column: str, by: str, *, log: bool = False, ylabel: str | None = None,
+    title: str | None = None, path: str | Path | None = None,
+) -> Figure:
+    """Box plot of ``values[column]`` per ``by`` group (groups in :func:`metrics.group_order`), n on the axis."""
+    _require(values, (column, by), "table")
+    order = metrics.group_order(values[by].astype(str).unique())
+    counts = values[by].astype(str).value_counts()
+    fig, axes = _figure(figsize=(1.1 * len(order) + 2.5, 3.8))
+    ax = axes[0, 0]
+    sns.boxplot(x=values[by].astype(str), y=values[column].astype(float), order=order, color="#9ecae1",
+                fliersize=2, log_scale=log, ax=ax)
+    ax.set_xticks(range(len(order)), [f"{g}\n(n={counts.get(g, 0)})" for g in order])
+    ax.set_xlabel(by)
+    ax.set_ylabel(ylabel or column)
+    ax.set_title(title or f"{column} by {by}")
+    save_figure(fig, path)
+    return fig
+
+
+def plot_enhancement_curves(
+    curves: pd.DataFrame, by: str, *, title: str | None = None, path: str | Path | None = None
+) -> Figure:
+    """Mean enhancement over phases (``exploration.enhancement_curves``): tumour solid, other tissue dashed."""
+    _require(curves, (by, "phase", "region", "enhancement"), "enhancement table")
+    order = metrics.group_order(curves[by].astype(str).unique())
+    fig, axes = _figure(figsize=(6.5, 4.0))
+    ax = axes[0, 0]
+    sns.lineplot(data=curves.assign(**{by: curves[by].astype(str)}), x="phase", y="enhancement", hue=by,
+                 hue_order=order, style="region", style_order=["tumour", "tissue"], markers=True, ax=ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("mean intensity / pre-contrast")
+    ax.set_title(title or f"enhancement over phases by {by}")
+    save_figure(fig, path)
+    return fig

@@ -28,11 +28,10 @@ def load_canonical(path: str | Path) -> np.ndarray:
     return np.asarray(img.dataobj, dtype=np.float32)
 
 
-def tumour_slice(mask: np.ndarray | None, depth: int) -> int:
-    """Axial slice with the most tumour voxels, or the middle slice when there is no tumour."""
-    if mask is None or not mask.any():
-        return depth // 2
-    return int(np.argmax(mask.reshape(-1, mask.shape[-1]).sum(axis=0)))
+def _slice_of(mask: np.ndarray | None, image: np.ndarray) -> int:
+    from divaware.plots import tumour_slice
+
+    return tumour_slice(mask if mask is not None else np.zeros(image.shape, bool), axis=-1)
 
 
 def _draw_slice(ax: Any, image: np.ndarray, k: int, mask: np.ndarray | None, pred: np.ndarray | None,
@@ -56,7 +55,7 @@ def case_figure(case: Case, prediction: str | Path | None = None, slice_index: i
     images = [load_canonical(case.image_paths[p]) for p in phases]
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     pred = load_canonical(prediction) > 0.5 if prediction is not None else None
-    k = tumour_slice(mask, images[0].shape[-1]) if slice_index is None else int(slice_index)
+    k = _slice_of(mask, images[0]) if slice_index is None else int(slice_index)
     fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 2.8), squeeze=False)
     for ax, p, image in zip(axes[0], phases, images, strict=True):
         _draw_slice(ax, image, k, mask, pred, f"{case.patient_id} phase {p:04d}, z={k}")
@@ -77,7 +76,7 @@ def slice_viewer(case: Case, prediction: str | Path | None = None, interactive: 
     depth = images[0].shape[-1]
     phase = w.Dropdown(options=[(f"{i:04d}", i) for i in range(len(images))], value=min(1, len(images) - 1),
                        description="phase")
-    k = w.IntSlider(value=tumour_slice(mask, depth), min=0, max=depth - 1, description="slice")
+    k = w.IntSlider(value=_slice_of(mask, images[0]), min=0, max=depth - 1, description="slice")
     overlay = w.Checkbox(value=True, description="overlay")
     out = w.Output()
 

@@ -1,0 +1,218 @@
+"""Time a divergence refresh (analysis + weights) on 1,506 cases with 5 attributes.
+
+A refresh is what training runs every few epochs: DivExplorer itemsets on the fairness-validation scores,
+per-case divergence of the training cases and their weights (``divaware`` strategy). Here the 1,506
+cases play both roles, the worst case for the real MAMA-MIA cohort. Metadata are synthetic with
+realistic marginals (made here, no other module needed): the four collections with their real sizes,
+age ~ N(49, 10.5), menopause unknown for all of ISPY1/NACT (~27 % overall), breast density known for 60
+DUKE cases only (~96 % unknown), an ethnicity column. One subgroup of ~4 % support
+(``dataset=ISPY2 ∧ ethnicity=asian``) scores 0.15 Dice lower, to show that support decides what can be
+found. Prints a table and writes ``benchmarks/DIVERGENCE.md``.
+
+    python benchmarks/divergence_refresh.py [--repeats 9] [--out benchmarks/DIVERGENCE.md]
+"""
+
+from __future__ import annotations
+
+import os
+
+# One core, as the budget in DESIGN.md is stated (and no BLAS threads stealing a shared machine).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import datetime as dt  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from divaware.subgroups import (  # noqa: E402
+    _mine_itemsets,
+    attribute_table,
+    case_divergence,
+    divergent_itemsets,
+)
+from divaware.weighting import make_strategy  # noqa: E402
+
+ATTRIBUTES = ["age_group", "menopause", "breast_density", "dataset", "ethnicity"]
+PLANTED = "dataset=ISPY2 ∧ ethnicity=asian"
+SUPPORTS = (0.005, 0.05)
+
+
+def synthetic_metadata(seed: int = 0) -> tuple[pd.DataFrame, pd.Series]:
+    """1,506 cases with MAMA-MIA-like metadata, and per-case Dice with a planted ~4 % subgroup."""
+    rng = np.random.default_rng(seed)
+    sizes = {"DUKE": 291, "ISPY1": 171, "ISPY2": 980, "NACT": 64}
+    dataset = np.concatenate([[k] * v for k, v in sizes.items()])
+    ids = np.concatenate([[f"{k}_{i:03d}" for i in range(1, v + 1)] for k, v in sizes.items()])
+    n = len(ids)
+    age = np.clip(np.round(rng.normal(49, 10.5, n)), 21, 85)
+    # Pre (incl. peri) becomes unlikely past ~50; ISPY1 and NACT never record it, others miss ~13 %.
+    p_pre = 1 / (1 + np.exp((age - 50) / 3))
+    meno = np.where(rng.random(n) < p_pre, "pre", "post").astype(object)
+    meno[np.isin(dataset, ["ISPY1", "NACT"]) | (rng.random(n) < 0.135)] = np.nan
+    density = np.full(n, np.nan, dtype=object)
+    duke = np.flatnonzero(dataset == "DUKE")
+    known = rng.choice(duke, 60, replace=False)
+    density[known] = rng.choice(["a", "b", "c", "d"], 60, p=[0.1, 0.4, 0.4, 0.1])
+    ethnicity = rng.choice(
+        ["caucasian", "african american", "asian", "hispanic", np.nan], n, p=[0.66, 0.15, 0.06, 0.05, 0.08]
+    )
+    meta = pd.DataFrame(
+        {"dataset": dataset, "age": age, "menopause": meno, "breast_density": density, "ethnicity": ethnicity},
+        index=pd.Index(ids, name="patient_id"),
+    )
+    meta["age_group"] = attribute_table(meta, ["age"])["age"]
+    planted = (meta["dataset"] == "ISPY2") & (meta["ethnicity"] == "asian")
+    dice = np.clip(rng.normal(0.76, 0.12, n) - 0.15 * planted.to_numpy(), 0, 1)
+    return meta, pd.Series(dice, index=meta.index, name="dice")
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (imports, caches)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run(repeats: int, seed: int) -> tuple[pd.DataFrame, dict]:
+    meta, scores = synthetic_metadata(seed)
+    table = attribute_table(meta, ATTRIBUTES)
+    planted = ((table["dataset"] == "ISPY2") & (table["ethnicity"] == "asian")).to_numpy()
+    rows = []
+    for ms in SUPPORTS:
+        its = divergent_itemsets(table, scores, min_support=ms)
+        strategy = make_strategy("divaware", warmup_epochs=0, min_support=ms, max_length=None, attributes=ATTRIBUTES)
+        strategy.fit(table)
+        weights = strategy.refresh(0, table, scores)
+        s = scores.reindex(table.index).to_numpy()
+        centred = s - s.mean()
+        t_mine = _median_time(lambda ms=ms, c=centred: _mine_itemsets(table, c, ms), repeats)
+        t_analysis = _median_time(lambda ms=ms: divergent_itemsets(table, scores, min_support=ms), repeats)
+        t_cases = _median_time(lambda its=its: case_divergence(table, its, t_min=2.0), repeats)
+        t_refresh = _median_time(lambda st=strategy: st.refresh(0, table, scores), repeats)
+        found = its["label"] == PLANTED
+        rank = int(np.flatnonzero(found)[0]) + 1 if found.any() else None
+        # rank by |t| (ties to the shorter itemset): the planted itemset's refinements by noise can have a
+        # more negative Δ at low support, but not a stronger t
+        by_t = its.assign(abs_t=its["t"].abs()).sort_values(["abs_t", "length", "label"], ascending=[False, True, True])
+        rank_t = int(np.flatnonzero((by_t["label"] == PLANTED).to_numpy())[0]) + 1 if found.any() else None
+        worst = strategy.case_divergence.loc[planted, "worst_itemset"].value_counts()
+        rows.append(
+            {
+                "min_support": ms,
+                "itemsets": len(its),
+                "refresh_s": t_refresh,
+                "divexplorer_s": t_mine,
+                "analysis_s": t_analysis,
+                "case_divergence_s": t_cases,
+                "planted_found": bool(found.any()),
+                "planted_rank": rank,
+                "planted_rank_t": rank_t,
+                "planted_cases_worst": f"{worst.index[0]} ({worst.iloc[0]}/{int(planted.sum())})",
+                "planted_delta": float(its.loc[found, "divergence"].iloc[0]) if rank else float("nan"),
+                "planted_t": float(its.loc[found, "t"].iloc[0]) if rank else float("nan"),
+                "top_itemset": its.iloc[0]["label"],
+                "w_planted": float(weights[planted].mean()),
+                "w_other": float(weights[~planted].mean()),
+            }
+        )
+    info = {
+        "n_cases": len(table),
+        "planted_support": float(planted.mean()),
+        "planted_count": int(planted.sum()),
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("numpy", "pandas", "divexplorer")},
+        "repeats": repeats,
+        "date": dt.date.today().isoformat(),
+    }
+    return pd.DataFrame(rows), info
+
+
+def _int(x: object) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else str(int(x))
+
+
+def markdown(res: pd.DataFrame, info: dict) -> str:
+    v = info["versions"]
+    lines = [
+        "# Divergence refresh benchmark",
+        "",
+        f"Written by `benchmarks/divergence_refresh.py` on {info['date']}. Machine: {info['cpu']}, "
+        f"nproc {info['nproc']} (affinity {info['affinity']}), BLAS/OpenMP threads 1; Python {info['python']}, "
+        f"numpy {v['numpy']}, pandas {v['pandas']}, divexplorer {v['divexplorer']}.",
+        "",
+        f"{info['n_cases']} synthetic cases, 5 attributes ({', '.join(ATTRIBUTES)}), no max itemset length. "
+        f"Median of {info['repeats']} repeats. A refresh = attribute table of the validation cases + "
+        f"`divergent_itemsets` + `case_divergence` of the training cases + `divaware` weights + history; "
+        f"here the same 1,506 cases are both sets. Planted subgroup `{PLANTED}`: "
+        f"{info['planted_count']} cases, support {info['planted_support']:.3f}, Dice 0.15 lower.",
+        "",
+        "| min_support | itemsets | refresh (s) | DivExplorer mining (s) | analysis (s) | case divergence (s) "
+        "| planted found | rank by Δ | rank by \\|t\\| | Δ | t | mean w planted | mean w others |",
+        "|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    worst_lines = []
+    for r in res.itertuples():
+        worst_lines.append(f"- min_support {r.min_support:g}: {r.planted_cases_worst}")
+        lines.append(
+            f"| {r.min_support:g} | {r.itemsets} | {r.refresh_s:.3f} | {r.divexplorer_s:.3f} | {r.analysis_s:.3f} "
+            f"| {r.case_divergence_s:.3f} | {'yes' if r.planted_found else 'no'} | {_int(r.planted_rank)} | {_int(r.planted_rank_t)} "
+            f"| {r.planted_delta:+.3f} | {r.planted_t:.1f} | {r.w_planted:.2f} | {r.w_other:.2f} |".replace(
+                "| +nan | nan |", "| – | – |"
+            )
+        )
+    lines += [
+        "",
+        "Most common worst itemset of the planted cases (the itemset that sets their `divaware` weight, "
+        "default τ 0.05, clip [0.2, 5], t_min 2):",
+        "",
+        *worst_lines,
+        "",
+        "At min_support 0.005 the planted itemset is the most significant one, while the most negative Δ "
+        "belong to its refinements (planted ∧ another item, split by noise), which is why |t| and redundancy "
+        "pruning matter when reading the table. "
+        "At min_support 0.05 the 4 % subgroup cannot be found: it is below the support threshold, and its "
+        "cases are only matched by larger itemsets whose divergence it dilutes. Support is a modelling choice, "
+        "not a detail.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("DIVERGENCE.md"))
+    args = parser.parse_args()
+    res, info = run(args.repeats, args.seed)
+    text = markdown(res, info)
+    print(text)
+    args.out.write_text(text, encoding="utf-8")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

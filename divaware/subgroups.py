@@ -1,0 +1,654 @@
+"""Subgroups of the cohort: discretised attribute tables, divergence analysis, per-case divergence.
+
+Three steps of the method (DESIGN.md, "The method") live here:
+
+1. :func:`attribute_table` turns cohort metadata into a table of *discrete* attribute values, one row per
+   ``patient_id``. ``unknown`` is a value like any other (missing menopause or density is itself a
+   subgroup worth looking at), so nothing is dropped.
+2. :func:`divergent_itemsets` finds every frequent itemset (a conjunction such as
+   ``age_group=0-40 ∧ breast_density=d``) with support ≥ ``min_support`` and reports its mean score, its
+   divergence Δ = mean over the itemset − mean overall and a Welch t. :func:`prune_redundant` and
+   :func:`shapley_contributions` help read the result.
+3. :func:`case_divergence` gives every case — of *any* set of cases, matched by attribute values, so
+   training cases need not be in the analysed set — the most negative Δ among the itemsets it belongs to.
+
+DivExplorer (PyPI ``divexplorer``) does the frequent-itemset mining. Its quirks are handled here and only
+here (see :func:`_mine_itemsets`):
+
+* items are one-hot column names ``attr=value`` and itemsets are ``frozenset``\\ s of them, so attribute
+  names must not contain ``=``;
+* its result includes the empty itemset (the whole data set, Δ = 0); we drop it from what we return,
+  because it matches every case and would otherwise swamp anything keyed on "the itemsets a case is in";
+* its public API has no maximum itemset length, so ``max_length`` is applied after mining;
+* its ``t`` is **not** an adequate Welch t: it uses the population variance (ddof=0), compares the
+  itemset with the *whole* data set that contains it (the two samples are not independent), drops the
+  sign, and computes the variance as E[x²]−mean², which on (near-)constant scores gives spurious
+  values or NaN with a RuntimeWarning. We therefore compute a signed Welch t of the itemset against its
+  complement with sample variances ourselves, from sums that DivExplorer accumulates for us.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "AGE_GROUPS",
+    "UNKNOWN",
+    "DEFAULT_ATTRIBUTES",
+    "DEFAULT_BINS",
+    "ITEMSET_COLUMNS",
+    "Bins",
+    "attribute_table",
+    "case_ids",
+    "divergent_itemsets",
+    "case_divergence",
+    "prune_redundant",
+    "shapley_contributions",
+    "itemset_label",
+    "parse_item",
+]
+
+# These two mirror the cohort contract (CONTRIBUTING.md). They are repeated rather than imported so that the
+# analysis works on any metadata frame, including hand-made ones, without the cohort loader.
+AGE_GROUPS: tuple[str, ...] = ("0-40", "41-50", "51-60", "61-70", "71+")
+UNKNOWN = "unknown"
+
+DEFAULT_ATTRIBUTES: tuple[str, ...] = ("age_group", "menopause", "breast_density")
+
+# Joins the items of an itemset in its readable label.
+AND = " ∧ "
+
+# The columns of a divergent_itemsets() result, in order.
+ITEMSET_COLUMNS: tuple[str, ...] = ("label", "items", "length", "support", "count", "mean", "divergence", "t")
+
+# Strings that mean "not recorded" in spreadsheets and CSV round trips; all become UNKNOWN.
+_MISSING_STRINGS = frozenset({"", "unknown", "nan", "none", "na", "n/a", "<na>"})
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Cut points for a continuous column.
+
+    ``edges`` are the inner cut points, increasing; bins are right-closed: (-inf, e0], (e0, e1], ...,
+    (e_last, inf). ``labels`` (one more than the edges) name the bins; by default ``≤e0``, ``(e0, e1]``,
+    ..., ``>e_last``.
+    """
+
+    edges: tuple[float, ...]
+    labels: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        edges = tuple(float(e) for e in self.edges)
+        if not edges or any(b <= a for a, b in zip(edges, edges[1:], strict=False)) or not all(map(math.isfinite, edges)):
+            raise ValueError(f"Bins edges must be finite and strictly increasing, got {self.edges!r}")
+        object.__setattr__(self, "edges", edges)
+        if self.labels is not None:
+            labels = tuple(str(x) for x in self.labels)
+            if len(labels) != len(edges) + 1 or len(set(labels)) != len(labels):
+                raise ValueError(
+                    f"Bins with {len(edges)} edges need {len(edges) + 1} distinct labels, got {self.labels!r}"
+                )
+            object.__setattr__(self, "labels", labels)
+
+    def names(self) -> tuple[str, ...]:
+        """The bin labels, generated from the edges when none were given."""
+        if self.labels is not None:
+            return self.labels
+        e = self.edges
+        return (f"≤{e[0]:g}", *(f"({a:g}, {b:g}]" for a, b in zip(e, e[1:], strict=False)), f">{e[-1]:g}")
+
+
+# Documented default bins for the continuous metadata columns we know about.
+# * age: the challenge's fairness groups (DESIGN.md), right-closed on integer ages: ≤40 -> "0-40",
+#   (40, 50] -> "41-50", ..., >70 -> "71+". The cohort's ``age_group`` column uses the same groups.
+# * pixel_spacing (in-plane, mm; the cohort spans 0.3-1.4): fine ≤0.6, medium (0.6, 0.9], coarse >0.9.
+# * slice_thickness (mm; the cohort spans 0.8-3.4): thin ≤1.5, medium (1.5, 2.5], thick >2.5.
+# Any other continuous column needs bins from the caller (see attribute_table).
+DEFAULT_BINS: dict[str, Bins] = {
+    "age": Bins((40, 50, 60, 70), AGE_GROUPS),
+    "pixel_spacing": Bins((0.6, 0.9)),
+    "slice_thickness": Bins((1.5, 2.5)),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attribute tables
+# --------------------------------------------------------------------------------------------------------
+
+
+def case_ids(frame: pd.DataFrame, what: str = "table") -> pd.Index:
+    """The patient ids of a frame (a ``patient_id`` column, else the index) as strings; no duplicates."""
+    return _ids_of(frame, what)
+
+
+def _ids_of(frame: pd.DataFrame, what: str) -> pd.Index:
+    """The patient ids of a frame: a ``patient_id`` column if there is one, else the index."""
+    ids = frame["patient_id"] if "patient_id" in frame.columns else frame.index.to_series()
+    ids = pd.Index(ids.astype(str), name="patient_id")
+    if ids.has_duplicates:
+        dup = sorted(set(ids[ids.duplicated()]))
+        raise ValueError(f"{what}: duplicated patient_id values {dup[:10]}; each case must appear once")
+    return ids
+
+
+def _is_missing_value(v: object) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and math.isnan(v):
+        return True
+    try:
+        return bool(pd.isna(v))  # pd.NA, NaT, numpy NaN
+    except (TypeError, ValueError):
+        return False
+
+
+def _format_value(v: object) -> str:
+    """A categorical value as a string; integral numbers lose their ``.0`` (pcr 1.0 -> "1")."""
+    if _is_missing_value(v):
+        return UNKNOWN
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return str(int(v)) if float(v).is_integer() else f"{float(v):g}"
+    s = str(v).strip()
+    return UNKNOWN if s.lower() in _MISSING_STRINGS else s
+
+
+def _format_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    # Series.map rather than DataFrame.map, which needs pandas >= 2.1.
+    return frame.apply(lambda col: col.map(_format_value)) if len(frame) else frame
+
+
+def _coerce_bins(column: str, spec: Bins | Sequence[float] | int, values: pd.Series) -> Bins:
+    if isinstance(spec, Bins):
+        return spec
+    if isinstance(spec, Mapping):  # the JSON form of a Bins, as stored in a weighting state_dict
+        return Bins(tuple(spec["edges"]), None if spec.get("labels") is None else tuple(spec["labels"]))
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        # Quantile bins are data-dependent: two tables binned separately get different edges. Build one
+        # table for the whole cohort and slice it, or pass explicit edges, when tables must match.
+        if spec < 2:
+            raise ValueError(f"bins[{column!r}] = {spec}: ask for at least 2 quantile bins")
+        finite = values.dropna()
+        if finite.empty:
+            raise ValueError(f"bins[{column!r}]: column has no numeric values to take quantiles of")
+        qs = np.unique(np.quantile(finite.to_numpy(float), np.linspace(0, 1, int(spec) + 1)[1:-1]))
+        # Round to 3 significant digits so labels stay readable.
+        edges = sorted({float(f"{q:.3g}") for q in qs})
+        if not edges:
+            raise ValueError(f"bins[{column!r}]: column is constant, quantile bins are meaningless")
+        return Bins(tuple(edges))
+    return Bins(tuple(spec))
+
+
+def _bin_column(column: str, raw: pd.Series, bins: Bins) -> pd.Series:
+    numeric = pd.to_numeric(raw, errors="coerce")
+    missing = raw.map(_is_missing_value).to_numpy(bool) | raw.map(
+        lambda v: isinstance(v, str) and v.strip().lower() in _MISSING_STRINGS
+    ).to_numpy(bool)
+    bad = numeric.isna().to_numpy() & ~missing
+    as_str = raw.map(_format_value).to_numpy(dtype=object)
+    if bad.any() and not set(as_str[bad]) <= set(bins.names()):
+        raise ValueError(
+            f"column {column!r} is binned as continuous but holds non-numeric values "
+            f"{sorted(set(as_str[bad]))[:5]}; clean the column or pass bins={{{column!r}: Bins(...)}} with "
+            f"labels that match them"
+        )
+    names = np.array(bins.names(), dtype=object)
+    codes = np.searchsorted(np.asarray(bins.edges), numeric.to_numpy(float), side="left")
+    out = np.where(numeric.isna().to_numpy(), UNKNOWN, names[np.minimum(codes, len(names) - 1)])
+    # Values that are already bin labels (a table passed through attribute_table twice) stay as they are.
+    out = np.where(bad, as_str, out)
+    return pd.Series(out, index=raw.index, dtype=object)
+
+
+def attribute_table(
+    metadata: pd.DataFrame,
+    attributes: Sequence[str] | None = None,
+    *,
+    bins: Mapping[str, Bins | Sequence[float] | int | Mapping] | None = None,
+    max_categories: int = 12,
+) -> pd.DataFrame:
+    """Discrete attribute values per case, ready for the divergence analysis.
+
+    Parameters
+    ----------
+    metadata
+        Cohort metadata, index ``patient_id`` (or a ``patient_id`` column). Not modified.
+    attributes
+        Columns to use, in order (default :data:`DEFAULT_ATTRIBUTES`). Any metadata column may be used.
+    bins
+        How to discretise continuous columns: a :class:`Bins`, a sequence of inner cut points, or an int
+        for that many quantile bins (data-dependent, so only consistent within one table). Merged over
+        :data:`DEFAULT_BINS` (``age`` -> the challenge's age groups).
+    max_categories
+        A numeric column without bins is used as categorical when it has at most this many distinct
+        values (``num_phases``, ``field_strength``, ``pcr``); with more it counts as continuous and needs
+        bins, and we raise rather than guess cut points that would differ between tables.
+
+    Returns
+    -------
+    DataFrame indexed by ``patient_id`` with one string column per attribute. Missing values (NaN, None,
+    empty, "nan") become ``"unknown"``, which is a value, not a drop. Integral numbers are written without
+    ``.0``. Passing the result through again returns it unchanged.
+    """
+    attributes = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
+    if not attributes:
+        raise ValueError("attribute_table: give at least one attribute")
+    if len(set(attributes)) != len(attributes):
+        raise ValueError(f"attribute_table: attributes listed twice in {attributes}")
+    for a in attributes:
+        if "=" in a:
+            raise ValueError(f"attribute name {a!r} contains '=', which DivExplorer uses to join attr=value")
+        if a not in metadata.columns:
+            raise ValueError(
+                f"attribute {a!r} is not a column of the metadata; available: {sorted(map(str, metadata.columns))}"
+            )
+    ids = _ids_of(metadata, "attribute_table")
+    all_bins = {**DEFAULT_BINS, **(bins or {})}
+    out: dict[str, np.ndarray] = {}
+    for a in attributes:
+        raw = pd.Series(metadata[a].to_numpy(dtype=object), index=ids)
+        if a in all_bins:
+            spec = _coerce_bins(a, all_bins[a], pd.to_numeric(raw, errors="coerce"))
+            col = _bin_column(a, raw, spec)
+        else:
+            numeric = pd.api.types.is_numeric_dtype(metadata[a]) and not pd.api.types.is_bool_dtype(metadata[a])
+            n_distinct = raw.dropna().nunique()
+            if numeric and n_distinct > max_categories:
+                raise ValueError(
+                    f"column {a!r} looks continuous ({n_distinct} distinct numeric values); pass "
+                    f"bins={{{a!r}: [cut points]}} (or bins={{{a!r}: 4}} for quartiles of this table)"
+                )
+            col = raw.map(_format_value)
+        out[a] = col.to_numpy(dtype=object)
+    table = pd.DataFrame(out, index=ids)
+    return table.astype(str)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Items and labels
+# --------------------------------------------------------------------------------------------------------
+
+
+def parse_item(item: str) -> tuple[str, str]:
+    """Split a DivExplorer item ``attr=value`` into ``(attr, value)`` (values may contain '=')."""
+    attr, sep, value = item.partition("=")
+    if not sep:
+        raise ValueError(f"{item!r} is not an item of the form attr=value")
+    return attr, value
+
+
+def _item_key(item: str, order: Mapping[str, int]) -> tuple[int, str, str]:
+    attr, value = parse_item(item)
+    return (order.get(attr, len(order)), attr, value)
+
+
+def itemset_label(items: Iterable[str], attribute_order: Sequence[str] | None = None) -> str:
+    """Readable label such as ``age_group=0-40 ∧ breast_density=d``; attributes in table order."""
+    order = {a: i for i, a in enumerate(attribute_order or ())}
+    return AND.join(sorted(items, key=lambda it: _item_key(it, order)))
+
+
+def _as_items(itemset: str | Iterable[str]) -> frozenset[str]:
+    if isinstance(itemset, str):
+        parts = [p.strip() for p in itemset.split(AND.strip())] if itemset.strip() else []
+        items = frozenset(parts)
+    else:
+        items = frozenset(itemset)
+    for it in items:
+        parse_item(it)
+    return items
+
+
+# --------------------------------------------------------------------------------------------------------
+# Divergence analysis
+# --------------------------------------------------------------------------------------------------------
+
+
+def _aligned(table: pd.DataFrame, scores: pd.Series) -> tuple[pd.DataFrame, np.ndarray]:
+    """Table and scores on the same ids, rows sorted by id so results never depend on input order."""
+    if not isinstance(scores, pd.Series):
+        raise TypeError(f"scores must be a pandas Series indexed by patient_id, got {type(scores).__name__}")
+    t_ids = _ids_of(table, "attribute table")
+    s_ids = pd.Index(scores.index.astype(str))
+    if s_ids.has_duplicates:
+        raise ValueError(f"scores: duplicated patient_id values {sorted(set(s_ids[s_ids.duplicated()]))[:10]}")
+    no_score = t_ids.difference(s_ids)
+    no_row = s_ids.difference(t_ids)
+    if len(no_score) or len(no_row):
+        raise ValueError(
+            "scores and attribute table must hold the same patient_ids: "
+            f"{len(no_score)} table ids have no score {list(no_score[:10])}, "
+            f"{len(no_row)} scored ids are not in the table {list(no_row[:10])}"
+        )
+    values = pd.to_numeric(pd.Series(scores.to_numpy(), index=s_ids), errors="coerce")
+    bad = values.index[~np.isfinite(values.to_numpy(float))]
+    if len(bad):
+        raise ValueError(f"scores: {len(bad)} cases have NaN/inf or non-numeric scores {sorted(bad)[:10]}")
+    table = table.set_axis(t_ids, axis=0).drop(columns=["patient_id"], errors="ignore")
+    for a in table.columns:
+        if "=" in str(a):
+            raise ValueError(f"attribute name {a!r} contains '=', which DivExplorer uses to join attr=value")
+    order = np.argsort(t_ids.to_numpy(dtype=str), kind="stable")
+    table = table.iloc[order]
+    table = _format_frame(table)
+    return table, values.reindex(table.index).to_numpy(float)
+
+
+def _mine_itemsets(table: pd.DataFrame, centred: np.ndarray, min_support: float) -> pd.DataFrame:
+    """DivExplorer mining: support, count, Σc and Σc² per frequent itemset (empty itemset included).
+
+    We hand DivExplorer the centred score c and c² as two "quantitative outcomes"; it accumulates both over
+    the FP-tree and reports their means, from which we recover exact sums. Its own mean/div/t columns are
+    not used (see the module docstring).
+    """
+    from divexplorer import DivergenceExplorer
+
+    n = len(table)
+    columns = ["items", "count", "support", "sum_c", "sum_c2"]
+    # DivExplorer crashes (TypeError on an empty result frame) when no single item is frequent enough.
+    best_item_support = max(table[a].value_counts().iloc[0] for a in table.columns) / n
+    if best_item_support < min_support:
+        return pd.DataFrame({c: pd.Series(dtype=object if c == "items" else float) for c in columns})
+    frame = pd.DataFrame({str(a): table[a].to_numpy(dtype=object) for a in table.columns})
+    frame["__c__"] = centred
+    frame["__c2__"] = centred**2
+    with warnings.catch_warnings():
+        # DivExplorer's own t on E[x²]-mean² can take sqrt of a tiny negative number; we discard that t.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # It also uses pandas idioms deprecated in pandas 3 (reset_index(inplace=True)): not ours to fix.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        raw = DivergenceExplorer(frame).get_pattern_divergence(
+            min_support=min_support,
+            quantitative_outcomes=["__c__", "__c2__"],
+            attributes=[str(a) for a in table.columns],
+        )
+    count = raw["support_count"].to_numpy(float)
+    # Its per-itemset "mean" is the accumulated sum divided by the rounded count: undo that exactly.
+    return pd.DataFrame(
+        {
+            "items": [frozenset(s) for s in raw["itemset"]],
+            "count": count.astype(int),
+            "support": count / n,
+            "sum_c": raw["__c__"].to_numpy(float) * count,
+            "sum_c2": raw["__c2__"].to_numpy(float) * count,
+        }
+    )
+
+
+def _welch_t(n1: np.ndarray, s1: np.ndarray, q1: np.ndarray, n: int, s: float, q: float, tol: float) -> np.ndarray:
+    """Signed Welch t of itemset vs complement from counts, sums and sums of squares of centred scores.
+
+    NaN where a side has fewer than 2 cases (its sample variance is undefined); 0 for an itemset covering
+    every case (no complement, Δ = 0); ±inf when both sides have zero variance but different means.
+    """
+    n2 = n - n1
+    s2, q2 = s - s1, q - q1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m1, m2 = s1 / n1, s2 / n2
+        v1 = np.maximum(q1 - n1 * m1**2, 0.0) / (n1 - 1)
+        v2 = np.maximum(q2 - n2 * m2**2, 0.0) / (n2 - 1)
+        se = np.sqrt(v1 / n1 + v2 / n2)
+        diff = m1 - m2
+        t = diff / se
+        t = np.where(se <= tol, np.where(np.abs(diff) <= tol, 0.0, np.copysign(np.inf, diff)), t)
+    t = np.where((n1 < 2) | (n2 < 2), np.nan, t)
+    return np.where(n2 == 0, 0.0, t)
+
+
+def divergent_itemsets(
+    table: pd.DataFrame,
+    scores: pd.Series,
+    *,
+    min_support: float = 0.05,
+    max_length: int | None = None,
+) -> pd.DataFrame:
+    """Frequent itemsets of the attribute table with their score divergence, most negative Δ first.
+
+    Parameters
+    ----------
+    table
+        Attribute table (see :func:`attribute_table`), index ``patient_id``; every column is an attribute.
+    scores
+        Per-case score (higher is better, e.g. Dice), a Series indexed by ``patient_id``. It must hold
+        exactly the table's ids, each with a finite score; otherwise ValueError names the offending ids.
+    min_support
+        Minimum fraction of cases in an itemset, in (0, 1]. Itemsets smaller than that are not reported
+        at all (a 4 % subgroup is invisible at min_support 0.05), and their cases are only ever matched
+        by the larger itemsets they also belong to.
+    max_length
+        Largest number of items per itemset (None: no limit).
+
+    Returns
+    -------
+    DataFrame with columns :data:`ITEMSET_COLUMNS`: ``label`` (``attr=value ∧ ...`` in table column
+    order), ``items`` (frozenset of ``attr=value``), ``length``, ``support`` (fraction), ``count``,
+    ``mean`` score, ``divergence`` Δ = mean − overall mean, and ``t``: signed Welch t of the itemset
+    against the remaining cases (NaN where either side has < 2 cases). Sorted by Δ, then t, length and
+    label, so equal inputs give identical output whatever the row order. The empty itemset is excluded.
+    ``attrs`` holds ``n_cases``, ``overall_mean``, ``min_support``, ``max_length``, ``attributes``.
+    """
+    if not (isinstance(min_support, (int, float)) and 0 < float(min_support) <= 1):
+        raise ValueError(f"min_support must be in (0, 1], got {min_support!r}")
+    if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    tab, s = _aligned(table, scores)
+    n = len(tab)
+    if n == 0:
+        raise ValueError("divergent_itemsets: no cases to analyse")
+    if tab.shape[1] == 0:
+        raise ValueError("divergent_itemsets: the attribute table has no attribute columns")
+    overall = float(s.mean())
+    c = s - overall  # centring keeps the sums of squares free of cancellation
+    tol = 1e-12 * max(1.0, float(np.abs(s).max()))
+
+    mined = _mine_itemsets(tab, c, float(min_support))
+    mined = mined[mined["items"].map(len) > 0]
+    if max_length is not None:
+        mined = mined[mined["items"].map(len) <= max_length]
+    n1 = mined["count"].to_numpy(float)
+    s1 = mined["sum_c"].to_numpy(float)
+    q1 = mined["sum_c2"].to_numpy(float)
+    sum_c, sum_c2 = float(c.sum()), float((c**2).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        div = s1 / n1 - sum_c / n
+    div = np.where(np.abs(div) <= tol, 0.0, div)  # snap rounding noise: "no divergence" must read 0
+    t = _welch_t(n1, s1, q1, n, sum_c, sum_c2, tol)
+
+    attrs = [str(a) for a in tab.columns]
+    items = list(mined["items"])
+    out = pd.DataFrame(
+        {
+            "label": pd.Series([itemset_label(i, attrs) for i in items], dtype=object),
+            "items": pd.Series(items, dtype=object),
+            "length": np.array([len(i) for i in items], dtype=int),
+            "support": mined["support"].to_numpy(float),
+            "count": mined["count"].to_numpy(int),
+            "mean": overall + div,
+            "divergence": div,
+            "t": t,
+        }
+    )
+    out = out.sort_values(["divergence", "t", "length", "label"], kind="mergesort", na_position="last")
+    out = out.reset_index(drop=True)
+    out.attrs.update(
+        n_cases=n, overall_mean=overall, min_support=float(min_support), max_length=max_length, attributes=attrs
+    )
+    return out
+
+
+def _check_itemsets(itemsets: pd.DataFrame) -> None:
+    missing = [c for c in ("items", "divergence") if c not in itemsets.columns]
+    if missing:
+        raise ValueError(f"itemsets frame lacks columns {missing}; pass the result of divergent_itemsets()")
+
+
+def _divergence_by_items(itemsets: pd.DataFrame) -> dict[frozenset[str], float]:
+    d = {frozenset(i): float(v) for i, v in zip(itemsets["items"], itemsets["divergence"], strict=True)}
+    d[frozenset()] = 0.0  # Δ of the whole data set is 0 by definition
+    return d
+
+
+def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01) -> pd.DataFrame:
+    """Drop itemsets that an item-smaller itemset already explains.
+
+    An itemset I is redundant when removing some item i barely changes its divergence:
+    |Δ(I) − Δ(I ∖ {i})| ≤ ε (DivExplorer's redundancy pruning). With Δ(∅) = 0 this also drops single items
+    with |Δ| ≤ ε. Needs the full result of :func:`divergent_itemsets` (every sub-itemset present); the
+    order of the remaining rows is kept.
+    """
+    _check_itemsets(itemsets)
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be ≥ 0, got {epsilon}")
+    div = _divergence_by_items(itemsets)
+    keep = []
+    for items in itemsets["items"]:
+        items = frozenset(items)
+        redundant = False
+        for it in items:
+            sub = items - {it}
+            if sub not in div:
+                raise ValueError(
+                    f"sub-itemset {itemset_label(sub)!r} of {itemset_label(items)!r} is missing; prune the "
+                    f"unfiltered result of divergent_itemsets()"
+                )
+            if abs(div[items] - div[sub]) <= epsilon:
+                redundant = True
+                break
+        keep.append(not redundant)
+    return itemsets[np.array(keep, dtype=bool)]
+
+
+def shapley_contributions(itemsets: pd.DataFrame, itemset: str | Iterable[str]) -> pd.Series:
+    """Each item's Shapley contribution to the divergence of one itemset (DivExplorer's formula).
+
+    ``itemset`` is a label (``a=x ∧ b=y``) or an iterable of items. The contributions sum to Δ(itemset)
+    (Δ(∅) = 0). Needs every sub-itemset in ``itemsets`` (the unpruned result of
+    :func:`divergent_itemsets`). Returns a Series indexed by item, most negative first.
+    """
+    from divexplorer import compute_shapley_value
+
+    _check_itemsets(itemsets)
+    items = _as_items(itemset)
+    div = _divergence_by_items(itemsets)
+    if items not in div or not items:
+        raise ValueError(f"itemset {itemset_label(items)!r} is not among the analysed itemsets")
+    by_len: dict[int, dict[frozenset[str], float]] = {}
+    for k, v in div.items():
+        by_len.setdefault(len(k), {})[k] = v
+    for r in range(len(items)):
+        # every subset must be there; compute_shapley_value would raise a bare KeyError otherwise
+        from itertools import combinations
+
+        for sub in combinations(sorted(items), r):
+            if frozenset(sub) not in div:
+                raise ValueError(
+                    f"sub-itemset {itemset_label(sub)!r} is missing; use the unpruned divergent_itemsets() result"
+                )
+    values = compute_shapley_value(items, by_len)
+    attrs = itemsets.attrs.get("attributes") or []
+    order = sorted(items, key=lambda it: _item_key(it, {a: i for i, a in enumerate(attrs)}))
+    out = pd.Series({it: float(values[frozenset([it])]) for it in order}, name="shapley", dtype=float)
+    out.index.name = "item"
+    return out.sort_values(kind="mergesort")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-case divergence
+# --------------------------------------------------------------------------------------------------------
+
+
+def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 0.0) -> pd.DataFrame:
+    """Per case, the most negative divergence among the itemsets it belongs to.
+
+    Cases are matched to itemsets by their attribute values, so ``table`` may hold any cases (training
+    cases need not be in the analysed set; a value never seen in the analysis simply matches no item).
+
+    Parameters
+    ----------
+    table
+        Attribute table of the cases to score (index ``patient_id``); it must have every attribute used
+        by ``itemsets``.
+    itemsets
+        Result of :func:`divergent_itemsets` (possibly pruned or filtered). The empty itemset, if
+        present, is ignored: it would match everyone.
+    t_min
+        Only itemsets with |t| ≥ t_min count; itemsets with undefined t (NaN) never pass a t_min > 0.
+        ``t_min <= 0`` uses every itemset.
+
+    Returns
+    -------
+    DataFrame indexed by ``patient_id`` (table order) with ``divergence`` (≤ 0; 0 when no qualifying
+    itemset with Δ < 0 contains the case) and ``worst_itemset`` (its label, "" when none). Ties between
+    itemsets with equal Δ go to the higher |t|, then the shorter, then the alphabetically first label.
+    """
+    _check_itemsets(itemsets)
+    ids = _ids_of(table, "case_divergence table")
+    tab = table.set_axis(ids, axis=0).drop(columns=["patient_id"], errors="ignore")
+    cand = itemsets[itemsets["items"].map(len) > 0]
+    div = cand["divergence"].to_numpy(float)
+    keep = div < 0
+    if t_min > 0:
+        if "t" not in cand.columns:
+            raise ValueError("itemsets frame has no 't' column; needed for t_min > 0")
+        with np.errstate(invalid="ignore"):
+            keep &= np.abs(cand["t"].to_numpy(float)) >= t_min
+    cand = cand[keep]
+    if "label" in cand.columns:
+        labels = cand["label"].astype(str).to_list()
+    else:
+        labels = [itemset_label(i, [str(a) for a in tab.columns]) for i in cand["items"]]
+    # Deterministic preference among candidates: most negative Δ, then larger |t|, shorter, label.
+    t_abs = np.abs(cand["t"].to_numpy(float)) if "t" in cand.columns else np.zeros(len(cand))
+    t_abs = np.nan_to_num(t_abs, nan=-1.0)
+    order = np.lexsort((np.array(labels, dtype=object).astype(str), cand["items"].map(len).to_numpy(), -t_abs,
+                        cand["divergence"].to_numpy(float)))
+    cand_items = [frozenset(cand["items"].iloc[k]) for k in order]
+    cand_div = cand["divergence"].to_numpy(float)[order]
+    cand_lab = [labels[k] for k in order]
+
+    result_div = np.zeros(len(tab))
+    result_lab = np.full(len(tab), "", dtype=object)
+    if cand_items and len(tab):
+        vocab = sorted({it for items in cand_items for it in items})
+        needed = sorted({parse_item(it)[0] for it in vocab})
+        absent = [a for a in needed if a not in tab.columns]
+        if absent:
+            raise ValueError(
+                f"case_divergence: the table lacks attributes {absent} used by the itemsets; build it with "
+                f"attribute_table(..., attributes={needed})"
+            )
+        # Cases with identical attribute values share a result: work on the distinct combinations.
+        cols = _format_frame(tab[needed])
+        combos, inverse = np.unique(cols.to_numpy(dtype=str), axis=0, return_inverse=True)
+        inverse = np.asarray(inverse).reshape(-1)
+        col_pos = {a: j for j, a in enumerate(needed)}
+        has_item = np.zeros((len(combos), len(vocab)), dtype=np.int32)
+        for k, it in enumerate(vocab):
+            a, v = parse_item(it)
+            has_item[:, k] = combos[:, col_pos[a]] == v
+        vpos = {it: k for k, it in enumerate(vocab)}
+        incidence = np.zeros((len(vocab), len(cand_items)), dtype=np.int32)
+        for j, items in enumerate(cand_items):
+            incidence[[vpos[i] for i in items], j] = 1
+        lengths = incidence.sum(axis=0)
+        member = (has_item @ incidence) == lengths  # combo contains every item of the itemset
+        any_member = member.any(axis=1)
+        first = np.argmax(member, axis=1)  # candidates are ordered, so the first hit is the worst
+        combo_div = np.where(any_member, cand_div[first], 0.0)
+        combo_lab = np.where(any_member, np.array(cand_lab, dtype=object)[first], "")
+        result_div = combo_div[inverse]
+        result_lab = combo_lab[inverse]
+    out = pd.DataFrame({"divergence": result_div.astype(float), "worst_itemset": result_lab}, index=ids)
+    out["worst_itemset"] = out["worst_itemset"].astype(str)
+    return out

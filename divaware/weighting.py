@@ -1,0 +1,733 @@
+"""Weighting strategies: per-case training weights keyed by ``patient_id``.
+
+One object per training run, with the contract of CONTRIBUTING.md::
+
+    strategy = make_strategy(name, **params)             # name in STRATEGIES
+    strategy.fit(train_groups)                           # training cases (index patient_id)
+    if strategy.should_refresh(epoch):                   # warm-up, then every `update_every` epochs
+        strategy.refresh(epoch, val_groups, val_scores)  # fairness-validation split, never test
+    w = strategy.batch_weights(batch_ids, batch_losses)  # looked up by id, never by loader position
+    strategy.weights, strategy.history, strategy.state_dict(), strategy.load_state_dict(state)
+
+``train_groups`` / ``val_groups`` may be cohort metadata or an attribute table: each strategy builds its
+own :func:`divaware.subgroups.attribute_table` from them with its ``attributes`` and ``bins``.
+
+How the weights are meant to be used (the loss itself lives in ``losses``)::
+
+    L = α · mean_i ℓ_i + (1 − α) · Σ_i w_i ℓ_i / Σ_i w_i
+
+The weighted term must carry gradient (the published code multiplied by ``loss.item()`` and so trained
+plain Dice-Focal). Note that Σwℓ/Σw is invariant to the scale of the weights *within a batch*: with a
+batch of one case it equals ℓ whatever w is, so at batch size 1 (the published configuration) no
+per-batch-normalised weighting has any effect. Weights from ``inverse_frequency``, ``paper`` and
+``divaware`` have mean 1 over the training set, so Σ_i w_i ℓ_i / B is an unbiased alternative there.
+
+Strategies (:data:`STRATEGIES`):
+
+* ``erm`` — every weight 1.
+* ``inverse_frequency`` — 1 / size of the case's intersectional group, mean 1 over the training set.
+* ``group_dro`` — online GroupDRO (Sagawa et al. 2020) over intersectional groups.
+* ``paper`` — the published weighting (|Δ| of the case's worst divergent itemset) with its defects fixed.
+* ``divaware`` — our default: exponential tilt exp(−d_i/τ), mean 1, clipped, optionally smoothed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+
+from divaware.subgroups import (
+    AND,
+    DEFAULT_ATTRIBUTES,
+    Bins,
+    attribute_table,
+    case_divergence,
+    case_ids,
+    divergent_itemsets,
+)
+
+__all__ = [
+    "STRATEGIES",
+    "HISTORY_COLUMNS",
+    "WeightingStrategy",
+    "ERMWeighting",
+    "InverseFrequencyWeighting",
+    "GroupDROWeighting",
+    "PaperWeighting",
+    "DivawareWeighting",
+    "make_strategy",
+    "normalise_weights",
+]
+
+HISTORY_COLUMNS: tuple[str, ...] = ("refresh", "epoch", "patient_id", "weight", "worst_itemset", "divergence")
+
+_STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def normalise_weights(raw: Sequence[float] | np.ndarray, w_min: float | None = None, w_max: float | None = None) -> np.ndarray:
+    """Scale positive raw weights to mean 1, clipped to [w_min, w_max], keeping mean 1 after the clip.
+
+    Clipping after normalising breaks the mean, and renormalising breaks the clip; the usual fix iterates
+    clip-and-renormalise. We solve that fixed point directly: find the scale c with
+    mean(clip(c·raw, w_min, w_max)) = 1 (a continuous, non-decreasing function of c) by bisection, then
+    solve exactly on the final clipping pattern. Needs w_min ≤ 1 ≤ w_max (else mean 1 is impossible).
+    The ranking of the raw weights is preserved (ties may appear at the bounds).
+    """
+    u = np.asarray(raw, dtype=float).reshape(-1)
+    if u.size == 0:
+        return u.copy()
+    if not np.all(np.isfinite(u)) or np.any(u <= 0):
+        raise ValueError("normalise_weights: raw weights must be finite and > 0")
+    lo = 0.0 if w_min is None else float(w_min)
+    hi = math.inf if w_max is None else float(w_max)
+    if not (0.0 <= lo <= 1.0 <= hi):
+        raise ValueError(f"need 0 ≤ w_min ≤ 1 ≤ w_max for weights of mean 1, got w_min={w_min}, w_max={w_max}")
+    n = u.size
+
+    def mean_at(c: float) -> float:
+        return float(np.clip(c * u, lo, hi).mean())
+
+    c_lo, c_hi = 1.0 / float(u.max()), 1.0 / float(u.min())  # mean_at(c_lo) ≤ 1 ≤ mean_at(c_hi)
+    for _ in range(200):
+        mid = 0.5 * (c_lo + c_hi)
+        if mid in (c_lo, c_hi):
+            break
+        if mean_at(mid) < 1.0:
+            c_lo = mid
+        else:
+            c_hi = mid
+    c = c_hi
+    # Exact solve on the clipping pattern found: n_lo·lo + n_hi·hi + c·Σ_free u = n.
+    cu = c * u
+    at_lo, at_hi = cu <= lo, cu >= hi
+    free = ~(at_lo | at_hi)
+    if free.any():
+        c_exact = (n - lo * at_lo.sum() - (hi * at_hi.sum() if at_hi.any() else 0.0)) / float(u[free].sum())
+        cu2 = c_exact * u
+        if np.array_equal(cu2 <= lo, at_lo) and np.array_equal(cu2 >= hi, at_hi):
+            c = c_exact
+    return np.clip(c * u, lo, hi)
+
+
+def _jsonable(value: Any) -> Any:
+    """Parameters and state in plain JSON types, so ``json.dumps(state_dict())`` works and compares."""
+    if isinstance(value, Bins):
+        return {"edges": list(value.edges), "labels": None if value.labels is None else list(value.labels)}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset, pd.Index, np.ndarray)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        return [_jsonable(v) for v in items]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _losses_array(losses: Any, n: int, ids: Sequence[str]) -> np.ndarray:
+    if hasattr(losses, "detach"):  # a torch tensor; weights never carry gradient
+        losses = losses.detach().cpu().numpy()
+    arr = np.asarray(losses, dtype=float).reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"batch_weights: {n} patient_ids but {arr.size} losses")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        raise ValueError(f"batch_weights: non-finite losses for {[ids[i] for i in np.flatnonzero(bad)][:10]}")
+    return arr
+
+
+def _group_labels(table: pd.DataFrame) -> np.ndarray:
+    """Intersectional group of each case: all its attribute values, e.g. ``age_group=0-40 ∧ ...``."""
+    cols = list(table.columns)
+    values = table.to_numpy(dtype=str)
+    return np.array([AND.join(f"{a}={v}" for a, v in zip(cols, row, strict=True)) for row in values], dtype=object)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------------------
+
+
+class WeightingStrategy:
+    """Common machinery: ids, lookup by id, weights, history, state.
+
+    Subclasses set ``name`` and implement :meth:`_fit`; refreshing strategies override
+    :meth:`should_refresh` and :meth:`_refresh`; online ones override :meth:`_batch`.
+    """
+
+    name: ClassVar[str] = ""
+    uses_groups: ClassVar[bool] = True  # whether fit() needs attribute columns
+
+    def __init__(
+        self,
+        *,
+        attributes: Sequence[str] | None = None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
+    ) -> None:
+        self.attributes: tuple[str, ...] = tuple(DEFAULT_ATTRIBUTES if attributes is None else attributes)
+        self.bins = dict(bins or {})
+        self._params: dict[str, Any] = {"attributes": list(self.attributes), "bins": _jsonable(self.bins)}
+        self._clear()
+
+    # -- state ---------------------------------------------------------------------------------------
+    def _clear(self) -> None:
+        self._ids: pd.Index | None = None
+        self._table: pd.DataFrame | None = None
+        self._w = np.zeros(0)
+        self._div = np.zeros(0)
+        self._worst = np.zeros(0, dtype=object)
+        self._refresh_count = 0
+        self._last_epoch: int | None = None
+        self._hist: dict[str, list] = {c: [] for c in HISTORY_COLUMNS}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Constructor parameters (JSON types); ``make_strategy(name, **params)`` rebuilds the strategy."""
+        return dict(self._params)
+
+    def _require_fit(self) -> None:
+        if self._ids is None:
+            raise RuntimeError(f"{self.name}: call fit(train_groups) first")
+
+    def _groups_table(self, groups: pd.DataFrame, what: str) -> pd.DataFrame:
+        if not isinstance(groups, pd.DataFrame):
+            raise TypeError(f"{what} must be a DataFrame indexed by patient_id, got {type(groups).__name__}")
+        if not self.uses_groups:
+            # ERM needs only the ids; build an empty table on them.
+            return pd.DataFrame(index=case_ids(groups, what))
+        return attribute_table(groups, self.attributes, bins=self.bins)
+
+    # -- contract ------------------------------------------------------------------------------------
+    def fit(self, train_groups: pd.DataFrame) -> WeightingStrategy:
+        """Set up on the training cases; weights start as the strategy's initial weights (refresh 0)."""
+        table = self._groups_table(train_groups, "train_groups")
+        # Internal order is sorted by id, so results never depend on the order of the training table.
+        table = table.iloc[np.argsort(table.index.to_numpy(dtype=str), kind="stable")]
+        if len(table) == 0:
+            raise ValueError(f"{self.name}: train_groups holds no cases")
+        self._clear()
+        self._table = table
+        self._ids = table.index
+        n = len(table)
+        self._w = np.ones(n)
+        self._div = np.zeros(n)
+        self._worst = np.full(n, "", dtype=object)
+        self._fit()
+        self._record(epoch=0)
+        return self
+
+    def _fit(self) -> None:
+        """Initial weights (default: all ones)."""
+
+    def should_refresh(self, epoch: int) -> bool:
+        """Whether ``refresh`` should run at this (0-based) epoch. Static strategies never refresh."""
+        return False
+
+    def refresh(self, epoch: int, val_groups: pd.DataFrame, val_scores: pd.Series) -> pd.Series:
+        """Recompute weights from per-case validation scores; static strategies return them unchanged."""
+        self._require_fit()
+        return self.weights
+
+    def batch_weights(self, patient_ids: Iterable[str], losses: Any = None) -> np.ndarray:
+        """Weights of one batch, in the batch's order, looked up by ``patient_id``.
+
+        Raises KeyError naming any id that was not among the training cases given to :meth:`fit`.
+        ``losses`` (per-case, same order; tensors are detached) is needed by online strategies only.
+        """
+        self._require_fit()
+        ids = [str(i) for i in (patient_ids.tolist() if hasattr(patient_ids, "tolist") else patient_ids)]
+        pos = self._ids.get_indexer(ids)
+        if (pos < 0).any():
+            unknown = sorted({ids[k] for k in np.flatnonzero(pos < 0)})
+            raise KeyError(
+                f"{self.name}: unknown patient_id(s) {unknown[:10]} — not among the {len(self._ids)} "
+                f"training cases given to fit()"
+            )
+        arr = None if losses is None else _losses_array(losses, len(ids), ids)
+        return self._batch(pos, arr, ids)
+
+    def _batch(self, pos: np.ndarray, losses: np.ndarray | None, ids: list[str]) -> np.ndarray:
+        return self._w[pos].copy()
+
+    @property
+    def weights(self) -> pd.Series:
+        """Current weight of every training case (index ``patient_id``, sorted)."""
+        self._require_fit()
+        return pd.Series(self._w.copy(), index=self._ids.copy(), name="weight")
+
+    @property
+    def case_divergence(self) -> pd.DataFrame:
+        """Per training case: ``divergence`` and ``worst_itemset`` behind the current weights."""
+        self._require_fit()
+        return pd.DataFrame({"divergence": self._div.copy(), "worst_itemset": self._worst.astype(str)}, index=self._ids.copy())
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """One row per training case and refresh (refresh 0 = the weights set by fit)."""
+        h = self._hist
+        return pd.DataFrame(
+            {
+                "refresh": np.asarray(h["refresh"], dtype=np.int64),
+                "epoch": np.asarray(h["epoch"], dtype=np.int64),
+                "patient_id": pd.Series(h["patient_id"], dtype=object).astype(str),
+                "weight": np.asarray(h["weight"], dtype=float),
+                "worst_itemset": pd.Series(h["worst_itemset"], dtype=object).astype(str),
+                "divergence": np.asarray(h["divergence"], dtype=float),
+            }
+        )
+
+    def _record(self, epoch: int) -> None:
+        n = len(self._ids)
+        self._hist["refresh"].extend([self._refresh_count] * n)
+        self._hist["epoch"].extend([int(epoch)] * n)
+        self._hist["patient_id"].extend(self._ids.tolist())
+        self._hist["weight"].extend(self.weights.tolist())
+        self._hist["worst_itemset"].extend(self._worst.astype(str).tolist())
+        self._hist["divergence"].extend(self._div.tolist())
+
+    # -- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly, in JSON types (``json.dumps`` works; floats round-trip)."""
+        fitted = self._ids is not None
+        return {
+            "version": _STATE_VERSION,
+            "strategy": self.name,
+            "params": self.params,
+            "fitted": fitted,
+            "train_groups": (
+                {"index": self._ids.tolist(), "columns": [str(c) for c in self._table.columns],
+                 "data": self._table.to_numpy(dtype=str).tolist()}
+                if fitted else None
+            ),
+            "weights": self._w.tolist(),
+            "divergence": self._div.tolist(),
+            "worst_itemset": self._worst.astype(str).tolist(),
+            "refresh_count": self._refresh_count,
+            "last_epoch": self._last_epoch,
+            "history": {c: list(v) for c, v in self._hist.items()},
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the strategy must have been built with the same name and params.
+
+        If :meth:`fit` was called before, the saved training cases must be the same.
+        """
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} not supported (expected {_STATE_VERSION})")
+        if state.get("strategy") != self.name:
+            raise ValueError(f"state is for strategy {state.get('strategy')!r}, this is {self.name!r}")
+        mine, theirs = self.params, _jsonable(state.get("params", {}))
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            raise ValueError(f"state was saved with different parameters {diff}: "
+                             f"saved {[theirs.get(k) for k in diff]}, here {[mine.get(k) for k in diff]}")
+        if not state["fitted"]:
+            self._clear()
+            return
+        tg = state["train_groups"]
+        table = pd.DataFrame(tg["data"], index=pd.Index(tg["index"], name="patient_id"), columns=tg["columns"])
+        if not len(table.columns):
+            table = pd.DataFrame(index=pd.Index(tg["index"], name="patient_id"))
+        table = table.astype(str)
+        if self._ids is not None and not self._ids.equals(table.index):
+            raise ValueError(f"{self.name}: the saved state is for other training cases than those given to fit()")
+        self._clear()
+        self._table, self._ids = table, table.index
+        self._w = np.asarray(state["weights"], dtype=float)
+        self._div = np.asarray(state["divergence"], dtype=float)
+        self._worst = np.asarray(state["worst_itemset"], dtype=object)
+        self._refresh_count = int(state["refresh_count"])
+        self._last_epoch = state["last_epoch"]
+        self._hist = {c: list(state["history"][c]) for c in HISTORY_COLUMNS}
+        self._fit_structures()
+        self._load_extra(state.get("extra") or {})
+
+    def _fit_structures(self) -> None:
+        """Rebuild derived, non-state structures (group indices) after loading."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra(self, extra: Mapping[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._params.items())
+        return f"{type(self).__name__}({args})"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Baselines
+# --------------------------------------------------------------------------------------------------------
+
+
+class ERMWeighting(WeightingStrategy):
+    """Empirical risk minimisation: every weight is 1 (the baseline every mitigation is compared with)."""
+
+    name = "erm"
+    uses_groups = False
+
+    def __init__(self) -> None:
+        super().__init__(attributes=(), bins=None)
+        self._params = {}
+
+
+class InverseFrequencyWeighting(WeightingStrategy):
+    """Weight 1 / n_g, n_g the size of the case's intersectional group among the training cases.
+
+    The intersectional group is the combination of all ``attributes`` (e.g. ``age_group=0-40 ∧
+    menopause=pre ∧ breast_density=unknown``); ``unknown`` is a value like any other. Weights are
+    normalised to mean 1 over the training set, i.e. every group gets the same total weight N/G. A group of
+    one case therefore gets weight N/G, which can be large: ``w_min``/``w_max`` clip (keeping mean 1, see
+    :func:`normalise_weights`). Static: computed once by :meth:`fit`.
+    """
+
+    name = "inverse_frequency"
+
+    def __init__(
+        self,
+        *,
+        attributes: Sequence[str] | None = None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
+        w_min: float | None = None,
+        w_max: float | None = None,
+    ) -> None:
+        super().__init__(attributes=attributes, bins=bins)
+        normalise_weights([1.0], w_min, w_max)  # validates the bounds now rather than at fit
+        self.w_min, self.w_max = w_min, w_max
+        self._params.update(w_min=w_min, w_max=w_max)
+
+    def _fit(self) -> None:
+        labels = _group_labels(self._table)
+        _, inverse, counts = np.unique(labels.astype(str), return_inverse=True, return_counts=True)
+        self._w = normalise_weights(1.0 / counts[np.asarray(inverse).reshape(-1)], self.w_min, self.w_max)
+
+    @property
+    def groups(self) -> pd.Series:
+        """Intersectional group label of every training case."""
+        self._require_fit()
+        return pd.Series(_group_labels(self._table), index=self._ids.copy(), name="group", dtype=object)
+
+
+class GroupDROWeighting(WeightingStrategy):
+    """Online GroupDRO (Sagawa et al. 2020) over intersectional groups of the training cases.
+
+    Keeps a distribution q over the G groups (uniform at fit). Each :meth:`batch_weights` call is one
+    training step: with L_g the mean loss of group g in the batch (0 for groups absent from it, as in the
+    reference implementation), q_g ← q_g · exp(η · (L_g + C/√n_g)), renormalised (done in log space). C is
+    ``adjustment``, Sagawa et al.'s group adjustment (0 = off); n_g the group's training size.
+
+    Returned per-case weights are w_i = q_g / b_g for case i in group g (b_g its count in the batch),
+    rescaled to mean 1 over the batch, so that
+
+        Σ_i w_i ℓ_i / Σ_i w_i = Σ_{g in batch} q_g L_g / Σ_{g in batch} q_g,
+
+    the q-weighted mix of the group losses present in the batch — the GroupDRO objective restricted to
+    the batch. ``batch_weights`` therefore changes the state: call it once per training step with the
+    step's per-case losses. ``weights`` shows the weights a batch holding every training case would get.
+    """
+
+    name = "group_dro"
+
+    def __init__(
+        self,
+        *,
+        eta: float = 0.01,
+        adjustment: float = 0.0,
+        attributes: Sequence[str] | None = None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
+    ) -> None:
+        super().__init__(attributes=attributes, bins=bins)
+        if not (eta > 0 and math.isfinite(eta)):
+            raise ValueError(f"group_dro: eta must be > 0, got {eta}")
+        if not (adjustment >= 0 and math.isfinite(adjustment)):
+            raise ValueError(f"group_dro: adjustment must be ≥ 0, got {adjustment}")
+        self.eta, self.adjustment = float(eta), float(adjustment)
+        self._params.update(eta=self.eta, adjustment=self.adjustment)
+        self._steps = 0
+
+    def _fit_structures(self) -> None:
+        labels = _group_labels(self._table).astype(str)
+        self._group_names, inverse, self._group_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+        self._gidx = np.asarray(inverse).reshape(-1)
+
+    def _fit(self) -> None:
+        self._fit_structures()
+        g = len(self._group_names)
+        self._log_q = np.full(g, -math.log(g))
+        self._steps = 0
+        self._w = self._implied_weights()
+
+    def _implied_weights(self) -> np.ndarray:
+        q = np.exp(self._log_q)
+        w = q[self._gidx] / self._group_sizes[self._gidx]
+        return w * (len(w) / math.fsum(w))
+
+    def _batch(self, pos: np.ndarray, losses: np.ndarray | None, ids: list[str]) -> np.ndarray:
+        if losses is None:
+            raise ValueError("group_dro: batch_weights needs the batch's per-case losses")
+        g = self._gidx[pos]
+        n_groups = len(self._group_names)
+        b = np.bincount(g, minlength=n_groups)
+        # Sum in id order so that the same batch in another order gives bit-identical results.
+        order = np.lexsort((losses, pos))
+        group_loss = np.bincount(g[order], weights=losses[order], minlength=n_groups) / np.maximum(b, 1)
+        if self.adjustment > 0:
+            group_loss = group_loss + self.adjustment / np.sqrt(self._group_sizes)
+        log_q = self._log_q + self.eta * group_loss
+        self._log_q = log_q - np.logaddexp.reduce(log_q)
+        self._steps += 1
+        self._w = self._implied_weights()
+        q = np.exp(self._log_q)
+        w = q[g] / b[g]
+        return w * (len(w) / math.fsum(w))  # fsum: exactly rounded, independent of batch order
+
+    @property
+    def q(self) -> pd.Series:
+        """Current group distribution q (index: group label)."""
+        self._require_fit()
+        return pd.Series(np.exp(self._log_q), index=pd.Index(self._group_names, name="group"), name="q")
+
+    @property
+    def groups(self) -> pd.Series:
+        """Intersectional group label of every training case."""
+        self._require_fit()
+        return pd.Series(self._group_names[self._gidx], index=self._ids.copy(), name="group", dtype=object)
+
+    def _extra_state(self) -> dict[str, Any]:
+        if self._ids is None:
+            return {}
+        return {"log_q": self._log_q.tolist(), "steps": self._steps}
+
+    def _load_extra(self, extra: Mapping[str, Any]) -> None:
+        self._log_q = np.asarray(extra["log_q"], dtype=float)
+        self._steps = int(extra["steps"])
+        if len(self._log_q) != len(self._group_names):
+            raise ValueError("group_dro: saved q does not match the saved training groups")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Divergence-driven strategies
+# --------------------------------------------------------------------------------------------------------
+
+
+class _DivergenceStrategy(WeightingStrategy):
+    """Shared schedule and refresh: itemsets on the validation split, per-case divergence of training cases.
+
+    Schedule: weights are 1 for ``warmup_epochs`` epochs (0-based epochs 0 … warmup_epochs−1), then
+    :meth:`should_refresh` is true at epoch ``warmup_epochs`` and every ``update_every`` epochs after.
+    Each refresh: :func:`~divaware.subgroups.divergent_itemsets` on the validation cases' scores with
+    ``min_support``/``max_length``, then :func:`~divaware.subgroups.case_divergence` of every training case
+    (matched by attribute values) counting only itemsets with |t| ≥ ``t_min``, then :meth:`_weights_from`.
+    ``test_ids`` (optional) are refused as validation cases: the test split must never drive weights.
+    The last analysis is kept in ``last_itemsets`` (not part of the state).
+    """
+
+    def __init__(
+        self,
+        *,
+        warmup_epochs: int,
+        update_every: int,
+        min_support: float,
+        max_length: int | None,
+        t_min: float,
+        attributes: Sequence[str] | None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None,
+        test_ids: Iterable[str] = (),
+    ) -> None:
+        super().__init__(attributes=attributes, bins=bins)
+        if int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
+            raise ValueError(f"{self.name}: warmup_epochs must be an int ≥ 0, got {warmup_epochs}")
+        if int(update_every) != update_every or update_every < 1:
+            raise ValueError(f"{self.name}: update_every must be an int ≥ 1, got {update_every}")
+        if not 0 < min_support <= 1:
+            raise ValueError(f"{self.name}: min_support must be in (0, 1], got {min_support}")
+        if max_length is not None and (int(max_length) != max_length or max_length < 1):
+            raise ValueError(f"{self.name}: max_length must be an int ≥ 1 or None, got {max_length}")
+        if not (t_min >= 0 and math.isfinite(t_min)):
+            raise ValueError(f"{self.name}: t_min must be ≥ 0, got {t_min}")
+        self.warmup_epochs, self.update_every = int(warmup_epochs), int(update_every)
+        self.min_support = float(min_support)
+        self.max_length = None if max_length is None else int(max_length)
+        self.t_min = float(t_min)
+        self.test_ids = frozenset(str(i) for i in test_ids)
+        self._params.update(
+            warmup_epochs=self.warmup_epochs, update_every=self.update_every, min_support=self.min_support,
+            max_length=self.max_length, t_min=self.t_min, test_ids=sorted(self.test_ids),
+        )
+        self.last_itemsets: pd.DataFrame | None = None
+
+    def should_refresh(self, epoch: int) -> bool:
+        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.update_every == 0
+
+    def refresh(self, epoch: int, val_groups: pd.DataFrame, val_scores: pd.Series) -> pd.Series:
+        self._require_fit()
+        if not isinstance(val_scores, pd.Series):
+            raise TypeError(f"{self.name}: val_scores must be a pandas Series indexed by patient_id")
+        if self.test_ids:
+            leaked = sorted(set(map(str, val_scores.index)) & self.test_ids)
+            if leaked:
+                raise ValueError(
+                    f"{self.name}: validation scores include test cases {leaked[:10]}; weights must be driven "
+                    f"by the fairness-validation split carved from training, never by the test split"
+                )
+        val_table = self._groups_table(val_groups, "val_groups")
+        itemsets = divergent_itemsets(val_table, val_scores, min_support=self.min_support, max_length=self.max_length)
+        cd = case_divergence(self._table, itemsets, t_min=self.t_min)
+        d = cd["divergence"].to_numpy(float)
+        self._w = self._weights_from(d)
+        self._div = d
+        self._worst = cd["worst_itemset"].to_numpy(dtype=object)
+        self._refresh_count += 1
+        self._last_epoch = int(epoch)
+        self.last_itemsets = itemsets
+        self._record(epoch)
+        return self.weights
+
+    def _weights_from(self, d: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class PaperWeighting(_DivergenceStrategy):
+    """The paper's weighting — |Δ| of the case's worst divergent itemset — with the published defects fixed.
+
+    As described: itemsets are ranked by divergence, worst first; each training case takes the first
+    (most negative) itemset it belongs to, and |Δ| of that itemset is its weight. Fixes, each pinned by a
+    test:
+
+    1. **By patient_id, not batch position.** The published code matched weights to cases by position in
+       a shuffled loader; here every weight is looked up by ``patient_id``.
+    2. **Unmatched cases do not out-weigh matched ones.** Published: matched cases got |Δ| (mostly
+       0.01–0.03) while cases in no divergent itemset kept 1.0, inverting the intent. Here unmatched cases
+       get the smallest matched |Δ|, and all weights are then scaled to mean 1 over the training set
+       (scaling does not change Σwℓ/Σw).
+    3. **The empty itemset cannot zero weights.** Published: the empty itemset (Δ = 0, matching everyone)
+       could be a case's "worst" itemset and set its weight to 0 — for every case when no itemset was
+       negative. Here the empty itemset is never an itemset, only Δ < 0 matches, every weight is > 0, and
+       when nothing diverges all weights are 1.
+    4. **Fairness-validation split, not test.** Published: the test split chose checkpoints, drove the
+       weights and was reported. Here weights come only from the scores passed to :meth:`refresh`
+       (the fairness-validation split) and ``test_ids`` are refused there.
+
+    No clipping (the paper has none), so the ratio between weights can be large (|Δ| spans decades).
+    Defaults: no t filter (``t_min=0``), as in the paper.
+    """
+
+    name = "paper"
+
+    def __init__(
+        self,
+        *,
+        warmup_epochs: int = 5,
+        update_every: int = 5,
+        min_support: float = 0.05,
+        max_length: int | None = 3,
+        t_min: float = 0.0,
+        attributes: Sequence[str] | None = None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
+        test_ids: Iterable[str] = (),
+    ) -> None:
+        super().__init__(warmup_epochs=warmup_epochs, update_every=update_every, min_support=min_support,
+                         max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids)
+
+    def _weights_from(self, d: np.ndarray) -> np.ndarray:
+        r = -np.minimum(d, 0.0)
+        matched = r > 0
+        if not matched.any():
+            return np.ones_like(r)
+        r = np.where(matched, r, r[matched].min())
+        return r / r.mean()
+
+
+class DivawareWeighting(_DivergenceStrategy):
+    """Our default: an exponential tilt towards cases in underperforming subgroups.
+
+    With d_i ≤ 0 the case's divergence (most negative Δ among the validation itemsets it belongs to, with
+    |t| ≥ ``t_min``; 0 if none), the fresh weights are
+
+        w_i ∝ exp(−d_i / τ),   scaled to mean 1 over the training set, clipped to [w_min, w_max]
+
+    (clip and mean 1 together, see :func:`normalise_weights`). τ (``tau``) is in score units: a case whose
+    worst subgroup is τ below average gets e times the weight of one in no divergent subgroup (before
+    normalisation). Cases in no divergent itemset thus share the lowest weight, which is ≤ 1; the
+    ``w_min`` floor keeps every case in the objective. With ``smoothing`` β > 0, refreshes after the first
+    use β·w_previous + (1−β)·w_fresh (still mean 1 and within the clip, being a convex combination).
+
+    Defaults: τ = 0.05 (Δ of a few hundredths of Dice, typical in the paper, gives a visible tilt),
+    clip [0.2, 5] (no case ignored, none dominating), t_min = 2 (only roughly significant subgroups, since
+    a small validation split produces noisy itemsets), min_support 0.02 and max_length 3 (small
+    intersections are the point; see DESIGN.md on support), warm-up 5 epochs (early Dice is uninformative),
+    refresh every 5 epochs.
+
+    Note: a case that shares only a marginal with a strongly divergent intersection (``age_group=0-40``
+    for ``age_group=0-40 ∧ breast_density=d``) inherits that marginal's, smaller, divergence.
+    """
+
+    name = "divaware"
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.05,
+        w_min: float = 0.2,
+        w_max: float = 5.0,
+        smoothing: float = 0.0,
+        warmup_epochs: int = 5,
+        update_every: int = 5,
+        min_support: float = 0.02,
+        max_length: int | None = 3,
+        t_min: float = 2.0,
+        attributes: Sequence[str] | None = None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
+        test_ids: Iterable[str] = (),
+    ) -> None:
+        super().__init__(warmup_epochs=warmup_epochs, update_every=update_every, min_support=min_support,
+                         max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids)
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"divaware: tau must be > 0, got {tau}")
+        if not (0 < w_min <= 1 <= w_max < math.inf):
+            raise ValueError(f"divaware: need 0 < w_min ≤ 1 ≤ w_max < inf, got w_min={w_min}, w_max={w_max}")
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"divaware: smoothing must be in [0, 1), got {smoothing}")
+        self.tau, self.w_min, self.w_max, self.smoothing = float(tau), float(w_min), float(w_max), float(smoothing)
+        self._params.update(tau=self.tau, w_min=self.w_min, w_max=self.w_max, smoothing=self.smoothing)
+
+    def _weights_from(self, d: np.ndarray) -> np.ndarray:
+        logits = -np.minimum(d, 0.0) / self.tau
+        fresh = normalise_weights(np.exp(logits - logits.max()), self.w_min, self.w_max)  # shift: no overflow
+        if self.smoothing > 0 and self._refresh_count > 0:
+            return self.smoothing * self._w + (1.0 - self.smoothing) * fresh
+        return fresh
+
+
+STRATEGIES: dict[str, type[WeightingStrategy]] = {
+    cls.name: cls
+    for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting)
+}
+
+
+def make_strategy(name: str, **params: Any) -> WeightingStrategy:
+    """Build the strategy ``name`` (a key of :data:`STRATEGIES`) with keyword ``params``."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown weighting strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    try:
+        return cls(**params)
+    except TypeError as err:
+        import inspect
+
+        accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        raise ValueError(f"{name}: bad parameters {sorted(params)} ({err}); accepted: {accepted}") from None

@@ -1,0 +1,322 @@
+"""Attribute tables, the DivExplorer adapter and per-case divergence, on small hand-made cohorts."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from divaware.subgroups import (
+    AGE_GROUPS,
+    ITEMSET_COLUMNS,
+    UNKNOWN,
+    Bins,
+    attribute_table,
+    case_divergence,
+    divergent_itemsets,
+    itemset_label,
+    prune_redundant,
+    shapley_contributions,
+)
+
+PLANTED = "age_group=0-40 ∧ breast_density=d"
+
+
+def planted_cohort(n: int = 400, seed: int = 0, gap: float = 0.2, prefix: str = "C"):
+    """Independent attributes; age_group=0-40 ∧ breast_density=d (~12 %) scores `gap` lower, plus noise."""
+    rng = np.random.default_rng(seed)
+    ids = pd.Index([f"{prefix}{i:04d}" for i in range(n)], name="patient_id")
+    age = rng.choice(AGE_GROUPS, n, p=[0.3, 0.2, 0.2, 0.2, 0.1])
+    density = rng.choice(["a", "b", "c", "d"], n, p=[0.15, 0.2, 0.25, 0.4])
+    meno = rng.choice(["pre", "post", UNKNOWN], n, p=[0.4, 0.4, 0.2])
+    meta = pd.DataFrame({"age_group": age, "menopause": meno, "breast_density": density}, index=ids)
+    planted = (age == "0-40") & (density == "d")
+    scores = pd.Series(np.clip(rng.normal(0.8, 0.08, n) - gap * planted, 0, 1), index=ids)
+    return meta, scores, pd.Series(planted, index=ids)
+
+
+def members(table: pd.DataFrame, items) -> np.ndarray:
+    mask = np.ones(len(table), dtype=bool)
+    for it in items:
+        attr, value = it.split("=", 1)
+        mask &= (table[attr] == value).to_numpy()
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def test_attribute_table_defaults_unknown_and_formatting():
+    meta = pd.DataFrame(
+        {
+            "patient_id": ["A", "B", "C", "D"],
+            "age_group": ["0-40", None, "71+", "41-50"],
+            "menopause": ["pre", np.nan, "", "post"],
+            "breast_density": [np.nan, "d", "nan", "a"],
+            "pcr": [1.0, 0.0, np.nan, 1.0],
+        }
+    )
+    before = meta.copy()
+    tab = attribute_table(meta)
+    assert list(tab.columns) == ["age_group", "menopause", "breast_density"]
+    assert tab.index.name == "patient_id" and list(tab.index) == ["A", "B", "C", "D"]
+    assert tab.loc["B", "age_group"] == UNKNOWN
+    assert tab.loc["B", "menopause"] == UNKNOWN and tab.loc["C", "menopause"] == UNKNOWN
+    assert tab.loc["A", "breast_density"] == UNKNOWN and tab.loc["C", "breast_density"] == UNKNOWN
+    assert not tab.isna().any().any()
+    pd.testing.assert_frame_equal(meta, before)  # input untouched
+    # numeric categorical column: integral values lose ".0", NaN is unknown
+    tab2 = attribute_table(meta, ["pcr"])
+    assert tab2["pcr"].tolist() == ["1", "0", UNKNOWN, "1"]
+    # idempotent
+    pd.testing.assert_frame_equal(attribute_table(tab), tab)
+
+
+def test_age_is_binned_into_the_challenge_groups():
+    ages = [18, 40, 40.5, 50, 51, 60, 65, 70, 71, 90, np.nan]
+    meta = pd.DataFrame({"age": ages}, index=pd.Index([f"P{i}" for i in range(len(ages))], name="patient_id"))
+    tab = attribute_table(meta, ["age"])
+    assert tab["age"].tolist() == [
+        "0-40", "0-40", "41-50", "41-50", "51-60", "51-60", "61-70", "61-70", "71+", "71+", UNKNOWN,
+    ]
+    # passing the binned table through again keeps the labels
+    pd.testing.assert_frame_equal(attribute_table(tab, ["age"]), tab)
+
+
+def test_continuous_column_needs_bins_and_bins_are_applied():
+    rng = np.random.default_rng(3)
+    vol = rng.lognormal(2.3, 1.0, 50)
+    meta = pd.DataFrame({"tumour_ml": vol}, index=pd.Index([f"T{i}" for i in range(50)], name="patient_id"))
+    with pytest.raises(ValueError, match="tumour_ml.*bins="):
+        attribute_table(meta, ["tumour_ml"])
+    tab = attribute_table(meta, ["tumour_ml"], bins={"tumour_ml": [5, 20]})
+    expected = np.where(vol <= 5, "≤5", np.where(vol <= 20, "(5, 20]", ">20"))
+    assert tab["tumour_ml"].tolist() == expected.tolist()
+    labelled = attribute_table(meta, ["tumour_ml"], bins={"tumour_ml": Bins((10,), ("small", "large"))})
+    assert set(labelled["tumour_ml"]) == {"small", "large"}
+    quartiles = attribute_table(meta, ["tumour_ml"], bins={"tumour_ml": 4})
+    assert quartiles["tumour_ml"].nunique() == 4
+    assert quartiles["tumour_ml"].value_counts().min() >= 10
+
+
+def test_attribute_table_errors_name_the_problem():
+    meta = pd.DataFrame({"age_group": ["0-40", "71+"]}, index=pd.Index(["A", "A"], name="patient_id"))
+    with pytest.raises(ValueError, match="duplicated.*'A'"):
+        attribute_table(meta, ["age_group"])
+    meta = pd.DataFrame({"age_group": ["0-40"]}, index=pd.Index(["A"], name="patient_id"))
+    with pytest.raises(ValueError, match="'site' is not a column"):
+        attribute_table(meta, ["age_group", "site"])
+    with pytest.raises(ValueError, match="contains '='"):
+        attribute_table(meta.rename(columns={"age_group": "a=b"}), ["a=b"])
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+def test_planted_subgroup_is_ranked_first_with_significant_t():
+    meta, scores, planted = planted_cohort()
+    tab = attribute_table(meta)
+    its = divergent_itemsets(tab, scores, min_support=0.05)
+    assert list(its.columns) == list(ITEMSET_COLUMNS)
+    top = its.iloc[0]
+    assert top["label"] == PLANTED and top["items"] == frozenset({"age_group=0-40", "breast_density=d"})
+    assert top["length"] == 2 and top["count"] == planted.sum()
+    assert top["divergence"] < -0.15 and top["t"] < -8
+    # most negative first, no empty itemset
+    assert (np.diff(its["divergence"].to_numpy()) >= 0).all()
+    assert (its["length"] >= 1).all() and "" not in set(its["label"])
+    assert its.attrs["n_cases"] == len(meta)
+
+
+def test_statistics_match_a_brute_force_welch_test_against_the_complement():
+    meta, scores, _ = planted_cohort(n=200, seed=5)
+    tab = attribute_table(meta)
+    its = divergent_itemsets(tab, scores, min_support=0.03, max_length=2)
+    assert its["length"].max() == 2
+    s = scores.reindex(tab.index).to_numpy()
+    for _, row in its.iterrows():
+        m = members(tab, row["items"])
+        assert row["count"] == m.sum()
+        assert row["support"] == pytest.approx(m.mean())
+        assert row["mean"] == pytest.approx(s[m].mean(), abs=1e-12)
+        assert row["divergence"] == pytest.approx(s[m].mean() - s.mean(), abs=1e-12)
+        if 2 <= m.sum() <= len(m) - 2:
+            ref = stats.ttest_ind(s[m], s[~m], equal_var=False).statistic
+            assert row["t"] == pytest.approx(ref, rel=1e-9)
+        else:
+            assert np.isnan(row["t"]) or row["t"] == 0
+    # every 2-itemset with enough support is reported (nothing lost by the adapter)
+    for a, b in itertools.combinations(tab.columns, 2):
+        for va, vb in itertools.product(tab[a].unique(), tab[b].unique()):
+            m = (tab[a] == va) & (tab[b] == vb)
+            if m.sum() >= np.ceil(0.03 * len(tab)):
+                assert itemset_label([f"{a}={va}", f"{b}={vb}"], list(tab.columns)) in set(its["label"])
+
+
+def test_constant_scores_give_zero_divergence_without_warnings():
+    meta, scores, _ = planted_cohort(n=120, seed=2)
+    flat = pd.Series(0.7, index=scores.index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        its = divergent_itemsets(attribute_table(meta), flat, min_support=0.05)
+    assert (its["divergence"] == 0).all()
+    assert (its["t"].fillna(0) == 0).all()
+
+
+def test_support_threshold_decides_whether_a_small_subgroup_exists():
+    meta, scores, _ = planted_cohort(n=500, seed=8, gap=0.0)
+    tab = attribute_table(meta)
+    small = (tab["age_group"] == "71+") & (tab["menopause"] == "post")  # ~4 %
+    assert 0.02 < small.mean() < 0.05
+    scores = scores - 0.25 * small
+    label = "age_group=71+ ∧ menopause=post"
+    low = divergent_itemsets(tab, scores, min_support=0.01, max_length=2)
+    assert low.iloc[0]["label"] == label and low.iloc[0]["t"] < -5
+    high = divergent_itemsets(tab, scores, min_support=0.05)
+    assert label not in set(high["label"])
+
+
+def test_scores_must_align_with_the_table_by_id():
+    meta, scores, _ = planted_cohort(n=50)
+    tab = attribute_table(meta)
+    with pytest.raises(ValueError, match="C0003"):
+        divergent_itemsets(tab, scores.drop("C0003"))
+    with pytest.raises(ValueError, match="X9"):
+        divergent_itemsets(tab, pd.concat([scores, pd.Series({"X9": 0.5})]))
+    bad = scores.copy()
+    bad["C0007"] = np.nan
+    with pytest.raises(ValueError, match="NaN.*C0007"):
+        divergent_itemsets(tab, bad)
+    with pytest.raises(ValueError, match="min_support"):
+        divergent_itemsets(tab, scores, min_support=0)
+
+
+def test_results_do_not_depend_on_row_order():
+    meta, scores, _ = planted_cohort(n=300, seed=11)
+    tab = attribute_table(meta)
+    a = divergent_itemsets(tab, scores, min_support=0.02)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(tab))
+    b = divergent_itemsets(tab.iloc[perm], scores.iloc[rng.permutation(len(scores))], min_support=0.02)
+    pd.testing.assert_frame_equal(a, b)  # exact, not approximate
+
+
+def test_redundancy_pruning_matches_divexplorer():
+    from divexplorer import DivergencePatternProcessor
+
+    meta, scores, _ = planted_cohort(n=300, seed=4)
+    tab = attribute_table(meta)
+    its = divergent_itemsets(tab, scores, min_support=0.03)
+    eps = 0.01
+    pruned = prune_redundant(its, eps)
+    # DivExplorer's own pruning on the same divergences (its frame wants the empty itemset row)
+    dx = pd.DataFrame(
+        {
+            "support": [1.0, *its["support"]],
+            "itemset": [frozenset(), *its["items"]],
+            "length": [0, *its["length"]],
+            "support_count": [len(tab), *its["count"]],
+            "s": [0.0, *its["mean"]],
+            "s_div": [0.0, *its["divergence"]],
+            "s_t": [0.0, *its["t"]],
+        }
+    )
+    kept = DivergencePatternProcessor(dx, "s").redundancy_pruning(eps)
+    assert set(pruned["items"]) == set(kept["itemset"]) - {frozenset()}
+    assert len(pruned) < len(its)
+    # a superset with the very same cases (hence the same Δ) as its subset is redundant
+    its_full = divergent_itemsets(tab, scores, min_support=0.001)
+    pruned_full = prune_redundant(its_full, 0.0)
+    for items in pruned_full["items"]:
+        for it in items:
+            assert (members(tab, items) != members(tab, items - {it})).any()
+    with pytest.raises(ValueError, match="missing"):
+        prune_redundant(its.iloc[:3], eps)
+
+
+def test_shapley_contributions_sum_to_the_divergence():
+    meta, scores, _ = planted_cohort()
+    its = divergent_itemsets(attribute_table(meta), scores, min_support=0.05)
+    top = its.iloc[0]
+    sv = shapley_contributions(its, top["label"])
+    assert set(sv.index) == set(top["items"])
+    assert sv.sum() == pytest.approx(top["divergence"], abs=1e-12)
+    assert (sv < 0).all()
+    same = shapley_contributions(its, ["breast_density=d", "age_group=0-40"])
+    pd.testing.assert_series_equal(sv, same)
+    with pytest.raises(ValueError, match="not among"):
+        shapley_contributions(its, "age_group=0-40 ∧ breast_density=z")
+
+
+# ---------------------------------------------------------------------------------------------- per case
+
+
+def test_case_divergence_matches_by_attribute_values_for_any_cases():
+    meta, scores, planted = planted_cohort()
+    its = divergent_itemsets(attribute_table(meta), scores, min_support=0.05)
+    # training cases: new ids, never analysed
+    train_meta, _, train_planted = planted_cohort(n=150, seed=9, prefix="T")
+    cd = case_divergence(attribute_table(train_meta), its)
+    assert list(cd.columns) == ["divergence", "worst_itemset"]
+    assert list(cd.index) == list(train_meta.index)
+    top = its.iloc[0]
+    assert (cd.loc[train_planted, "divergence"] == top["divergence"]).all()
+    assert (cd.loc[train_planted, "worst_itemset"] == PLANTED).all()
+    assert (cd["divergence"] <= 0).all()
+    # brute force: the most negative Δ among the itemsets containing the case
+    ttab = attribute_table(train_meta)
+    for pid in ttab.index[:40]:
+        row = ttab.loc[[pid]]
+        ds = [d for items, d in zip(its["items"], its["divergence"], strict=True) if members(row, items)[0]]
+        assert cd.loc[pid, "divergence"] == min([0.0, *ds])
+
+
+def test_case_divergence_t_min_empty_itemset_and_unseen_values():
+    tab = pd.DataFrame(
+        {"age_group": ["0-40", "0-40", "71+", "41-50"], "breast_density": ["d", "a", "d", "zz"]},
+        index=pd.Index(["A", "B", "C", "D"], name="patient_id"),
+    )
+    its = pd.DataFrame(
+        {
+            "label": ["", "age_group=0-40 ∧ breast_density=d", "age_group=0-40", "breast_density=d", "age_group=71+"],
+            "items": [
+                frozenset(),
+                frozenset({"age_group=0-40", "breast_density=d"}),
+                frozenset({"age_group=0-40"}),
+                frozenset({"breast_density=d"}),
+                frozenset({"age_group=71+"}),
+            ],
+            "divergence": [-1.0, -0.3, -0.1, -0.05, 0.02],
+            "t": [0.0, -1.5, -4.0, -2.5, 1.0],
+        }
+    )
+    cd = case_divergence(tab, its)
+    # the empty itemset (Δ=-1 here, which DivExplorer never reports but could be passed in) is ignored
+    assert cd["divergence"].tolist() == [-0.3, -0.1, -0.05, 0.0]
+    assert cd["worst_itemset"].tolist() == ["age_group=0-40 ∧ breast_density=d", "age_group=0-40", "breast_density=d", ""]
+    cd2 = case_divergence(tab, its, t_min=2.0)
+    assert cd2["divergence"].tolist() == [-0.1, -0.1, -0.05, 0.0]
+    with pytest.raises(ValueError, match="breast_density"):
+        case_divergence(tab[["age_group"]], its)
+
+
+def test_unknown_is_a_value_and_tiny_groups_fall_back_to_larger_itemsets():
+    meta, scores, _ = planted_cohort(n=400, seed=1, gap=0.0)
+    tab = attribute_table(meta)
+    unknown_meno = tab["menopause"] == UNKNOWN
+    tiny = tab.index[(tab["age_group"] == "71+") & (tab["breast_density"] == "a")][:3]
+    scores = scores - 0.15 * unknown_meno
+    scores[tiny] = 0.0  # 3 cases: far below min_support
+    singles = divergent_itemsets(tab, scores, min_support=0.05, max_length=1)
+    assert singles.iloc[0]["label"] == "menopause=unknown"  # unknown is analysed like any value
+    assert singles.iloc[0]["t"] < -5
+    its = divergent_itemsets(tab, scores, min_support=0.05)
+    assert not any("71+" in lab and "density=a" in lab for lab in its["label"])
+    cd = case_divergence(tab, its)
+    for pid in tiny:  # tiny-group cases take the worst larger itemset they belong to
+        mine = [d for items, d in zip(its["items"], its["divergence"], strict=True) if members(tab.loc[[pid]], items)[0]]
+        assert cd.loc[pid, "divergence"] == min([0.0, *mine])

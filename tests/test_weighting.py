@@ -1,0 +1,300 @@
+"""Weighting strategies: the behaviour the published code got wrong, pinned on small planted cohorts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from divaware.subgroups import AGE_GROUPS, UNKNOWN
+from divaware.weighting import (
+    HISTORY_COLUMNS,
+    STRATEGIES,
+    make_strategy,
+    normalise_weights,
+)
+
+PLANTED = "age_group=0-40 ∧ breast_density=d"
+
+
+def planted_cohort(n: int, seed: int, prefix: str, gap: float = 0.2):
+    """Independent attributes; age_group=0-40 ∧ breast_density=d (~12 %) scores `gap` lower, plus noise."""
+    rng = np.random.default_rng(seed)
+    ids = pd.Index([f"{prefix}{i:04d}" for i in range(n)], name="patient_id")
+    age = rng.choice(AGE_GROUPS, n, p=[0.3, 0.2, 0.2, 0.2, 0.1])
+    density = rng.choice(["a", "b", "c", "d"], n, p=[0.15, 0.2, 0.25, 0.4])
+    meno = rng.choice(["pre", "post", UNKNOWN], n, p=[0.4, 0.4, 0.2])
+    meta = pd.DataFrame({"age_group": age, "menopause": meno, "breast_density": density}, index=ids)
+    planted = pd.Series((age == "0-40") & (density == "d"), index=ids)
+    scores = pd.Series(np.clip(rng.normal(0.8, 0.08, n) - gap * planted, 0, 1), index=ids)
+    return meta, scores, planted
+
+
+@pytest.fixture(scope="module")
+def cohorts():
+    train, _, train_planted = planted_cohort(600, seed=1, prefix="T")
+    val, val_scores, _ = planted_cohort(400, seed=2, prefix="V")
+    return train, train_planted, val, val_scores
+
+
+def shuffled(frame, seed):
+    return frame.iloc[np.random.default_rng(seed).permutation(len(frame))]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_normalise_weights_mean_one_within_clip_and_order_kept():
+    rng = np.random.default_rng(0)
+    raw = np.exp(rng.normal(0, 2, 500))
+    w = normalise_weights(raw, 0.2, 5.0)
+    assert w.mean() == pytest.approx(1.0, abs=1e-12)
+    assert w.min() >= 0.2 and w.max() <= 5.0
+    assert (w == 0.2).any() and (w == 5.0).any()  # both bounds bind here
+    order = np.argsort(raw)
+    assert (np.diff(w[order]) >= 0).all()
+    # one dominant raw weight: clipped, everyone else scaled up, mean still 1
+    w2 = normalise_weights([1000.0, 1, 1, 1, 1, 1, 1, 1, 1, 1], None, 3.0)
+    assert w2[0] == 3.0 and w2.mean() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(w2[1:], 7 / 9)
+    np.testing.assert_allclose(normalise_weights([2.0, 2.0, 2.0]), 1.0)
+    with pytest.raises(ValueError, match="w_min ≤ 1 ≤ w_max"):
+        normalise_weights([1.0, 2.0], 1.5, 3.0)
+    with pytest.raises(ValueError, match="> 0"):
+        normalise_weights([1.0, 0.0])
+
+
+def test_make_strategy_names_and_bad_params():
+    assert set(STRATEGIES) == {"erm", "inverse_frequency", "group_dro", "paper", "divaware"}
+    with pytest.raises(ValueError, match="unknown weighting strategy 'dro'.*group_dro"):
+        make_strategy("dro")
+    with pytest.raises(ValueError, match="taus.*accepted.*tau"):
+        make_strategy("divaware", taus=0.1)
+    with pytest.raises(ValueError, match="w_min"):
+        make_strategy("divaware", w_min=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_unknown_ids_raise_keyerror_naming_them(name, cohorts):
+    train, *_ = cohorts
+    st = make_strategy(name).fit(train)
+    with pytest.raises(KeyError, match="NOT_A_CASE"):
+        st.batch_weights(["T0001", "NOT_A_CASE"], [0.5, 0.5])
+    with pytest.raises(RuntimeError, match="fit"):
+        make_strategy(name).batch_weights(["T0001"], [0.5])
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_weights_follow_patient_id_under_shuffling(name, cohorts):
+    train, _, val, val_scores = cohorts
+    a = make_strategy(name).fit(train)
+    b = make_strategy(name).fit(shuffled(train, 3))
+    if a.should_refresh(5):
+        a.refresh(5, val, val_scores)
+        b.refresh(5, shuffled(val, 4), val_scores.iloc[np.random.default_rng(5).permutation(len(val_scores))])
+    pd.testing.assert_series_equal(a.weights, b.weights)  # exact
+    ids = list(shuffled(train, 6).index[:32])
+    losses = np.linspace(0.1, 0.9, len(ids))
+    wa = a.batch_weights(ids, losses)
+    wb = b.batch_weights(ids[::-1], losses[::-1])
+    np.testing.assert_array_equal(wa, wb[::-1])
+    if name != "group_dro":  # static per-case weights: the batch gets exactly its cases' weights
+        np.testing.assert_array_equal(wa, a.weights.loc[ids].to_numpy())
+
+
+def test_erm_is_all_ones(cohorts):
+    train, *_ = cohorts
+    st = make_strategy("erm").fit(train[[]])  # ERM needs no attribute columns
+    np.testing.assert_array_equal(st.weights.to_numpy(), 1.0)
+    assert not st.should_refresh(10)
+    assert list(st.history.columns) == list(HISTORY_COLUMNS)
+
+
+def test_inverse_frequency_equalises_group_totals(cohorts):
+    train, *_ = cohorts
+    st = make_strategy("inverse_frequency").fit(train)
+    w, groups = st.weights, st.groups
+    assert w.mean() == pytest.approx(1.0, abs=1e-12)
+    sizes = groups.map(groups.value_counts())
+    np.testing.assert_allclose(w * sizes, (w * sizes).iloc[0])  # w ∝ 1/n_g
+    totals = w.groupby(groups).sum()
+    np.testing.assert_allclose(totals, len(w) / groups.nunique())
+    clipped = make_strategy("inverse_frequency", w_max=3.0).fit(train).weights
+    assert clipped.max() <= 3.0 and clipped.mean() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_group_dro_raises_q_of_the_high_loss_group_and_mixes_by_q(cohorts):
+    train, planted, *_ = cohorts
+    st = make_strategy("group_dro", eta=0.5, attributes=["age_group"]).fit(train)
+    q0 = st.q.copy()
+    np.testing.assert_allclose(q0, 1 / 5)
+    young = "age_group=0-40"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        ids = list(rng.choice(train.index, 16, replace=False))
+        losses = np.where(train.loc[ids, "age_group"] == "0-40", 0.9, 0.2)
+        w = st.batch_weights(ids, losses)
+        assert w.mean() == pytest.approx(1.0)
+    q = st.q
+    assert q.idxmax() == young and q[young] > q0[young]
+    assert q.sum() == pytest.approx(1.0)
+    # Σ wℓ / Σ w equals the q-weighted mix of the group losses present in the batch (q after this step)
+    ids = list(train.index[:40])
+    losses = rng.uniform(0, 1, len(ids))
+    w = st.batch_weights(ids, losses)
+    groups = st.groups.loc[ids].to_numpy()
+    q = st.q
+    present = sorted(set(groups))
+    mix = sum(q[g] * losses[groups == g].mean() for g in present) / sum(q[g] for g in present)
+    assert (w * losses).sum() / w.sum() == pytest.approx(mix, rel=1e-12)
+    with pytest.raises(ValueError, match="losses"):
+        st.batch_weights(ids)
+
+
+# ---------------------------------------------------------------------------------------------- divaware
+
+
+def test_divaware_planted_cases_above_one_others_at_most_one(cohorts):
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("divaware", warmup_epochs=2, update_every=3)
+    st.fit(train)
+    assert [e for e in range(10) if st.should_refresh(e)] == [2, 5, 8]
+    np.testing.assert_array_equal(st.weights.to_numpy(), 1.0)  # warm-up: plain training
+    w = st.refresh(2, val, val_scores)
+    its = st.last_itemsets.set_index("label")
+    # at min_support 0.02 noise may make a refinement (planted ∧ menopause=...) the very worst itemset;
+    # the planted itemset itself is strongly significant and every top itemset lies inside it
+    assert its.loc[PLANTED, "t"] < -8
+    assert all(set(PLANTED.split(" ∧ ")) <= items for items in its["items"].iloc[:3])
+    assert (w[planted] > 1).all()
+    assert (w[~planted] <= 1).all()
+    assert w.mean() == pytest.approx(1.0, abs=1e-12)
+    assert w.min() >= 0.2 and w.max() <= 5.0
+    cd = st.case_divergence
+    assert cd.loc[planted, "worst_itemset"].map(lambda lab: set(PLANTED.split(" ∧ ")) <= set(lab.split(" ∧ "))).all()
+    # weights grow with how far the case's worst subgroup falls below average
+    order = np.argsort(cd["divergence"].to_numpy())
+    assert (np.diff(w.to_numpy()[order]) <= 1e-15).all()
+    h = st.history
+    assert list(h.columns) == list(HISTORY_COLUMNS)
+    assert sorted(h["refresh"].unique()) == [0, 1] and len(h) == 2 * len(train)
+    last = h[h["refresh"] == 1].set_index("patient_id")
+    pd.testing.assert_series_equal(last["weight"], w, check_names=False)
+
+
+def test_divaware_marginal_sharing_cases_rank_between(cohorts):
+    # A case sharing only age_group=0-40 with the planted itemset inherits that marginal's smaller Δ:
+    # documented behaviour; its weight lies between the planted cases' and the unrelated cases'.
+    train, planted, val, val_scores = cohorts
+    w = make_strategy("divaware", warmup_epochs=0).fit(train).refresh(0, val, val_scores)
+    young_not_d = (train["age_group"] == "0-40") & (train["breast_density"] != "d")
+    unrelated = (train["age_group"] != "0-40") & (train["breast_density"] != "d")
+    assert w[planted].min() > w[young_not_d].max()
+    assert w[young_not_d].mean() > w[unrelated].mean()
+
+
+def test_smoothing_is_a_convex_combination_of_refreshes(cohorts):
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("divaware", warmup_epochs=0, smoothing=0.5).fit(train)
+    fresh = make_strategy("divaware", warmup_epochs=0).fit(train)
+    w1 = st.refresh(0, val, val_scores)
+    pd.testing.assert_series_equal(w1, fresh.refresh(0, val, val_scores))  # first refresh: no smoothing
+    flat = pd.Series(0.8, index=val_scores.index)
+    w2 = st.refresh(5, val, flat)  # nothing diverges now: fresh weights are all 1
+    np.testing.assert_allclose(w2, 0.5 * w1 + 0.5)
+    assert w2.mean() == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ["divaware", "paper"])
+def test_empty_itemset_never_zeroes_weights(name, cohorts):
+    train, planted, val, val_scores = cohorts
+    # no subgroup diverges at all: every itemset has Δ = 0, like the empty itemset
+    flat = pd.Series(0.75, index=val_scores.index)
+    st = make_strategy(name, warmup_epochs=0).fit(train)
+    w = st.refresh(0, val, flat)
+    np.testing.assert_array_equal(w.to_numpy(), 1.0)
+    # only positive divergences (one group better than the rest): still nobody at zero
+    better = val_scores.copy()
+    better[(val["age_group"] == "71+").to_numpy()] += 0.1
+    w = make_strategy(name, warmup_epochs=0, t_min=0.0).fit(train).refresh(0, val, better)
+    assert (w > 0).all() and w.mean() == pytest.approx(1.0, abs=1e-12)
+    # the usual case: many itemsets, every weight strictly positive
+    w = make_strategy(name, warmup_epochs=0).fit(train).refresh(0, val, val_scores)
+    assert (w > 0).all()
+
+
+def test_paper_weighting_fixes(cohorts):
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("paper", warmup_epochs=0, test_ids=["X0001"])  # a test id not in validation: fine
+    w = st.fit(train).refresh(0, val, val_scores)
+    cd = st.case_divergence
+    matched = cd["divergence"] < 0
+    assert w.mean() == pytest.approx(1.0, abs=1e-12)
+    # |Δ| as weight: proportional to |d| among matched cases
+    ratio = w[matched] / cd.loc[matched, "divergence"].abs()
+    np.testing.assert_allclose(ratio, ratio.iloc[0])
+    # unmatched cases do not out-weigh matched ones
+    assert (~matched).any() and matched.any()
+    assert w[~matched].max() <= w[matched].min()
+    np.testing.assert_allclose(w[~matched], w[matched].min())
+    assert w[planted].min() > w[~planted].max()
+    # the test split cannot drive the weights
+    with pytest.raises(ValueError, match="test cases.*V0001"):
+        make_strategy("paper", warmup_epochs=0, test_ids=["V0001"]).fit(train).refresh(0, val, val_scores)
+
+
+def test_train_values_unseen_in_validation_fall_back_to_other_attributes(cohorts):
+    train, planted, val, val_scores = cohorts
+    odd = train.copy()
+    odd.loc["T0000", "breast_density"] = "zz"  # never seen in the validation split
+    odd.loc["T0001", ["age_group", "menopause", "breast_density"]] = [np.nan, np.nan, np.nan]
+    st = make_strategy("divaware", warmup_epochs=0).fit(odd)
+    st.refresh(0, val, val_scores)
+    cd = st.case_divergence
+    assert "breast_density=zz" not in cd.loc["T0000", "worst_itemset"]
+    assert cd.loc["T0001", "divergence"] <= 0  # all unknown: matched only by 'unknown' itemsets, if any
+    assert st.weights.loc[["T0000", "T0001"]].min() >= 0.2
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_state_dict_round_trip_resumes_exactly(name, cohorts):
+    train, planted, val, val_scores = cohorts
+    params = {"smoothing": 0.3, "warmup_epochs": 1, "update_every": 1} if name == "divaware" else {}
+    a = make_strategy(name, **params).fit(train)
+    rng = np.random.default_rng(1)
+    noisy = val_scores + rng.normal(0, 0.01, len(val_scores))
+    ids = list(train.index[:24])
+    losses = rng.uniform(0, 1, len(ids))
+    if a.should_refresh(1):
+        a.refresh(1, val, val_scores)
+    a.batch_weights(ids, losses)
+    state = json.loads(json.dumps(a.state_dict()))  # survives a JSON round trip
+    b = make_strategy(name, **json.loads(json.dumps(a.params)))
+    b.load_state_dict(state)
+    pd.testing.assert_series_equal(a.weights, b.weights)
+    pd.testing.assert_frame_equal(a.history, b.history)
+    # and both continue identically
+    if a.should_refresh(2):
+        pd.testing.assert_series_equal(a.refresh(2, val, noisy), b.refresh(2, val, noisy))
+    np.testing.assert_array_equal(a.batch_weights(ids, losses[::-1]), b.batch_weights(ids, losses[::-1]))
+    pd.testing.assert_series_equal(a.weights, b.weights)
+    if name == "divaware":
+        with pytest.raises(ValueError, match="tau"):
+            make_strategy(name, **{**params, "tau": 0.2}).load_state_dict(state)
+        other = make_strategy(name, **params).fit(train.iloc[:10])
+        with pytest.raises(ValueError, match="other training cases"):
+            other.load_state_dict(state)
+
+
+def test_results_are_deterministic(cohorts):
+    train, planted, val, val_scores = cohorts
+    runs = [make_strategy("divaware", warmup_epochs=0).fit(train).refresh(0, val, val_scores) for _ in range(2)]
+    pd.testing.assert_series_equal(*runs)
