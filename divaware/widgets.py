@@ -34,10 +34,18 @@ def _slice_of(mask: np.ndarray | None, image: np.ndarray) -> int:
     return tumour_slice(mask if mask is not None else np.zeros(image.shape, bool), axis=-1)
 
 
+def _window(images: list[np.ndarray], k: int) -> tuple[float, float]:
+    # One grey-level window for all phases, so that contrast uptake shows as brightening between panels.
+    values = np.concatenate([im[:, :, k].ravel() for im in images])
+    lo, hi = np.percentile(values, [1, 99.5])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
 def _draw_slice(ax: Any, image: np.ndarray, k: int, mask: np.ndarray | None, pred: np.ndarray | None,
-                title: str) -> None:
+                title: str, window: tuple[float, float] | None = None) -> None:
     # Transpose so that x runs left-right and y bottom-top, the radiological-ish view readers expect.
-    ax.imshow(image[:, :, k].T, cmap="gray", origin="lower")
+    vmin, vmax = window if window is not None else (None, None)
+    ax.imshow(image[:, :, k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax)
     if mask is not None and mask[:, :, k].any():
         ax.contour(mask[:, :, k].T, levels=[0.5], colors="lime", linewidths=1.0)
     if pred is not None and pred[:, :, k].any():
@@ -58,7 +66,7 @@ def case_figure(case: Case, prediction: str | Path | None = None, slice_index: i
     k = _slice_of(mask, images[0]) if slice_index is None else int(slice_index)
     fig, axes = plt.subplots(1, len(images), figsize=(2.6 * len(images), 2.8), squeeze=False)
     for ax, p, image in zip(axes[0], phases, images, strict=True):
-        _draw_slice(ax, image, k, mask, pred, f"{case.patient_id} phase {p:04d}, z={k}")
+        _draw_slice(ax, image, k, mask, pred, f"{case.patient_id} phase {p:04d}, z={k}", _window(images, k))
     fig.tight_layout()
     return fig
 
@@ -85,7 +93,8 @@ def slice_viewer(case: Case, prediction: str | Path | None = None, interactive: 
             out.clear_output(wait=True)
             fig, ax = plt.subplots(figsize=(4.5, 4.5))
             _draw_slice(ax, images[phase.value], k.value, mask if overlay.value else None,
-                        pred if overlay.value else None, f"{case.patient_id} phase {phase.value:04d}")
+                        pred if overlay.value else None, f"{case.patient_id} phase {phase.value:04d}",
+                        _window(images, k.value))
             plt.show()
 
     for control in (phase, k, overlay):
