@@ -1,0 +1,108 @@
+"""The notebook series: clean committed notebooks, documented parameters, and a tiny end-to-end execution
+whose recorded results are checked against values recomputed here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from divaware import pipeline
+from divaware.cohort import load_cohort
+from divaware.metrics import challenge_score
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+# Tiny settings: a handful of epochs of a small UNet on the 40-case fixture cohort.
+TINY_TRAINING = {"epochs": 2, "channels": [4, 8], "warmup_epochs": 1, "update_every": 1, "batch_size": 4}
+
+
+@pytest.mark.parametrize("name", pipeline.SERIES)
+def test_committed_notebook_is_clean(name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "papermill needs exactly one cell tagged 'parameters'"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith(f"# {name[:2]} ·")
+    # The parameters cell holds literals only, each with a comment (papermill --help-notebook shows them).
+    params = pipeline.notebook_parameters(NOTEBOOKS / f"{name}.ipynb")
+    assert {"data_root", "out_dir"} <= set(params)
+    assert all(spec["help"] for spec in params.values()), [p for p, s in params.items() if not s["help"]]
+    for line in tagged[0].source.splitlines():
+        compile(line.split("#")[0], "<parameters>", "exec")
+
+
+def test_help_notebook_lists_every_parameter() -> None:
+    path = NOTEBOOKS / "03_training.ipynb"
+    shown = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(path)],
+                           capture_output=True, text=True, check=True).stdout
+    for name, spec in pipeline.notebook_parameters(path).items():
+        assert name in shown and spec["help"] in shown
+
+
+def test_unknown_parameter_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no parameter"):
+        pipeline.execute_notebook(NOTEBOOKS / "01_data_exploration.ipynb", tmp_path / "x.ipynb", {"epochz": 3})
+
+
+@pytest.fixture(scope="module")
+def series_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("series") / "tiny"
+    config = {
+        "data_root": str(synthetic_root),
+        "methods": ["erm", "divaware"],
+        "notebooks": {
+            "02_subgroup_divergence": {"baseline_epochs": 2, "baseline_channels": [4, 8], "min_support": 0.1},
+            "04_fairness_evaluation": {"n_boot": 200},
+        },
+        "training": {**TINY_TRAINING, "min_support": 0.1},
+    }
+    timings = pipeline.run_series(config, out)
+    return out, timings
+
+
+def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_root: Path) -> None:
+    out, timings = series_run
+    assert set(timings) == {"01_data_exploration", "02_subgroup_divergence", "03_training_erm",
+                            "03_training_divaware", "04_fairness_evaluation"}
+    for label in timings:
+        assert (out / "notebooks" / f"{label}.ipynb").is_file()
+        assert (out / "params" / f"{label}.yaml").is_file()
+    meta = load_cohort(synthetic_root).metadata
+
+    r01 = json.loads((out / "01_data_exploration" / "results.json").read_text())
+    assert r01["n_cases"] == len(meta) and r01["n_problems"] == 0
+    assert r01["n_train"] + r01["n_test"] == len(meta)
+    assert r01["group_sizes"]["breast_density"] == meta["breast_density"].value_counts().to_dict()
+
+    r02 = json.loads((out / "02_subgroup_divergence" / "results.json").read_text())
+    itemsets = pd.read_csv(out / "02_subgroup_divergence" / "divergent_itemsets.csv")
+    assert r02["top_itemset"] == itemsets.iloc[0]["label"]
+    assert r02["top_divergence"] == pytest.approx(itemsets["divergence"].min())
+    for name, w in r02["weights"].items():
+        assert w["mean"] == pytest.approx(1.0), name
+
+    for method in ("erm", "divaware"):
+        run = out / "runs" / method
+        r03 = json.loads((run / "results.json").read_text())
+        log = pd.read_csv(run / "metrics.csv")
+        assert r03["method"] == method and r03["epochs"] == TINY_TRAINING["epochs"] == len(log)
+        assert r03["final_val_dice"] == pytest.approx(log["val_dice"].iloc[-1])
+    history = pd.read_csv(out / "runs" / "divaware" / "weights_history.csv")
+    assert history["refresh"].nunique() >= 1
+
+    r04 = json.loads((out / "04_fairness_evaluation" / "results.json").read_text())
+    assert set(r04["runs"]) == {"erm", "divaware"}
+    for method, row in r04["runs"].items():
+        per_case = pd.read_csv(out / "runs" / method / "evaluation_test" / "per_case.csv",
+                               dtype={"patient_id": str}).set_index("patient_id")
+        assert set(per_case.index) == set(meta.index[meta["split"] == "test"])
+        expected = challenge_score(per_case, meta)
+        assert row["ranking"] == pytest.approx(expected["ranking"])
+        assert row["mean_dice"] == pytest.approx(per_case["dice"].mean())
