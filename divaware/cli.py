@@ -33,6 +33,224 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one run from a YAML config (see divaware.train.TrainConfig)")
+    p.add_argument("--config", required=True, help="YAML file of TrainConfig fields (missing ones take defaults)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace a run folder holding a different run")
+    p.add_argument("--out", default=None, help="run folder (overrides the config's out_dir)")
+    p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from divaware.train import TrainConfig, train
+
+    config = TrainConfig.from_yaml(args.config)
+    if args.out:
+        config.out_dir = args.out
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    run = train(config, resume=args.resume, overwrite=args.overwrite)
+    print(run)
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="write pred_segmentations/<patient_id>.nii.gz for a split")
+    p.add_argument("--run", required=True, help="training run folder (holds config.yaml and best.pt)")
+    p.add_argument("--data", required=True, help="MAMA-MIA root folder to predict")
+    p.add_argument("--split", default="test", help="train, test or all (default: test)")
+    p.add_argument("--out", required=True, help="output folder; predictions go to OUT/pred_segmentations")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--sliding-window", dest="sliding_window", action="store_true", default=None,
+                        help="tile the volume (default when the run trained on patches)")
+    window.add_argument("--whole-volume", dest="sliding_window", action="store_false",
+                        help="one forward pass per volume")
+    p.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window size (default: patch size)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--postprocess", nargs="*", default=[], choices=("largest_component", "breast_box"),
+                   help="postprocessing steps, in order")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from divaware.predict import predict
+
+    out = predict(args.run, args.data, split=None if args.split == "all" else args.split, out_dir=args.out,
+                  checkpoint=args.checkpoint, sliding_window=args.sliding_window, roi_size=args.roi,
+                  overlap=args.overlap, postprocess=args.postprocess, device=args.device,
+                  num_workers=args.num_workers)
+    print(out)
+    return 0
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write a synthetic MAMA-MIA stand-in cohort (same layout as the real data)")
+    p.add_argument("--out", required=True, help="folder to create (must be empty or absent)")
+    p.add_argument("--n-cases", type=int, default=None, help="number of cases (default: 300, realistic: 12)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
+    p.add_argument("--preset", default="default", choices=("default", "realistic"),
+                   help="default: 48x48x32 CPU-sized crops; realistic: the real collections' shapes")
+    p.add_argument("--missingness", default="teaching", choices=("teaching", "realistic"),
+                   help="teaching: density mostly known; realistic: ~96%% density and ~27%% menopause missing")
+    p.add_argument("--collections", nargs="+", default=None, metavar="NAME",
+                   help="only these collections (DUKE ISPY1 ISPY2 NACT), in their real proportions")
+    p.add_argument("--overwrite", action="store_true", help="replace a cohort previously written by synth")
+    p.set_defaults(func=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from divaware.synthetic import make_cohort, read_truth
+
+    start = time.perf_counter()
+    root = make_cohort(args.out, n_cases=args.n_cases, seed=args.seed, preset=args.preset,
+                       missingness=args.missingness, overwrite=args.overwrite, collections=args.collections)
+    truth = read_truth(root)
+    print(f"wrote {len(truth)} synthetic cases ({args.preset} preset, {args.missingness} missingness, seed "
+          f"{args.seed}) to {root} in {time.perf_counter() - start:.1f} s; hard subgroup: "
+          f"{int(truth['hard_subgroup'].sum())} cases")
+    return 0
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="validate a MAMA-MIA folder and print a report (exit 1 if problems)")
+    p.add_argument("root", help="MAMA-MIA root folder (holds images/, segmentations/, the xlsx and split csv)")
+    p.add_argument("--headers-only", action="store_true",
+                   help="skip reading voxels (binary masks, truncated files): much faster on the real data")
+    p.add_argument("--strict", action="store_true",
+                   help="stop with an error listing every problem instead of excluding cases")
+    p.add_argument("--no-masks", action="store_true", help="allow cases without expert masks (inference only)")
+    p.set_defaults(func=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    import warnings
+
+    from divaware.cohort import CohortWarning, load_cohort, validation_report
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CohortWarning)  # the report lists every problem anyway
+        cohort = load_cohort(args.root, strict=args.strict, check_voxels=not args.headers_only,
+                             require_masks=not args.no_masks)
+    print(validation_report(cohort))
+    return 1 if cohort.problems else 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="score a run on a split: per-case, per-group, challenge score, fairness",
+                       description="Predict the split if needed, then write per_case.csv, per_group.csv, "
+                                   "challenge.json, fairness.json and divergent_itemsets.csv into "
+                                   "RUN/evaluation_<split>[_<checkpoint>][_<tag>]/ (see divaware.evaluate).")
+    p.add_argument("--run", required=True, help="run folder (holds config.yaml and best.pt)")
+    p.add_argument("--data", default=None, help="MAMA-MIA root folder (default: the one in the run's config.yaml)")
+    p.add_argument("--split", default="test", help="test, train, val (the run's fairness-validation) or all")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--predictions", default=None,
+                   help="score this existing folder of <patient_id>.nii.gz instead of predicting")
+    p.add_argument("--tag", default=None, help="suffix of the evaluation folder, to keep variants side by side")
+    p.add_argument("--attributes", nargs="+", default=None,
+                   help="metadata columns for the per-group tables (default: age_group menopause breast_density)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the group CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--min-support", type=float, default=0.05, help="support of the divergent itemsets")
+    p.add_argument("--repredict", action="store_true", help="predict again even if up-to-date predictions exist")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--sliding-window", dest="sliding_window", action="store_true", default=None,
+                        help="tile the volume (default when the run trained on patches)")
+    window.add_argument("--whole-volume", dest="sliding_window", action="store_false",
+                        help="one forward pass per volume")
+    p.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window size (default: patch size)")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--postprocess", nargs="*", default=None, choices=("largest_component", "breast_box"),
+                   help="postprocessing steps, in order")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from divaware.evaluate import DEFAULT_ATTRIBUTES, evaluate
+
+    # Only options the user gave go to predict(), so that scoring --predictions with no predict options works.
+    given = {"sliding_window": args.sliding_window, "roi_size": args.roi, "overlap": args.overlap,
+             "postprocess": args.postprocess, "device": args.device, "num_workers": args.num_workers}
+    predict_kwargs = {k: v for k, v in given.items() if v is not None}
+    evaluate(args.run, args.data, split=args.split, predictions=args.predictions, checkpoint=args.checkpoint,
+             tag=args.tag, attributes=tuple(args.attributes or DEFAULT_ATTRIBUTES), n_boot=args.n_boot,
+             seed=args.seed, min_support=args.min_support, repredict=args.repredict, verbose=True,
+             **predict_kwargs)
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="execute the notebook series (01-04) with papermill into one run folder",
+                       description="Execute notebooks 01-04 in order (03 once per configured method) into --out; "
+                                   "a failing notebook stops the run and names the failing cell and the executed copy.")
+    p.add_argument("--config", default=None, help="series YAML (default: configs/default.yaml of the checkout)")
+    p.add_argument("--data", default=None, help="MAMA-MIA root (overrides the config's data_root)")
+    p.add_argument("--out", default="runs/default", help="run folder (default: runs/default)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 03")
+    p.add_argument("--figures", default=None,
+                   help="also copy the series' main figures into this folder (the README gallery uses figures/)")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from divaware import pipeline
+
+    config = pipeline.load_series_config(args.config)
+    if args.data:
+        config["data_root"] = args.data
+    start = time.perf_counter()
+    try:
+        timings = pipeline.run_series(config, args.out, only=args.only)
+    except pipeline.NotebookFailed as err:
+        print(f"divaware run: {err}", file=sys.stderr)
+        return 1
+    if args.figures:
+        copied = pipeline.publish_figures(args.out, args.figures)
+        print(f"copied {len(copied)} figures into {args.figures}")
+    print(f"series done in {time.perf_counter() - start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return 0
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="train and evaluate methods x seeds x grid values; one aggregated table",
+                       description="Run notebook 03 for every combination in the config's 'sweep' section, evaluate "
+                                   "each run on the test split and write sweep.csv and sweep_summary.csv.")
+    p.add_argument("--config", required=True, help="series YAML with a 'sweep' section (methods, seeds, grid)")
+    p.add_argument("--data", default=None, help="MAMA-MIA root (overrides the config's data_root)")
+    p.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
+    p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from divaware import pipeline
+
+    config = pipeline.load_series_config(args.config)
+    if args.data:
+        config["data_root"] = args.data
+    if args.epochs is not None:
+        config["training"] = {**(config.get("training") or {}), "epochs": args.epochs}
+    try:
+        out = pipeline.sweep(config, args.out, n_boot=args.n_boot)
+    except pipeline.NotebookFailed as err:
+        print(f"divaware sweep: {err}", file=sys.stderr)
+        return 1
+    print(f"sweep table: {out / 'sweep.csv'}; summary: {out / 'sweep_summary.csv'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``divaware`` console script; returns the process exit code."""
     parser = build_parser()

@@ -178,3 +178,89 @@ def sweep_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     for method, seed, *values in itertools.product(methods, seeds, *(grid[k] for k in keys)):
         runs.append({"method": method, "seed": seed, **dict(zip(keys, values, strict=True))})
     return runs
+
+
+def _run_name(params: Mapping[str, Any]) -> str:
+    extra = "".join(f"_{k}{v}" for k, v in params.items() if k not in ("method", "seed"))
+    return f"{params['method']}_seed{params['seed']}{extra}".replace("/", "-").replace(" ", "")
+
+
+def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test", n_boot: int = 1000,
+          log_output: bool = False) -> Path:
+    """Train every (method, seed, grid value) with ``03_training`` and evaluate it on ``split``.
+
+    Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; an existing run folder is resumed
+    (the notebook resumes training and evaluation reuses its predictions), so an interrupted sweep continues
+    where it stopped. Writes ``<out>/sweep.csv`` (one row per run) and ``<out>/sweep_summary.csv`` (mean, std
+    and n over seeds per method and grid value), and returns ``<out>``.
+    """
+    import pandas as pd
+
+    from divaware import evaluate as ev
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    source = notebooks_dir() / "03_training.ipynb"
+    declared = notebook_parameters(source)
+    base = {**_params_for("03_training", config, declared), **(config.get("training") or {})}
+    runs = sweep_grid(config)
+    unknown = sorted({k for r in runs for k in r} - set(declared))
+    if unknown:
+        raise ValueError(f"sweep parameter(s) {unknown} are not parameters of 03_training; it has {sorted(declared)}")
+    rows = []
+    for i, grid_params in enumerate(runs, 1):
+        name = _run_name(grid_params)
+        params = {**base, **grid_params, "out_dir": str(out / "runs" / name)}
+        (out / "params").mkdir(exist_ok=True)
+        (out / "params" / f"{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        print(f"[divaware sweep] {i}/{len(runs)} {name} ...", flush=True)
+        seconds = execute_notebook(source, out / "notebooks" / f"03_training_{name}.ipynb", params, cwd=out,
+                                   log_output=log_output)
+        result = ev.evaluate(out / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
+                             verbose=False)
+        c = result.challenge
+        rows.append({"run": name, **grid_params, "train_minutes": round(seconds / 60, 2),
+                     "mean_dice": float(result.per_case["dice"].mean()),
+                     **{k: c.get(k) for k in ("P", "F", "ranking")}})
+    table = ev.collect(out / "runs", split=split)
+    table = table[table["run"].isin([_run_name(r) for r in runs])]
+    grid_keys = [k for k in runs[0] if k not in ("method", "seed")] if runs else []
+    per_run = pd.DataFrame(rows).merge(table.drop(columns=["method", "seed", "mean_dice", "P", "F", "ranking"],
+                                                   errors="ignore"), on="run", how="left")
+    per_run.to_csv(out / "sweep.csv", index=False)
+    numeric = [c for c in ("mean_dice", "worst_group_dice", "gap", "es_dice", "P", "F", "ranking") if c in per_run]
+    summary = per_run.groupby(["method", *grid_keys])[numeric].agg(["mean", "std", "count"])
+    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
+    summary.reset_index().to_csv(out / "sweep_summary.csv", index=False)
+    print(summary.round(4).to_string())
+    return out
+
+
+# Figures of the default series shown in the README gallery: (folder under the run, file name) pairs.
+GALLERY = (
+    ("01_data_exploration", "missingness.png"),
+    ("01_data_exploration", "enhancement_by_density.png"),
+    ("02_subgroup_divergence", "divergent_itemsets.png"),
+    ("runs/divaware", "weights.png"),
+    ("runs/divaware", "training_curves.png"),
+    ("04_fairness_evaluation", "compare_erm_vs_divaware.png"),
+    ("04_fairness_evaluation", "heatmap_erm.png"),
+    ("04_fairness_evaluation", "hardest_cases.png"),
+)
+
+
+def publish_figures(run_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy the gallery figures of a finished series into ``dest`` (flattened names); returns the copies."""
+    import shutil
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for folder, name in GALLERY:
+        src = run_dir / folder / name
+        if src.is_file():
+            target = dest / f"{folder.replace('/', '_')}_{name}"
+            shutil.copyfile(src, target)
+            copied.append(target)
+    return copied
