@@ -1,0 +1,164 @@
+"""Network factory and the one inference helper shared by validation and prediction.
+
+``build_model`` maps a name to a MONAI 3D network. The default reproduces the published network
+(MONAI ``UNet``, channels 16-256, strides 2x4, two residual units); the others are there so a user can
+swap the architecture from the config without touching code. ``network_divisor`` says by what every
+spatial size must be divisible so that skip connections line up; the data pipeline and ``infer`` pad
+to it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("unet", "segresnet", "dynunet", "attentionunet", "basicunet")
+_ALIASES = {"attention_unet": "attentionunet", "basic_unet": "basicunet", "dyn_unet": "dynunet",
+            "seg_res_net": "segresnet"}
+
+
+def _canonical(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return key
+
+
+def build_model(
+    name: str = "unet",
+    in_channels: int = 3,
+    out_channels: int = 2,
+    channels: Sequence[int] = (16, 32, 64, 128, 256),
+    strides: Sequence[int] = (2, 2, 2, 2),
+    num_res_units: int = 2,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> nn.Module:
+    """A 3D segmentation network by name (one of ``MODELS``).
+
+    ``channels``/``strides`` are interpreted per architecture so one config describes them all:
+    ``unet``/``attentionunet`` take them as is; ``dynunet`` uses ``channels`` as filters and prepends a
+    stride-1 stem; ``segresnet`` takes ``channels[0]`` as ``init_filters`` and ``len(strides)`` down
+    stages; ``basicunet`` needs six features and gets ``channels[:5] + (channels[0],)``.
+    Extra keyword arguments go to the MONAI constructor unchanged.
+    """
+    from monai.networks import nets
+
+    key = _canonical(name)
+    channels = tuple(int(c) for c in channels)
+    strides = tuple(int(s) for s in strides)
+    if key in ("unet", "attentionunet", "dynunet") and len(channels) != len(strides) + 1:
+        raise ValueError(
+            f"model {key!r} needs len(channels) == len(strides) + 1, got channels={channels} strides={strides}"
+        )
+    if key == "unet":
+        return nets.UNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                         channels=channels, strides=strides, num_res_units=num_res_units,
+                         dropout=dropout, **kwargs)
+    if key == "attentionunet":
+        return nets.AttentionUnet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                                  channels=channels, strides=strides, dropout=dropout, **kwargs)
+    if key == "dynunet":
+        all_strides = (1, *strides)
+        return nets.DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                            kernel_size=[3] * len(all_strides), strides=list(all_strides),
+                            upsample_kernel_size=list(strides), filters=list(channels),
+                            dropout=dropout or None, res_block=num_res_units > 0, **kwargs)
+    if key == "segresnet":
+        n_down = len(strides) + 1
+        blocks_down = kwargs.pop("blocks_down", tuple([1, 2, 2, 4, 4, 4][:n_down]))
+        blocks_up = kwargs.pop("blocks_up", tuple([1] * (len(blocks_down) - 1)))
+        # GroupNorm needs channels divisible by num_groups; tiny test networks use few filters
+        num_groups = kwargs.pop("num_groups", math.gcd(8, channels[0]))
+        return nets.SegResNet(spatial_dims=3, init_filters=channels[0], in_channels=in_channels,
+                              out_channels=out_channels, dropout_prob=dropout or None,
+                              blocks_down=blocks_down, blocks_up=blocks_up,
+                              norm=("GROUP", {"num_groups": num_groups}), **kwargs)
+    # basicunet: fixed four down-samplings by 2
+    if len(channels) < 5:
+        raise ValueError(f"model 'basicunet' needs at least 5 channels, got {channels}")
+    features = kwargs.pop("features", (*channels[:5], channels[0]))
+    return nets.BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+                          features=features, dropout=dropout, **kwargs)
+
+
+def network_divisor(name: str = "unet", strides: Sequence[int] = (2, 2, 2, 2), **kwargs: Any) -> int:
+    """The factor every spatial size must be divisible by for the network ``name`` (its total stride)."""
+    key = _canonical(name)
+    if key == "basicunet":
+        return 16
+    if key == "segresnet":
+        n_down = len(kwargs.get("blocks_down", [None] * (len(strides) + 1)))
+        return 2 ** (n_down - 1)
+    return int(math.prod(int(s) for s in strides))
+
+
+def pad_to_divisor(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial dims of ``x`` (B, C, *spatial) up to multiples of ``divisor``.
+
+    Returns the padded tensor and the slices that cut the original region back out, so predictions are
+    scored and written on exactly the input grid (padding never counts as a false positive).
+    """
+    spatial = x.shape[2:]
+    target = [int(math.ceil(s / divisor) * divisor) for s in spatial]
+    pad: list[int] = []
+    for s, t in zip(reversed(spatial), reversed(target), strict=True):
+        pad += [0, t - s]
+    crop = (slice(None), slice(None), *(slice(0, s) for s in spatial))
+    if not any(pad):
+        return x, crop
+    return F.pad(x, pad), crop
+
+
+@torch.no_grad()
+def infer(
+    model: nn.Module,
+    image: torch.Tensor,
+    divisor: int = 16,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 2,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Logits for a (B, C, *spatial) image on its own grid.
+
+    With ``roi_size`` None the whole volume goes through the network at once (padded to ``divisor`` and
+    cut back); otherwise MONAI ``sliding_window_inference`` tiles it with Gaussian blending, which bounds
+    memory for full-size MRI. ``amp`` turns on bf16 autocast on CUDA; logits come back as float32.
+    """
+    use_amp = amp and image.device.type == "cuda"
+    with torch.autocast(device_type=image.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        if roi_size is None:
+            padded, crop = pad_to_divisor(image, divisor)
+            out = model(padded)[crop]
+        else:
+            from monai.inferers import sliding_window_inference
+
+            roi = [int(r) for r in roi_size]
+            # a volume smaller than the window would be padded by MONAI anyway; keep it divisible
+            padded, crop = pad_to_divisor(image, divisor)
+            out = sliding_window_inference(padded, roi, sw_batch_size, model, overlap=overlap,
+                                           mode="gaussian")
+            out = out[crop]
+    # MONAI hands back MetaTensors when given them; callers want plain float32 tensors
+    return out.float().as_subclass(torch.Tensor)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Foreground probability (B, 1, *spatial): sigmoid for one output channel, else 1 - softmax background."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return 1.0 - torch.softmax(logits, dim=1)[:, :1]
+
+
+def segment(logits: torch.Tensor) -> torch.Tensor:
+    """Binary tumour mask (B, *spatial), bool: argmax over classes, or sigmoid > 0.5 for one channel."""
+    if logits.shape[1] == 1:
+        return logits[:, 0] > 0
+    return logits.argmax(dim=1) > 0

@@ -1,0 +1,181 @@
+"""Inference: ``predict(run_dir, data_root, split="test", out_dir)`` writes the challenge's submission layout.
+
+For every case of the split, the run's own preprocessing (:func:`divaware.data.eval_transforms`, the same
+definition training used) prepares the image; the network predicts on that grid, whole-volume or by
+sliding window; MONAI ``Invertd`` undoes resampling, reorientation and the breast crop; the mask is written
+as ``<out_dir>/pred_segmentations/<patient_id>.nii.gz`` (uint8 0/1) with the source image's affine and
+shape. Cases need no expert mask. Optional postprocessing (``POSTPROCESS``) runs on the final grid:
+``largest_component`` keeps the largest 26-connected component, ``breast_box`` zeroes everything outside
+the breast box of the patient-info JSON.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from divaware import data as D
+from divaware.model import infer, segment
+from divaware.train import TrainConfig, resolve_device
+
+POSTPROCESS = ("largest_component", "breast_box")
+PRED_FOLDER = "pred_segmentations"
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best",
+                   device: str | torch.device = "cpu") -> tuple[TrainConfig, torch.nn.Module]:
+    """The run's config and its network with the weights of ``best.pt`` (or ``last.pt``), in eval mode.
+
+    ``checkpoint="best"`` falls back to ``last.pt`` with a warning when the run never validated.
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ValueError(f"{run_dir} is not a training run folder (no config.yaml)")
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
+    config = TrainConfig.from_yaml(cfg_path)
+    path = run_dir / f"{checkpoint}.pt"
+    if not path.is_file() and checkpoint == "best" and (run_dir / "last.pt").is_file():
+        warnings.warn(f"{path} not found; using last.pt", stacklevel=2)
+        path = run_dir / "last.pt"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} holds no checkpoint ({checkpoint}.pt); train the run first")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = config.build_model()
+    model.load_state_dict(state["model"])
+    return config, model.to(device).eval()
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected foreground component (an empty mask stays empty)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def restrict_to_box(mask: np.ndarray, info: dict) -> np.ndarray:
+    """Zero the mask outside the patient-info breast box (unchanged when the JSON has no box)."""
+    box = D.breast_box(info, mask.shape)
+    if box is None:
+        return mask
+    out = np.zeros_like(mask)
+    sl = (slice(box[0], box[1]), slice(box[2], box[3]), slice(box[4], box[5]))
+    out[sl] = mask[sl]
+    return out
+
+
+def predict(
+    run_dir: str | Path,
+    data_root: str | Path,
+    split: str | None = "test",
+    out_dir: str | Path | None = None,
+    checkpoint: str = "best",
+    sliding_window: bool | None = None,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    postprocess: Sequence[str] = (),
+    device: str = "auto",
+    patient_ids: Sequence[str] | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    cpu_threads: int | None = None,
+) -> Path:
+    """Predict every case of ``split`` (None: all cases) of the cohort at ``data_root``; returns ``out_dir``.
+
+    ``sliding_window``: None chooses it when the run trained on patches (window = ``roi_size`` or the patch
+    size); False runs whole volumes. ``out_dir`` defaults to ``<run_dir>/predictions_<split>`` and must not
+    lie inside the input data folder. ``patient_ids`` restricts the cases. ``cpu_threads``: torch CPU threads
+    for this call (None: the run's ``cpu_threads`` setting; 0: torch's default).
+    """
+    previous_threads = torch.get_num_threads()
+    try:
+        return _predict(run_dir, data_root, split, out_dir, checkpoint, sliding_window, roi_size, overlap,
+                        postprocess, device, patient_ids, num_workers, progress, cpu_threads)
+    finally:
+        torch.set_num_threads(previous_threads)  # process-wide: leave it as found
+
+
+def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_dir: str | Path | None,
+             checkpoint: str, sliding_window: bool | None, roi_size: Sequence[int] | None, overlap: float,
+             postprocess: Sequence[str], device: str, patient_ids: Sequence[str] | None, num_workers: int,
+             progress: bool, cpu_threads: int | None) -> Path:
+    from monai.data import Dataset, MetaTensor
+    from monai.transforms import Invertd
+    from tqdm.auto import tqdm
+
+    from divaware.cohort import load_cohort
+
+    run_dir = Path(run_dir)
+    unknown = sorted(set(postprocess) - set(POSTPROCESS))
+    if unknown:
+        raise ValueError(f"unknown postprocessing {unknown}; choose from {POSTPROCESS}")
+    dev = resolve_device(device)
+    config, model = load_run_model(run_dir, checkpoint, dev)
+    threads = config.cpu_threads if cpu_threads is None else cpu_threads
+    if threads > 0:
+        torch.set_num_threads(int(threads))
+    spec = config.data_spec()
+    if sliding_window is None:
+        sliding_window = spec.patch_size is not None
+    roi = None
+    if sliding_window:
+        roi = list(roi_size or spec.patch_size or (128, 128, 128))
+    use_amp = dev.type == "cuda" and config.amp in ("auto", "bf16")
+
+    data_root = Path(data_root).resolve()
+    out = Path(out_dir) if out_dir is not None else run_dir / f"predictions_{split or 'all'}"
+    if out.resolve().is_relative_to(data_root):
+        raise ValueError(f"out_dir {out} lies inside the input data folder {data_root}; input data is read-only")
+    cohort = load_cohort(data_root, require_masks=False)  # inference needs no expert masks
+    ids = list(patient_ids) if patient_ids is not None else cohort.ids(split)
+    if not ids:
+        raise ValueError(f"no cases in split {split!r} of {data_root}")
+    records = D.make_records(cohort, ids, spec, require_mask=False)
+    for rec in records:
+        rec.pop(D.LABEL, None)  # inference never reads the expert mask
+    transforms = D.eval_transforms(spec, with_label=False)
+    inverter = Invertd(keys="pred", transform=transforms, orig_keys=D.IMAGE, nearest_interp=True)
+    # batch_size=None: no collation, each item arrives as the dict the transforms made (meta intact)
+    loader = torch.utils.data.DataLoader(Dataset(records, transforms), batch_size=None, shuffle=False,
+                                         num_workers=num_workers)
+    pred_dir = out / PRED_FOLDER
+    pred_dir.mkdir(parents=True, exist_ok=True)
+
+    import nibabel as nib
+
+    for item in tqdm(loader, total=len(records), desc="predict", unit="case", disable=not progress):
+        pid = item[D.PID]
+        image: MetaTensor = item[D.IMAGE]
+        logits = infer(model, image.as_subclass(torch.Tensor)[None].to(dev), divisor=spec.divisor,
+                       roi_size=roi, overlap=overlap, amp=use_amp)
+        mask = segment(logits)[0].to(torch.float32).cpu()
+        pred = MetaTensor(mask[None], meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        restored = inverter({"pred": pred, D.IMAGE: image})["pred"]
+        arr = np.asarray(restored[0].as_subclass(torch.Tensor).numpy() > 0.5, dtype=np.uint8)
+        case = cohort.cases[pid]
+        ref = nib.load(str(case.image_paths[spec.phases[0]]))
+        if arr.shape != tuple(ref.shape[:3]):
+            raise RuntimeError(f"case {pid}: restored prediction has shape {arr.shape}, image {ref.shape}")
+        if "largest_component" in postprocess:
+            arr = largest_component(arr).astype(np.uint8)
+        if "breast_box" in postprocess:
+            arr = restrict_to_box(arr, case.info)
+        header = ref.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1.0, 0.0)
+        img = nib.Nifti1Image(arr, ref.affine, header=header)
+        tmp = pred_dir / f".{pid}.tmp.nii.gz"
+        nib.save(img, tmp)
+        tmp.replace(pred_dir / f"{pid}.nii.gz")
+    return out
+

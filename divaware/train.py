@@ -1,0 +1,756 @@
+"""The training engine: ``TrainConfig`` and ``train(config) -> run folder``, resumable and observable.
+
+One run = one folder (``TrainConfig.out_dir``) holding
+
+* ``config.yaml``        the resolved config (data root made explicit): ``train(TrainConfig.from_yaml(...))``
+                          reproduces the run;
+* ``splits.csv``         ``patient_id, split, stratum``: the challenge's *train* split divided (stratified,
+                          seeded) into ``train`` and ``val`` (fairness-validation). The test split is never read;
+* ``metrics.csv``        one row per epoch (see ``METRIC_COLUMNS``);
+* ``weights_history.csv`` the weighting strategy's history (one row per training case and refresh);
+* ``val_scores.csv``     per-case validation scores of every validated epoch (``epoch, patient_id, dice, ...``);
+* ``last.pt``            everything needed to resume exactly, written atomically after every epoch;
+* ``best.pt``            the model with the best fairness-validation criterion (``selection`` column):
+                          ½ (mean val Dice + worst-group val Dice), so selection rewards accuracy and the
+                          worst subgroup alike; ties keep the earlier epoch;
+* ``cache/``             the disk cache of preprocessed cases, when used.
+
+Epochs are counted from 1 in the files (``epoch`` = epochs completed) and from 0 in the strategy's schedule
+(``should_refresh(e)`` asks whether to refresh before the 0-based epoch ``e``). A refresh uses the per-case
+fairness-validation scores measured right after the preceding epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from divaware import data as D
+from divaware.losses import LOSSES, combine, make_loss
+from divaware.model import MODELS, build_model, infer, network_divisor, segment
+
+METRIC_COLUMNS = (
+    "epoch", "loss", "loss_mean", "lr", "val_dice", "val_worst_group_dice", "val_worst_group",
+    "val_score", "selection", "best", "refreshed", "weight_min", "weight_max", "time_s", "train_time_s",
+    "val_time_s",
+)
+AMP_MODES = ("auto", "bf16", "off")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("constant", "cosine", "poly")
+SCORES = ("dice", "challenge")
+CHECKPOINT_FORMAT = 1
+
+# Fields that do not change what a run computes: they may differ when resuming (e.g. more epochs, more
+# loader workers, another machine) and are ignored when checking a run folder against a config.
+OPERATIONAL_FIELDS = frozenset({
+    "epochs", "num_workers", "progress", "cache", "cache_dir", "cache_max_gb", "out_dir", "device", "compile",
+    "cpu_threads",
+})
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with its documentation attached (written as comments into config.yaml)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Load with :meth:`from_yaml`, save with :meth:`to_yaml`."""
+
+    # -- data --------------------------------------------------------------------------------------
+    data_root: str = _f("", "MAMA-MIA root folder; empty: $DIVAWARE_DATA, else the synthetic cohort "
+                            "(generated on first use in the divaware cache with the synthetic_* settings)")
+    synthetic_cases: int = _f(300, "cases of the synthetic cohort used when no data_root is given")
+    synthetic_seed: int = _f(0, "seed of the synthetic cohort")
+    synthetic_preset: str = _f("default", "preset of the synthetic cohort")
+    phases: list[int] = _f([0, 1, 2], "phases loaded as channels: 0 = _0000 pre-contrast, 1 = first post-contrast, ...")
+    subtraction: bool = _f(False, "add the post1 - pre subtraction image as an extra channel")
+    spacing: list[float] | None = _f(None, "resample to this spacing in mm (RAS order); null keeps each case's grid")
+    crop_to_breast: bool = _f(False, "crop every case to the breast box of its patient-info JSON")
+    breast_margin: int = _f(0, "voxels added around the breast box when cropping")
+    patch_size: list[int] | None = _f(None, "train on random patches of this size (tumour/background balanced) "
+                                            "and validate by sliding window; null: whole volumes")
+    samples_per_case: int = _f(2, "patches drawn per loaded case (patch training only)")
+    pos_fraction: float = _f(0.5, "fraction of patches centred on tumour (patch training only)")
+    augment: bool = _f(True, "random flips, small rotations/scaling and intensity changes while training")
+    affine_prob: float = _f(0.2, "probability of the random rotation/scaling per training sample")
+    # -- split and subgroups -----------------------------------------------------------------------
+    val_fraction: float = _f(0.2, "fraction of the challenge train split held out as fairness-validation")
+    stratify: list[str] = _f(["age_group", "menopause", "breast_density"],
+                             "metadata columns the train/val split is stratified by (rare strata merged)")
+    attributes: list[str] = _f(["age_group", "menopause", "breast_density"],
+                               "subgroup attributes: given to the weighting strategy and used for the "
+                               "worst-group validation Dice")
+    min_group_size: int = _f(3, "validation groups smaller than this are left out of the worst-group Dice")
+    # -- model ---------------------------------------------------------------------------------------
+    model: str = _f("unet", f"network: one of {', '.join(MODELS)}")
+    channels: list[int] = _f([16, 32, 64, 128, 256], "feature channels per resolution level")
+    strides: list[int] = _f([2, 2, 2, 2], "down-sampling stride between levels")
+    num_res_units: int = _f(2, "residual units per block (unet; dynunet uses residual blocks if > 0)")
+    dropout: float = _f(0.0, "dropout probability")
+    model_kwargs: dict = _f({}, "extra keyword arguments for the MONAI network constructor")
+    # -- loss and weighting ----------------------------------------------------------------------
+    loss: str = _f("dice_ce", f"per-case loss: one of {', '.join(LOSSES)}")
+    loss_params: dict = _f({}, "extra loss parameters, e.g. {gamma: 2.0, lambda_dice: 1.0, lambda_other: 1.0}")
+    alpha: float = _f(0.5, "L = alpha * mean(l) + (1 - alpha) * sum(w l) / sum(w); 1 = plain ERM")
+    strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware")
+    strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support)")
+    warmup_epochs: int = _f(5, "epochs of plain training before the first weight refresh (refreshing strategies)")
+    update_every: int = _f(5, "epochs between weight refreshes after the warm-up")
+    score: str = _f("dice", "per-case validation score given to the strategy: dice, or challenge "
+                            "(= (Dice + 1 - NormHD) / 2)")
+    # -- optimisation --------------------------------------------------------------------------------
+    epochs: int = _f(20, "training epochs (may be raised when resuming)")
+    batch_size: int = _f(4, "cases per batch (times samples_per_case patches in patch training)")
+    lr: float = _f(1e-3, "learning rate")
+    weight_decay: float = _f(1e-5, "weight decay")
+    optimizer: str = _f("adamw", f"optimiser: one of {', '.join(OPTIMIZERS)}")
+    scheduler: str = _f("cosine", "learning-rate schedule over `epochs`: constant, cosine or poly (exponent 0.9)")
+    grad_clip: float | None = _f(12.0, "clip the gradient norm to this; null: no clipping")
+    seed: int = _f(0, "seed of the split, initialisation, loader order and augmentations")
+    # -- engine --------------------------------------------------------------------------------------
+    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    amp: str = _f("auto", "mixed precision: auto (bf16 autocast on CUDA, off on CPU), bf16 or off")
+    compile: bool = _f(False, "torch.compile the network for training (CUDA only; minutes of compilation)")
+    channels_last: bool | None = _f(None, "channels_last_3d memory format; null: on for CUDA")
+    deterministic: bool = _f(False, "deterministic algorithms (slower on CUDA; CPU runs are reproducible anyway)")
+    num_workers: int = _f(0, "data-loader worker processes (0: load in the main process)")
+    cpu_threads: int = _f(0, "torch CPU threads; 0: torch's default (use 1 on a busy shared machine, where "
+                             "threads spinning against other processes slow CPU training down many times)")
+    cache: str = _f("auto", "cache of preprocessed cases: auto, memory, disk or none")
+    cache_dir: str = _f("", "disk-cache folder; empty: <out_dir>/cache (never inside the input data)")
+    cache_max_gb: float = _f(2.0, "auto cache: in memory up to this many GiB, on disk beyond")
+    sw_overlap: float = _f(0.25, "sliding-window overlap for validation in patch training")
+    val_every: int = _f(1, "validate every this many epochs (refreshes and the last epoch always validate)")
+    out_dir: str = _f("runs/{strategy}_seed{seed}", "run folder; {field} placeholders are filled from this config")
+    progress: bool = _f(True, "show tqdm progress bars")
+
+    def __post_init__(self) -> None:
+        # YAML and Python callers hand in tuples, strings such as "1e-3" (PyYAML reads that as text) or
+        # ints for floats: coerce once so comparisons between configs and the YAML round trip are exact.
+        def as_list(value: Any, kind: type) -> list | None:
+            return None if value is None else [kind(v) for v in value]
+
+        try:
+            for name in ("phases", "channels", "strides"):
+                setattr(self, name, as_list(getattr(self, name), int))
+            self.patch_size = as_list(self.patch_size, int)
+            self.spacing = as_list(self.spacing, float)
+            for name in ("stratify", "attributes"):
+                setattr(self, name, as_list(getattr(self, name), str))
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                if f.type in ("int",) and not isinstance(value, bool):
+                    setattr(self, f.name, int(value))
+                elif f.type in ("float",):
+                    setattr(self, f.name, float(value))
+                elif f.type == "float | None" and value is not None:
+                    setattr(self, f.name, float(value))
+                elif f.type == "dict":
+                    setattr(self, f.name, dict(value or {}))
+                elif f.type == "str":
+                    setattr(self, f.name, "" if value is None else str(value))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"config: a field has a value of the wrong type ({err})") from None
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Field name -> documentation."""
+        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """A config from a mapping; unknown keys raise (a typo must not silently fall back to a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}")
+        cfg = cls(**{k: values[k] for k in values})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Load a YAML file (missing fields take their defaults)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field: value")
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The config as commented YAML (each field preceded by its documentation); written if ``path``."""
+        docs = self.field_docs()
+        lines = ["# divaware training configuration (see divaware.train.TrainConfig)"]
+        for key, value in self.to_dict().items():
+            lines.append(f"# {docs[key]}")
+            lines.append(yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False).rstrip())
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            _atomic_write_text(Path(path), text)
+        return text
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for any value that cannot work."""
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
+
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            bad("alpha", "must lie in [0, 1]")
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            bad("val_fraction", "must lie strictly between 0 and 1")
+        for name in ("epochs", "batch_size", "update_every", "val_every", "samples_per_case", "synthetic_cases"):
+            if int(getattr(self, name)) < 1:
+                bad(name, "must be >= 1")
+        if int(self.warmup_epochs) < 0:
+            bad("warmup_epochs", "must be >= 0")
+        if float(self.lr) <= 0:
+            bad("lr", "must be > 0")
+        if self.amp not in AMP_MODES:
+            bad("amp", f"must be one of {AMP_MODES}")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", f"must be one of {OPTIMIZERS}")
+        if self.scheduler not in SCHEDULERS:
+            bad("scheduler", f"must be one of {SCHEDULERS}")
+        if self.score not in SCORES:
+            bad("score", f"must be one of {SCORES}")
+        if self.cache not in D.CACHE_MODES:
+            bad("cache", f"must be one of {D.CACHE_MODES}")
+        try:
+            make_loss(self.loss, **self.loss_params)
+        except (ValueError, TypeError) as err:
+            bad("loss", f"{err} (loss_params: {self.loss_params})")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            bad("device", "must be auto, cpu, cuda or cuda:N")
+        if int(self.num_workers) < 0:
+            bad("num_workers", "must be >= 0")
+        if int(self.cpu_threads) < 0:
+            bad("cpu_threads", "must be >= 0")
+        from divaware.weighting import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            bad("strategy", f"must be one of {sorted(STRATEGIES)}")
+        try:
+            self.data_spec()
+        except ValueError as err:
+            raise ValueError(f"config: {err}") from None
+        try:
+            self.run_dir()
+        except (KeyError, IndexError, ValueError) as err:
+            bad("out_dir", f"placeholder {err} is not a config field")
+
+    def divisor(self) -> int:
+        return network_divisor(self.model, self.strides, **self.model_kwargs)
+
+    def data_spec(self) -> D.DataSpec:
+        """The data pipeline settings of this run (shared with ``predict``)."""
+        return D.DataSpec(
+            phases=tuple(self.phases), subtraction=bool(self.subtraction),
+            spacing=None if self.spacing is None else tuple(self.spacing),
+            crop_to_breast=bool(self.crop_to_breast), breast_margin=int(self.breast_margin),
+            patch_size=None if self.patch_size is None else tuple(self.patch_size),
+            samples_per_case=int(self.samples_per_case), pos_fraction=float(self.pos_fraction),
+            augment=bool(self.augment), affine_prob=float(self.affine_prob), divisor=self.divisor(),
+        )
+
+    def build_model(self) -> torch.nn.Module:
+        """The network of this run (weights freshly initialised from the global torch RNG)."""
+        return build_model(self.model, in_channels=self.data_spec().in_channels, out_channels=2,
+                           channels=self.channels, strides=self.strides, num_res_units=self.num_res_units,
+                           dropout=self.dropout, **self.model_kwargs)
+
+    def run_dir(self) -> Path:
+        """The run folder, with ``{field}`` placeholders of ``out_dir`` filled in."""
+        return Path(self.out_dir.format(**self.to_dict())).expanduser()
+
+
+class TrainingDivergedError(RuntimeError):
+    """A non-finite loss or gradient; the message names epoch, batch and patient_ids."""
+
+
+# ------------------------------------------------------------------------------------------------
+# small utilities
+# ------------------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file then rename, so a crash never leaves a truncated checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from (run seed, purpose, epoch, ...): independent streams, stable across runs."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request raises."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    return dev
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# split
+# ------------------------------------------------------------------------------------------------
+
+
+def split_train_val(
+    metadata: pd.DataFrame,
+    patient_ids: Sequence[str],
+    val_fraction: float,
+    stratify: Sequence[str],
+    seed: int,
+) -> pd.DataFrame:
+    """Divide ``patient_ids`` into ``train`` and ``val``, stratified by ``stratify``, seeded.
+
+    Strata are the combinations of the stratify attributes; a case whose full combination has fewer than
+    ``ceil(1 / val_fraction)`` members falls back to the combination of the first k-1 attributes, and so on
+    (down to one pooled stratum), so rare intersections do not make the split degenerate. Each stratum gives
+    floor(n * val_fraction) cases and the remaining slots (to reach round(N * val_fraction)) go to the strata
+    with the largest remainders. Returns ``patient_id, split, stratum`` sorted by patient_id.
+    """
+    from divaware.subgroups import attribute_table
+
+    ids = sorted(str(i) for i in patient_ids)
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 training cases to carve a validation split, got {len(ids)}")
+    attrs = list(stratify)
+    if attrs:
+        table = attribute_table(metadata.loc[ids], attrs)
+    else:
+        table = pd.DataFrame(index=pd.Index(ids, name="patient_id"))
+    min_n = math.ceil(1.0 / val_fraction)
+    stratum = pd.Series("all", index=table.index, dtype=object)
+    assigned = pd.Series(False, index=table.index)
+    for k in range(len(attrs), 0, -1):
+        keys = table[attrs[:k]].astype(str).agg("|".join, axis=1)
+        counts = keys[~assigned].value_counts()
+        ok = keys.map(counts).fillna(0).ge(min_n) & ~assigned
+        stratum[ok] = keys[ok]
+        assigned |= ok
+    rng = np.random.default_rng(_derived_seed(seed, "split"))
+    total_val = max(1, min(len(ids) - 1, round(len(ids) * val_fraction)))
+    groups = {s: sorted(stratum.index[stratum == s]) for s in sorted(stratum.unique())}
+    quota = {s: int(math.floor(len(m) * val_fraction)) for s, m in groups.items()}
+    remainder = {s: len(m) * val_fraction - quota[s] for s, m in groups.items()}
+    tiebreak = rng.random(len(groups))
+    order = sorted(groups, key=lambda s: (-remainder[s], tiebreak[list(groups).index(s)]))
+    for s in order[: max(0, total_val - sum(quota.values()))]:
+        quota[s] += 1
+    val: set[str] = set()
+    for s, members in groups.items():
+        perm = rng.permutation(len(members))
+        val.update(members[i] for i in perm[: quota[s]])
+    out = pd.DataFrame({"patient_id": ids, "split": ["val" if i in val else "train" for i in ids],
+                        "stratum": [stratum[i] for i in ids]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(
+    model: torch.nn.Module,
+    loader: Any,
+    device: torch.device,
+    divisor: int,
+    roi_size: Sequence[int] | None,
+    overlap: float,
+    amp: bool,
+    score: str = "dice",
+) -> pd.DataFrame:
+    """Per-case validation metrics (index ``patient_id``): ``dice`` (+ ``norm_hd``) and ``score``.
+
+    Dice follows :func:`divaware.metrics.dice` (the challenge's definition and empty-mask convention) on
+    the preprocessed grid; ``score`` is Dice or ½(Dice + 1 − NormHD).
+    """
+    from divaware import metrics
+
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    for batch in loader:
+        # plain tensors: MetaTensor bookkeeping costs more than a tiny network's convolutions
+        image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
+        truth = batch[D.LABEL].as_subclass(torch.Tensor)
+        logits = infer(model, image, divisor=divisor, roi_size=roi_size, overlap=overlap, amp=amp)
+        pred = segment(logits).cpu().numpy()
+        for k, pid in enumerate(D.batch_ids(batch)):
+            t = truth[k, 0].numpy() > 0.5
+            row: dict[str, Any] = {"patient_id": pid}
+            if score == "challenge":
+                m = metrics.case_metrics(pred[k], t)
+                row.update(dice=m["dice"], norm_hd=m["norm_hd"], score=0.5 * (m["dice"] + 1.0 - m["norm_hd"]))
+            else:
+                d = float(metrics.dice(pred[k], t))
+                row.update(dice=d, score=d)
+            rows.append(row)
+    return pd.DataFrame(rows).set_index("patient_id")
+
+
+def worst_group(scores: pd.Series, groups: pd.DataFrame, min_size: int) -> tuple[float, str]:
+    """Lowest group-mean of ``scores`` over every attribute value with at least ``min_size`` cases."""
+    worst, label = math.nan, ""
+    for attr in groups.columns:
+        joined = pd.DataFrame({"g": groups.loc[scores.index, attr].astype(str), "s": scores.to_numpy()})
+        stats = joined.groupby("g")["s"].agg(["mean", "size"])
+        stats = stats[stats["size"] >= min_size]
+        for value, row in stats.iterrows():
+            if math.isnan(worst) or row["mean"] < worst:
+                worst, label = float(row["mean"]), f"{attr}={value}"
+    return worst, label
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+
+def _result_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in OPERATIONAL_FIELDS}
+
+
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """A copy with the data root made explicit (generating the synthetic cohort if needed)."""
+    from divaware.paths import resolve_data_root
+
+    root = resolve_data_root(config.data_root, n_cases=config.synthetic_cases, seed=config.synthetic_seed,
+                             preset=config.synthetic_preset)
+    return dataclasses.replace(config, data_root=str(Path(root).resolve()))
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:
+    """Check the folder against the config; returns whether a checkpoint is to be resumed."""
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise ValueError(f"run folder {run_dir} is not empty and holds no config.yaml; choose another out_dir")
+        return False
+    old = yaml.safe_load(cfg_path.read_text()) or {}
+    diff = sorted(k for k, v in _result_fields(config.to_dict()).items() if old.get(k, v) != v)
+    if diff and not overwrite:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in diff)
+        raise ValueError(
+            f"run folder {run_dir} holds a run with a different config ({details}); choose another out_dir "
+            "or pass overwrite=True (--overwrite) to replace it"
+        )
+    has_ckpt = (run_dir / "last.pt").is_file()
+    if overwrite and not (resume and not diff):
+        for name in ("last.pt", "best.pt", "metrics.csv", "weights_history.csv", "val_scores.csv", "splits.csv"):
+            (run_dir / name).unlink(missing_ok=True)
+        return False
+    if has_ckpt and not resume:
+        raise ValueError(
+            f"run folder {run_dir} already holds this run; pass resume=True (--resume) to continue it "
+            "or overwrite=True (--overwrite) to start it again"
+        )
+    return has_ckpt and resume
+
+
+def _strategy_kwargs(config: TrainConfig, test_ids: Sequence[str]) -> dict[str, Any]:
+    from divaware.weighting import STRATEGIES
+
+    accepted = set(inspect.signature(STRATEGIES[config.strategy].__init__).parameters)
+    offered = {"attributes": list(config.attributes), "warmup_epochs": int(config.warmup_epochs),
+               "update_every": int(config.update_every), "test_ids": sorted(test_ids)}
+    kwargs = {k: v for k, v in offered.items() if k in accepted}
+    kwargs.update(config.strategy_params)
+    return kwargs
+
+
+def _make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.99, nesterov=True, weight_decay=config.weight_decay)
+
+
+def _lr_factor(scheduler: str, epoch: int, epochs: int) -> float:
+    """Multiplier of the base lr during 0-based ``epoch`` of ``epochs``."""
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    if scheduler == "poly":
+        return (1.0 - epoch / epochs) ** 0.9
+    return 1.0
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> float:
+    # A pure function of (epoch, epochs): nothing to save, and resuming cannot drift from it.
+    lr = config.lr * _lr_factor(config.scheduler, epoch, config.epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train one run and return its folder (see the module docstring for what it holds).
+
+    ``resume``: continue the run in the folder exactly where its last checkpoint left it (model, optimiser,
+    RNG states, strategy state, epoch; later epochs replay identically because the loader order and
+    augmentations of epoch e depend only on (seed, e)); a finished run returns at once; with no checkpoint
+    the run starts fresh. ``overwrite``: replace a run folder holding another run. Without either, an
+    existing run folder is never touched.
+    """
+    previous_threads = torch.get_num_threads()
+    if config.cpu_threads > 0:
+        torch.set_num_threads(int(config.cpu_threads))
+    try:
+        return _train(config, resume, overwrite)
+    finally:
+        torch.set_num_threads(previous_threads)  # a process-wide setting: leave it as found
+
+
+def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    from divaware.cohort import load_cohort
+    from divaware.subgroups import attribute_table
+    from divaware.weighting import make_strategy
+
+    config.validate()
+    config = resolve_config(config)
+    run_dir = config.run_dir()
+    resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = not config.deterministic
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    use_amp = cuda and config.amp in ("auto", "bf16")
+    if config.amp == "bf16" and not cuda:
+        warnings.warn("amp: bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
+    channels_last = cuda if config.channels_last is None else bool(config.channels_last)
+
+    # -- cohort and split (the challenge test split is never loaded here) -------------------------
+    cohort = load_cohort(config.data_root)
+    challenge_train = [i for i in cohort.ids("train") if cohort.cases[i].mask_path is not None]
+    dropped = sorted(set(cohort.ids("train")) - set(challenge_train))
+    if dropped:
+        warnings.warn(f"{len(dropped)} training case(s) without expert mask left out: {dropped[:10]}", stacklevel=2)
+    test_ids = cohort.ids("test")
+    splits_path = run_dir / "splits.csv"
+    if resuming and splits_path.is_file():
+        splits = pd.read_csv(splits_path, dtype={"patient_id": str})
+    else:
+        splits = split_train_val(cohort.metadata, challenge_train, config.val_fraction, config.stratify, config.seed)
+    train_ids = splits.loc[splits["split"] == "train", "patient_id"].tolist()
+    val_ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
+    leaked = sorted(set(train_ids + val_ids) & set(test_ids))
+    if leaked:
+        raise ValueError(f"split holds test-split cases {leaked[:10]}; the test split is for evaluation only")
+
+    if not resuming:
+        _atomic_csv(splits, splits_path)
+    config.to_yaml(run_dir / "config.yaml")
+
+    # -- weighting strategy, data, model ----------------------------------------------------------
+    seed_everything(config.seed)
+    strategy = make_strategy(config.strategy, **_strategy_kwargs(config, test_ids))
+    strategy.fit(cohort.metadata.loc[train_ids])
+    val_groups = attribute_table(cohort.metadata.loc[val_ids], list(config.attributes))
+    spec = config.data_spec()
+    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    ds_args = {"cache": config.cache, "cache_dir": cache_dir, "spec": spec,
+               "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers}
+    train_ds = D.make_dataset(D.make_records(cohort, train_ids, spec), D.train_transforms(spec), **ds_args)
+    val_ds = D.make_dataset(D.make_records(cohort, val_ids, spec), D.eval_transforms(spec), **ds_args)
+    model = config.build_model().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+    optimizer = _make_optimizer(config, model.parameters())
+    loss_fn = make_loss(config.loss, **config.loss_params)
+
+    history: list[dict[str, Any]] = []
+    val_records: list[dict[str, Any]] = []
+    best = {"epoch": 0, "selection": -math.inf}
+    start_epoch = 0
+    if resuming:
+        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{run_dir / 'last.pt'} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        strategy.load_state_dict(ckpt["strategy"])
+        history, val_records, best = list(ckpt["history"]), list(ckpt["val_records"]), dict(ckpt["best"])
+        start_epoch = int(ckpt["epoch"])
+        _set_rng_state(ckpt["rng"], device)
+    if start_epoch >= config.epochs:
+        return run_dir
+
+    step_model: torch.nn.Module = model
+    if config.compile:
+        if cuda:
+            step_model = torch.compile(model)  # type: ignore[assignment]
+        else:
+            warnings.warn("compile: torch.compile is used on CUDA only", stacklevel=2)
+    roi = None if spec.patch_size is None else list(spec.patch_size)
+    epochs_bar = tqdm(range(start_epoch, config.epochs), desc=f"train {run_dir.name}", unit="epoch",
+                      initial=start_epoch, total=config.epochs, disable=not config.progress)
+    for epoch in epochs_bar:  # 0-based
+        t0 = time.perf_counter()
+        lr = _set_lr(optimizer, config, epoch)
+        loader = D.make_loader(train_ds, config.batch_size, shuffle=True,
+                               seed=_derived_seed(config.seed, "loader", epoch),
+                               num_workers=config.num_workers, pin_memory=cuda,
+                               pad_batch=spec.patch_size is None)
+        model.train()
+        sum_loss, sum_mean, n_samples = 0.0, 0.0, 0
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not config.progress)
+        for b, batch in enumerate(batches, start=1):
+            ids = D.batch_ids(batch)
+            image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
+            label = batch[D.LABEL].as_subclass(torch.Tensor).to(device, non_blocking=True)
+            if channels_last:
+                image = image.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                logits = step_model(image)
+            per_case = loss_fn(logits, label)
+            host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
+            if not np.isfinite(host).all():
+                _diverged(run_dir, epoch, b, ids, host, "loss")
+            weights = strategy.batch_weights(ids, host)
+            loss = combine(per_case, weights, config.alpha)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                if not math.isfinite(float(norm)):
+                    _diverged(run_dir, epoch, b, ids, host, "gradient")
+            optimizer.step()
+            n = len(ids)
+            sum_loss += float(loss.detach()) * n
+            sum_mean += float(host.mean()) * n
+            n_samples += n
+            batches.set_postfix(loss=f"{sum_loss / n_samples:.4f}")
+        train_time = time.perf_counter() - t0
+
+        # -- fairness validation, refresh, selection --------------------------------------------
+        next_epoch = epoch + 1
+        # the schedule must not depend on `epochs`, or a run extended by resuming would differ from one
+        # trained to the new length at once; a refresh after the final epoch is merely unused
+        refresh_due = strategy.should_refresh(next_epoch)
+        validate_now = refresh_due or next_epoch == config.epochs or next_epoch % config.val_every == 0
+        row: dict[str, Any] = {"epoch": next_epoch, "loss": sum_loss / max(n_samples, 1),
+                               "loss_mean": sum_mean / max(n_samples, 1), "lr": lr}
+        t1 = time.perf_counter()
+        if validate_now:
+            val_loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
+                                       pin_memory=cuda, pad_batch=False)
+            per_case_val = validate(model, val_loader, device, spec.divisor, roi, config.sw_overlap,
+                                    use_amp, config.score)
+            worst, worst_label = worst_group(per_case_val["dice"], val_groups, config.min_group_size)
+            mean_dice = float(per_case_val["dice"].mean())
+            selection = 0.5 * (mean_dice + (worst if not math.isnan(worst) else mean_dice))
+            row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
+                       val_score=float(per_case_val["score"].mean()), selection=selection)
+            val_records += [{"epoch": next_epoch, "patient_id": pid, **r}
+                            for pid, r in per_case_val.to_dict("index").items()]
+            if refresh_due:
+                strategy.refresh(next_epoch, cohort.metadata.loc[val_ids], per_case_val["score"])
+            is_best = selection > best["selection"]
+            if is_best:
+                best = {"epoch": next_epoch, "selection": selection}
+                _atomic_save({"format": CHECKPOINT_FORMAT, "epoch": next_epoch, "selection": selection,
+                              "model": model.state_dict(), "config": config.to_dict()}, run_dir / "best.pt")
+        else:
+            is_best = False
+            row.update(val_dice=math.nan, val_worst_group_dice=math.nan, val_worst_group="",
+                       val_score=math.nan, selection=math.nan)
+        w = strategy.weights.to_numpy()
+        row.update(best=is_best, refreshed=refresh_due, weight_min=float(w.min()), weight_max=float(w.max()),
+                   val_time_s=time.perf_counter() - t1, train_time_s=train_time,
+                   time_s=time.perf_counter() - t0)
+        history.append(row)
+
+        # -- persist: checkpoint first, then the tables rebuilt from it ------------------------
+        _atomic_save({
+            "format": CHECKPOINT_FORMAT, "epoch": next_epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(), "rng": _rng_state(device),
+            "history": history, "val_records": val_records, "best": best, "config": config.to_dict(),
+        }, run_dir / "last.pt")
+        _atomic_csv(pd.DataFrame(history, columns=list(METRIC_COLUMNS)), run_dir / "metrics.csv")
+        _atomic_csv(strategy.history, run_dir / "weights_history.csv")
+        if val_records:
+            _atomic_csv(pd.DataFrame(val_records), run_dir / "val_scores.csv")
+        epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", val_dice=f"{row['val_dice']:.3f}")
+    return run_dir
+
+
+def _diverged(run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses: np.ndarray, what: str) -> None:
+    last = run_dir / "last.pt"
+    kept = (f"the last good checkpoint {last} (epoch {torch.load(last, map_location='cpu', weights_only=False)['epoch']}) "
+            "is kept" if last.is_file() else "no checkpoint was written yet")
+    bad = [f"{pid}={v:.4g}" for pid, v in zip(ids, losses, strict=True)]
+    raise TrainingDivergedError(
+        f"non-finite {what} at epoch {epoch + 1}, batch {batch} (patient_ids {', '.join(bad)}); {kept}. "
+        "Check those cases' images, lower lr, or turn amp off, then resume"
+    )

@@ -1,0 +1,260 @@
+"""The training engine on a tiny synthetic cohort: config, split, strategies, resume, NaN, run folders."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import divaware.train as T
+from divaware import data as D
+from divaware.cohort import Cohort
+from divaware.weighting import STRATEGIES, make_strategy
+
+TIME_COLUMNS = ["time_s", "train_time_s", "val_time_s"]
+
+
+def tiny_config(root: Path, out: Path, **overrides: Any) -> T.TrainConfig:
+    """A CPU-second configuration: volumes resampled to 5 mm (about 23 x 23 x 20 voxels), a small network,
+    few epochs, refreshes from the first epoch on."""
+    values: dict[str, Any] = {
+        "data_root": str(root), "out_dir": str(out), "spacing": [5.0, 5.0, 5.0],
+        "channels": [8, 16, 32], "strides": [2, 2],
+        "num_res_units": 1, "epochs": 1, "batch_size": 4, "val_fraction": 0.25, "warmup_epochs": 1,
+        "update_every": 1, "strategy": "divaware", "scheduler": "constant", "progress": False,
+        "strategy_params": {"min_support": 0.1, "t_min": 0.0}, "cache": "memory",
+        # one thread: tests share small machines, where spinning OpenMP threads slow CPU training 10x
+        "cpu_threads": 1,
+    }
+    values.update(overrides)
+    return T.TrainConfig(**values)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _same_model(a: Path, b: Path) -> bool:
+    sa, sb = _load(a)["model"], _load(b)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------------------
+# config and split
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_config_yaml_round_trip_and_documentation(tmp_path: Path) -> None:
+    cfg = T.TrainConfig(phases=(0, 1), lr="3e-4", channels=(4, 8, 16), strides=(2, 2), epochs=7,
+                        strategy_params={"tau": 0.1})
+    assert cfg.lr == 3e-4 and cfg.phases == [0, 1]
+    text = cfg.to_yaml(tmp_path / "c.yaml")
+    back = T.TrainConfig.from_yaml(tmp_path / "c.yaml")
+    assert back == cfg
+    docs = T.TrainConfig.field_docs()
+    assert all(docs[name] for name in docs), "every field must be documented"
+    for name in docs:
+        assert f"# {docs[name]}\n{name}:" in text
+    assert cfg.run_dir() == Path("runs/divaware_seed0")
+
+
+def test_shipped_default_config_is_the_dataclass_default() -> None:
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "train_default.yaml"
+    assert T.TrainConfig.from_yaml(shipped) == T.TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [({"alpha": 1.5}, "alpha"), ({"strategy": "fairness"}, "strategy"), ({"model": "vnet"}, "unknown model"),
+     ({"loss": "tversky"}, "loss"), ({"phases": [0, 2], "subtraction": True}, "phases 0 and 1"),
+     ({"val_fraction": 1.0}, "val_fraction"), ({"out_dir": "runs/{colour}"}, "out_dir"),
+     ({"lerning_rate": 0.1}, "unknown config field")],
+)
+def test_config_rejects_bad_values(values: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        T.TrainConfig.from_dict(values)
+
+
+def test_split_is_seeded_stratified_and_train_only(cohort: Cohort) -> None:
+    ids = cohort.ids("train")
+    a = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=1)
+    b = T.split_train_val(cohort.metadata, list(reversed(ids)), 0.25, ["age_group", "menopause"], seed=1)
+    c = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=2)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["split"].equals(c["split"])
+    assert sorted(a["patient_id"]) == sorted(ids)
+    assert (a["split"] == "val").sum() == round(len(ids) * 0.25)
+    # every stratum big enough to split keeps (about) the validation fraction
+    for _, group in a.groupby("stratum"):
+        n_val = (group["split"] == "val").sum()
+        assert math.floor(len(group) * 0.25) <= n_val <= math.ceil(len(group) * 0.25)
+
+
+# ------------------------------------------------------------------------------------------------------
+# one epoch of every strategy
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_one_epoch_of_each_strategy(strategy: str, synthetic_root: Path, cohort: Cohort, tmp_path: Path) -> None:
+    params = {"min_support": 0.1, "t_min": 0.0} if strategy in ("paper", "divaware") else {}
+    cfg = tiny_config(synthetic_root, tmp_path / "run", strategy=strategy, strategy_params=params,
+                      warmup_epochs=0, alpha=0.3)
+    threads = torch.get_num_threads()
+    run = T.train(cfg)
+    assert torch.get_num_threads() == threads  # cpu_threads applies to the run only
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns) == list(T.METRIC_COLUMNS)
+    assert len(metrics) == 1 and np.isfinite(metrics.loc[0, "loss"])
+    assert 0.0 <= metrics.loc[0, "val_dice"] <= 1.0
+    assert metrics.loc[0, "val_worst_group_dice"] <= metrics.loc[0, "val_dice"] + 1e-12
+    assert metrics.loc[0, "selection"] == pytest.approx(
+        0.5 * (metrics.loc[0, "val_dice"] + metrics.loc[0, "val_worst_group_dice"]))
+    history = pd.read_csv(run / "weights_history.csv", dtype={"patient_id": str})
+    splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
+    train_ids = set(splits.loc[splits["split"] == "train", "patient_id"])
+    assert set(history["patient_id"]) == train_ids
+    # the test split is never used for training or validation
+    assert set(splits["patient_id"]) <= set(cohort.ids("train"))
+    assert not set(splits["patient_id"]) & set(cohort.ids("test"))
+    val_scores = pd.read_csv(run / "val_scores.csv", dtype={"patient_id": str})
+    assert set(val_scores["patient_id"]) == set(splits.loc[splits["split"] == "val", "patient_id"])
+    if strategy in ("paper", "divaware"):
+        assert history["refresh"].max() == 1  # refreshed once after the (0-epoch) warm-up
+    ckpt = _load(run / "last.pt")
+    assert ckpt["epoch"] == 1 and (run / "best.pt").is_file()
+    assert T.TrainConfig.from_yaml(run / "config.yaml").data_root == str(Path(synthetic_root).resolve())
+
+
+def test_weights_follow_ids_under_shuffling(cohort: Cohort) -> None:
+    """Per-case weights are looked up by the patient_id each image travels with, whatever the order."""
+    ids = cohort.ids("train")[:12]
+    strategy = make_strategy("inverse_frequency").fit(cohort.metadata.loc[ids])
+    expected = strategy.weights
+    assert expected.nunique() > 1, "the test needs unequal weights"
+    spec = D.DataSpec(augment=False)
+    recs = D.make_records(cohort, ids, spec)
+    own_image = {r[D.PID]: D.eval_transforms(spec)(dict(r))[D.IMAGE].as_tensor() for r in recs}
+    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec)
+    for seed in (0, 1, 2):
+        for batch in D.make_loader(ds, batch_size=5, shuffle=True, seed=seed):
+            pids = D.batch_ids(batch)
+            w = strategy.batch_weights(pids, np.ones(len(pids)))
+            np.testing.assert_array_equal(w, expected.loc[pids].to_numpy())
+            for k, pid in enumerate(pids):
+                ref = own_image[pid]
+                assert torch.equal(batch[D.IMAGE][k].as_tensor()[tuple(slice(0, s) for s in ref.shape)], ref)
+
+
+# ------------------------------------------------------------------------------------------------------
+# exact resume, reproducibility, run-folder protection
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_epochs(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-epoch run with weight refreshes after epochs 1 and 2."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return T.train(tiny_config(synthetic_root, out, epochs=2))
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    assert _same_model(a / "last.pt", b / "last.pt")
+    assert _same_model(a / "best.pt", b / "best.pt")
+    ma, mb = (pd.read_csv(p / "metrics.csv").drop(columns=TIME_COLUMNS) for p in (a, b))
+    pd.testing.assert_frame_equal(ma, mb)
+    pd.testing.assert_frame_equal(pd.read_csv(a / "weights_history.csv"), pd.read_csv(b / "weights_history.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(a / "val_scores.csv"), pd.read_csv(b / "val_scores.csv"))
+    oa, ob = _load(a / "last.pt")["optimizer"], _load(b / "last.pt")["optimizer"]
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["exp_avg"], ob["state"][k]["exp_avg"])
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(two_epochs: Path, synthetic_root: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    history = pd.read_csv(two_epochs / "weights_history.csv")
+    assert history["refresh"].max() >= 2 and history.groupby("refresh")["weight"].std().max() > 0
+    cfg = tiny_config(synthetic_root, tmp_path / "killed", epochs=2)
+    real_validate = T.validate
+    calls = {"n": 0}
+
+    def killed_in_epoch_2(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        calls["n"] += 1
+        if calls["n"] == 2:  # after epoch 2's training steps, before its checkpoint
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(T, "validate", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(cfg)
+    assert _load(tmp_path / "killed" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(T, "validate", real_validate)
+    T.train(cfg, resume=True)
+    _assert_same_run(two_epochs, tmp_path / "killed")
+
+
+def test_extending_a_finished_run_by_resume_equals_training_longer(two_epochs: Path, synthetic_root: Path,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "extended"
+    T.train(tiny_config(synthetic_root, out, epochs=1))
+    T.train(tiny_config(synthetic_root, out, epochs=2), resume=True)
+    _assert_same_run(two_epochs, out)
+
+
+def test_best_checkpoint_follows_the_selection_criterion(two_epochs: Path) -> None:
+    metrics = pd.read_csv(two_epochs / "metrics.csv")
+    best = _load(two_epochs / "best.pt")
+    expected = 0.5 * (metrics["val_dice"] + metrics["val_worst_group_dice"])
+    np.testing.assert_allclose(metrics["selection"], expected)
+    assert best["epoch"] == int(metrics.loc[metrics["selection"].idxmax(), "epoch"])
+    assert metrics["best"].sum() >= 1 and bool(metrics.loc[metrics["epoch"] == best["epoch"], "best"].item())
+
+
+def test_run_folder_is_protected(two_epochs: Path, synthetic_root: Path) -> None:
+    cfg = T.TrainConfig.from_yaml(two_epochs / "config.yaml")
+    with pytest.raises(ValueError, match="different config.*lr"):
+        T.train(tiny_config(synthetic_root, two_epochs, epochs=2, lr=0.01))
+    with pytest.raises(ValueError, match="resume=True"):
+        T.train(cfg)
+    before = (two_epochs / "last.pt").stat().st_mtime_ns
+    assert T.train(cfg, resume=True) == two_epochs  # finished: nothing to do
+    assert (two_epochs / "last.pt").stat().st_mtime_ns == before
+    saved = yaml.safe_load((two_epochs / "config.yaml").read_text())
+    assert saved["data_root"] == str(Path(synthetic_root).resolve())
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    poisoned = {"on": False}
+    real_make_loss, real_validate = T.make_loss, T.validate
+
+    class Poisoned(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            out = self.inner(logits, target)
+            return out * float("nan") if poisoned["on"] else out
+
+    def validate_then_poison(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        result = real_validate(*args, **kwargs)
+        poisoned["on"] = True  # every loss after epoch 1 is NaN
+        return result
+
+    monkeypatch.setattr(T, "make_loss", lambda *a, **k: Poisoned(real_make_loss(*a, **k)))
+    monkeypatch.setattr(T, "validate", validate_then_poison)
+    out = tmp_path / "nan"
+    with pytest.raises(T.TrainingDivergedError, match=r"non-finite loss at epoch 2, batch 1 \(patient_ids ") as err:
+        T.train(tiny_config(synthetic_root, out, epochs=2, warmup_epochs=5))
+    splits = pd.read_csv(out / "splits.csv", dtype={"patient_id": str})
+    assert any(pid in str(err.value) for pid in splits.loc[splits["split"] == "train", "patient_id"])
+    assert "last good checkpoint" in str(err.value) and "(epoch 1)" in str(err.value)
+    assert _load(out / "last.pt")["epoch"] == 1
+    assert len(pd.read_csv(out / "metrics.csv")) == 1
