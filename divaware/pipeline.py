@@ -101,7 +101,7 @@ def load_series_config(path: str | Path | None) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"series configuration {path} does not exist")
     config = yaml.safe_load(path.read_text()) or {}
-    known = {"data_root", "methods", "common", "notebooks", "training", "sweep"}
+    known = {"data_root", "methods", "baseline", "common", "notebooks", "training", "sweep"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected some of {sorted(known)}")
@@ -109,6 +109,9 @@ def load_series_config(path: str | Path | None) -> dict[str, Any]:
     if not methods or not all(isinstance(m, str) for m in methods):
         raise ValueError(f"{path}: 'methods' must be a non-empty list of strategy names")
     config["methods"] = list(methods)
+    if config.get("baseline", "train") not in ("train", "reference"):
+        raise ValueError(f"{path}: 'baseline' must be 'train' (02 trains its own) or 'reference' (02 analyses the "
+                         f"first method's run), got {config['baseline']!r}")
     return config
 
 
@@ -119,6 +122,40 @@ def _params_for(name: str, config: Mapping[str, Any], declared: Mapping[str, Any
         params["data_root"] = str(config["data_root"])
     params.update((config.get("notebooks") or {}).get(name) or {})
     return params
+
+
+def series_jobs(config: Mapping[str, Any], out: Path, src: Path) -> list[tuple[str, Path, dict[str, Any]]]:
+    """The executions of a series in order: (label, notebook, parameters).
+
+    With ``baseline: reference`` in the config, the reference method (the first of ``methods``) is trained
+    before ``02`` and ``02`` analyses that run instead of training a baseline of its own — the same ERM model,
+    trained once.
+    """
+    methods = list(config["methods"])
+    reuse = config.get("baseline") == "reference"
+    jobs: dict[str, list[tuple[str, Path, dict[str, Any]]]] = {}
+    for name in SERIES:
+        source = src / f"{name}.ipynb"
+        declared = notebook_parameters(source)
+        base = _params_for(name, config, declared)
+        if name == "03_training":
+            jobs[name] = [(f"{name}_{m}", source, {**base, **(config.get("training") or {}), "method": m,
+                                                   "out_dir": str(out / "runs" / m)}) for m in methods]
+            continue
+        params = {**base, "out_dir": str(out / name)}
+        if "runs_dir" in declared:
+            params["runs_dir"] = str(out / "runs")
+        if "reference_method" in declared and "reference_method" not in params:
+            params["reference_method"] = methods[0]
+        if name == "02_subgroup_divergence" and reuse:
+            params["baseline_run"] = str(out / "runs" / methods[0])
+        jobs[name] = [(name, source, params)]
+    ordered = jobs["01_data_exploration"]
+    if reuse:
+        ordered += jobs["03_training"][:1] + jobs["02_subgroup_divergence"] + jobs["03_training"][1:]
+    else:
+        ordered += jobs["02_subgroup_divergence"] + jobs["03_training"]
+    return ordered + jobs["04_fairness_evaluation"]
 
 
 def run_series(
@@ -133,34 +170,18 @@ def run_series(
     out.mkdir(parents=True, exist_ok=True)
     src = notebooks_dir()
     (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    selected = [n for n in SERIES if not only or any(n.startswith(o) or n == o for o in only)]
     timings: dict[str, float] = {}
-    for name in selected:
-        source = src / f"{name}.ipynb"
-        declared = notebook_parameters(source)
-        base = _params_for(name, config, declared)
-        if name == "03_training":
-            jobs = []
-            for method in config["methods"]:
-                params = {**base, **(config.get("training") or {}), "method": method,
-                          "out_dir": str(out / "runs" / method)}
-                jobs.append((f"{name}_{method}", params))
-        else:
-            params = {**base, "out_dir": str(out / name)}
-            if "runs_dir" in declared:
-                params["runs_dir"] = str(out / "runs")
-            if "reference_method" in declared and "reference_method" not in params:
-                params["reference_method"] = config["methods"][0]
-            jobs = [(name, params)]
-        for label, params in jobs:
-            params_file = out / "params" / f"{label}.yaml"
-            params_file.parent.mkdir(parents=True, exist_ok=True)
-            params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-            print(f"[divaware run] {label} ...", flush=True)
-            seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
-                                       cwd=out, log_output=log_output)
-            timings[label] = round(seconds, 1)
-            print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
+    for label, source, params in series_jobs(config, out, src):
+        if only and not any(label.startswith(o) for o in only):
+            continue
+        params_file = out / "params" / f"{label}.yaml"
+        params_file.parent.mkdir(parents=True, exist_ok=True)
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        print(f"[divaware run] {label} ...", flush=True)
+        seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
+                                   cwd=out, log_output=log_output)
+        timings[label] = round(seconds, 1)
+        print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     return timings
 

@@ -106,3 +106,24 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
         expected = challenge_score(per_case, meta)
         assert row["ranking"] == pytest.approx(expected["ranking"])
         assert row["mean_dice"] == pytest.approx(per_case["dice"].mean())
+
+
+def test_series_order_reuses_the_reference_run_as_baseline(tmp_path: Path) -> None:
+    config = {"methods": ["erm", "divaware", "paper"], "baseline": "reference", "training": {"epochs": 3}}
+    jobs = pipeline.series_jobs(config, tmp_path, NOTEBOOKS)
+    labels = [label for label, _, _ in jobs]
+    assert labels == ["01_data_exploration", "03_training_erm", "02_subgroup_divergence", "03_training_divaware",
+                      "03_training_paper", "04_fairness_evaluation"]
+    params = {label: p for label, _, p in jobs}
+    assert params["02_subgroup_divergence"]["baseline_run"] == str(tmp_path / "runs" / "erm")
+    assert params["03_training_paper"] == {"epochs": 3, "method": "paper", "out_dir": str(tmp_path / "runs" / "paper")}
+    assert params["04_fairness_evaluation"]["reference_method"] == "erm"
+    default = pipeline.load_series_config(None)
+    assert default["methods"][0] == "erm" and default["baseline"] == "reference"
+
+
+def test_sweep_grid_expands_methods_seeds_and_values() -> None:
+    runs = pipeline.sweep_grid({"sweep": {"methods": ["erm", "divaware"], "seeds": [0, 1], "grid": {"alpha": [0.3, 0.7]}}})
+    assert len(runs) == 8 and {"method": "divaware", "seed": 1, "alpha": 0.7} in runs
+    with pytest.raises(ValueError, match="unknown key"):
+        pipeline.sweep_grid({"sweep": {"metods": ["erm"]}})
