@@ -74,6 +74,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="postprocessing steps, in order")
     p.add_argument("--device", default="auto")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--cpu-threads", type=int, default=None, help="torch CPU threads (default: the run's setting)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -83,7 +84,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = predict(args.run, args.data, split=None if args.split == "all" else args.split, out_dir=args.out,
                   checkpoint=args.checkpoint, sliding_window=args.sliding_window, roi_size=args.roi,
                   overlap=args.overlap, postprocess=args.postprocess, device=args.device,
-                  num_workers=args.num_workers)
+                  num_workers=args.num_workers, cpu_threads=args.cpu_threads)
     print(out)
     return 0
 

@@ -388,10 +388,10 @@ def estimate_cache_bytes(records: Sequence[Mapping[str, Any]], spec: DataSpec) -
         if BOX in rec:
             b = rec[BOX]
             shape = np.minimum(shape, [b[1] - b[0], b[3] - b[2], b[5] - b[4]])
+        voxels = float(np.prod(shape))
         if spec.spacing is not None:
-            zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
-            shape = shape * np.sort(zooms) / np.sort(np.asarray(spec.spacing))  # approximate under reorientation
-        voxels = float(np.prod(np.ceil(shape)))
+            # resampling keeps the physical extent: voxel count scales with the voxel-volume ratio
+            voxels *= float(np.prod(img.header.get_zooms()[:3])) / float(np.prod(spec.spacing))
         total += int(voxels * 4 * (spec.in_channels + (1 if LABEL in rec else 0)))
     return total
 

@@ -15,6 +15,8 @@ One run = one folder (``TrainConfig.out_dir``) holding
                           worst subgroup alike; ties keep the earlier epoch;
 * ``cache/``             the disk cache of preprocessed cases, when used.
 
+Checkpoints are pickles (optimiser and RNG states included): load only run folders you trust.
+
 Epochs are counted from 1 in the files (``epoch`` = epochs completed) and from 0 in the strategy's schedule
 (``should_refresh(e)`` asks whether to refresh before the 0-based epoch ``e``). A refresh uses the per-case
 fairness-validation scores measured right after the preceding epoch.
@@ -128,7 +130,8 @@ class TrainConfig:
     # -- engine --------------------------------------------------------------------------------------
     device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     amp: str = _f("auto", "mixed precision: auto (bf16 autocast on CUDA, off on CPU), bf16 or off")
-    compile: bool = _f(False, "torch.compile the network for training (CUDA only; minutes of compilation)")
+    compile: bool = _f(False, "torch.compile the network for training (CUDA only; minutes of compilation; "
+                              "meant for patch training: whole volumes of varying size recompile per shape)")
     channels_last: bool | None = _f(None, "channels_last_3d memory format; null: on for CUDA")
     deterministic: bool = _f(False, "deterministic algorithms (slower on CUDA; CPU runs are reproducible anyway)")
     num_workers: int = _f(0, "data-loader worker processes (0: load in the main process)")
@@ -687,7 +690,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
                     _diverged(run_dir, epoch, b, ids, host, "gradient")
             optimizer.step()
             n = len(ids)
-            sum_loss += float(loss.detach()) * n
+            # the same objective on the host copy: no extra device sync for logging
+            sum_loss += float(combine(torch.from_numpy(host).double(), weights, config.alpha)) * n
             sum_mean += float(host.mean()) * n
             n_samples += n
             batches.set_postfix(loss=f"{sum_loss / n_samples:.4f}")

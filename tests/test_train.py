@@ -132,6 +132,21 @@ def test_one_epoch_of_each_strategy(strategy: str, synthetic_root: Path, cohort:
     assert T.TrainConfig.from_yaml(run / "config.yaml").data_root == str(Path(synthetic_root).resolve())
 
 
+def test_patch_training_with_disk_cache_and_workers(synthetic_root: Path, tmp_path: Path) -> None:
+    """The real-data configuration in miniature: breast crop, subtraction channel, patches, sliding-window
+    validation, the disk cache under the run folder and a loader worker process."""
+    cfg = tiny_config(synthetic_root, tmp_path / "patches", spacing=None, crop_to_breast=True, subtraction=True,
+                      patch_size=[16, 16, 16], samples_per_case=2, batch_size=2, cache="disk", num_workers=1,
+                      strategy="group_dro", strategy_params={})
+    run = T.train(cfg)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert np.isfinite(metrics.loc[0, "loss"]) and 0.0 <= metrics.loc[0, "val_dice"] <= 1.0
+    cached = list((run / "cache").rglob("*.pt"))
+    splits = pd.read_csv(run / "splits.csv")
+    assert len(cached) == len(splits)  # every training and validation case cached once
+    assert _load(run / "last.pt")["model"]["model.0.conv.unit0.conv.weight"].shape[1] == 4  # 3 phases + subtraction
+
+
 def test_weights_follow_ids_under_shuffling(cohort: Cohort) -> None:
     """Per-case weights are looked up by the patient_id each image travels with, whatever the order."""
     ids = cohort.ids("train")[:12]
