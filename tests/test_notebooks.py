@@ -3,6 +3,7 @@ whose recorded results are checked against values recomputed here."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -34,8 +35,15 @@ def test_committed_notebook_is_clean(name: str) -> None:
     params = pipeline.notebook_parameters(NOTEBOOKS / f"{name}.ipynb")
     assert {"data_root", "out_dir"} <= set(params)
     assert all(spec["help"] for spec in params.values()), [p for p, s in params.items() if not s["help"]]
-    for line in tagged[0].source.splitlines():
-        compile(line.split("#")[0], "<parameters>", "exec")
+    # Every assignment is a literal, and papermill sees every one of them (a comment it cannot parse would
+    # silently hide a parameter from --help-notebook and from `divaware run`).
+    tree = ast.parse(tagged[0].source)
+    assigned = []
+    for node in tree.body:
+        assert isinstance(node, ast.AnnAssign), ast.dump(node)
+        ast.literal_eval(node.value)
+        assigned.append(node.target.id)
+    assert assigned == list(params)
 
 
 def test_help_notebook_lists_every_parameter() -> None:
