@@ -30,6 +30,7 @@ here (see :func:`_mine_itemsets`):
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -162,6 +163,9 @@ def _format_value(v: object) -> str:
     return UNKNOWN if s.lower() in _MISSING_STRINGS else s
 
 
+_LIST_NUMBER = re.compile(r"^\s*[\[(]\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\s*[,\s]")
+
+
 def _format_frame(frame: pd.DataFrame) -> pd.DataFrame:
     # Series.map rather than DataFrame.map, which needs pandas >= 2.1.
     return frame.apply(lambda col: col.map(_format_value)) if len(frame) else frame
@@ -189,7 +193,17 @@ def _coerce_bins(column: str, spec: Bins | Sequence[float] | int, values: pd.Ser
     return Bins(tuple(spec))
 
 
+def _first_number(value: object) -> object:
+    # MAMA-MIA stores pixel_spacing as text such as "[0.7, 0.7]": bin on its first (in-plane) value.
+    if isinstance(value, str):
+        match = _LIST_NUMBER.match(value)
+        if match:
+            return float(match.group(1))
+    return value
+
+
 def _bin_column(column: str, raw: pd.Series, bins: Bins) -> pd.Series:
+    raw = raw.map(_first_number)
     numeric = pd.to_numeric(raw, errors="coerce")
     missing = raw.map(_is_missing_value).to_numpy(bool) | raw.map(
         lambda v: isinstance(v, str) and v.strip().lower() in _MISSING_STRINGS

@@ -320,3 +320,11 @@ def test_unknown_is_a_value_and_tiny_groups_fall_back_to_larger_itemsets():
     for pid in tiny:  # tiny-group cases take the worst larger itemset they belong to
         mine = [d for items, d in zip(its["items"], its["divergence"], strict=True) if members(tab.loc[[pid]], items)[0]]
         assert cd.loc[pid, "divergence"] == min([0.0, *mine])
+
+
+def test_pixel_spacing_text_is_binned_on_its_first_value() -> None:
+    # MAMA-MIA's spreadsheet stores pixel_spacing as text like "[0.7, 0.7]".
+    meta = pd.DataFrame({"pixel_spacing": ["[0.7, 0.7]", "[1.0, 1.0]", "(0.5, 0.5)", None]},
+                        index=pd.Index(["a", "b", "c", "d"], name="patient_id"))
+    table = attribute_table(meta, ["pixel_spacing"])
+    assert table["pixel_spacing"].tolist() == ["(0.6, 0.9]", ">0.9", "≤0.6", "unknown"]
