@@ -231,6 +231,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="MAMA-MIA root (overrides the config's data_root)")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="override the sweep's seeds (e.g. to split one sweep across processes or machines)")
+    p.add_argument("--methods", nargs="+", default=None, help="override the sweep's methods")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
     p.set_defaults(func=_cmd_sweep)
 
@@ -243,6 +246,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         config["data_root"] = args.data
     if args.epochs is not None:
         config["training"] = {**(config.get("training") or {}), "epochs": args.epochs}
+    for key in ("seeds", "methods"):
+        if getattr(args, key) is not None:
+            config["sweep"] = {**(config.get("sweep") or {}), key: getattr(args, key)}
     try:
         out = pipeline.sweep(config, args.out, n_boot=args.n_boot)
     except pipeline.NotebookFailed as err:

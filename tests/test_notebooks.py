@@ -135,3 +135,17 @@ def test_sweep_grid_expands_methods_seeds_and_values() -> None:
     assert len(runs) == 8 and {"method": "divaware", "seed": 1, "alpha": 0.7} in runs
     with pytest.raises(ValueError, match="unknown key"):
         pipeline.sweep_grid({"sweep": {"metods": ["erm"]}})
+
+
+def test_sweep_trains_evaluates_and_aggregates(synthetic_root: Path, tmp_path: Path) -> None:
+    config = {"data_root": str(synthetic_root), "methods": ["erm"],
+              "training": {**TINY_TRAINING, "epochs": 1},
+              "sweep": {"methods": ["erm", "inverse_frequency"], "seeds": [0]}}
+    out = pipeline.sweep(config, tmp_path / "sweep", n_boot=50)
+    table = pd.read_csv(out / "sweep.csv")
+    assert sorted(table["run"]) == ["erm_seed0", "inverse_frequency_seed0"]
+    for row in table.itertuples():
+        per_case = pd.read_csv(out / "runs" / row.run / "evaluation_test" / "per_case.csv")
+        assert row.mean_dice == pytest.approx(per_case["dice"].mean())
+    summary = pd.read_csv(out / "sweep_summary.csv")
+    assert set(summary["method"]) == {"erm", "inverse_frequency"} and (summary["ranking_count"] == 1).all()
