@@ -93,9 +93,10 @@ def predict(
     """Predict every case of ``split`` (None: all cases) of the cohort at ``data_root``; returns ``out_dir``.
 
     ``sliding_window``: None chooses it when the run trained on patches (window = ``roi_size`` or the patch
-    size); False runs whole volumes. ``out_dir`` defaults to ``<run_dir>/predictions_<split>`` and must not
-    lie inside the input data folder. ``patient_ids`` restricts the cases. ``cpu_threads``: torch CPU threads
-    for this call (None: the run's ``cpu_threads`` setting; 0: torch's default).
+    size); False runs whole volumes. ``out_dir`` defaults to ``<run_dir>/predictions_<split>`` (with
+    ``_<checkpoint>`` appended for checkpoints other than best) and must not lie inside the input data folder.
+    ``patient_ids`` restricts the cases. ``cpu_threads``: torch CPU threads for this call (None: the run's
+    ``cpu_threads`` setting; 0: torch's default).
     """
     previous_threads = torch.get_num_threads()
     try:
@@ -133,7 +134,10 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     use_amp = dev.type == "cuda" and config.amp in ("auto", "bf16")
 
     data_root = Path(data_root).resolve()
-    out = Path(out_dir) if out_dir is not None else run_dir / f"predictions_{split or 'all'}"
+    # The checkpoint is part of the default folder name so that predicting with "last" never overwrites
+    # the predictions of "best".
+    suffix = "" if checkpoint == "best" else f"_{checkpoint}"
+    out = Path(out_dir) if out_dir is not None else run_dir / f"predictions_{split or 'all'}{suffix}"
     if out.resolve().is_relative_to(data_root):
         raise ValueError(f"out_dir {out} lies inside the input data folder {data_root}; input data is read-only")
     cohort = load_cohort(data_root, require_masks=False)  # inference needs no expert masks

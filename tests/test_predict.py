@@ -132,3 +132,12 @@ def test_postprocessing_helpers() -> None:
     assert P.restrict_to_box(mask, {}).sum() == mask.sum()
     with pytest.raises(ValueError, match="unknown postprocessing"):
         P.predict("nowhere", "nowhere", postprocess=["smooth"])
+
+
+def test_default_prediction_folders_do_not_collide_between_checkpoints(trained_run: Path, synthetic_root: Path) -> None:
+    ids = load_cohort(synthetic_root).ids("test")[:2]
+    best = P.predict(trained_run, synthetic_root, split="test", patient_ids=ids, progress=False)
+    last = P.predict(trained_run, synthetic_root, split="test", checkpoint="last", patient_ids=ids, progress=False)
+    assert best == trained_run / "predictions_test" and last == trained_run / "predictions_test_last"
+    assert sorted(p.name for p in (best / P.PRED_FOLDER).iterdir()) == sorted(f"{pid}.nii.gz" for pid in ids)
+    assert sorted(p.name for p in (last / P.PRED_FOLDER).iterdir()) == sorted(f"{pid}.nii.gz" for pid in ids)
