@@ -37,7 +37,8 @@ def group_sizes(metadata: pd.DataFrame, rows: str, cols: str) -> pd.DataFrame:
     return pd.crosstab(metadata[rows], metadata[cols], margins=True, margins_name="all")
 
 
-def _canonical(path: object) -> tuple[np.ndarray, tuple[float, ...]]:
+def read_canonical(path: object) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Voxels of a NIfTI file reoriented to RAS (axes x, y, z) as float32, and the voxel spacing in mm."""
     import nibabel as nib
 
     img = nib.as_closest_canonical(nib.load(str(path)))
@@ -54,8 +55,8 @@ def case_statistics(cohort: Cohort, ids: Sequence[str] | None = None) -> pd.Data
     rows = []
     for pid in ids if ids is not None else list(cohort.cases):
         case = cohort.cases[pid]
-        pre, spacing = _canonical(case.image_paths[0])
-        mask = _canonical(case.mask_path)[0] > 0.5 if case.mask_path is not None else np.zeros(pre.shape, bool)
+        pre, spacing = read_canonical(case.image_paths[0])
+        mask = read_canonical(case.mask_path)[0] > 0.5 if case.mask_path is not None else np.zeros(pre.shape, bool)
         tissue = (pre > np.median(pre)) & ~mask
         row: dict[str, object] = {
             "patient_id": pid,
@@ -69,7 +70,7 @@ def case_statistics(cohort: Cohort, ids: Sequence[str] | None = None) -> pd.Data
         base_t = float(pre[mask].mean()) if mask.any() else float("nan")
         base_s = float(pre[tissue].mean()) if tissue.any() else float("nan")
         for k, path in enumerate(case.image_paths):
-            phase = pre if k == 0 else _canonical(path)[0]
+            phase = pre if k == 0 else read_canonical(path)[0]
             row[f"enh_tumour_{k}"] = float(phase[mask].mean()) / base_t if mask.any() and base_t > 0 else np.nan
             row[f"enh_tissue_{k}"] = float(phase[tissue].mean()) / base_s if tissue.any() and base_s > 0 else np.nan
         rows.append(row)

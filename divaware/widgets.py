@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 
 def load_canonical(path: str | Path) -> np.ndarray:
     """Voxel array of a NIfTI file reoriented to RAS (axes x, y, z), as float32."""
-    import nibabel as nib
+    from divaware.exploration import read_canonical
 
-    img = nib.as_closest_canonical(nib.load(str(path)))
-    return np.asarray(img.dataobj, dtype=np.float32)
+    return read_canonical(path)[0]
 
 
 def _slice_of(mask: np.ndarray | None, image: np.ndarray) -> int:
