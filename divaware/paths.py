@@ -22,9 +22,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "divaware").expanduser()
 
 
+def generator_tag() -> str:
+    """Short hash of the synthetic generator's source: a changed generator never reuses a stale cached cohort."""
+    import hashlib
+
+    from divaware import synthetic
+
+    return hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:8]
+
+
 def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching") -> Path:
-    """Cache location of the synthetic cohort with these generation settings."""
-    return cache_dir() / f"synthetic-{preset}-{missingness}-n{n_cases}-seed{seed}"
+    """Cache location of the synthetic cohort with these generation settings and this generator version."""
+    return cache_dir() / f"synthetic-{preset}-{missingness}-n{n_cases}-seed{seed}-{generator_tag()}"
 
 
 def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",

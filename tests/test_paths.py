@@ -1,0 +1,33 @@
+"""Data-root resolution: explicit argument, then $DIVAWARE_DATA, then the cached synthetic cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from divaware import paths
+from divaware.cohort import load_cohort
+
+
+def test_explicit_root_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env_root = tmp_path / "env"
+    env_root.mkdir()
+    monkeypatch.setenv(paths.DATA_ENV, str(env_root))
+    assert paths.resolve_data_root(str(tmp_path)) == tmp_path
+    assert paths.resolve_data_root("") == env_root
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        paths.resolve_data_root(str(tmp_path / "missing"))
+
+
+def test_synthetic_default_is_generated_once_into_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(paths.DATA_ENV, raising=False)
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    root = paths.resolve_data_root("", n_cases=8, seed=3)
+    # the folder name carries the generator's hash, so an edited generator never reuses a stale cohort
+    assert root == tmp_path / f"synthetic-default-teaching-n8-seed3-{paths.generator_tag()}"
+    assert len(load_cohort(root).metadata) == 8
+    stamp = (root / "clinical_and_imaging_info.xlsx").stat().st_mtime_ns
+    assert paths.resolve_data_root("", n_cases=8, seed=3) == root
+    assert (root / "clinical_and_imaging_info.xlsx").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no staging folder left behind
