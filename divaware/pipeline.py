@@ -241,7 +241,7 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
         result = ev.evaluate(out / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
                              verbose=False)
         c = result.challenge
-        rows.append({"run": name, **grid_params, "train_minutes": round(seconds / 60, 2),
+        rows.append({"run": name, **grid_params, "notebook_minutes": round(seconds / 60, 2),
                      "mean_dice": float(result.per_case["dice"].mean()),
                      **{k: c.get(k) for k in ("P", "F", "ranking")}})
     table = ev.collect(out / "runs", split=split)
