@@ -7,29 +7,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from planted import PLANTED, planted_cohort
 
-from divaware.subgroups import AGE_GROUPS, UNKNOWN
 from divaware.weighting import (
     HISTORY_COLUMNS,
     STRATEGIES,
     make_strategy,
     normalise_weights,
 )
-
-PLANTED = "age_group=0-40 ∧ breast_density=d"
-
-
-def planted_cohort(n: int, seed: int, prefix: str, gap: float = 0.2):
-    """Independent attributes; age_group=0-40 ∧ breast_density=d (~12 %) scores `gap` lower, plus noise."""
-    rng = np.random.default_rng(seed)
-    ids = pd.Index([f"{prefix}{i:04d}" for i in range(n)], name="patient_id")
-    age = rng.choice(AGE_GROUPS, n, p=[0.3, 0.2, 0.2, 0.2, 0.1])
-    density = rng.choice(["a", "b", "c", "d"], n, p=[0.15, 0.2, 0.25, 0.4])
-    meno = rng.choice(["pre", "post", UNKNOWN], n, p=[0.4, 0.4, 0.2])
-    meta = pd.DataFrame({"age_group": age, "menopause": meno, "breast_density": density}, index=ids)
-    planted = pd.Series((age == "0-40") & (density == "d"), index=ids)
-    scores = pd.Series(np.clip(rng.normal(0.8, 0.08, n) - gap * planted, 0, 1), index=ids)
-    return meta, scores, planted
 
 
 @pytest.fixture(scope="module")
