@@ -60,7 +60,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="write pred_segmentations/<patient_id>.nii.gz for a split")
     p.add_argument("--run", required=True, help="training run folder (holds config.yaml and best.pt)")
     p.add_argument("--data", required=True, help="MAMA-MIA root folder to predict")
-    p.add_argument("--split", default="test", help="train, test or all (default: test)")
+    p.add_argument("--split", default="test",
+                   help="train, test, val (the run's fairness-validation, as evaluate) or all (default: test)")
     p.add_argument("--out", required=True, help="output folder; predictions go to OUT/pred_segmentations")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
     window = p.add_mutually_exclusive_group()
@@ -264,10 +265,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:
-        # CohortError and configuration errors are ValueErrors whose message says what to do.
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        # CohortError, configuration errors, a diverged training, a full disk: the message says what to do.
         print(f"divaware {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Errors whose message names the cause and the fix: printed as one line, not a traceback."""
+    import errno
+
+    if isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return True
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # by name: importing divaware.train here would load torch for every command
+    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError")
 
 
 if __name__ == "__main__":  # pragma: no cover

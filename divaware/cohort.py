@@ -51,26 +51,62 @@ no usable case left                                        stop
 spreadsheet case without an image folder or any phase      exclude
 phases not numbered 0000, 0001, ... without gaps,          exclude
 or the same phase twice
-corrupt / unreadable NIfTI (header; with ``check_voxels``  exclude
-also truncated or corrupt data)
+corrupt / unreadable NIfTI header                          exclude
 image that is not 3-D, phases with different shapes        exclude
 spreadsheet case without an expert mask                    exclude (``require_masks=False``: keep,
                                                            ``mask_path = None``)
 mask shape differs from the image shape                    exclude
-non-binary mask (values other than 0/1; ``check_voxels``)  exclude
 empty mask (``check_voxels``)                              report, keep
 fewer than 3 phases                                        report, keep
-phases with different affines (orientation/spacing)        report, keep
 missing or unreadable patient-info JSON                    report, keep with ``info = {}``
 unrecognised menopause/density value, invalid age          report, keep as ``unknown``
 image folders / masks with no spreadsheet row              report (one line), ignore
 =========================================================  ===========================================
 
-Voxel checks. Shapes and spacings come from the NIfTI headers only (nibabel reads the first bytes of each
-gzip stream), which is cheap even for the 1,506 real cases. Checks that need the voxels -- binary mask,
-data that decompresses completely -- read every file in full: on the real data that is ~1 GB of gzip per
-20 cases, tens of minutes on a laptop, so ``load_cohort`` skips them by default (``check_voxels=False``) and
-``divaware check`` runs them (``--headers-only`` to skip).
+Defects of one case's files. The same rule holds for ``divaware check``, :func:`load_cohort` and so for
+training, prediction and evaluation, which load the cohort through it: an excluded case is never trained
+on, predicted or scored, and a warning names the case, the file and what to do. ``tests/test_corpus.py``
+builds every row of this table in a tiny cohort and checks the outcome in all five commands (and that the
+data folder stays byte-identical); it fails if this table and its registry drift apart.
+
+=====================  ================================================================  ========
+defect id              defect                                                            outcome
+=====================  ================================================================  ========
+truncated_image        truncated ``.nii.gz`` phase image (gzip stream cut)               exclude
+truncated_mask         truncated ``.nii.gz`` expert mask                                 exclude
+phase_affine           phase 0001 with a different affine (origin shifted) from 0000     exclude
+mask_0_2               mask values {0, 2}                                                exclude
+mask_0_255             mask values {0, 255}                                              exclude
+mask_half              mask values {0, 0.5}                                              exclude
+mask_0_3               mask values {0, 0.3}                                              exclude
+mask_nan               NaN inside the tumour of the mask                                 exclude
+mask_inverted          mask with 0 and 1 swapped (> 50 % of the volume is tumour)        exclude
+mask_transposed        mask with two axes swapped (same shape): not on enhancing tissue  exclude
+mask_affine_flipped    mask affine with a flipped axis (same voxels)                     exclude
+mask_spacing_x2        mask affine with doubled spacing (same voxels)                    exclude
+image_nan              NaN voxels in a phase image                                       exclude
+image_inf              Inf voxels in a phase image                                       exclude
+image_huge             1e36 voxels in a phase image (|value| > ``MAX_ABS_INTENSITY``)    exclude
+phase_all_zero         an all-zero (constant) phase image                                exclude
+blank_patient_id       spreadsheet row with a blank patient_id                           report
+breast_box_inverted    patient-info breast box with x_min > x_max                        report
+=====================  ================================================================  ========
+
+Masks must hold exactly 0 and 1 (any dtype). A {0, 2} or {0, 255} mask, interpolated values (0.5, 0.3) or
+NaN are *not* thresholded: any threshold silently turns some of them into tumour and others into
+background, so the case is excluded with the values found and the repair to make (e.g. save ``mask > 0``
+for a 0/255 mask after checking that is what it means). "exclude" under ``strict=True`` (``--strict``)
+stops everything with a :class:`CohortError` listing every problem; "report" keeps the case and warns.
+
+Voxel checks. Shapes, spacings and affines come from the NIfTI headers (nibabel reads the first bytes of
+each gzip stream), always. The checks that need the voxels -- data that decompresses completely, finite
+intensities below ``MAX_ABS_INTENSITY``, no constant phase, a binary mask that is neither inverted nor off
+the enhancing tumour -- read every file in full: on the real data that is ~1 GB of gzip per 20 cases, so
+``load_cohort(voxel_cache=...)`` remembers each case's result keyed by its files' path, size and
+modification time. Training keeps that cache in the run's cache folder (next to the preprocessed cases) and
+evaluation/prediction in the run folder, so a run's files are voxel-checked once and a resume or an
+evaluation reads no voxels for checking. ``check_voxels=False`` (``divaware check --headers-only``) skips
+them: only for a quick look, since a case that fails them breaks or corrupts every computation.
 """
 
 from __future__ import annotations
@@ -80,7 +116,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,19 +383,26 @@ def _read_split(path: Path) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = False,
-                require_masks: bool = True) -> Cohort:
+def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = True,
+                require_masks: bool = True, voxel_cache: str | Path | None = None) -> Cohort:
     """Load a MAMA-MIA-layout cohort from ``root``.
 
     ``strict``: raise :class:`CohortError` on any problem instead of excluding/reporting (see the module
     docstring for what each problem does otherwise). ``check_voxels``: also read every mask and image in full
-    (binary masks, complete data); off by default because it is slow on the real data.
-    ``require_masks=False`` allows a cohort without expert segmentations (inference only).
+    (complete data, finite and non-constant intensities, binary plausible masks; see the module docstring);
+    ``False`` checks the headers only. ``voxel_cache``: a JSON file (outside ``root``) remembering the voxel
+    checks per file (path, size, modification time), so later loads of the same files read no voxels;
+    training and evaluation keep it in the run's cache folder. ``require_masks=False`` allows a cohort without
+    expert segmentations (inference only).
     """
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise CohortError(f"cohort folder {root} does not exist (or is not a folder); pass the folder that "
+    if not root.exists():
+        raise CohortError(f"cohort folder {root} does not exist; pass the folder that "
                           f"holds images/, segmentations/, {SPREADSHEET} and {SPLIT_FILE}")
+    if not root.is_dir():
+        raise CohortError(f"cohort folder {root} is a file, not a folder; pass the folder that "
+                          f"holds images/, segmentations/, {SPREADSHEET} and {SPLIT_FILE}")
+    cache = _VoxelCache(Path(voxel_cache), root) if (check_voxels and voxel_cache) else None
     problems: list[str] = []
     images_dir = _child(root, "images", is_dir=True)
     if images_dir is None:
@@ -404,7 +447,7 @@ def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = 
     ignored: list[Path] = []
     json_density = "breast_density" not in frame.columns
     for pid in meta.index:
-        result = _load_case(pid, index, check_voxels, require_masks, problems, ignored)
+        result = _load_case(pid, index, check_voxels, require_masks, problems, ignored, cache)
         if isinstance(result, list):
             excluded[pid] = result
             problems.extend(f"{pid}: excluded: {reason}" for reason in result)
@@ -416,15 +459,14 @@ def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = 
             raw = (case.info.get("clinical_data") or {}).get("breast_density")
             meta.loc[pid, "breast_density"] = _density_or_report(pid, raw, problems, "JSON breast_density")
 
+    if cache is not None:
+        cache.save()
     if not cases:
         raise CohortError(f"no usable case in {root}: {len(excluded)} of {len(meta)} spreadsheet cases were "
                           f"excluded (first problems: {_few(problems, 3)}); run `divaware check {root}`")
     if strict and problems:
         raise CohortError(f"{len(problems)} problem(s) in {root} (strict=True):\n  " + "\n  ".join(problems))
-    if excluded:
-        reasons = [f"{pid} ({'; '.join(r)})" for pid, r in excluded.items()]
-        warnings.warn(f"{len(excluded)} of {len(meta)} cases excluded: {_few(reasons, 10)}; see Cohort.problems "
-                      f"or run `divaware check {root}`", CohortWarning, stacklevel=2)
+    _warn_excluded(excluded, len(meta), root)
     others = [p for p in problems if ": excluded: " not in p and p not in notes]
     if others:
         warnings.warn(f"{len(others)} problem(s) in {root} (cases kept): {_few(others, 5)}", CohortWarning,
@@ -437,6 +479,40 @@ def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = 
     return Cohort(root=root, metadata=meta, cases=cases, problems=problems, excluded=excluded,
                   geometry=geo_frame, ignored_files=ignored, voxels_checked=check_voxels, sheet=sheet,
                   n_rows=n_rows)
+
+
+def run_val_ids(run_dir: str | Path, cohort: Cohort) -> list[str]:
+    """The run's fairness-validation cases (its ``splits.csv``) that the cohort still holds.
+
+    Cases excluded by the cohort's checks since training are left out with a warning naming them.
+    """
+    path = Path(run_dir) / "splits.csv"
+    if not path.is_file():
+        raise ValueError(f"split 'val' needs the run's {path} (written by training); none found")
+    splits = pd.read_csv(path, dtype={"patient_id": str})
+    ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
+    gone = [i for i in ids if i not in cohort.cases]
+    if gone:
+        warnings.warn(f"{len(gone)} validation case(s) of {path} are not usable in {cohort.root} and are left "
+                      f"out: {', '.join(gone[:10])}", stacklevel=3)
+    return [i for i in ids if i in cohort.cases]
+
+
+MAX_CASE_WARNINGS = 20  # one warning per excluded case up to this many, then one for the rest
+
+
+def _warn_excluded(excluded: dict[str, list[str]], n_rows: int, root: Path) -> None:
+    """One warning per excluded case (case, file, what to do), so each can be seen and acted on."""
+    items = list(excluded.items())
+    for pid, reasons in items[:MAX_CASE_WARNINGS]:
+        warnings.warn(f"case {pid} excluded: {'; '.join(reasons)}", CohortWarning, stacklevel=3)
+    rest = items[MAX_CASE_WARNINGS:]
+    if rest:
+        warnings.warn(f"{len(rest)} more case(s) excluded: {_few([pid for pid, _ in rest], 10)}; see "
+                      f"Cohort.problems or run `divaware check {root}`", CohortWarning, stacklevel=3)
+    if items:
+        warnings.warn(f"{len(items)} of {n_rows} cases excluded in total; the rest are used", CohortWarning,
+                      stacklevel=3)
 
 
 def _density_or_report(pid: str, raw: Any, problems: list[str], what: str) -> str:
@@ -571,7 +647,7 @@ class _Index:
 
 
 def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool, problems: list[str],
-               ignored: list[Path]) -> tuple[Case, dict[str, Any]] | list[str]:
+               ignored: list[Path], voxel_cache: _VoxelCache | None = None) -> tuple[Case, dict[str, Any]] | list[str]:
     """The Case and its geometry, or the list of reasons to exclude it."""
     key = pid.upper()
     folders = index.folders.get(key, [])
@@ -625,8 +701,11 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
         if h.shape != shape0:
             reasons.append(f"phase {index.rel(p)} has shape {h.shape}, phase 0000 has {shape0}; phases must be "
                            "on the same grid (resample them)")
-        elif not np.allclose(h.affine, affine0, atol=1e-3):
-            problems.append(f"{pid}: {index.rel(p)} has a different affine (orientation/spacing) from phase 0000")
+        elif not np.allclose(h.affine, affine0):
+            # MONAI stacks the phases as channels and refuses differing affines (with its default
+            # np.allclose tolerance), so such a case could never be loaded: exclude it up front.
+            reasons.append(f"phase {index.rel(p)} has a different affine (orientation/spacing/origin) from phase "
+                           f"0000 ({_affine_diff(h.affine, affine0)}); resample it onto phase 0000's grid")
     if len(paths) < 3:
         problems.append(f"{pid}: only {len(paths)} phases (the real cases have at least 3)")
 
@@ -648,6 +727,12 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
         if mask_header is not None and mask_header.shape != shape0:
             reasons.append(f"mask {index.rel(mask_path)} has shape {mask_header.shape}, the images {shape0}; the "
                            "mask must be on the image grid")
+        elif mask_header is not None and not np.allclose(mask_header.affine, affine0, atol=1e-3):
+            # Same voxels, other placement (flipped axis, doubled spacing): after reorientation/resampling
+            # the label would no longer cover the tumour, so training and scoring would be garbage.
+            reasons.append(f"mask {index.rel(mask_path)} has a different affine from the images "
+                           f"({_affine_diff(mask_header.affine, affine0)}); the mask must be on the image grid "
+                           "(copy the image's affine if only the header is wrong, else resample it)")
     if reasons:
         return reasons
 
@@ -656,31 +741,11 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
         "spacing_x": zooms0[0], "spacing_y": zooms0[1], "spacing_z": zooms0[2], "dtype": headers[0].dtype,
     }
     if check_voxels:
-        for p, h in zip(paths, headers, strict=True):
-            try:
-                h.voxels()
-            except Exception as err:
-                reasons.append(f"cannot read the voxels of {index.rel(p)} ({type(err).__name__}: {err}); the "
-                               "file is truncated or corrupt, re-download it")
-        if mask_path is not None and mask_header is not None:
-            try:
-                mask = mask_header.voxels()
-            except Exception as err:
-                reasons.append(f"cannot read the voxels of {index.rel(mask_path)} ({type(err).__name__}: {err}); "
-                               "re-download it")
-            else:
-                values = np.unique(mask)
-                if not np.isin(values, (0, 1)).all():
-                    reasons.append(f"mask {index.rel(mask_path)} is not binary (values {_few(values.tolist(), 6)}); "
-                                   "expected 0 = background, 1 = tumour")
-                else:
-                    count = int(np.count_nonzero(mask))
-                    geo["mask_voxels"] = count
-                    geo["tumour_ml"] = count * float(np.prod(zooms0[:3])) / 1000.0
-                    if count == 0:
-                        problems.append(f"{pid}: expert mask {index.rel(mask_path)} is empty (no tumour voxel)")
-        if reasons:
-            return reasons
+        checked = _cached_voxel_check(pid, paths, mask_path, headers, mask_header, index, voxel_cache)
+        problems.extend(f"{pid}: {p}" for p in checked["problems"])
+        if checked["reasons"]:
+            return list(checked["reasons"])
+        geo.update(checked["geometry"])
 
     info: dict = {}
     info_path = index.info.get(key)
@@ -695,7 +760,214 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
             info = loaded
         except Exception as err:
             problems.append(f"{pid}: cannot read {index.rel(info_path)} ({type(err).__name__}: {err}); info = {{}}")
+        else:
+            box_problem = _breast_box_problem(info, shape0)
+            if box_problem:
+                problems.append(f"{pid}: {index.rel(info_path)}: {box_problem}")
     return Case(pid, paths, mask_path, info), geo
+
+
+# --------------------------------------------------------------------------------------------------
+# Voxel checks (one rule for check, load, train, predict and evaluate)
+# --------------------------------------------------------------------------------------------------
+
+MAX_ABS_INTENSITY = 1e10
+"""Largest plausible absolute image intensity. MRI scanners write at most ~1e5; values beyond this overflow
+the float32 z-score normalisation (its variance squares them: 1e36 -> inf), so the case would train on NaN."""
+MAX_TUMOUR_FRACTION = 0.5
+"""A mask covering more than this fraction of the volume is taken to be inverted (tumour <-> background)."""
+VOXEL_CHECK_VERSION = 1  # bump when the checks change, so cached results are not reused
+
+
+def _affine_diff(a: np.ndarray, b: np.ndarray) -> str:
+    za, zb = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(b[:3, :3], axis=0)
+    if not np.allclose(za, zb, atol=1e-3):
+        return f"spacing {_fmt_vec(za)} mm vs {_fmt_vec(zb)} mm"
+    if not np.allclose(a[:3, :3], b[:3, :3], atol=1e-3):
+        return "orientation differs (flipped or permuted axes)"
+    return f"origin {_fmt_vec(a[:3, 3])} vs {_fmt_vec(b[:3, 3])}"
+
+
+def _fmt_vec(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
+
+
+def _breast_box_problem(info: dict, shape: tuple[int, ...]) -> str | None:
+    """Why the JSON's breast box is unusable (a min above its max, outside the image), or None."""
+    coords = (info.get("primary_lesion") or {}).get("breast_coordinates")
+    if not coords:
+        return None
+    keys = ("x_min", "x_max", "y_min", "y_max", "z_min", "z_max")
+    try:
+        c = {k: int(coords[k]) for k in keys}
+    except (KeyError, TypeError, ValueError):
+        return f"breast_coordinates {coords!r} incomplete or not integers; crop_to_breast cannot use this case"
+    bad = [a for a in "xyz" if c[f"{a}_min"] >= c[f"{a}_max"]]
+    if bad:
+        spans = ", ".join(f"{a}_min {c[a + '_min']} >= {a}_max {c[a + '_max']}" for a in bad)
+        return (f"breast box has {spans}; "
+                "crop_to_breast cannot use this case, fix the JSON")
+    # x/y/z index the SimpleITK array: x -> NIfTI axis k, z -> axis i (see divaware.data.breast_box)
+    limits = {"x": shape[2], "y": shape[1], "z": shape[0]} if len(shape) == 3 else {}
+    outside = [a for a, n in limits.items() if c[f"{a}_min"] >= n or c[f"{a}_max"] <= 0]
+    if outside:
+        return f"breast box lies outside the image along {', '.join(outside)}; crop_to_breast cannot use this case"
+    return None
+
+
+def _image_reasons(rel: str, arr: np.ndarray) -> list[str]:
+    """Why the voxels of one phase image cannot be used (non-finite, absurd, constant)."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        n_bad = int(arr.size - np.count_nonzero(finite))
+        return [f"{rel} holds {n_bad} NaN/Inf voxel(s) (of {arr.size}); the image is corrupt, re-convert or "
+                "re-download it"]
+    lo, hi = float(arr.min()), float(arr.max())
+    if max(abs(lo), abs(hi)) > MAX_ABS_INTENSITY:
+        return [f"{rel} holds intensities up to {max(abs(lo), abs(hi)):.3g} (plausible MRI: below "
+                f"{MAX_ABS_INTENSITY:.0g}); the scaling is corrupt, re-convert or re-download it"]
+    if lo == hi:
+        return [f"{rel} is constant (every voxel {lo:g}): a blank phase; re-convert or re-download it"]
+    return []
+
+
+def _mask_reasons(rel: str, mask: np.ndarray) -> tuple[list[str], int]:
+    """(why the mask cannot be used, number of tumour voxels). Only exactly 0 and 1 are accepted."""
+    # Exactly {0, 1}: a 0/255 or 0/2 mask, interpolated values (0.5, 0.3) or NaN all mean the mask was
+    # written by a tool we cannot second-guess; thresholding silently would make 0.3 background and 2
+    # tumour, so we refuse and say how to repair it instead.
+    is0, is1 = mask == 0, mask == 1
+    ok = is0 | is1
+    if not ok.all():
+        bad = mask[~ok]
+        values = np.unique(bad[np.isfinite(bad)]) if np.issubdtype(bad.dtype, np.floating) else np.unique(bad)
+        nan = bool(np.issubdtype(bad.dtype, np.floating) and not np.isfinite(bad).all())
+        shown = [*(["NaN/Inf"] if nan else []), *(f"{v:g}" for v in values[:6].tolist())]
+        return [f"mask {rel} is not binary (values other than 0/1: {', '.join(shown)}); expected 0 = background, "
+                "1 = tumour (e.g. save (mask > 0) for a 0/255 mask, after checking that is what it means)"], 0
+    count = int(np.count_nonzero(is1))
+    if count > MAX_TUMOUR_FRACTION * mask.size:
+        return [f"mask {rel} marks {100.0 * count / mask.size:.0f} % of the volume as tumour: it looks inverted "
+                "(0 and 1 swapped); fix it"], count
+    return [], count
+
+
+MIN_ENHANCING_FRACTION = 0.5
+"""Below this fraction of mask voxels enhancing like the top 5 % of the rest of the volume, the mask is
+taken to be misplaced (synthetic cohorts: >= 0.95 for every true mask)."""
+
+
+def _enhancement_reason(rel: str, mask: np.ndarray, pre: np.ndarray, post: np.ndarray) -> list[str]:
+    """A mask whose voxels mostly do not enhance is misplaced (transposed, flipped, another case's)."""
+    tumour = mask == 1
+    n = int(np.count_nonzero(tumour))
+    if n == 0 or n == mask.size:
+        return []
+    diff = post.astype(np.float32) - pre.astype(np.float32)
+    # DCE tumours are segmented because they enhance: most of their voxels rise more after contrast than
+    # 95 % of the rest of the volume. A mask that misses that lies somewhere else than the tumour.
+    threshold = float(np.percentile(diff[~tumour], 95))
+    fraction = float(np.count_nonzero(diff[tumour] > threshold)) / n
+    if fraction < MIN_ENHANCING_FRACTION:
+        return [f"mask {rel} does not lie on enhancing tissue (only {100 * fraction:.0f} % of its voxels enhance "
+                "like the top 5 % of the rest of the volume): it is probably transposed, flipped or another "
+                "case's; check it against the images"]
+    return []
+
+
+def _check_voxels(paths: Sequence[Path], mask_path: Path | None, headers: Sequence[_Header],
+                  mask_header: _Header | None, rel: Any) -> dict[str, Any]:
+    """Read every file of one case once; reasons to exclude it, problems to report, mask geometry."""
+    reasons: list[str] = []
+    arrays: dict[int, np.ndarray] = {}
+    for k, (p, h) in enumerate(zip(paths, headers, strict=True)):
+        try:
+            arr = np.asarray(h.voxels())
+        except Exception as err:
+            reasons.append(f"cannot read the voxels of {rel(p)} ({type(err).__name__}: {err}); the file is "
+                           "truncated or corrupt, re-download it")
+            continue
+        reasons += _image_reasons(rel(p), arr)
+        if k < 2:
+            arrays[k] = arr  # pre and first post-contrast: for the mask-placement check
+    geometry: dict[str, Any] = {}
+    if mask_path is not None and mask_header is not None:
+        try:
+            mask = np.asarray(mask_header.voxels())
+        except Exception as err:
+            reasons.append(f"cannot read the voxels of {rel(mask_path)} ({type(err).__name__}: {err}); the "
+                           "file is truncated or corrupt, re-download it")
+        else:
+            while mask.ndim > 3 and mask.shape[-1] == 1:
+                mask = mask[..., 0]
+            mask_reasons, count = _mask_reasons(rel(mask_path), mask)
+            reasons += mask_reasons
+            if not mask_reasons:
+                if len(arrays) == 2 and not reasons:
+                    reasons += _enhancement_reason(rel(mask_path), mask, arrays[0], arrays[1])
+                geometry["mask_voxels"] = count
+                geometry["tumour_ml"] = count * float(np.prod(headers[0].zooms[:3])) / 1000.0
+    problems = []
+    if not reasons and geometry.get("mask_voxels") == 0:
+        problems.append(f"expert mask {rel(mask_path)} is empty (no tumour voxel)")
+    return {"reasons": reasons, "problems": problems, "geometry": geometry}
+
+
+class _VoxelCache:
+    """Voxel-check results per case, keyed by its files' (path, size, mtime): later loads read no voxels."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        if path.resolve().is_relative_to(root.resolve()):
+            raise CohortError(f"voxel_cache {path} lies inside the data folder {root}; input data is read-only, "
+                              "keep caches in the run folder")
+        self.path = path
+        self.entries: dict[str, Any] = {}
+        self.dirty = False
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            if loaded.get("version") == VOXEL_CHECK_VERSION:
+                self.entries = dict(loaded.get("cases") or {})
+        except (OSError, ValueError, AttributeError):
+            pass  # absent or damaged: check again and rewrite it
+
+    @staticmethod
+    def stamp(files: Sequence[Path]) -> list[Any]:
+        out = []
+        for p in files:
+            st = p.stat()
+            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        return out
+
+    def get(self, pid: str, stamp: list[Any]) -> dict[str, Any] | None:
+        entry = self.entries.get(pid)
+        return entry["result"] if entry and entry.get("files") == stamp else None
+
+    def put(self, pid: str, stamp: list[Any], result: dict[str, Any]) -> None:
+        self.entries[pid] = {"files": stamp, "result": result}
+        self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def _cached_voxel_check(pid: str, paths: Sequence[Path], mask_path: Path | None, headers: Sequence[_Header],
+                        mask_header: _Header | None, index: _Index, cache: _VoxelCache | None) -> dict[str, Any]:
+    files = [*paths, *([mask_path] if mask_path is not None else [])]
+    stamp = _VoxelCache.stamp(files) if cache is not None else []
+    if cache is not None:
+        hit = cache.get(pid, stamp)
+        if hit is not None:
+            return hit
+    result = _check_voxels(paths, mask_path, headers, mask_header, lambda p: index.rel(p))
+    if cache is not None:
+        cache.put(pid, stamp, result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------

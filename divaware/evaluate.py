@@ -175,6 +175,9 @@ def _resolve_data_root(run_dir: Path, data_root: str | Path | None) -> Path:
             )
         data_root = recorded
     root = Path(data_root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"data folder {root} is a file, not a folder; pass the MAMA-MIA root (holding images/ "
+                         "and clinical_and_imaging_info.xlsx)")
     if not root.is_dir():
         raise ValueError(f"data folder {root} does not exist; pass the MAMA-MIA root (holding images/ and "
                          "clinical_and_imaging_info.xlsx)")
@@ -186,11 +189,9 @@ def _split_ids(cohort: Cohort, run_dir: Path, split: str | None) -> list[str]:
         return list(cohort.ids(None))
     if split == "val":
         # The fairness-validation cases are carved out by the run itself (train.py), not by the cohort.
-        path = run_dir / "splits.csv"
-        if not path.is_file():
-            raise ValueError(f"split 'val' needs the run's {path} (written by training); none found")
-        splits = pd.read_csv(path, dtype={"patient_id": str})
-        return splits.loc[splits["split"] == "val", "patient_id"].tolist()
+        from divaware.cohort import run_val_ids
+
+        return run_val_ids(run_dir, cohort)
     return list(cohort.ids(split))
 
 
@@ -252,6 +253,25 @@ def _load_mask(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     return arr, zooms, np.asarray(img.affine)
 
 
+PREDICTION_LABEL = 1
+"""The tumour label of a prediction. The organisers' scoring counts label 1 only, so a prediction written
+with 2 or 255 scores as empty there; we follow them (and warn) rather than silently scoring it as tumour."""
+
+
+def _prediction_labels(pred: np.ndarray) -> tuple[np.ndarray, str]:
+    """(binary prediction with tumour = label 1, description of other labels found or '')."""
+    is1 = pred == PREDICTION_LABEL
+    other = ~(is1 | (pred == 0))
+    if not other.any():
+        return is1, ""
+    vals = pred[other]
+    finite = vals[np.isfinite(vals)] if np.issubdtype(vals.dtype, np.floating) else vals
+    shown = [f"{v:g}" for v in np.unique(finite)[:4].tolist()]
+    if finite.size < vals.size:
+        shown.append("NaN/Inf")
+    return is1, f"values {', '.join(shown)}"
+
+
 def score_cases(
     predictions: str | Path,
     cohort: Cohort,
@@ -291,9 +311,17 @@ def score_cases(
 
     rows: dict[str, dict[str, float]] = {}
     moved: list[str] = []
+    relabelled: list[str] = []
     for pid in tqdm(ids, desc="score", unit="case", disable=not progress):
         truth, spacing, affine_t = _load_mask(Path(cohort.cases[pid].mask_path))
-        pred, _, affine_p = _load_mask(files[pid.lower()])
+        try:
+            pred, _, affine_p = _load_mask(files[pid.lower()])
+        except Exception as err:
+            raise ValueError(f"case {pid}: cannot read the prediction {files[pid.lower()]} ({type(err).__name__}: "
+                             f"{err}); predict it again (repredict=True / --repredict)") from None
+        pred, other = _prediction_labels(pred)
+        if other:
+            relabelled.append(f"{pid} ({other})")
         if pred.shape != truth.shape:
             raise ValueError(
                 f"case {pid}: prediction {files[pid.lower()]} has shape {pred.shape} but the expert mask "
@@ -306,6 +334,9 @@ def score_cases(
             rows[pid] = M.case_metrics(pred, truth, spacing)
         except ValueError as err:
             raise ValueError(f"case {pid}: {err}") from err
+    if relabelled:
+        warnings.warn(f"prediction(s) hold labels other than 0/1, scored as background as the organisers' script "
+                      f"does (tumour = label 1 only): {M._few(relabelled)}; write 0/1 masks", stacklevel=2)
     if moved:
         warnings.warn(f"prediction affine differs from the expert mask's for case(s) {M._few(moved)}; "
                       "check orientation (scores compare voxel arrays)", stacklevel=2)
@@ -521,7 +552,10 @@ def evaluate(
 
     from divaware.cohort import load_cohort
 
-    cohort = load_cohort(root)
+    # The checks of `divaware check`, voxels included (cached in the run folder): an excluded case is named
+    # in a warning and never scored.
+    is_run = (run_dir / "config.yaml").is_file()  # a bare prediction folder gets no cache written into it
+    cohort = load_cohort(root, voxel_cache=run_dir / "cache" / "voxel_checks.json" if is_run else None)
     ids = _split_ids(cohort, run_dir, split)
     if patient_ids is not None:
         wanted = [str(i) for i in patient_ids]

@@ -70,6 +70,11 @@ def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, see
         root = Path(os.environ[DATA_ENV]).expanduser()
     else:
         return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(
+            f"data folder {root} is a file, not a folder; pass the MAMA-MIA root (the folder holding images/ and "
+            f"clinical_and_imaging_info.xlsx), set ${DATA_ENV}, or leave both empty for the synthetic cohort"
+        )
     if not root.is_dir():
         raise FileNotFoundError(
             f"data folder {root} does not exist; pass the MAMA-MIA root (the folder holding images/ and "

@@ -100,7 +100,15 @@ def load_series_config(path: str | Path | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"series configuration {path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ValueError(f"series configuration {path} is not valid YAML ({where}"
+                         f"{getattr(err, 'problem', None) or err}); fix the syntax") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"series configuration {path} must hold a mapping (data_root, methods, ...)")
     known = {"data_root", "methods", "baseline", "common", "notebooks", "training", "sweep"}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -167,8 +175,14 @@ def run_series(
     ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``).
     """
     out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     src = notebooks_dir()
+    if only:
+        labels = [label for label, _, _ in series_jobs(config, out, src)]
+        unmatched = [o for o in only if not any(label.startswith(o) for label in labels)]
+        if unmatched:
+            raise ValueError(f"--only {' '.join(unmatched)} matches no notebook of the series; choose from "
+                             f"{', '.join(labels)}")
+    out.mkdir(parents=True, exist_ok=True)
     (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
     timings: dict[str, float] = {}
     for label, source, params in series_jobs(config, out, src):

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from divaware import data as D
+from divaware.cohort import run_val_ids
 from divaware.model import infer, segment
-from divaware.train import TrainConfig, resolve_device
+from divaware.train import VOXEL_CACHE, TrainConfig, resolve_device
 
 POSTPROCESS = ("largest_component", "breast_box")
 PRED_FOLDER = "pred_segmentations"
@@ -140,8 +141,14 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     out = Path(out_dir) if out_dir is not None else run_dir / f"predictions_{split or 'all'}{suffix}"
     if out.resolve().is_relative_to(data_root):
         raise ValueError(f"out_dir {out} lies inside the input data folder {data_root}; input data is read-only")
-    cohort = load_cohort(data_root, require_masks=False)  # inference needs no expert masks
-    ids = list(patient_ids) if patient_ids is not None else cohort.ids(split)
+    # inference needs no expert masks; the voxel checks are those of `divaware check`, cached in the run folder
+    cohort = load_cohort(data_root, require_masks=False, voxel_cache=run_dir / "cache" / VOXEL_CACHE)
+    if patient_ids is not None:
+        ids = list(patient_ids)
+    elif split == "val":
+        ids = run_val_ids(run_dir, cohort)
+    else:
+        ids = cohort.ids(split)
     if not ids:
         raise ValueError(f"no cases in split {split!r} of {data_root}")
     records = D.make_records(cohort, ids, spec, require_mask=False)

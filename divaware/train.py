@@ -148,8 +148,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # YAML and Python callers hand in tuples, strings such as "1e-3" (PyYAML reads that as text) or
         # ints for floats: coerce once so comparisons between configs and the YAML round trip are exact.
+        def whole(value: Any) -> int:
+            # int(2.7) would silently train 2 epochs: a fractional value for a count is an error
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value!r} is not a whole number")
+            return int(value)
+
         def as_list(value: Any, kind: type) -> list | None:
-            return None if value is None else [kind(v) for v in value]
+            return None if value is None else [(whole if kind is int else kind)(v) for v in value]
 
         try:
             for name in ("phases", "channels", "strides"):
@@ -161,7 +167,10 @@ class TrainConfig:
             for f in dataclasses.fields(self):
                 value = getattr(self, f.name)
                 if f.type in ("int",) and not isinstance(value, bool):
-                    setattr(self, f.name, int(value))
+                    try:
+                        setattr(self, f.name, whole(value))
+                    except ValueError as err:
+                        raise ValueError(f"field {f.name!r}: {err}") from None
                 elif f.type in ("float",):
                     setattr(self, f.name, float(value))
                 elif f.type == "float | None" and value is not None:
@@ -196,7 +205,10 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML ({_yaml_error(err)}); fix the syntax") from None
         if not isinstance(values, dict):
             raise ValueError(f"config file {path} must hold a mapping of field: value")
         return cls.from_dict(values)
@@ -264,6 +276,7 @@ class TrainConfig:
             self.run_dir()
         except (KeyError, IndexError, ValueError) as err:
             bad("out_dir", f"placeholder {err} is not a config field")
+        check_config_values(self)
 
     def divisor(self) -> int:
         return network_divisor(self.model, self.strides, **self.model_kwargs)
@@ -294,6 +307,98 @@ class TrainingDivergedError(RuntimeError):
     """A non-finite loss or gradient; the message names epoch, batch and patient_ids."""
 
 
+def _yaml_error(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(err, "problem", None) or err).splitlines()[0]
+
+
+MAX_LR = 1.0
+"""Largest learning rate accepted: above it Adam/AdamW/SGD steps are larger than the weights themselves."""
+EXPLOSION_FACTOR = 1e4
+"""Training stops when a batch's mean loss exceeds this multiple of the run's first loss (without NaN)."""
+
+
+def check_config_values(config: TrainConfig) -> None:
+    """Raise a one-line ValueError for a value of the right type but no meaning (negative, fractional, absurd).
+
+    Kept apart from :meth:`TrainConfig.validate` (which checks names and choices) so the two lists stay short.
+    """
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"config field {name!r} = {getattr(config, name)!r}: {why}")
+
+    for name in ("epochs", "batch_size", "update_every", "val_every", "samples_per_case", "synthetic_cases",
+                 "warmup_epochs", "min_group_size", "breast_margin", "num_res_units", "seed", "num_workers",
+                 "cpu_threads"):
+        value = getattr(config, name)
+        if isinstance(value, float) and not float(value).is_integer():
+            bad(name, "must be a whole number")
+    if int(config.min_group_size) < 1:
+        bad("min_group_size", "must be >= 1 (groups smaller than this are left out of the worst-group Dice)")
+    if int(config.breast_margin) < 0:
+        bad("breast_margin", "must be >= 0")
+    if not 0.0 < float(config.val_fraction) <= 0.5:
+        bad("val_fraction", "must lie in (0, 0.5]: the fairness-validation split is carved from the training "
+                            "cases, and above half of them too few are left to train on")
+    if not math.isfinite(float(config.lr)) or float(config.lr) > MAX_LR:
+        bad("lr", f"must be a finite number <= {MAX_LR:g} (typical: 1e-4 to 1e-2)")
+    if float(config.weight_decay) < 0 or not math.isfinite(float(config.weight_decay)):
+        bad("weight_decay", "must be >= 0")
+    if config.grad_clip is not None and not (math.isfinite(config.grad_clip) and config.grad_clip > 0):
+        bad("grad_clip", "must be > 0 (a gradient-norm limit), or null for no clipping")
+    if not 0.0 <= float(config.dropout) < 1.0:
+        bad("dropout", "must lie in [0, 1)")
+    if not 0.0 <= float(config.sw_overlap) < 1.0:
+        bad("sw_overlap", "must lie in [0, 1)")
+    if float(config.cache_max_gb) < 0:
+        bad("cache_max_gb", "must be >= 0")
+    if config.spacing is not None and (len(config.spacing) != 3
+                                       or not all(math.isfinite(v) and v > 0 for v in config.spacing)):
+        bad("spacing", "must be 3 positive voxel sizes in mm, or null")
+    if config.patch_size is not None and not all(v > 0 for v in config.patch_size):
+        bad("patch_size", "must be 3 positive sizes, or null")
+    if any(int(c) < 1 for c in config.channels) or any(int(c) < 1 for c in config.strides):
+        bad("channels", "channels and strides must be positive")
+
+
+def check_patch_fits(config: TrainConfig, geometry: pd.DataFrame) -> None:
+    """Refuse a patch larger than every case along some axis (it would be mostly padding, or never end)."""
+    if config.patch_size is None or geometry.empty or config.spacing is not None or config.crop_to_breast:
+        return  # resampling/cropping changes the sizes: checked from the headers only without them
+    largest = [int(geometry[c].max()) for c in ("nx", "ny", "nz")]
+    too_big = [a for a, p, n in zip("xyz", config.patch_size, largest, strict=True) if p > n]
+    if too_big:
+        raise ValueError(f"config field 'patch_size' = {config.patch_size!r} is larger than every case along "
+                         f"{', '.join(too_big)} (largest volume {largest}); choose a patch at most that size")
+
+
+def refuse_inside_data(data_root: str | Path, **folders: Path) -> None:
+    """A ValueError when a folder the run writes into (run folder, cache) lies inside the input data."""
+    root = Path(data_root).resolve()
+    for name, folder in folders.items():
+        if Path(folder).resolve().is_relative_to(root):
+            raise ValueError(f"{name} {folder} lies inside the data folder {root}; input data is read-only, "
+                             "choose a folder outside it")
+
+
+class _LossWatch:
+    """Stops training whose loss explodes without becoming NaN (e.g. an absurd lr: 3e12 -> 5e16)."""
+
+    def __init__(self, history: Sequence[Mapping[str, Any]]) -> None:
+        # The first epoch's mean loss survives a resume in the checkpointed history.
+        self.reference = float(history[0]["loss_mean"]) if history else None
+
+    def check(self, run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses: np.ndarray) -> None:
+        mean = float(np.mean(losses))
+        if self.reference is None:
+            self.reference = max(mean, 1e-6)
+            return
+        if mean > EXPLOSION_FACTOR * self.reference:
+            _diverged(run_dir, epoch, batch, ids, losses,
+                      f"loss grew {mean / self.reference:.3g} times above the first loss "
+                      f"({self.reference:.4g} -> {mean:.4g}): exploding")
+
+
 # ------------------------------------------------------------------------------------------------
 # small utilities
 # ------------------------------------------------------------------------------------------------
@@ -308,15 +413,104 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
+    try:
+        frame.to_csv(tmp, index=False)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if not _is_disk_full(err, path):
+            raise
+        raise DiskFullError(_disk_full_message(path, int(frame.memory_usage(deep=True).sum()))) from None
     os.replace(tmp, path)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file then rename, so a crash never leaves a truncated checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        if not _is_disk_full(err, path):
+            raise
+        raise DiskFullError(_disk_full_message(path, _state_bytes(obj))) from None
     os.replace(tmp, path)
+
+
+class DiskFullError(OSError):
+    """Writing a run file failed for lack of space; the message names the disk and the space needed."""
+
+
+def _is_disk_full(err: BaseException, path: Path) -> bool:
+    import errno
+    import shutil
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch's zip writer reports a full disk as "unexpected pos" / "file write failed" (RuntimeError)
+    text = str(err)
+    if isinstance(err, RuntimeError) and ("unexpected pos" in text or "write failed" in text):
+        try:
+            return shutil.disk_usage(path.parent).free < 64 * 1024**2
+        except OSError:
+            return True
+    return False
+
+
+def _state_bytes(obj: Any) -> int:
+    total = 0
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return total
+
+
+def _disk_full_message(path: Path, needed: int) -> str:
+    import shutil
+
+    try:
+        usage = shutil.disk_usage(path.parent)
+        free = f"{usage.free / 1024**2:.0f} MiB free of {usage.total / 1024**3:.1f} GiB"
+    except OSError:
+        free = "free space unknown"
+    mount = path.parent.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return (f"disk full writing {path} (on the disk mounted at {mount}: {free}; this file needs about "
+            f"{needed / 1024**2:.0f} MiB); free space there or move out_dir, then resume")
+
+
+VOXEL_CACHE = "voxel_checks.json"  # per-file voxel-check results, in the run's cache folder
+
+
+def _checkpoint_epoch(path: Path) -> str:
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+    except Exception:
+        return "unknown"
+
+
+def load_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """``last.pt`` of a run; a damaged or empty file is a one-line error naming the earlier state to use."""
+    path = run_dir / "last.pt"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or "epoch" not in ckpt:
+            raise ValueError("not a divaware checkpoint")
+    except Exception as err:
+        best = run_dir / "best.pt"
+        earlier = (f"best.pt (epoch {_checkpoint_epoch(best)}) holds the best earlier model weights, usable "
+                   "for predict/evaluate (--checkpoint best) but not for an exact resume"
+                   if best.is_file() else "no earlier state is kept")
+        size = path.stat().st_size if path.exists() else 0
+        raise ValueError(f"{path} is damaged or empty ({size} bytes; {type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); {earlier}. Train again with "
+                         "--overwrite") from None
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
+    return ckpt
 
 
 def _derived_seed(*parts: Any) -> int:
@@ -492,7 +686,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
     """Check the folder against the config; returns whether a checkpoint is to be resumed."""
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        if run_dir.exists() and not _only_early_files(run_dir) and not overwrite:
             raise ValueError(f"run folder {run_dir} is not empty and holds no config.yaml; choose another out_dir")
         return False
     old = yaml.safe_load(cfg_path.read_text()) or {}
@@ -514,6 +708,12 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             "or overwrite=True (--overwrite) to start it again"
         )
     return has_ckpt and resume
+
+
+def _only_early_files(run_dir: Path) -> bool:
+    """Whether the folder holds only what a run writes before its config.yaml (a kill there must resume)."""
+    early = {"splits.csv", "cache"}
+    return all(p.name in early or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in run_dir.iterdir())
 
 
 def _strategy_kwargs(config: TrainConfig, test_ids: Sequence[str]) -> dict[str, Any]:
@@ -580,6 +780,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     config.validate()
     config = resolve_config(config)
     run_dir = config.run_dir()
+    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    refuse_inside_data(config.data_root, out_dir=run_dir, cache_dir=cache_dir)
     resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -594,7 +796,9 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     channels_last = cuda if config.channels_last is None else bool(config.channels_last)
 
     # -- cohort and split (the challenge test split is never loaded here) -------------------------
-    cohort = load_cohort(config.data_root)
+    # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
+    cohort = load_cohort(config.data_root, voxel_cache=cache_dir / VOXEL_CACHE)
+    check_patch_fits(config, cohort.geometry)
     challenge_train = [i for i in cohort.ids("train") if cohort.cases[i].mask_path is not None]
     dropped = sorted(set(cohort.ids("train")) - set(challenge_train))
     if dropped:
@@ -621,7 +825,6 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     strategy.fit(cohort.metadata.loc[train_ids])
     val_groups = attribute_table(cohort.metadata.loc[val_ids], list(config.attributes))
     spec = config.data_spec()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     ds_args = {"cache": config.cache, "cache_dir": cache_dir, "spec": spec,
                "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers}
     train_ds = D.make_dataset(D.make_records(cohort, train_ids, spec), D.train_transforms(spec), **ds_args)
@@ -637,9 +840,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     best = {"epoch": 0, "selection": -math.inf}
     start_epoch = 0
     if resuming:
-        ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{run_dir / 'last.pt'} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
+        ckpt = load_checkpoint(run_dir)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         strategy.load_state_dict(ckpt["strategy"])
@@ -648,6 +849,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
         _set_rng_state(ckpt["rng"], device)
     if start_epoch >= config.epochs:
         return run_dir
+    watch = _LossWatch(history)
 
     step_model: torch.nn.Module = model
     if config.compile:
@@ -679,7 +881,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             per_case = loss_fn(logits, label)
             host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
             if not np.isfinite(host).all():
-                _diverged(run_dir, epoch, b, ids, host, "loss")
+                _diverged(run_dir, epoch, b, ids, host, "non-finite loss")
+            watch.check(run_dir, epoch, b, ids, host)
             weights = strategy.batch_weights(ids, host)
             loss = combine(per_case, weights, config.alpha)
             optimizer.zero_grad(set_to_none=True)
@@ -687,7 +890,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             if config.grad_clip:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 if not math.isfinite(float(norm)):
-                    _diverged(run_dir, epoch, b, ids, host, "gradient")
+                    _diverged(run_dir, epoch, b, ids, host, "non-finite gradient")
             optimizer.step()
             n = len(ids)
             # the same objective on the host copy: no extra device sync for logging
@@ -751,10 +954,10 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
 
 def _diverged(run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses: np.ndarray, what: str) -> None:
     last = run_dir / "last.pt"
-    kept = (f"the last good checkpoint {last} (epoch {torch.load(last, map_location='cpu', weights_only=False)['epoch']}) "
-            "is kept" if last.is_file() else "no checkpoint was written yet")
+    kept = (f"the last good checkpoint {last} (epoch {_checkpoint_epoch(last)}) is kept" if last.is_file()
+            else "no checkpoint was written yet")
     bad = [f"{pid}={v:.4g}" for pid, v in zip(ids, losses, strict=True)]
     raise TrainingDivergedError(
-        f"non-finite {what} at epoch {epoch + 1}, batch {batch} (patient_ids {', '.join(bad)}); {kept}. "
+        f"{what} at epoch {epoch + 1}, batch {batch} (patient_ids {', '.join(bad)}); {kept}. "
         "Check those cases' images, lower lr, or turn amp off, then resume"
     )

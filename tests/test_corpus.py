@@ -1,0 +1,343 @@
+"""The bad-data corpus: every defect of one case's files has one named outcome in every command.
+
+Each defect of :data:`DEFECTS` is built in a private copy of a tiny synthetic cohort (on one training case
+and one test case), then ``divaware check`` (also ``--strict``), ``load_cohort`` (strict and not), a
+one-epoch ``train``, ``predict`` and ``evaluate`` run on it. Asserted: the named outcome (``exclude``: the
+cases are named in a warning / the report and never trained on, predicted or scored; ``report``: the cases
+are kept and the problem is named), no exception, and a byte-identical data folder. The defect table in the
+``divaware.cohort`` docstring and in the README must list exactly these defects with these outcomes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+import divaware.cohort as cohort_module
+from divaware.cli import main as cli_main
+from divaware.cohort import CohortError, load_cohort
+from divaware.synthetic import make_cohort
+
+N_CASES, SEED = 14, 3
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+# --------------------------------------------------------------------------------------------------
+# defect builders: (root, patient_id) -> None, changing that case's files in place
+# --------------------------------------------------------------------------------------------------
+
+
+def _phase(root: Path, pid: str, k: int) -> Path:
+    return root / "images" / pid / f"{pid.lower()}_{k:04d}.nii.gz"
+
+
+def _mask(root: Path, pid: str) -> Path:
+    return root / "segmentations" / "expert" / f"{pid}.nii.gz"
+
+
+def _rewrite(path: Path, arr: np.ndarray | None = None, affine: np.ndarray | None = None) -> None:
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj) if arr is None else arr
+    out = nib.Nifti1Image(data, img.affine if affine is None else affine)
+    out.set_data_dtype(data.dtype)
+    nib.save(out, str(path))
+
+
+def _mask_array(root: Path, pid: str) -> np.ndarray:
+    return np.asanyarray(nib.load(str(_mask(root, pid))).dataobj).astype(np.float32)
+
+
+def _truncate(path: Path) -> None:
+    # keep the NIfTI header (first bytes of the gzip stream), cut the voxel data
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw)[: max(200, len(gzip.compress(raw)) // 2)])
+
+
+def _mask_times(value: float, dtype: type) -> Callable[[Path, str], None]:
+    def build(root: Path, pid: str) -> None:
+        _rewrite(_mask(root, pid), (_mask_array(root, pid) * value).astype(dtype))
+    return build
+
+
+def _mask_nan(root: Path, pid: str) -> None:
+    m = _mask_array(root, pid)
+    idx = np.flatnonzero(m)
+    m.flat[idx[: len(idx) // 2]] = np.nan
+    _rewrite(_mask(root, pid), m)
+
+
+def _image_value(value: float) -> Callable[[Path, str], None]:
+    def build(root: Path, pid: str) -> None:
+        path = _phase(root, pid, 1)
+        arr = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+        arr[10:14, 10:14, 5:8] = value
+        _rewrite(path, arr)
+    return build
+
+
+def _phase_affine(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 1)
+    affine = nib.load(str(path)).affine.copy()
+    affine[:3, 3] += 5.0  # origin shifted by 5 mm
+    _rewrite(path, affine=affine)
+
+
+def _phase_all_zero(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 2)
+    arr = np.asanyarray(nib.load(str(path)).dataobj)
+    _rewrite(path, np.zeros_like(arr))
+
+
+def _mask_inverted(root: Path, pid: str) -> None:
+    _rewrite(_mask(root, pid), (1 - _mask_array(root, pid)).astype(np.uint8))
+
+
+def _mask_transposed(root: Path, pid: str) -> None:
+    _rewrite(_mask(root, pid), _mask_array(root, pid).transpose(1, 0, 2).astype(np.uint8))
+
+
+def _mask_affine(scale: tuple[float, float, float]) -> Callable[[Path, str], None]:
+    def build(root: Path, pid: str) -> None:
+        path = _mask(root, pid)
+        affine = nib.load(str(path)).affine.copy()
+        affine[:3, :3] = affine[:3, :3] @ np.diag(scale)
+        _rewrite(path, affine=affine)
+    return build
+
+
+def _blank_patient_id(root: Path, pid: str) -> None:
+    xlsx = root / "clinical_and_imaging_info.xlsx"
+    frame = pd.read_excel(xlsx, sheet_name="dataset_info")
+    row = frame[frame["patient_id"] == pid].copy()
+    row["patient_id"] = None
+    frame = pd.concat([frame, row], ignore_index=True)
+    with pd.ExcelWriter(xlsx, engine="openpyxl") as writer:
+        frame.to_excel(writer, sheet_name="dataset_info", index=False)
+
+
+def _breast_box_inverted(root: Path, pid: str) -> None:
+    path = root / "patient_info_files" / f"{pid.lower()}.json"
+    info = json.loads(path.read_text())
+    box = info["primary_lesion"]["breast_coordinates"]
+    box["x_min"], box["x_max"] = box["x_max"], box["x_min"]
+    path.write_text(json.dumps(info))
+
+
+# defect id -> (outcome, builder, text the warning/report must contain)
+DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
+    "truncated_image": ("exclude", lambda r, p: _truncate(_phase(r, p, 1)), "truncated or corrupt"),
+    "truncated_mask": ("exclude", lambda r, p: _truncate(_mask(r, p)), "cannot read"),
+    "phase_affine": ("exclude", _phase_affine, "different affine"),
+    "mask_0_2": ("exclude", _mask_times(2, np.uint8), "not binary"),
+    "mask_0_255": ("exclude", _mask_times(255, np.uint8), "not binary"),
+    "mask_half": ("exclude", _mask_times(0.5, np.float32), "not binary"),
+    "mask_0_3": ("exclude", _mask_times(0.3, np.float32), "not binary"),
+    "mask_nan": ("exclude", _mask_nan, "not binary"),
+    "mask_inverted": ("exclude", _mask_inverted, "inverted"),
+    "mask_transposed": ("exclude", _mask_transposed, "enhancing"),
+    "mask_affine_flipped": ("exclude", _mask_affine((-1.0, 1.0, 1.0)), "different affine"),
+    "mask_spacing_x2": ("exclude", _mask_affine((2.0, 2.0, 2.0)), "different affine"),
+    "image_nan": ("exclude", _image_value(np.nan), "NaN/Inf"),
+    "image_inf": ("exclude", _image_value(np.inf), "NaN/Inf"),
+    "image_huge": ("exclude", _image_value(1e36), "intensities up to"),
+    "phase_all_zero": ("exclude", _phase_all_zero, "constant"),
+    "blank_patient_id": ("report", _blank_patient_id, "without patient_id"),
+    "breast_box_inverted": ("report", _breast_box_inverted, "x_min"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures and helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus") / "cohort"
+    make_cohort(root, n_cases=N_CASES, seed=SEED)
+    return root
+
+
+def _moves_tumour(c: object, pid: str) -> bool:
+    """Whether transposing the mask moves it off the tumour (a transposed mask still on the tumour is harmless)."""
+    m = np.asanyarray(nib.load(str(c.cases[pid].mask_path)).dataobj) == 1
+    return np.count_nonzero(m & m.transpose(1, 0, 2)) < 0.1 * np.count_nonzero(m)
+
+
+def _victims(root: Path, defect: str = "") -> tuple[str, str]:
+    """One training case and one test case to break."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = load_cohort(root)
+    train, test = c.ids("train")[1:], c.ids("test")
+    if defect == "mask_transposed":
+        train, test = [i for i in train if _moves_tumour(c, i)], [i for i in test if _moves_tumour(c, i)]
+    return train[0], test[0]
+
+
+def _fingerprint(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def _train_config(root: Path, out: Path) -> object:
+    from divaware.train import TrainConfig
+
+    return TrainConfig(data_root=str(root), out_dir=str(out), epochs=1, batch_size=4, channels=[4, 8, 16],
+                       strides=[2, 2], num_res_units=0, augment=False, strategy="erm", stratify=[],
+                       min_group_size=1, cache="memory", progress=False, cpu_threads=1, val_fraction=0.25)
+
+
+def _messages(record: list[warnings.WarningMessage]) -> str:
+    return "\n".join(str(w.message) for w in record)
+
+
+def run_all_commands(root: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    """check, check --strict, load (strict and not), train, predict and evaluate on ``root``."""
+    from divaware.evaluate import evaluate
+    from divaware.predict import predict
+
+    out: dict[str, object] = {}
+    out["check_rc"] = cli_main(["check", str(root)])
+    out["check_out"] = capsys.readouterr().out
+    out["strict_rc"] = cli_main(["check", "--strict", str(root)])
+    out["strict_err"] = capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        out["cohort"] = load_cohort(root)
+    out["load_warnings"] = _messages(rec)
+    try:
+        load_cohort(root, strict=True)
+        out["strict_load"] = None
+    except CohortError as err:
+        out["strict_load"] = str(err)
+    run = work / "run"
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        from divaware.train import train
+
+        train(_train_config(root, run))
+    out["train_warnings"] = _messages(rec)
+    out["splits"] = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        pred = predict(run, root, split="test", out_dir=work / "pred", progress=False, cpu_threads=1)
+    out["predict_warnings"] = _messages(rec)
+    out["predicted"] = sorted(p.name[: -len(".nii.gz")] for p in (pred / "pred_segmentations").glob("*.nii.gz"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = evaluate(run, root, split="test", n_boot=10, min_support=0.3, verbose=False, cpu_threads=1)
+    out["evaluate_warnings"] = _messages(rec)
+    out["scored"] = list(res.per_case.index)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the corpus
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("defect", list(DEFECTS))
+def test_defect_has_its_named_outcome_in_every_command(defect: str, tiny_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    outcome, build, text = DEFECTS[defect]
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    train_pid, test_pid = _victims(root, defect)
+    victims = [train_pid, test_pid]
+    for pid in victims:
+        build(root, pid)
+    before = _fingerprint(root)
+    healthy_test = [i for i in load_cohort(tiny_root).ids("test") if i not in victims]
+
+    r = run_all_commands(root, tmp_path / "work", capsys)
+
+    # check: the report names the problem; exit 1; --strict stops with a one-line-per-problem error
+    assert r["check_rc"] == 1 and text in r["check_out"], r["check_out"]
+    assert r["strict_rc"] == 2 and text in r["strict_err"]
+    assert r["strict_load"] is not None and text in r["strict_load"]
+    cohort = r["cohort"]
+    splits = r["splits"]
+    if outcome == "exclude":
+        for pid in victims:
+            assert f"{pid}: excluded: " in r["check_out"]
+            assert pid in cohort.excluded and pid not in cohort.cases
+            for command in ("load", "train", "evaluate"):
+                assert f"case {pid} excluded" in r[f"{command}_warnings"], (command, r[f"{command}_warnings"])
+        assert text in r["load_warnings"]
+        assert train_pid not in set(splits["patient_id"])  # never trained on nor validated on
+        assert test_pid not in r["predicted"] and test_pid not in r["scored"]
+    else:
+        assert text in r["load_warnings"]
+        assert train_pid in set(splits["patient_id"])
+        assert test_pid in r["predicted"] and test_pid in r["scored"]
+    assert set(healthy_test) <= set(r["predicted"]) and set(healthy_test) <= set(r["scored"])
+    assert _fingerprint(root) == before  # the data folder is byte-identical after all five commands
+
+
+def test_done_when_three_bad_cases_give_three_named_warnings(tiny_root: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """One NaN phase, one shifted-affine phase, one truncated mask: three named warnings, healthy results."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    c = load_cohort(root)
+    nan_pid, shifted_pid, truncated_pid = c.ids("train")[2], c.ids("train")[3], c.ids("test")[1]
+    DEFECTS["image_nan"][1](root, nan_pid)
+    DEFECTS["phase_affine"][1](root, shifted_pid)
+    DEFECTS["truncated_mask"][1](root, truncated_pid)
+    bad = {nan_pid: "NaN/Inf", shifted_pid: "different affine", truncated_pid: "cannot read"}
+    before = _fingerprint(root)
+    r = run_all_commands(root, tmp_path / "work", capsys)
+    for pid, why in bad.items():
+        assert re.search(rf"{pid}: excluded: .*{why}", r["check_out"])
+        for command in ("train", "evaluate"):
+            named = [m for m in r[f"{command}_warnings"].splitlines() if m.startswith(f"case {pid} excluded")]
+            assert len(named) == 1 and why in named[0], (command, r[f"{command}_warnings"])
+    assert not set(bad) & set(r["splits"]["patient_id"])
+    healthy_test = [i for i in c.ids("test") if i not in bad]
+    assert r["scored"] == healthy_test
+    assert _fingerprint(root) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# the tables cannot drift from the registry
+# --------------------------------------------------------------------------------------------------
+
+
+def _docstring_table() -> dict[str, str]:
+    doc = cohort_module.__doc__ or ""
+    section = doc[doc.index("defect id"):]
+    rows = {}
+    for line in section.splitlines()[2:]:
+        if line.startswith("="):
+            break
+        m = re.match(r"^(\w+)\s{2,}.+?\s{2,}(\w+)\s*$", line)
+        assert m, line
+        rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def _readme_table() -> dict[str, str]:
+    rows = {}
+    for line in README.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^\|\s*`(\w+)`\s*\|.*\|\s*(exclude|report)\s*\|\s*$", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def test_docstring_and_readme_tables_match_the_corpus() -> None:
+    registry = {k: v[0] for k, v in DEFECTS.items()}
+    assert _docstring_table() == registry
+    assert _readme_table() == registry
