@@ -531,7 +531,8 @@ def _normalise(frame: pd.DataFrame, xlsx: Path, problems: list[str]) -> pd.DataF
         raise CohortError(f"{xlsx} lacks required column(s) {', '.join(missing)} (has: {_few(frame.columns, 12)}); "
                           "use the clinical_and_imaging_info.xlsx of the MAMA-MIA release")
     ids = frame["patient_id"].map(lambda v: None if _is_missing(v) else str(v).strip())
-    blank = [i + 2 for i, v in enumerate(ids) if v is None]  # +2: 1-based rows below the header
+    # pandas turns the None of map() into NaN: test with notna(), not `is None`
+    blank = [i + 2 for i, ok in enumerate(ids.notna()) if not ok]  # +2: 1-based rows below the header
     if blank:
         problems.append(f"{xlsx.name}: {len(blank)} row(s) without patient_id ignored (sheet rows {_few(blank)})")
     frame = frame.loc[ids.notna().to_numpy()].copy()

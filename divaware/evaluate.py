@@ -492,11 +492,15 @@ def _ensure_predictions(run_dir: Path, data_root: Path, out: Path, ids: Sequence
     have = _prediction_files(pred_dir) if pred_dir.is_dir() else {}
     todo = [i for i in ids if i.lower() not in have]
     if todo:
+        from divaware.cohort import CohortWarning
         from divaware.predict import predict
 
         kwargs = {"progress": verbose, **operational}
-        predict(run_dir, data_root, split=None, out_dir=out, checkpoint=checkpoint, patient_ids=todo,
-                **settings, **kwargs)
+        with warnings.catch_warnings():
+            # evaluate() has loaded the same cohort and warned about its excluded cases already
+            warnings.simplefilter("ignore", CohortWarning)
+            predict(run_dir, data_root, split=None, out_dir=out, checkpoint=checkpoint, patient_ids=todo,
+                    **settings, **kwargs)
     return pred_dir
 
 

@@ -203,8 +203,12 @@ def _messages(record: list[warnings.WarningMessage]) -> str:
     return "\n".join(str(w.message) for w in record)
 
 
-def run_all_commands(root: Path, work: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
-    """check, check --strict, load (strict and not), train, predict and evaluate on ``root``."""
+def run_all_commands(root: Path, work: Path, capsys: pytest.CaptureFixture[str],
+                     evaluate_predicts: bool = False) -> dict[str, object]:
+    """check, check --strict, load (strict and not), train, predict and evaluate on ``root``.
+
+    ``evaluate_predicts=False`` lets evaluate score predict()'s files instead of predicting again (the same
+    predict() call, so the corpus stays fast)."""
     from divaware.evaluate import evaluate
     from divaware.predict import predict
 
@@ -237,7 +241,8 @@ def run_all_commands(root: Path, work: Path, capsys: pytest.CaptureFixture[str])
     out["predicted"] = sorted(p.name[: -len(".nii.gz")] for p in (pred / "pred_segmentations").glob("*.nii.gz"))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        res = evaluate(run, root, split="test", n_boot=10, min_support=0.3, verbose=False, cpu_threads=1)
+        kwargs = {"cpu_threads": 1} if evaluate_predicts else {"predictions": pred}
+        res = evaluate(run, root, split="test", n_boot=10, min_support=0.3, verbose=False, **kwargs)
     out["evaluate_warnings"] = _messages(rec)
     out["scored"] = list(res.per_case.index)
     return out
@@ -273,7 +278,7 @@ def test_defect_has_its_named_outcome_in_every_command(defect: str, tiny_root: P
         for pid in victims:
             assert f"{pid}: excluded: " in r["check_out"]
             assert pid in cohort.excluded and pid not in cohort.cases
-            for command in ("load", "train", "evaluate"):
+            for command in ("load", "train", "predict", "evaluate"):
                 assert f"case {pid} excluded" in r[f"{command}_warnings"], (command, r[f"{command}_warnings"])
         assert text in r["load_warnings"]
         assert train_pid not in set(splits["patient_id"])  # never trained on nor validated on
@@ -298,10 +303,10 @@ def test_done_when_three_bad_cases_give_three_named_warnings(tiny_root: Path, tm
     DEFECTS["truncated_mask"][1](root, truncated_pid)
     bad = {nan_pid: "NaN/Inf", shifted_pid: "different affine", truncated_pid: "cannot read"}
     before = _fingerprint(root)
-    r = run_all_commands(root, tmp_path / "work", capsys)
+    r = run_all_commands(root, tmp_path / "work", capsys, evaluate_predicts=True)
     for pid, why in bad.items():
         assert re.search(rf"{pid}: excluded: .*{why}", r["check_out"])
-        for command in ("train", "evaluate"):
+        for command in ("train", "predict", "evaluate"):
             named = [m for m in r[f"{command}_warnings"].splitlines() if m.startswith(f"case {pid} excluded")]
             assert len(named) == 1 and why in named[0], (command, r[f"{command}_warnings"])
     assert not set(bad) & set(r["splits"]["patient_id"])
