@@ -102,11 +102,36 @@ def test_one_line_errors_from_the_command_line(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "series").exists()  # `run --only 99` ran and wrote nothing
 
 
+def test_prediction_labels_other_than_1_score_as_background(cohort, tmp_path: Path) -> None:
+    # The organisers count label 1 only: a 0/2 or 0/255 prediction of the true mask scores Dice 0 there.
+    import nibabel as nib
+
+    from divaware.evaluate import score_cases
+
+    ids = cohort.ids("test")[:3]
+    for pid, label in zip(ids, (1, 2, 255), strict=True):
+        img = nib.load(str(cohort.cases[pid].mask_path))
+        arr = (np.asanyarray(img.dataobj) * label).astype(np.uint8)
+        nib.save(nib.Nifti1Image(arr, img.affine), str(tmp_path / f"{pid}.nii.gz"))
+    with pytest.warns(UserWarning, match=rf"labels other than 0/1, scored as background .*{ids[1]} \(values 2\)"):
+        table = score_cases(tmp_path, cohort, ids)
+    assert table["dice"].tolist() == [1.0, 0.0, 0.0]
+
+
 def test_damaged_last_pt_and_interrupted_run_folder(synthetic_root: Path, tmp_path: Path) -> None:
+    from divaware.cohort import load_cohort
+    from divaware.predict import predict
+
     run = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(_tiny(synthetic_root, run))
+        # predict --split val predicts the run's fairness-validation cases, as evaluate --split val scores them
+        val = predict(run, synthetic_root, split="val", out_dir=tmp_path / "val", progress=False, cpu_threads=1)
+        splits = (run / "splits.csv").read_text().splitlines()
+        val_ids = sorted(line.split(",")[0] for line in splits[1:] if line.split(",")[1] == "val")
+        assert sorted(p.name[:-7] for p in (val / "pred_segmentations").glob("*.nii.gz")) == val_ids
+        assert set(val_ids) <= set(load_cohort(synthetic_root).ids("train"))
         (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:100])
         with pytest.raises(ValueError, match=r"last\.pt is damaged or empty .*best\.pt \(epoch 1\) holds"):
             train(_tiny(synthetic_root, run, epochs=2), resume=True)
