@@ -4,6 +4,11 @@
 the synthetic stand-in cohort in the divaware cache (``$DIVAWARE_CACHE``, default ``~/.cache/divaware``),
 generated on first use. Generation goes to a temporary sibling folder renamed into place at the end, so an
 interrupted or concurrent first use never leaves a half-written cohort behind.
+
+Where the notebooks write: ``resolve_output(path)`` keeps an absolute path and puts a relative one under the
+*runs root*, ``$DIVAWARE_RUNS`` when set, else ``runs/`` of the repository checkout (else ``./runs``). The
+notebooks' default output folders are relative, so 01 → 02 → 03 → 04 connect whatever the working directory:
+JupyterLab starts kernels in ``notebooks/``, the CLI runs from the repository root.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 DATA_ENV = "DIVAWARE_DATA"
 CACHE_ENV = "DIVAWARE_CACHE"
+RUNS_ENV = "DIVAWARE_RUNS"
 
 
 def cache_dir() -> Path:
@@ -76,3 +82,25 @@ def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, see
             f"clinical_and_imaging_info.xlsx), set ${DATA_ENV}, or leave both empty for the synthetic cohort"
         )
     return root
+
+
+def repo_root() -> Path | None:
+    """The repository checkout this package runs from (the folder holding ``notebooks/`` and
+    ``pyproject.toml``), or None for an installed copy."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
+
+
+def runs_root() -> Path:
+    """Where relative output paths go: ``$DIVAWARE_RUNS``, else ``<repository>/runs``, else ``./runs``."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV]).expanduser().resolve()
+    repo = repo_root()
+    return (repo / "runs") if repo is not None else (Path.cwd() / "runs").resolve()
+
+
+def resolve_output(path: str | Path) -> Path:
+    """An output folder: absolute paths as given, relative ones under :func:`runs_root` (never the working
+    directory, which differs between JupyterLab, papermill and the CLI)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else runs_root() / path

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+# Arguments of every kernel the series starts (see execute_notebook).
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
 SERIES = ("01_data_exploration", "02_subgroup_divergence", "03_training", "04_fairness_evaluation")
 
 
@@ -84,6 +86,9 @@ def execute_notebook(
         papermill.execute_notebook(
             str(source), str(output), parameters=dict(parameters), kernel_name="python3",
             cwd=str(cwd) if cwd else None, progress_bar=False, log_output=log_output,
+            # The kernel talks to papermill over local TCP and logs a warning about it at every start; the
+            # warning says nothing about the notebook, so the kernel's own log is kept to errors.
+            extra_arguments=list(KERNEL_ARGUMENTS),
         )
     except PapermillExecutionError as err:
         raise NotebookFailed(
@@ -149,6 +154,9 @@ def series_jobs(config: Mapping[str, Any], out: Path, src: Path) -> list[tuple[s
             params["reference_method"] = methods[0]
         if name == "02_subgroup_divergence" and reuse:
             params["baseline_run"] = str(out / "runs" / methods[0])
+        elif "baseline_dir" in declared and "baseline_dir" not in params:
+            # 02 trains its own baseline: inside the series folder, beside 02's other outputs
+            params["baseline_dir"] = str(out / name / "baseline")
         jobs[name] = [(name, source, params)]
     ordered = jobs["01_data_exploration"]
     if reuse:

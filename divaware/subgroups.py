@@ -513,17 +513,22 @@ def _divergence_by_items(itemsets: pd.DataFrame) -> dict[frozenset[str], float]:
     return d
 
 
-def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01) -> pd.DataFrame:
+def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01, mode: str = "redundant") -> pd.DataFrame:
     """Drop itemsets that an item-smaller itemset already explains.
 
-    An itemset I is redundant when removing some item i barely changes its divergence:
-    |Δ(I) − Δ(I ∖ {i})| ≤ ε (DivExplorer's redundancy pruning). With Δ(∅) = 0 this also drops single items
-    with |Δ| ≤ ε. Needs the full result of :func:`divergent_itemsets` (every sub-itemset present); the
-    order of the remaining rows is kept.
+    ``mode="redundant"`` (DivExplorer's redundancy pruning): I is dropped when removing some item i barely
+    changes its divergence, |Δ(I) − Δ(I ∖ {i})| ≤ ε. With Δ(∅) = 0 this also drops single items with |Δ| ≤ ε.
+    ``mode="worse"``: I is kept only when it is clearly *worse* than every sub-itemset with one item fewer,
+    Δ(I) < Δ(I ∖ {i}) − ε for every i (single items: Δ(I) < −ε): each of its items adds to the failure. This
+    is the reading for a list of under-performing subgroups, where a refinement that is no worse than its
+    parent (or better) only repeats it. Needs the full result of :func:`divergent_itemsets` (every
+    sub-itemset present); the order of the remaining rows is kept.
     """
     _check_itemsets(itemsets)
     if epsilon < 0:
         raise ValueError(f"epsilon must be ≥ 0, got {epsilon}")
+    if mode not in ("redundant", "worse"):
+        raise ValueError(f"mode must be 'redundant' or 'worse', got {mode!r}")
     div = _divergence_by_items(itemsets)
     keep = []
     for items in itemsets["items"]:
@@ -536,7 +541,10 @@ def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01) -> pd.DataFra
                     f"sub-itemset {itemset_label(sub)!r} of {itemset_label(items)!r} is missing; prune the "
                     f"unfiltered result of divergent_itemsets()"
                 )
-            if abs(div[items] - div[sub]) <= epsilon:
+            if mode == "redundant" and abs(div[items] - div[sub]) <= epsilon:
+                redundant = True
+                break
+            if mode == "worse" and not div[items] < div[sub] - epsilon:
                 redundant = True
                 break
         keep.append(not redundant)

@@ -623,7 +623,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     spec = config.data_spec()
     cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     ds_args = {"cache": config.cache, "cache_dir": cache_dir, "spec": spec,
-               "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers}
+               "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
+               "progress": config.progress}  # caching takes a while before the first epoch: show it
     train_ds = D.make_dataset(D.make_records(cohort, train_ids, spec), D.train_transforms(spec), **ds_args)
     val_ds = D.make_dataset(D.make_records(cohort, val_ids, spec), D.eval_transforms(spec), **ds_args)
     model = config.build_model().to(device)

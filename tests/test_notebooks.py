@@ -116,6 +116,40 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
         assert row["mean_dice"] == pytest.approx(per_case["dice"].mean())
 
 
+def figure_outputs(notebook: Path) -> tuple[list[str], list[str]]:
+    """The image/png outputs of an executed notebook, and every text output that is a figure's repr."""
+    nb = nbformat.read(notebook, as_version=4)
+    images, figure_texts = [], []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" in data:
+                images.append(data["image/png"])
+            texts = [data.get("text/plain", ""), output.get("text", "")]
+            figure_texts += [t for t in texts if "<Figure size" in "".join(t)]
+    return images, figure_texts
+
+
+def test_every_saved_figure_is_shown_inline_once(series_run: tuple[Path, dict]) -> None:
+    out, timings = series_run
+    # Where each executed notebook saved its figures: every PNG there is a figure the notebook made.
+    figure_folders = {"01_data_exploration": out / "01_data_exploration",
+                      "02_subgroup_divergence": out / "02_subgroup_divergence",
+                      "03_training_erm": out / "runs" / "erm", "03_training_divaware": out / "runs" / "divaware",
+                      "04_fairness_evaluation": out / "04_fairness_evaluation"}
+    assert set(figure_folders) == set(timings)
+    counts = {}
+    for label, folder in figure_folders.items():
+        made = sorted(p.name for p in folder.glob("*.png"))
+        images, figure_texts = figure_outputs(out / "notebooks" / f"{label}.ipynb")
+        counts[label] = (len(made), len(images))
+        assert made, label
+        assert len(images) >= len(made), f"{label}: {len(images)} inline images for figures {made}"
+        assert len(set(images)) == len(images), f"{label} shows a figure twice"
+        assert not figure_texts, f"{label} prints {figure_texts[0]} instead of showing the figure"
+    assert counts["01_data_exploration"][0] == 6  # missingness, intensity, tumour volume, enhancement, 2 cases
+
+
 def test_series_order_reuses_the_reference_run_as_baseline(tmp_path: Path) -> None:
     config = {"methods": ["erm", "divaware", "paper"], "baseline": "reference", "training": {"epochs": 3}}
     jobs = pipeline.series_jobs(config, tmp_path, NOTEBOOKS)

@@ -223,6 +223,25 @@ def test_redundancy_pruning_matches_divexplorer():
         prune_redundant(its.iloc[:3], eps)
 
 
+def test_worse_pruning_keeps_only_itemsets_clearly_worse_than_every_parent():
+    meta, scores, _ = planted_cohort(n=400, seed=4)
+    its = divergent_itemsets(attribute_table(meta), scores, min_support=0.03)
+    eps = 0.01
+    pruned = prune_redundant(its, eps, mode="worse")
+    div = {frozenset(i): d for i, d in zip(its["items"], its["divergence"], strict=True)}
+    div[frozenset()] = 0.0
+    for items in its["items"]:
+        clearly_worse = all(div[items] < div[items - {it}] - eps for it in items)
+        assert (items in set(pruned["items"])) == clearly_worse, itemset_label(items)
+    # The planted subgroup is worse than both of its single items, so it survives; every survivor fails.
+    assert PLANTED in set(pruned["label"])
+    assert all(d < 0 for d in pruned["divergence"])
+    # Unlike |ΔI − Δparent| ≤ ε, this pruning changes the top of the list (which notebook 02 shows).
+    assert list(pruned["label"][:10]) != list(prune_redundant(its, eps)["label"][:10])
+    with pytest.raises(ValueError, match="mode"):
+        prune_redundant(its, eps, mode="better")
+
+
 def test_shapley_contributions_sum_to_the_divergence():
     meta, scores, _ = planted_cohort()
     its = divergent_itemsets(attribute_table(meta), scores, min_support=0.05)
