@@ -147,7 +147,7 @@ def test_every_saved_figure_is_shown_inline_once(series_run: tuple[Path, dict]) 
         assert len(images) >= len(made), f"{label}: {len(images)} inline images for figures {made}"
         assert len(set(images)) == len(images), f"{label} shows a figure twice"
         assert not figure_texts, f"{label} prints {figure_texts[0]} instead of showing the figure"
-    assert counts["01_data_exploration"][0] == 6  # missingness, intensity, tumour volume, enhancement, 2 cases
+    assert counts["01_data_exploration"][0] >= 5  # missingness, intensity, tumour volume, enhancement, cases
 
 
 def test_series_order_reuses_the_reference_run_as_baseline(tmp_path: Path) -> None:
