@@ -5,14 +5,20 @@ Skipped only when playwright or a system Chromium is missing (``.ci/run`` instal
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
 import pytest
-
-from browser import REPO, cell_errors, chromium_path, lab_and_browser, open_notebook, parameterised_copy, \
-    run_all, wait_until_done
+from browser import (
+    REPO,
+    cell_errors,
+    chromium_path,
+    lab_and_browser,
+    open_notebook,
+    parameterised_copy,
+    run_all,
+    wait_until_done,
+)
 
 pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(chromium_path() is None, reason="no system Chromium (apt-get install chromium)")
@@ -39,15 +45,18 @@ def test_notebook_01_in_jupyterlab_shows_figures_and_live_viewers(synthetic_root
         assert "<Figure size" not in text
 
         # Every figure is an <img>: 4 static figures in cells, one picture per slice viewer.
-        static = page.locator(".jp-Cell .jp-OutputArea-output > .jp-RenderedImage img")
-        assert static.count() >= 4
+        images = page.eval_on_selector_all(
+            ".jp-Cell .jp-RenderedImage img",
+            "els => els.map(e => ({inWidget: !!e.closest('.jupyter-widgets, .widget-output'),"
+            " width: e.naturalWidth, src: e.getAttribute('src').slice(0, 22)}))")
+        static = [i for i in images if not i["inWidget"]]
+        assert len(static) >= 4, images  # missingness, intensity, tumour volume, enhancement
+        assert all(i["src"] == "data:image/png;base64," and i["width"] > 100 for i in images), images
         viewers = page.locator(".jp-OutputArea-output .widget-vbox:has(.widget-slider)")
         assert viewers.count() >= 1
         viewer = viewers.first
         picture = viewer.locator("img")
         picture.wait_for()
-        for i in range(static.count()):
-            assert static.nth(i).evaluate("img => img.naturalWidth") > 100  # a decoded picture, not a stub
         before = picture.get_attribute("src")
 
         # Move the slice slider with the keyboard, as a reader would: the picture must be redrawn.
@@ -63,5 +72,4 @@ def test_notebook_01_in_jupyterlab_shows_figures_and_live_viewers(synthetic_root
         after = viewer.locator("img").first.get_attribute("src")
         assert int(readout.inner_text()) != start
         assert after != before, "the slice viewer did not redraw after its slider moved"
-        assert re.search(rf"z?{int(readout.inner_text())}", viewer.inner_text()) or True
         assert "Error displaying widget" not in page.inner_text(".jp-Notebook")

@@ -19,8 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from browser import (REPO, cell_errors, lab_and_browser, open_notebook,  # noqa: E402
-                     parameterised_copy, run_all, wait_until_done)
+from browser import (  # noqa: E402
+    REPO,
+    cell_errors,
+    lab_and_browser,
+    open_notebook,
+    parameterised_copy,
+    run_all,
+    wait_until_done,
+)
 
 from divaware.synthetic import make_cohort  # noqa: E402
 
