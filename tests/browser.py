@@ -152,7 +152,7 @@ def lab_and_browser(root: Path, home: Path, env: Mapping[str, str] | None = None
 
 
 def open_notebook(lab: Lab, page: Any, relpath: str) -> None:
-    page.goto(f"{lab.url}/lab/tree/{relpath}?token={lab.token}")
+    page.goto(f"{lab.url}/lab/tree/{relpath}?reset&token={lab.token}")  # reset: no earlier tabs restored
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=180_000)
     # A fresh JupyterLab may ask which kernel to start: take the preselected one (the notebook's python3).
     try:
@@ -183,7 +183,6 @@ def wait_until_done(page: Any, timeout_ms: int = 600_000) -> None:
 
 
 def cell_errors(page: Any) -> list[str]:
-    return page.eval_on_selector_all(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
-                                     "els => els.map(e => e.textContent)") + \
-        page.eval_on_selector_all(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']",
-                                  "els => els.map(e => e.textContent)")
+    """Tracebacks shown in the notebook (stderr such as progress bars is not an error)."""
+    return page.eval_on_selector_all("[data-mime-type='application/vnd.jupyter.error']",
+                                     "els => els.map(e => e.textContent)")

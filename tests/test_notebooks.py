@@ -183,3 +183,15 @@ def test_sweep_trains_evaluates_and_aggregates(synthetic_root: Path, tmp_path: P
         assert row.mean_dice == pytest.approx(per_case["dice"].mean())
     summary = pd.read_csv(out / "sweep_summary.csv")
     assert set(summary["method"]) == {"erm", "inverse_frequency"} and (summary["ranking_count"] == 1).all()
+
+
+def test_series_kernels_do_not_warn_about_tcp(tmp_path: Path) -> None:
+    # Every `divaware run` step used to print the kernel's "running over TCP without encryption" warning.
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    code = ("from pathlib import Path; from divaware import pipeline; "
+            f"pipeline.execute_notebook(Path({str(tmp_path / 'tiny.ipynb')!r}), Path({str(tmp_path / 'out.ipynb')!r}), {{}})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "without encryption" not in run.stderr
+    assert nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].execution_count == 1

@@ -34,11 +34,12 @@ from divaware.synthetic import make_cohort  # noqa: E402
 TINY = {"baseline_epochs": 2, "baseline_channels": [8, 16], "epochs": 3, "channels": [8, 16], "warmup_epochs": 1,
         "update_every": 1, "cpu_threads": 1, "n_boot": 300, "max_cases_for_images": 30, "min_support": 0.1}
 # What each screenshot centres on: the notebook's interactive or most telling output.
+# (selector, which match, where in the window): the notebook's interactive or most telling output.
 FOCUS = {
-    "01_data_exploration": ".widget-vbox:has(.widget-slider)",
-    "02_subgroup_divergence": ".widget-select-multiple",
-    "03_training": ".jp-RenderedImage img",
-    "04_fairness_evaluation": ".widget-vbox:has(.widget-slider)",
+    "01_data_exploration": (".widget-vbox:has(.widget-slider)", 0, "start"),
+    "02_subgroup_divergence": (".widget-select-multiple", 0, "start"),
+    "03_training": (".jp-RenderedImage img", -1, "end"),
+    "04_fairness_evaluation": (".widget-vbox:has(.widget-slider)", -1, "end"),
 }
 
 
@@ -62,7 +63,8 @@ def main() -> None:
             parameterised_copy(source, root / f"{name}.ipynb", params)
         env = {"DIVAWARE_RUNS": str(tmp / "runs"), "OMP_NUM_THREADS": "1"}
         with lab_and_browser(root, tmp / "jupyter", env=env, viewport=(1300, 1000)) as (lab, page):
-            for name, focus in FOCUS.items():
+            first = True
+            for name, (focus, which, block) in FOCUS.items():
                 t0 = time.perf_counter()
                 open_notebook(lab, page, f"{name}.ipynb")
                 run_all(page)
@@ -70,8 +72,12 @@ def main() -> None:
                 errors = cell_errors(page)
                 if errors:
                     raise SystemExit(f"{name}: {errors[0][:2000]}")
-                target = page.locator(f".jp-OutputArea-output {focus}").last
-                target.scroll_into_view_if_needed()
+                if first:  # more room for the notebook: hide the file browser
+                    page.keyboard.press("Control+b")
+                    first = False
+                targets = page.locator(f".jp-OutputArea-output {focus}")
+                target = targets.nth(which if which >= 0 else targets.count() + which)
+                target.evaluate(f"e => e.scrollIntoView({{block: '{block}'}})")
                 page.wait_for_timeout(1500)
                 path = out / f"notebook_{name[:2]}.png"
                 page.screenshot(path=str(path))
