@@ -43,7 +43,7 @@ import torch
 import yaml
 
 from divaware import data as D
-from divaware.losses import LOSSES, combine, make_loss
+from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.model import MODELS, build_model, infer, network_divisor, segment
 
 METRIC_COLUMNS = (
@@ -111,7 +111,10 @@ class TrainConfig:
     # -- loss and weighting ----------------------------------------------------------------------
     loss: str = _f("dice_ce", f"per-case loss: one of {', '.join(LOSSES)}")
     loss_params: dict = _f({}, "extra loss parameters, e.g. {gamma: 2.0, lambda_dice: 1.0, lambda_other: 1.0}")
-    alpha: float = _f(0.5, "L = alpha * mean(l) + (1 - alpha) * sum(w l) / sum(w); 1 = plain ERM")
+    alpha: float = _f(0.5, "L = alpha * mean(l) + (1 - alpha) * weighted term (see weight_norm); 1 = plain ERM")
+    weight_norm: str = _f("global", "weighted term: global = sum(w l) / B with weights of training-set mean 1 "
+                                    "(each case's gradient follows its weight at any batch size); batch = "
+                                    "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
     strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware")
     strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support)")
     warmup_epochs: int = _f(5, "epochs of plain training before the first weight refresh (refreshing strategies)")
@@ -238,6 +241,8 @@ class TrainConfig:
             bad("optimizer", f"must be one of {OPTIMIZERS}")
         if self.scheduler not in SCHEDULERS:
             bad("scheduler", f"must be one of {SCHEDULERS}")
+        if self.weight_norm not in WEIGHT_NORMS:
+            bad("weight_norm", f"must be one of {WEIGHT_NORMS}")
         if self.score not in SCORES:
             bad("score", f"must be one of {SCORES}")
         if self.cache not in D.CACHE_MODES:
@@ -475,6 +480,11 @@ def worst_group(scores: pd.Series, groups: pd.DataFrame, min_size: int) -> tuple
 # ------------------------------------------------------------------------------------------------
 
 
+# What a run folder written before a field existed computed: its absence in an old config.yaml means this
+# value, not the current default (so resuming such a run under the new default is refused, not silent).
+LEGACY_VALUES: dict[str, Any] = {"weight_norm": "batch"}
+
+
 def _result_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in OPERATIONAL_FIELDS}
 
@@ -496,9 +506,9 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             raise ValueError(f"run folder {run_dir} is not empty and holds no config.yaml; choose another out_dir")
         return False
     old = yaml.safe_load(cfg_path.read_text()) or {}
-    diff = sorted(k for k, v in _result_fields(config.to_dict()).items() if old.get(k, v) != v)
+    diff = sorted(k for k, v in _result_fields(config.to_dict()).items() if old.get(k, LEGACY_VALUES.get(k, v)) != v)
     if diff and not overwrite:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in diff)
+        details = ", ".join(f"{k}: {old.get(k, LEGACY_VALUES.get(k))!r} -> {getattr(config, k)!r}" for k in diff)
         raise ValueError(
             f"run folder {run_dir} holds a run with a different config ({details}); choose another out_dir "
             "or pass overwrite=True (--overwrite) to replace it"
@@ -681,7 +691,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             if not np.isfinite(host).all():
                 _diverged(run_dir, epoch, b, ids, host, "loss")
             weights = strategy.batch_weights(ids, host)
-            loss = combine(per_case, weights, config.alpha)
+            loss = combine(per_case, weights, config.alpha, config.weight_norm)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -691,7 +701,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             optimizer.step()
             n = len(ids)
             # the same objective on the host copy: no extra device sync for logging
-            sum_loss += float(combine(torch.from_numpy(host).double(), weights, config.alpha)) * n
+            sum_loss += float(combine(torch.from_numpy(host).double(), weights, config.alpha, config.weight_norm)) * n
             sum_mean += float(host.mean()) * n
             n_samples += n
             batches.set_postfix(loss=f"{sum_loss / n_samples:.4f}")

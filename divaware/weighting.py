@@ -427,21 +427,27 @@ class InverseFrequencyWeighting(WeightingStrategy):
 
 
 class GroupDROWeighting(WeightingStrategy):
-    """Online GroupDRO (Sagawa et al. 2020) over intersectional groups of the training cases.
+    """Online GroupDRO (Sagawa et al. 2020, Algorithm 1) over intersectional groups of the training cases.
 
     Keeps a distribution q over the G groups (uniform at fit). Each :meth:`batch_weights` call is one
-    training step: with L_g the mean loss of group g in the batch (0 for groups absent from it, as in the
-    reference implementation), q_g ← q_g · exp(η · (L_g + C/√n_g)), renormalised (done in log space). C is
-    ``adjustment``, Sagawa et al.'s group adjustment (0 = off); n_g the group's training size.
+    training step: with L_g the mean loss of group g in the batch (0 for groups absent from it),
 
-    Returned per-case weights are w_i = q_g / b_g for case i in group g (b_g its count in the batch),
-    rescaled to mean 1 over the batch, so that
+        q_g ← q_g · exp(η · (L_g + C/√n_g)),   q ← q / Σ_g q_g        (in log space)
 
-        Σ_i w_i ℓ_i / Σ_i w_i = Σ_{g in batch} q_g L_g / Σ_{g in batch} q_g,
+    and the step's objective is Σ_g q_g L_g over all G groups: groups absent from the batch contribute 0,
+    and q is *not* renormalised over the groups present (so a batch without the high-q group gets little
+    gradient, as in the algorithm). C is ``adjustment``, Sagawa et al.'s group adjustment (0 = off), added
+    to every group's loss as in their code; n_g the group's training size.
 
-    the q-weighted mix of the group losses present in the batch — the GroupDRO objective restricted to
-    the batch. ``batch_weights`` therefore changes the state: call it once per training step with the
-    step's per-case losses. ``weights`` shows the weights a batch holding every training case would get.
+    The returned per-case weights w_i = B · q_g / b_g (case i in group g, b_g its count in the batch, B the
+    batch size) make the weighted term of :func:`divaware.losses.combine` (default ``global`` form)
+    exactly that objective: (1/B) Σ_i w_i ℓ_i = Σ_g q_g L_g. With ``alpha`` 0 training is GroupDRO; with
+    ``alpha`` > 0 it is mixed with the plain mean. (The former weights were rescaled to mean 1 within the
+    batch, i.e. renormalised q over the groups present: the hard group's gradient share fell from 0.97 to
+    0.65 in a 3-group simulation.) ``weight_norm: batch`` still gives that renormalised form.
+
+    ``batch_weights`` therefore changes the state: call it once per training step with the step's per-case
+    losses. ``weights`` shows N · q_g / n_g, the weights of a batch holding every training case (mean 1).
     """
 
     name = "group_dro"
@@ -496,8 +502,8 @@ class GroupDROWeighting(WeightingStrategy):
         self._steps += 1
         self._w = self._implied_weights()
         q = np.exp(self._log_q)
-        w = q[g] / b[g]
-        return w * (len(w) / math.fsum(w))  # fsum: exactly rounded, independent of batch order
+        # no renormalisation over the groups present: (1/B) Σ w ℓ = Σ_g q_g L_g, absent groups giving 0
+        return len(g) * q[g] / b[g]
 
     @property
     def q(self) -> pd.Series:
