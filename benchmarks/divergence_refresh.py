@@ -105,6 +105,7 @@ def cpu_model() -> str:
 
 
 def run(repeats: int, seed: int) -> tuple[pd.DataFrame, dict]:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta, scores = synthetic_metadata(seed)
     table = attribute_table(meta, ATTRIBUTES)
     planted = ((table["dataset"] == "ISPY2") & (table["ethnicity"] == "asian")).to_numpy()
@@ -151,6 +152,7 @@ def run(repeats: int, seed: int) -> tuple[pd.DataFrame, dict]:
         "planted_support": float(planted.mean()),
         "planted_count": int(planted.sum()),
         "nproc": os.cpu_count(),
+        "load": load,
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version(),
@@ -196,7 +198,7 @@ def calibration_markdown(cal: pd.DataFrame) -> list[str]:
     ]
     for r in cal.itertuples():
         lines.append(
-            f"| {r.rule} | {r.n_val} | {r.support:.2f}, {r.delta:+.1f} | {r.null_uniform:.0%} "
+            f"| {r.rule.replace('|', chr(92) + '|')} | {r.n_val} | {r.support:.2f}, {r.delta:+.1f} | {r.null_uniform:.0%} "
             f"| {r.null_median_ratio:.2f} | {r.power:.0%} | {r.planted_median_ratio:.2f} |"
         )
     lines += [
@@ -222,7 +224,8 @@ def markdown(res: pd.DataFrame, info: dict, cal: pd.DataFrame | None = None) -> 
         "# Divergence refresh benchmark",
         "",
         f"Written by `benchmarks/divergence_refresh.py` on {info['date']}. Machine: {info['cpu']}, "
-        f"nproc {info['nproc']} (affinity {info['affinity']}), BLAS/OpenMP threads 1; Python {info['python']}, "
+        f"nproc {info['nproc']} (affinity {info['affinity']}), load average {info['load']:.1f} at start (a shared "
+        f"machine: timings scale with it), BLAS/OpenMP threads 1; Python {info['python']}, "
         f"numpy {v['numpy']}, pandas {v['pandas']}, divexplorer {v['divexplorer']}.",
         "",
         f"{info['n_cases']} synthetic cases, 5 attributes ({', '.join(ATTRIBUTES)}), no max itemset length. "
