@@ -443,8 +443,9 @@ class GroupDROWeighting(WeightingStrategy):
     batch size) make the weighted term of :func:`divaware.losses.combine` (default ``global`` form)
     exactly that objective: (1/B) Σ_i w_i ℓ_i = Σ_g q_g L_g. With ``alpha`` 0 training is GroupDRO; with
     ``alpha`` > 0 it is mixed with the plain mean. (The former weights were rescaled to mean 1 within the
-    batch, i.e. renormalised q over the groups present: the hard group's gradient share fell from 0.97 to
-    0.65 in a 3-group simulation.) ``weight_norm: batch`` still gives that renormalised form.
+    batch, i.e. renormalised q over the groups present: in the 3-group stream of
+    tests/test_weighting.py the hard group's share of the gradient was 0.35 instead of Algorithm 1's 0.89.)
+    ``weight_norm: batch`` still gives that renormalised form.
 
     ``batch_weights`` therefore changes the state: call it once per training step with the step's per-case
     losses. ``weights`` shows N · q_g / n_g, the weights of a batch holding every training case (mean 1).
