@@ -75,7 +75,7 @@ def main() -> None:
                 if first:  # more room for the notebook: hide the file browser
                     page.keyboard.press("Control+b")
                     first = False
-                targets = page.locator(f".jp-OutputArea-output {focus}")
+                targets = page.locator(f".jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea {focus}")
                 target = targets.nth(which if which >= 0 else targets.count() + which)
                 target.evaluate(f"e => e.scrollIntoView({{block: '{block}'}})")
                 page.wait_for_timeout(1500)
