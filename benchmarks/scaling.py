@@ -138,6 +138,12 @@ def report(ddp: list[dict[str, Any]] | None, sweep: list[dict[str, Any]] | None,
         lines += [f"| {r['jobs']} | {r['wall_s']:.0f} | {r['x_jobs1']:.2f} | {r['load']} |" for r in sweep]
         lines += ["", "Target: --jobs 2 <= 0.6x --jobs 1 on 2 cores. On a machine shared with other work the "
                   "second job competes with it too, so the ratio here is an upper bound of the idle one."]
+    loads = [float(r["load"].split(" / ")[0]) for r in (ddp or []) + (sweep or []) if r["load"][0].isdigit()]
+    if loads and max(loads) > (os.cpu_count() or 1):
+        lines += ["", f"**Caution:** the 1-minute load average reached {max(loads):.1f} on {os.cpu_count()} cores "
+                  "during these measurements, so other processes held the cores: the ratios above measure that "
+                  "competition as much as the code (e.g. identical work in two setups can differ by 2x), and the "
+                  "targets are neither met nor refuted by them. Rerun on an idle machine."]
     return "\n".join(lines)
 
 
