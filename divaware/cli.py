@@ -235,6 +235,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="override the sweep's seeds (e.g. to split one sweep across processes or machines)")
     p.add_argument("--methods", nargs="+", default=None, help="override the sweep's methods")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at once, one process each (default 1: one after another in this process)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated GPU indices the jobs are spread over, e.g. 0,1 (default: all GPUs if "
+                        "any, else CPU with cores/jobs threads per job)")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -249,9 +254,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for key in ("seeds", "methods"):
         if getattr(args, key) is not None:
             config["sweep"] = {**(config.get("sweep") or {}), key: getattr(args, key)}
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if devices is None and args.jobs > 1:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())] or None
     try:
-        out = pipeline.sweep(config, args.out, n_boot=args.n_boot)
-    except pipeline.NotebookFailed as err:
+        out = pipeline.sweep(config, args.out, n_boot=args.n_boot, jobs=args.jobs, devices=devices)
+    except (pipeline.NotebookFailed, pipeline.SweepFailed) as err:
         print(f"divaware sweep: {err}", file=sys.stderr)
         return 1
     print(f"sweep table: {out / 'sweep.csv'}; summary: {out / 'sweep_summary.csv'}")

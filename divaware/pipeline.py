@@ -35,6 +35,10 @@ class NotebookFailed(RuntimeError):
     """A notebook of the series raised; the message names the cell and the executed copy."""
 
 
+class SweepFailed(RuntimeError):
+    """Some runs of a sweep failed (the others finished and are in sweep.csv); the message names them."""
+
+
 def notebooks_dir() -> Path:
     """The folder holding the numbered notebooks: ``$DIVAWARE_NOTEBOOKS``, the checkout's ``notebooks/``,
     or ``./notebooks``."""
@@ -214,18 +218,37 @@ def _run_name(params: Mapping[str, Any]) -> str:
     return f"{params['method']}_seed{params['seed']}{extra}".replace("/", "-").replace(" ", "")
 
 
+def sweep_run(source: str, notebook_out: str, params: dict[str, Any], grid_params: dict[str, Any],
+              name: str, out: str, split: str = "test", n_boot: int = 1000, log_output: bool = False
+              ) -> dict[str, Any]:
+    """Train one sweep run (``03_training``) and evaluate it on ``split``; returns its sweep.csv row."""
+    from divaware import evaluate as ev
+
+    seconds = execute_notebook(Path(source), Path(notebook_out), params, cwd=Path(out), log_output=log_output)
+    result = ev.evaluate(Path(out) / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
+                         verbose=False)
+    c = result.challenge
+    return {"run": name, **grid_params, "notebook_minutes": round(seconds / 60, 2),
+            "mean_dice": float(result.per_case["dice"].mean()), **{k: c.get(k) for k in ("P", "F", "ranking")}}
+
+
 def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test", n_boot: int = 1000,
-          log_output: bool = False) -> Path:
+          log_output: bool = False, jobs: int = 1, devices: list[str] | None = None) -> Path:
     """Train every (method, seed, grid value) with ``03_training`` and evaluate it on ``split``.
 
-    Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; an existing run folder is resumed
+    Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; a run whose result is recorded in
+    ``<out>/results/<run>.json`` with the same parameters is skipped, and an unfinished run folder is resumed
     (the notebook resumes training and evaluation reuses its predictions), so an interrupted sweep continues
-    where it stopped. Writes ``<out>/sweep.csv`` (one row per run) and ``<out>/sweep_summary.csv`` (mean, std
-    and n over seeds per method and grid value), and returns ``<out>``.
+    where it stopped. ``jobs`` > 1 (or ``devices``) runs that many at once, one process each (see
+    :mod:`divaware.parallel`: GPUs from ``devices`` round robin, else a share of the CPU threads each). A
+    failing run is reported (``<out>/sweep_failed.csv``, :class:`SweepFailed` at the end) and the others go on.
+    Writes ``<out>/sweep.csv`` (one row per finished run) and ``<out>/sweep_summary.csv`` (mean, std and n
+    over seeds per method and grid value), and returns ``<out>``.
     """
     import pandas as pd
 
     from divaware import evaluate as ev
+    from divaware import parallel
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -237,32 +260,63 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
     unknown = sorted({k for r in runs for k in r} - set(declared))
     if unknown:
         raise ValueError(f"sweep parameter(s) {unknown} are not parameters of 03_training; it has {sorted(declared)}")
-    rows = []
-    for i, grid_params in enumerate(runs, 1):
+    results, tasks = out / "results", []
+    results.mkdir(exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for grid_params in runs:
         name = _run_name(grid_params)
         params = {**base, **grid_params, "out_dir": str(out / "runs" / name)}
         (out / "params").mkdir(exist_ok=True)
         (out / "params" / f"{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        print(f"[divaware sweep] {i}/{len(runs)} {name} ...", flush=True)
-        seconds = execute_notebook(source, out / "notebooks" / f"03_training_{name}.ipynb", params, cwd=out,
-                                   log_output=log_output)
-        result = ev.evaluate(out / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
-                             verbose=False)
-        c = result.challenge
-        rows.append({"run": name, **grid_params, "notebook_minutes": round(seconds / 60, 2),
-                     "mean_dice": float(result.per_case["dice"].mean()),
-                     **{k: c.get(k) for k in ("P", "F", "ranking")}})
-    table = ev.collect(out / "runs", split=split)
-    table = table[table["run"].isin([_run_name(r) for r in runs])]
-    grid_keys = [k for k in runs[0] if k not in ("method", "seed")] if runs else []
-    per_run = pd.DataFrame(rows).merge(table.drop(columns=["method", "seed", "mean_dice", "P", "F", "ranking"],
-                                                   errors="ignore"), on="run", how="left")
-    per_run.to_csv(out / "sweep.csv", index=False)
-    numeric = [c for c in ("mean_dice", "worst_group_dice", "gap", "es_dice", "P", "F", "ranking") if c in per_run]
-    summary = per_run.groupby(["method", *grid_keys])[numeric].agg(["mean", "std", "count"])
-    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
-    summary.reset_index().to_csv(out / "sweep_summary.csv", index=False)
-    print(summary.round(4).to_string())
+        done = results / f"{name}.json"
+        if done.is_file() and json.loads(done.read_text()).get("params") == json.loads(json.dumps(params)):
+            rows[name] = json.loads(done.read_text())["row"]
+            print(f"[divaware sweep] {name}: finished before, skipped", flush=True)
+            continue
+        tasks.append(parallel.Task(name, "divaware.pipeline:sweep_run", {
+            "source": str(source), "notebook_out": str(out / "notebooks" / f"03_training_{name}.ipynb"),
+            "params": params, "grid_params": grid_params, "name": name, "out": str(out), "split": split,
+            "n_boot": n_boot, "log_output": log_output}))
+    if jobs > 1 or devices:
+        outcomes = parallel.run_parallel(tasks, jobs, out / "logs", devices=devices)
+    else:  # in this process, one after another, as always
+        outcomes = []
+        for i, task in enumerate(tasks, 1):
+            print(f"[divaware sweep] {i}/{len(tasks)} {task.name} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                outcomes.append(parallel.Outcome(task.name, True, parallel.call(task.function, task.kwargs),
+                                                 seconds=time.perf_counter() - start))
+            except Exception as err:  # reported below; the other runs go on
+                outcomes.append(parallel.Outcome(task.name, False, error=f"{type(err).__name__}: {err}",
+                                                 seconds=time.perf_counter() - start))
+    for o, task in zip(outcomes, tasks, strict=True):
+        if o.ok:
+            rows[o.name] = o.result
+            (results / f"{o.name}.json").write_text(json.dumps({"params": task.kwargs["params"], "row": o.result}))
+    failed = [o for o in outcomes if not o.ok]
+    names = [_run_name(r) for r in runs if _run_name(r) in rows]
+    if names:
+        table = ev.collect(out / "runs", split=split)
+        table = table[table["run"].isin(names)]
+        grid_keys = [k for k in runs[0] if k not in ("method", "seed")]
+        per_run = pd.DataFrame([rows[n] for n in names]).merge(
+            table.drop(columns=["method", "seed", "mean_dice", "P", "F", "ranking"], errors="ignore"),
+            on="run", how="left")
+        per_run.to_csv(out / "sweep.csv", index=False)
+        numeric = [c for c in ("mean_dice", "worst_group_dice", "gap", "es_dice", "P", "F", "ranking") if c in per_run]
+        summary = per_run.groupby(["method", *grid_keys])[numeric].agg(["mean", "std", "count"])
+        summary.columns = [f"{a}_{b}" for a, b in summary.columns]
+        summary.reset_index().to_csv(out / "sweep_summary.csv", index=False)
+        print(summary.round(4).to_string())
+    failed_csv = out / "sweep_failed.csv"
+    failed_csv.unlink(missing_ok=True)
+    if failed:
+        pd.DataFrame([{"run": o.name, "error": o.error, "log": o.log} for o in failed]).to_csv(failed_csv, index=False)
+        raise SweepFailed(f"{len(failed)} of {len(runs)} sweep run(s) failed: "
+                          + "; ".join(f"{o.name} ({o.error[:300]})" for o in failed)
+                          + f". The {len(names)} finished run(s) are in {out / 'sweep.csv'}; see {failed_csv}; "
+                          "rerun the same command to retry only the failed ones")
     return out
 
 

@@ -34,6 +34,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ import torch
 import yaml
 
 from divaware import data as D
+from divaware import distributed
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.model import MODELS, build_model, infer, network_divisor, segment
 
@@ -598,13 +600,17 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     previous_threads = torch.get_num_threads()
     if config.cpu_threads > 0:
         torch.set_num_threads(int(config.cpu_threads))
+    # under torchrun: one rank of a data-parallel run (see divaware.distributed); else a single process
+    ranks, device_name = distributed.setup(config.device)
     try:
-        return _train(config, resume, overwrite)
+        return _train(config, resume, overwrite, ranks, device_name)
     finally:
+        ranks.close()
         torch.set_num_threads(previous_threads)  # a process-wide setting: leave it as found
 
 
-def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
+def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distributed.Ranks, device_name: str
+           ) -> Path:
     from tqdm.auto import tqdm
 
     from divaware.cohort import load_cohort
@@ -612,11 +618,11 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     from divaware.weighting import make_strategy
 
     config.validate()
-    config = resolve_config(config)
+    config = ranks.on_main(resolve_config, config)  # rank 0 generates a missing synthetic cohort
     run_dir = config.run_dir()
     planned = config.schedule_epochs
-    config = _resolve_schedule(config, run_dir)
-    resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
+    config = ranks.on_main(_resolve_schedule, config, run_dir)  # before rank 0 rewrites config.yaml
+    resuming = ranks.on_main(_prepare_run_dir, run_dir, config, resume, overwrite)
     if not resuming and planned is None:  # a fresh start: its own epochs, whatever the folder held before
         config = dataclasses.replace(config, schedule_epochs=config.epochs)
     if config.epochs > int(config.schedule_epochs):
@@ -626,8 +632,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             "config.yaml and metrics.csv); to plan a longer schedule, start a run with schedule_epochs set",
             stacklevel=3,
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
+    ranks.on_main(run_dir.mkdir, parents=True, exist_ok=True)
+    device = resolve_device(device_name)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = not config.deterministic
@@ -657,8 +663,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
         raise ValueError(f"split holds test-split cases {leaked[:10]}; the test split is for evaluation only")
 
     if not resuming:
-        _atomic_csv(splits, splits_path)
-    config.to_yaml(run_dir / "config.yaml")
+        ranks.on_main(_atomic_csv, splits, splits_path)
+    ranks.on_main(config.to_yaml, run_dir / "config.yaml")
 
     # -- weighting strategy, data, model ----------------------------------------------------------
     seed_everything(config.seed)
@@ -671,7 +677,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
                "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
                "progress": config.progress}  # caching takes a while before the first epoch: show it
     train_ds = D.make_dataset(D.make_records(cohort, train_ids, spec), D.train_transforms(spec), **ds_args)
-    val_ds = D.make_dataset(D.make_records(cohort, val_ids, spec), D.eval_transforms(spec), **ds_args)
+    # each rank validates its own share of the cases; the scores are gathered below
+    val_ds = D.make_dataset(D.make_records(cohort, ranks.shard(val_ids), spec), D.eval_transforms(spec), **ds_args)
     model = config.build_model().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -695,25 +702,25 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     if start_epoch >= config.epochs:
         return run_dir
 
-    step_model: torch.nn.Module = model
+    step_model: torch.nn.Module = ranks.wrap(model, device)  # DDP on several ranks
     if config.compile:
         if cuda:
-            step_model = torch.compile(model)  # type: ignore[assignment]
+            step_model = torch.compile(step_model)  # type: ignore[assignment]
         else:
             warnings.warn("compile: torch.compile is used on CUDA only", stacklevel=2)
     roi = None if spec.patch_size is None else list(spec.patch_size)
     epochs_bar = tqdm(range(start_epoch, config.epochs), desc=f"train {run_dir.name}", unit="epoch",
-                      initial=start_epoch, total=config.epochs, disable=not config.progress)
+                      initial=start_epoch, total=config.epochs, disable=not (config.progress and ranks.is_main))
     for epoch in epochs_bar:  # 0-based
         t0 = time.perf_counter()
         lr = _set_lr(optimizer, config, epoch)
-        loader = D.make_loader(train_ds, config.batch_size, shuffle=True,
-                               seed=_derived_seed(config.seed, "loader", epoch),
-                               num_workers=config.num_workers, pin_memory=cuda,
-                               pad_batch=spec.patch_size is None)
+        loader = ranks.train_loader(train_ds, config.batch_size, seed=_derived_seed(config.seed, "loader", epoch),
+                                    rank_seed=_derived_seed(config.seed, "loader", epoch, "rank", ranks.rank),
+                                    num_workers=config.num_workers, pin_memory=cuda,
+                                    pad_batch=spec.patch_size is None)
         model.train()
         sum_loss, sum_mean, n_samples = 0.0, 0.0, 0
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not config.progress)
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (config.progress and ranks.is_main))
         for b, batch in enumerate(batches, start=1):
             ids = D.batch_ids(batch)
             image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
@@ -724,10 +731,14 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
                 logits = step_model(image)
             per_case = loss_fn(logits, label)
             host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
+            # the global batch over all ranks (this rank's alone in a single process): weights by id, and
+            # online strategies (GroupDRO's q) step on every rank's cases, identically on every rank
+            ids, host, mine = ranks.gather_losses(batch, ids, host)
             if not np.isfinite(host).all():
                 _diverged(run_dir, epoch, b, ids, host, "loss")
             weights = strategy.batch_weights(ids, host)
-            loss = combine(per_case, weights, config.alpha, config.weight_norm)
+            loss = ranks.objective(per_case, partial(combine, weights=weights, alpha=config.alpha,
+                                                     norm=config.weight_norm), host, mine)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -756,8 +767,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
         if validate_now:
             val_loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
                                        pin_memory=cuda, pad_batch=False)
-            per_case_val = validate(model, val_loader, device, spec.divisor, roi, config.sw_overlap,
-                                    use_amp, config.score)
+            per_case_val = ranks.gather_frame(validate(model, val_loader, device, spec.divisor, roi,
+                                                       config.sw_overlap, use_amp, config.score), val_ids)
             worst, worst_label = worst_group(per_case_val["dice"], val_groups, config.min_group_size)
             mean_dice = float(per_case_val["dice"].mean())
             selection = 0.5 * (mean_dice + (worst if not math.isnan(worst) else mean_dice))
@@ -770,8 +781,9 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             is_best = selection > best["selection"]
             if is_best:
                 best = {"epoch": next_epoch, "selection": selection}
-                _atomic_save({"format": CHECKPOINT_FORMAT, "epoch": next_epoch, "selection": selection,
-                              "model": model.state_dict(), "config": config.to_dict()}, run_dir / "best.pt")
+                ranks.on_main(_atomic_save, {"format": CHECKPOINT_FORMAT, "epoch": next_epoch,
+                                             "selection": selection, "model": model.state_dict(),
+                                             "config": config.to_dict()}, run_dir / "best.pt")
         else:
             is_best = False
             row.update(val_dice=math.nan, val_worst_group_dice=math.nan, val_worst_group="",
@@ -782,18 +794,23 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
                    time_s=time.perf_counter() - t0)
         history.append(row)
 
-        # -- persist: checkpoint first, then the tables rebuilt from it ------------------------
-        _atomic_save({
+        # -- persist: checkpoint first, then the tables rebuilt from it (rank 0; the ranks agree) --
+        ranks.check_same("weighting strategy state", strategy.state_dict())
+        ranks.on_main(_persist, run_dir, {
             "format": CHECKPOINT_FORMAT, "epoch": next_epoch, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(), "rng": _rng_state(device),
             "history": history, "val_records": val_records, "best": best, "config": config.to_dict(),
-        }, run_dir / "last.pt")
-        _atomic_csv(pd.DataFrame(history, columns=list(METRIC_COLUMNS)), run_dir / "metrics.csv")
-        _atomic_csv(strategy.history, run_dir / "weights_history.csv")
-        if val_records:
-            _atomic_csv(pd.DataFrame(val_records), run_dir / "val_scores.csv")
+        }, strategy.history)
         epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", val_dice=f"{row['val_dice']:.3f}")
     return run_dir
+
+
+def _persist(run_dir: Path, checkpoint: dict[str, Any], weights_history: pd.DataFrame) -> None:
+    _atomic_save(checkpoint, run_dir / "last.pt")
+    _atomic_csv(pd.DataFrame(checkpoint["history"], columns=list(METRIC_COLUMNS)), run_dir / "metrics.csv")
+    _atomic_csv(weights_history, run_dir / "weights_history.csv")
+    if checkpoint["val_records"]:
+        _atomic_csv(pd.DataFrame(checkpoint["val_records"]), run_dir / "val_scores.csv")
 
 
 def _diverged(run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses: np.ndarray, what: str) -> None:
