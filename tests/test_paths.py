@@ -31,3 +31,12 @@ def test_synthetic_default_is_generated_once_into_the_cache(tmp_path: Path, monk
     assert paths.resolve_data_root("", n_cases=8, seed=3) == root
     assert (root / "clinical_and_imaging_info.xlsx").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # no staging folder left behind
+
+
+def test_each_disparity_mechanism_has_its_own_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    tag = paths.generator_tag()
+    assert paths.synthetic_root(300, 0).name == f"synthetic-default-teaching-n300-seed0-{tag}"
+    assert paths.synthetic_root(300, 0, disparity="intrinsic").name == f"synthetic-default-teaching-intrinsic-n300-seed0-{tag}"
+    names = {paths.synthetic_root(300, 0, disparity=d).name for d in ("default", "representation", "intrinsic")}
+    assert len(names) == 3
