@@ -156,7 +156,7 @@ def analyse(mech: dict[str, Any], reference: str = "erm") -> dict[str, Any]:
         comps[m] = {"mean": paired(mech, m, reference, ids), "worst": paired(mech, m, reference, worst_ids),
                     "hard": paired(mech, m, reference, hard_ids)}
     oracle = comps.get("oracle")
-    for m, c in comps.items():
+    for c in comps.values():
         for key in ("worst", "hard"):
             o = oracle[key][0] if oracle else math.nan
             c[f"fraction_{key}"] = c[key][0] / o if oracle and o > 0 else math.nan
