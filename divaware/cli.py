@@ -100,6 +100,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="teaching: density mostly known; realistic: ~96%% density and ~27%% menopause missing")
     p.add_argument("--collections", nargs="+", default=None, metavar="NAME",
                    help="only these collections (DUKE ISPY1 ISPY2 NACT), in their real proportions")
+    p.add_argument("--disparity", default="default", choices=("default", "representation", "intrinsic"),
+                   help="what makes the hard subgroup hard: default (the original BPE look-alikes), "
+                        "representation (rare, learnable look-alikes) or intrinsic (part of the tumour invisible)")
     p.add_argument("--overwrite", action="store_true", help="replace a cohort previously written by synth")
     p.set_defaults(func=_cmd_synth)
 
@@ -111,9 +114,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     root = make_cohort(args.out, n_cases=args.n_cases, seed=args.seed, preset=args.preset,
-                       missingness=args.missingness, overwrite=args.overwrite, collections=args.collections)
+                       missingness=args.missingness, overwrite=args.overwrite, collections=args.collections,
+                       disparity=args.disparity)
     truth = read_truth(root)
-    print(f"wrote {len(truth)} synthetic cases ({args.preset} preset, {args.missingness} missingness, seed "
+    print(f"wrote {len(truth)} synthetic cases ({args.preset} preset, {args.missingness} missingness, "
+          f"{args.disparity} disparity, seed "
           f"{args.seed}) to {root} in {time.perf_counter() - start:.1f} s; hard subgroup: "
           f"{int(truth['hard_subgroup'].sum())} cases")
     return 0
@@ -267,6 +272,31 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"divaware sweep: {err}", file=sys.stderr)
         return 1
     print(f"sweep table: {out / 'sweep.csv'}; summary: {out / 'sweep_summary.csv'}")
+    return 0
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="the decisive experiment: strategies x seeds on a synthetic mechanism",
+                       description="Train every (strategy, seed) of an experiment config (configs/experiment_*.yaml), "
+                                   "evaluate each run on the held-out synthetic cohort and on the challenge test "
+                                   "split. Resumes: re-run to continue; split the work with --seeds/--strategies.")
+    p.add_argument("--config", required=True, help="experiment YAML (see divaware.experiment)")
+    p.add_argument("--out", required=True, help="experiment folder, e.g. runs/experiment/representation")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (one process per seed)")
+    p.add_argument("--strategies", nargs="+", default=None, help="only these strategies")
+    p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
+    p.set_defaults(func=_cmd_experiment)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from divaware.experiment import load_experiment, run_experiment
+
+    config = load_experiment(args.config)
+    if args.epochs is not None:
+        config["training"] = {**config["training"], "epochs": args.epochs}
+    out = run_experiment(config, args.out, strategies=args.strategies, seeds=args.seeds, n_boot=args.n_boot)
+    print(f"experiment folder: {out}; report: python benchmarks/experiment_report.py {out}")
     return 0
 
 

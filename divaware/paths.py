@@ -37,24 +37,27 @@ def generator_tag() -> str:
     return hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:8]
 
 
-def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching") -> Path:
+def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching",
+                   disparity: str = "default") -> Path:
     """Cache location of the synthetic cohort with these generation settings and this generator version."""
-    return cache_dir() / f"synthetic-{preset}-{missingness}-n{n_cases}-seed{seed}-{generator_tag()}"
+    # The default mechanism keeps the original folder name; the others add theirs (never a shared cache).
+    mech = "" if disparity == "default" else f"-{disparity}"
+    return cache_dir() / f"synthetic-{preset}-{missingness}{mech}-n{n_cases}-seed{seed}-{generator_tag()}"
 
 
 def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
-                     missingness: str = "teaching") -> Path:
+                     missingness: str = "teaching", disparity: str = "default") -> Path:
     """The cached synthetic cohort with these settings, generated (atomically) if it is not there yet."""
     from divaware.synthetic import make_cohort
 
-    root = synthetic_root(n_cases, seed, preset, missingness)
+    root = synthetic_root(n_cases, seed, preset, missingness, disparity)
     if (root / "clinical_and_imaging_info.xlsx").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         make_cohort(staging, n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
-                    overwrite=True)
+                    overwrite=True, disparity=disparity)
         try:
             staging.rename(root)
         except OSError:
@@ -68,14 +71,15 @@ def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
 
 
 def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, seed: int = 0,
-                      preset: str = "default", missingness: str = "teaching") -> Path:
+                      preset: str = "default", missingness: str = "teaching", disparity: str = "default") -> Path:
     """The cohort folder to use: explicit argument, else ``$DIVAWARE_DATA``, else the synthetic default."""
     if data_root:
         root = Path(data_root).expanduser()
     elif os.environ.get(DATA_ENV):
         root = Path(os.environ[DATA_ENV]).expanduser()
     else:
-        return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness)
+        return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
+                                disparity=disparity)
     if not root.is_dir():
         raise FileNotFoundError(
             f"data folder {root} does not exist; pass the MAMA-MIA root (the folder holding images/ and "

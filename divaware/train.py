@@ -84,6 +84,8 @@ class TrainConfig:
     synthetic_cases: int = _f(300, "cases of the synthetic cohort used when no data_root is given")
     synthetic_seed: int = _f(0, "seed of the synthetic cohort")
     synthetic_preset: str = _f("default", "preset of the synthetic cohort")
+    synthetic_disparity: str = _f("default", "what makes the synthetic hard subgroup hard: default, "
+                                             "representation (learnable) or intrinsic (irreducible)")
     phases: list[int] = _f([0, 1, 2], "phases loaded as channels: 0 = _0000 pre-contrast, 1 = first post-contrast, ...")
     subtraction: bool = _f(False, "add the post1 - pre subtraction image as an extra channel")
     spacing: list[float] | None = _f(None, "resample to this spacing in mm (RAS order); null keeps each case's grid")
@@ -117,7 +119,8 @@ class TrainConfig:
     weight_norm: str = _f("global", "weighted term: global = sum(w l) / B with weights of training-set mean 1 "
                                     "(each case's gradient follows its weight at any batch size); batch = "
                                     "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
-    strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware")
+    strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware, "
+                                   "oracle (synthetic cohorts only)")
     strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support)")
     warmup_epochs: int = _f(5, "epochs of plain training before the first weight refresh (refreshing strategies)")
     update_every: int = _f(5, "epochs between weight refreshes after the warm-up")
@@ -271,6 +274,10 @@ class TrainConfig:
 
         if self.strategy not in STRATEGIES:
             bad("strategy", f"must be one of {sorted(STRATEGIES)}")
+        from divaware.synthetic import DISPARITIES
+
+        if self.synthetic_disparity not in DISPARITIES:
+            bad("synthetic_disparity", f"must be one of {DISPARITIES}")
         try:
             self.data_spec()
         except ValueError as err:
@@ -504,7 +511,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     from divaware.paths import resolve_data_root
 
     root = resolve_data_root(config.data_root, n_cases=config.synthetic_cases, seed=config.synthetic_seed,
-                             preset=config.synthetic_preset)
+                             preset=config.synthetic_preset, disparity=config.synthetic_disparity)
     return dataclasses.replace(config, data_root=str(Path(root).resolve()))
 
 
@@ -554,7 +561,8 @@ def _strategy_kwargs(config: TrainConfig, test_ids: Sequence[str]) -> dict[str, 
 
     accepted = set(inspect.signature(STRATEGIES[config.strategy].__init__).parameters)
     offered = {"attributes": list(config.attributes), "warmup_epochs": int(config.warmup_epochs),
-               "update_every": int(config.update_every), "test_ids": sorted(test_ids)}
+               "update_every": int(config.update_every), "test_ids": sorted(test_ids),
+               "data_root": str(config.data_root)}
     kwargs = {k: v for k, v in offered.items() if k in accepted}
     kwargs.update(config.strategy_params)
     return kwargs

@@ -32,12 +32,15 @@ Strategies (:data:`STRATEGIES`):
 * ``paper`` — the published weighting (|Δ| of the case's worst divergent itemset) with its defects fixed.
 * ``divaware`` — our default: exponential tilt exp(−d_i/τ) over the subgroups that pass a
   false-discovery-rate control (Benjamini–Hochberg, 5 %), mean 1, clipped, optionally smoothed.
+* ``oracle`` — synthetic cohorts only: up-weights the *truly* hard cases (``synthetic_truth.csv``) with the
+  same mean-1 normalisation and clip as ``divaware``; the ceiling of subgroup re-weighting on a cohort.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -63,6 +66,7 @@ __all__ = [
     "GroupDROWeighting",
     "PaperWeighting",
     "DivawareWeighting",
+    "OracleWeighting",
     "make_strategy",
     "normalise_weights",
 ]
@@ -763,9 +767,97 @@ class DivawareWeighting(_DivergenceStrategy):
         return fresh
 
 
+# --------------------------------------------------------------------------------------------------------
+# The oracle (synthetic cohorts only)
+# --------------------------------------------------------------------------------------------------------
+
+
+class OracleWeighting(WeightingStrategy):
+    """The ceiling of subgroup re-weighting: up-weight the cases that are *truly* hard.
+
+    Only a synthetic cohort knows which cases those are: its ``synthetic_truth.csv`` (written by
+    ``divaware synth``) marks them in ``hard_subgroup``. Any other folder is refused. The weights use the
+    divaware recipe with perfect knowledge: raw weight ``ratio`` for a hard case and 1 for the others,
+    scaled to mean 1 over the training set and clipped to [w_min, w_max] by :func:`normalise_weights`
+    (the same helper and defaults as ``divaware``; the default ratio w_max / w_min is the largest tilt
+    divaware's clip allows). Same schedule as the divergence strategies: weights 1 during the
+    ``warmup_epochs``, then the oracle weights from the refresh at epoch ``warmup_epochs`` on (they do not
+    change after it; validation scores are not used). With ``warmup_epochs=0`` they are set by :meth:`fit`.
+    Its gain over ERM is what re-weighting the right subgroup could achieve; a method's gain is reported
+    as a fraction of it.
+
+    Give ``data_root`` (the cohort folder; training passes it) or ``hard_ids`` (the hard cases' ids, which
+    is what :attr:`params` records, so a resumed run does not depend on where the cohort lives).
+    """
+
+    name = "oracle"
+    uses_groups = False
+
+    def __init__(
+        self,
+        *,
+        data_root: str | None = None,
+        hard_ids: Iterable[str] | None = None,
+        ratio: float | None = None,
+        w_min: float = 0.2,
+        w_max: float = 5.0,
+        warmup_epochs: int = 5,
+    ) -> None:
+        super().__init__(attributes=())
+        if (data_root is None) == (hard_ids is None):
+            raise ValueError("oracle: give exactly one of data_root (a synthetic cohort) or hard_ids")
+        if hard_ids is None:
+            hard_ids = self.read_hard_ids(data_root)
+        if not (0 < w_min <= 1 <= w_max < math.inf):
+            raise ValueError(f"oracle: need 0 < w_min ≤ 1 ≤ w_max < inf, got w_min={w_min}, w_max={w_max}")
+        ratio = float(w_max / w_min if ratio is None else ratio)
+        if not (ratio >= 1 and math.isfinite(ratio)):
+            raise ValueError(f"oracle: ratio must be ≥ 1, got {ratio}")
+        if int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
+            raise ValueError(f"oracle: warmup_epochs must be an int ≥ 0, got {warmup_epochs}")
+        self.hard_ids = frozenset(str(i) for i in hard_ids)
+        self.ratio, self.w_min, self.w_max = ratio, float(w_min), float(w_max)
+        self.warmup_epochs = int(warmup_epochs)
+        self._params = {"hard_ids": sorted(self.hard_ids), "ratio": self.ratio, "w_min": self.w_min,
+                        "w_max": self.w_max, "warmup_epochs": self.warmup_epochs}
+
+    @staticmethod
+    def read_hard_ids(data_root: str | Path) -> list[str]:
+        """Ids of the hard subgroup from ``<data_root>/synthetic_truth.csv``; a clear error for other folders."""
+        path = Path(data_root).expanduser() / "synthetic_truth.csv"
+        if not path.is_file():
+            raise ValueError(f"oracle: {path} not found — the oracle needs a synthetic cohort written by "
+                             "`divaware synth` (it knows the truly hard cases); use another strategy for this data")
+        truth = pd.read_csv(path, dtype={"patient_id": str})
+        if not {"patient_id", "hard_subgroup"} <= set(truth.columns):
+            raise ValueError(f"oracle: {path} lacks the patient_id / hard_subgroup columns; regenerate the cohort")
+        hard = truth["hard_subgroup"].astype(str).str.lower().isin(("true", "1"))
+        return truth.loc[hard, "patient_id"].tolist()
+
+    def _oracle_weights(self) -> np.ndarray:
+        hard = np.isin(self._ids.to_numpy(dtype=str), sorted(self.hard_ids))
+        return normalise_weights(np.where(hard, self.ratio, 1.0), self.w_min, self.w_max)
+
+    def _fit(self) -> None:
+        if self.warmup_epochs == 0:
+            self._w = self._oracle_weights()
+
+    def should_refresh(self, epoch: int) -> bool:
+        return self.warmup_epochs > 0 and epoch == self.warmup_epochs
+
+    def refresh(self, epoch: int, val_groups: pd.DataFrame, val_scores: pd.Series) -> pd.Series:
+        self._require_fit()
+        self._w = self._oracle_weights()
+        self._refresh_count += 1
+        self._last_epoch = int(epoch)
+        self._record(epoch)
+        return self.weights
+
+
 STRATEGIES: dict[str, type[WeightingStrategy]] = {
     cls.name: cls
-    for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting)
+    for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting,
+                OracleWeighting)
 }
 
 

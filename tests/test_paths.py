@@ -43,3 +43,12 @@ def test_relative_outputs_go_under_the_runs_root_whatever_the_working_directory(
     assert paths.resolve_output(tmp_path / "abs") == tmp_path / "abs"
     monkeypatch.setenv(paths.RUNS_ENV, str(tmp_path / "elsewhere"))
     assert paths.resolve_output("notebooks/03") == tmp_path / "elsewhere" / "notebooks" / "03"
+
+
+def test_each_disparity_mechanism_has_its_own_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path))
+    tag = paths.generator_tag()
+    assert paths.synthetic_root(300, 0).name == f"synthetic-default-teaching-n300-seed0-{tag}"
+    assert paths.synthetic_root(300, 0, disparity="intrinsic").name == f"synthetic-default-teaching-intrinsic-n300-seed0-{tag}"
+    names = {paths.synthetic_root(300, 0, disparity=d).name for d in ("default", "representation", "intrinsic")}
+    assert len(names) == 3
