@@ -43,11 +43,11 @@ import torch
 import yaml
 
 from divaware import data as D
-from divaware.losses import LOSSES, combine, make_loss
+from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.model import MODELS, build_model, infer, network_divisor, segment
 
 METRIC_COLUMNS = (
-    "epoch", "loss", "loss_mean", "lr", "val_dice", "val_worst_group_dice", "val_worst_group",
+    "epoch", "loss", "loss_mean", "lr", "schedule_epochs", "val_dice", "val_worst_group_dice", "val_worst_group",
     "val_score", "selection", "best", "refreshed", "weight_min", "weight_max", "time_s", "train_time_s",
     "val_time_s",
 )
@@ -111,7 +111,10 @@ class TrainConfig:
     # -- loss and weighting ----------------------------------------------------------------------
     loss: str = _f("dice_ce", f"per-case loss: one of {', '.join(LOSSES)}")
     loss_params: dict = _f({}, "extra loss parameters, e.g. {gamma: 2.0, lambda_dice: 1.0, lambda_other: 1.0}")
-    alpha: float = _f(0.5, "L = alpha * mean(l) + (1 - alpha) * sum(w l) / sum(w); 1 = plain ERM")
+    alpha: float = _f(0.5, "L = alpha * mean(l) + (1 - alpha) * weighted term (see weight_norm); 1 = plain ERM")
+    weight_norm: str = _f("global", "weighted term: global = sum(w l) / B with weights of training-set mean 1 "
+                                    "(each case's gradient follows its weight at any batch size); batch = "
+                                    "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
     strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware")
     strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support)")
     warmup_epochs: int = _f(5, "epochs of plain training before the first weight refresh (refreshing strategies)")
@@ -124,7 +127,11 @@ class TrainConfig:
     lr: float = _f(1e-3, "learning rate")
     weight_decay: float = _f(1e-5, "weight decay")
     optimizer: str = _f("adamw", f"optimiser: one of {', '.join(OPTIMIZERS)}")
-    scheduler: str = _f("cosine", "learning-rate schedule over `epochs`: constant, cosine or poly (exponent 0.9)")
+    scheduler: str = _f("cosine", "learning-rate schedule over `schedule_epochs`: constant, cosine or poly "
+                                  "(exponent 0.9)")
+    schedule_epochs: int | None = _f(None, "epochs the lr schedule spans; null: the run's `epochs` at its first "
+                                           "start, kept when a resumed run raises `epochs` (epochs past the "
+                                           "schedule keep its final lr); set it to plan a longer run")
     grad_clip: float | None = _f(12.0, "clip the gradient norm to this; null: no clipping")
     seed: int = _f(0, "seed of the split, initialisation, loader order and augmentations")
     # -- engine --------------------------------------------------------------------------------------
@@ -166,6 +173,8 @@ class TrainConfig:
                     setattr(self, f.name, float(value))
                 elif f.type == "float | None" and value is not None:
                     setattr(self, f.name, float(value))
+                elif f.type == "int | None" and value is not None and not isinstance(value, bool):
+                    setattr(self, f.name, int(value))
                 elif f.type == "dict":
                     setattr(self, f.name, dict(value or {}))
                 elif f.type == "str":
@@ -232,12 +241,16 @@ class TrainConfig:
             bad("warmup_epochs", "must be >= 0")
         if float(self.lr) <= 0:
             bad("lr", "must be > 0")
+        if self.schedule_epochs is not None and int(self.schedule_epochs) < 1:
+            bad("schedule_epochs", "must be >= 1 or null")
         if self.amp not in AMP_MODES:
             bad("amp", f"must be one of {AMP_MODES}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"must be one of {OPTIMIZERS}")
         if self.scheduler not in SCHEDULERS:
             bad("scheduler", f"must be one of {SCHEDULERS}")
+        if self.weight_norm not in WEIGHT_NORMS:
+            bad("weight_norm", f"must be one of {WEIGHT_NORMS}")
         if self.score not in SCORES:
             bad("score", f"must be one of {SCORES}")
         if self.cache not in D.CACHE_MODES:
@@ -501,6 +514,11 @@ def worst_group(scores: pd.Series, groups: pd.DataFrame, min_size: int) -> tuple
 # ------------------------------------------------------------------------------------------------
 
 
+# What a run folder written before a field existed computed: its absence in an old config.yaml means this
+# value, not the current default (so resuming such a run under the new default is refused, not silent).
+LEGACY_VALUES: dict[str, Any] = {"weight_norm": "batch"}
+
+
 def _result_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in OPERATIONAL_FIELDS}
 
@@ -514,6 +532,19 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, data_root=str(Path(root).resolve()))
 
 
+def _resolve_schedule(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """``schedule_epochs`` made explicit: the run folder's (a resumed run keeps its schedule), else ``epochs``.
+
+    A folder written before the field existed scheduled over the ``epochs`` in its config.yaml.
+    """
+    if config.schedule_epochs is not None:
+        return config
+    cfg_path = run_dir / "config.yaml"
+    old = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    planned = old.get("schedule_epochs") or old.get("epochs") or config.epochs
+    return dataclasses.replace(config, schedule_epochs=int(planned))
+
+
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:
     """Check the folder against the config; returns whether a checkpoint is to be resumed."""
     cfg_path = run_dir / "config.yaml"
@@ -522,9 +553,9 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             raise ValueError(f"run folder {run_dir} is not empty and holds no config.yaml; choose another out_dir")
         return False
     old = yaml.safe_load(cfg_path.read_text()) or {}
-    diff = sorted(k for k, v in _result_fields(config.to_dict()).items() if old.get(k, v) != v)
+    diff = sorted(k for k, v in _result_fields(config.to_dict()).items() if old.get(k, LEGACY_VALUES.get(k, v)) != v)
     if diff and not overwrite:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(config, k)!r}" for k in diff)
+        details = ", ".join(f"{k}: {old.get(k, LEGACY_VALUES.get(k))!r} -> {getattr(config, k)!r}" for k in diff)
         raise ValueError(
             f"run folder {run_dir} holds a run with a different config ({details}); choose another out_dir "
             "or pass overwrite=True (--overwrite) to replace it"
@@ -562,7 +593,9 @@ def _make_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
 
 
 def _lr_factor(scheduler: str, epoch: int, epochs: int) -> float:
-    """Multiplier of the base lr during 0-based ``epoch`` of ``epochs``."""
+    """Multiplier of the base lr during 0-based ``epoch`` of a schedule of ``epochs``; past its end, the
+    final epoch's value (a run extended beyond its schedule neither restarts it nor drops to lr 0)."""
+    epoch = min(epoch, epochs - 1)
     if scheduler == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
     if scheduler == "poly":
@@ -571,8 +604,9 @@ def _lr_factor(scheduler: str, epoch: int, epochs: int) -> float:
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -> float:
-    # A pure function of (epoch, epochs): nothing to save, and resuming cannot drift from it.
-    lr = config.lr * _lr_factor(config.scheduler, epoch, config.epochs)
+    # A pure function of (epoch, schedule_epochs), and schedule_epochs is fixed for the run's life:
+    # nothing to save, and raising `epochs` on resume cannot silently re-shape the epochs already planned.
+    lr = config.lr * _lr_factor(config.scheduler, epoch, int(config.schedule_epochs or config.epochs))
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -606,7 +640,18 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
     config.validate()
     config = resolve_config(config)
     run_dir = config.run_dir()
+    planned = config.schedule_epochs
+    config = _resolve_schedule(config, run_dir)
     resuming = _prepare_run_dir(run_dir, config, resume, overwrite)
+    if not resuming and planned is None:  # a fresh start: its own epochs, whatever the folder held before
+        config = dataclasses.replace(config, schedule_epochs=config.epochs)
+    if config.epochs > int(config.schedule_epochs):
+        warnings.warn(
+            f"epochs {config.epochs} > schedule_epochs {config.schedule_epochs}: the lr schedule of this run "
+            f"spans {config.schedule_epochs} epochs and epochs past it keep its final lr (recorded in "
+            "config.yaml and metrics.csv); to plan a longer schedule, start a run with schedule_epochs set",
+            stacklevel=3,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
     cuda = device.type == "cuda"
@@ -707,7 +752,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             if not np.isfinite(host).all():
                 _diverged(run_dir, epoch, b, ids, host, "loss")
             weights = strategy.batch_weights(ids, host)
-            loss = combine(per_case, weights, config.alpha)
+            loss = combine(per_case, weights, config.alpha, config.weight_norm)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -717,7 +762,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
             optimizer.step()
             n = len(ids)
             # the same objective on the host copy: no extra device sync for logging
-            sum_loss += float(combine(torch.from_numpy(host).double(), weights, config.alpha)) * n
+            sum_loss += float(combine(torch.from_numpy(host).double(), weights, config.alpha, config.weight_norm)) * n
             sum_mean += float(host.mean()) * n
             n_samples += n
             batches.set_postfix(loss=f"{sum_loss / n_samples:.4f}")
@@ -730,7 +775,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool) -> Path:
         refresh_due = strategy.should_refresh(next_epoch)
         validate_now = refresh_due or next_epoch == config.epochs or next_epoch % config.val_every == 0
         row: dict[str, Any] = {"epoch": next_epoch, "loss": sum_loss / max(n_samples, 1),
-                               "loss_mean": sum_mean / max(n_samples, 1), "lr": lr}
+                               "loss_mean": sum_mean / max(n_samples, 1), "lr": lr,
+                               "schedule_epochs": int(config.schedule_epochs)}
         t1 = time.perf_counter()
         if validate_now:
             val_loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,

@@ -95,6 +95,9 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r02["top_divergence"] == pytest.approx(itemsets["divergence"].min())
     for name, w in r02["weights"].items():
         assert w["mean"] == pytest.approx(1.0), name
+    null = r02["null_check"]  # the real row of the null check is the analysis written to the csv
+    assert null["real_fdr_flags"] == int(((itemsets["divergence"] < 0) & (itemsets["q"] <= 0.05)).sum())
+    assert 0.0 <= null["null_share_fdr_flags"] <= 1.0 and 0.0 <= null["null_share_t_flags"] <= 1.0
 
     for method in ("erm", "divaware"):
         run = out / "runs" / method
