@@ -178,24 +178,90 @@ def run_series(
 
     ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``).
     """
+    from divaware import runtime
+
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     src = notebooks_dir()
+    runtime.apply_thread_env()  # before any kernel starts: OpenMP reads it once, at load
     (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    record = start_timings(only)
     timings: dict[str, float] = {}
-    for label, source, params in series_jobs(config, out, src):
+    jobs = series_jobs(config, out, src)
+    for label, source, params in jobs:
         if only and not any(label.startswith(o) for o in only):
             continue
         params_file = out / "params" / f"{label}.yaml"
         params_file.parent.mkdir(parents=True, exist_ok=True)
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         print(f"[divaware run] {label} ...", flush=True)
-        seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
-                                   cwd=out, log_output=log_output)
+        with runtime.PeakMemory() as memory:
+            seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
+                                       cwd=out, log_output=log_output)
         timings[label] = round(seconds, 1)
+        record["notebooks"][label] = {"seconds": round(seconds, 1), "peak_memory_gb": round(memory.peak / 1024**3, 2)}
         print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_timings(out, record, [label for label, _, _ in jobs])
     return timings
+
+
+TIMINGS_FORMAT = 2
+
+
+def start_timings(only: list[str] | None = None) -> dict[str, Any]:
+    """The beginning of a ``timings.json`` record: start time, load, command and machine."""
+    from divaware import runtime
+
+    return {"format": TIMINGS_FORMAT, "started_utc": runtime.utc_now(), "_t0": time.perf_counter(),
+            "command": runtime.command_line(), "only": list(only) if only else None,
+            "load_average_start": runtime.load_average(), "machine": runtime.machine_info(), "notebooks": {}}
+
+
+def write_timings(out: Path, record: dict[str, Any], labels: list[str]) -> Path:
+    """Finish ``record`` (total wall time, peak memory, load, training breakdown) and write
+    ``<out>/timings.json``; returns its path.
+
+    ``notebooks`` maps each execution to its wall seconds (kernel start included) and the peak resident
+    memory of the run process plus its kernel; ``training`` sums each training run's own epoch times from
+    its ``metrics.csv`` (training steps vs validation). A partial run (``--only``) updates the notebooks
+    it executed in an existing record and is marked ``complete: false`` unless every notebook of ``labels``
+    (the series' executions in order) is there.
+    """
+    import pandas as pd
+
+    from divaware import runtime
+
+    record = dict(record)
+    total = time.perf_counter() - record.pop("_t0")
+    path = out / "timings.json"
+    previous: dict[str, Any] = {}
+    if record.get("only") and path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if previous.get("format") != TIMINGS_FORMAT:
+            previous = {}
+    notebooks = {**(previous.get("notebooks") or {}), **record["notebooks"]}
+    record["notebooks"] = {label: notebooks[label] for label in labels if label in notebooks}
+    record["complete"] = all(label in notebooks for label in labels) and (not record.get("only") or bool(previous))
+    record["total_seconds"] = round(total if not record.get("only") else
+                                    sum(v["seconds"] for v in record["notebooks"].values()), 1)
+    record["peak_memory_gb"] = max((v["peak_memory_gb"] for v in record["notebooks"].values()), default=0.0)
+    record["finished_utc"] = runtime.utc_now()
+    record["load_average_end"] = runtime.load_average()
+    training = {}
+    for metrics in sorted((out / "runs").glob("*/metrics.csv")):
+        log = pd.read_csv(metrics)
+        training[metrics.parent.name] = {
+            "epochs": int(len(log)), "seconds": round(float(log["time_s"].sum()), 1),
+            "train_seconds": round(float(log["train_time_s"].sum()), 1),
+            "validation_seconds": round(float(log["val_time_s"].sum()), 1),
+            "validations": int(log["val_dice"].notna().sum()),
+        }
+    record["training"] = training
+    path.write_text(json.dumps(record, indent=2))
+    return path
 
 
 def sweep_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -248,10 +314,11 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
     import pandas as pd
 
     from divaware import evaluate as ev
-    from divaware import parallel
+    from divaware import parallel, runtime
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    runtime.apply_thread_env()  # before any kernel starts: OpenMP reads it once, at load
     (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
     source = notebooks_dir() / "03_training.ipynb"
     declared = notebook_parameters(source)

@@ -450,24 +450,33 @@ def validate(
     overlap: float,
     amp: bool,
     score: str = "dice",
+    batch_cases: int = 1,
 ) -> pd.DataFrame:
     """Per-case validation metrics (index ``patient_id``): ``dice`` (+ ``norm_hd``) and ``score``.
 
     Dice follows :func:`divaware.metrics.dice` (the challenge's definition and empty-mask convention) on
     the preprocessed grid; ``score`` is Dice or ½(Dice + 1 − NormHD).
+
+    ``batch_cases``: up to this many consecutive cases *of the same shape* go through the network in one
+    forward pass. Whole-volume validation of a small network is dominated by per-layer overhead at batch 1
+    (the deepest levels hold a few hundred voxels), so batching cuts its time about 2.5x on a CPU; cases
+    are never padded to a common shape (instance norm would see the padding), so the result per case is
+    the same as at batch 1 up to float rounding.
     """
     from divaware import metrics
 
     model.eval()
     rows: list[dict[str, Any]] = []
-    for batch in loader:
-        # plain tensors: MetaTensor bookkeeping costs more than a tiny network's convolutions
-        image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
-        truth = batch[D.LABEL].as_subclass(torch.Tensor)
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        image = torch.stack([p[1] for p in pending]).to(device, non_blocking=True)
         logits = infer(model, image, divisor=divisor, roi_size=roi_size, overlap=overlap, amp=amp)
         pred = segment(logits).cpu().numpy()
-        for k, pid in enumerate(D.batch_ids(batch)):
-            t = truth[k, 0].numpy() > 0.5
+        for k, (pid, _, truth) in enumerate(pending):
+            t = truth[0].numpy() > 0.5
             row: dict[str, Any] = {"patient_id": pid}
             if score == "challenge":
                 m = metrics.case_metrics(pred[k], t)
@@ -476,7 +485,24 @@ def validate(
                 d = float(metrics.dice(pred[k], t))
                 row.update(dice=d, score=d)
             rows.append(row)
+        pending.clear()
+
+    for batch in loader:
+        # plain tensors: MetaTensor bookkeeping costs more than a tiny network's convolutions
+        images = batch[D.IMAGE].as_subclass(torch.Tensor)
+        truths = batch[D.LABEL].as_subclass(torch.Tensor)
+        for k, pid in enumerate(D.batch_ids(batch)):
+            if pending and (pending[0][1].shape != images[k].shape or len(pending) >= max(1, batch_cases)):
+                flush()
+            pending.append((pid, images[k], truths[k]))
+    flush()
     return pd.DataFrame(rows).set_index("patient_id")
+
+
+def _val_batch_cases(config: TrainConfig) -> int:
+    """Cases per validation forward pass: twice the training batch for whole volumes (no gradients are
+    kept, so it fits wherever training fits); 1 for sliding-window validation of large volumes."""
+    return 2 * int(config.batch_size) if config.patch_size is None else 1
 
 
 def worst_group(scores: pd.Series, groups: pd.DataFrame, min_size: int) -> tuple[float, str]:
@@ -775,8 +801,10 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
         if validate_now:
             val_loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
                                        pin_memory=cuda, pad_batch=False)
-            per_case_val = ranks.gather_frame(validate(model, val_loader, device, spec.divisor, roi,
-                                                       config.sw_overlap, use_amp, config.score), val_ids)
+            per_case_val = ranks.gather_frame(
+                validate(model, val_loader, device, spec.divisor, roi, config.sw_overlap, use_amp, config.score,
+                         batch_cases=_val_batch_cases(config)),
+                val_ids)
             worst, worst_label = worst_group(per_case_val["dice"], val_groups, config.min_group_size)
             mean_dice = float(per_case_val["dice"].mean())
             selection = 0.5 * (mean_dice + (worst if not math.isnan(worst) else mean_dice))
