@@ -1,19 +1,32 @@
-"""Write ``benchmarks/EXPERIMENT.md`` (and ``figures/experiment_summary.png``) from evaluated sweep runs.
+"""Write the experiment report (``benchmarks/EXPERIMENT.md`` and one figure per mechanism) from experiment folders.
 
-    divaware sweep --config configs/experiment.yaml --out runs/experiment            # or split by --seeds
-    python benchmarks/experiment_report.py runs/experiment [--out benchmarks/EXPERIMENT.md]
+    divaware experiment --config configs/experiment_representation.yaml --out runs/experiment/representation
+    divaware experiment --config configs/experiment_intrinsic.yaml --out runs/experiment/intrinsic
+    python benchmarks/experiment_report.py runs/experiment/representation runs/experiment/intrinsic
 
-Every number in the report is read from the run folders under the given root (searched recursively, as
-``divaware.evaluate.collect`` does): per-run challenge and fairness figures, per-case test Dice for the paired
-comparisons. Nothing is typed by hand.
+One section per experiment folder (= per disparity mechanism). Every number is read from the run folders:
+each run's evaluation on the held-out synthetic cohort (``evaluation_all_heldout``: per-case Dice, challenge
+and fairness figures) and the held-out cohort's ``synthetic_truth.csv`` (which cases are truly hard).
+Nothing is typed by hand. A run with fewer than the planned seeds or strategies is labelled a PARTIAL run in
+the title and in every section (write it to another file, e.g. ``--out benchmarks/EXPERIMENT_preliminary.md``).
+
+Statistics. Per strategy: mean ± 95 % t-interval over seeds. Paired comparisons with ERM: for every held-out
+case, the Dice difference (strategy − ERM, same seed) averaged over the seeds both have; the 95 % CI is a
+percentile bootstrap over cases (the unit that was sampled), so seeds are pooled without counting a case
+twice. "Worst group" is ERM's worst known group (over age group, menopause, breast density; pooled over
+seeds), held fixed for every strategy so that the differences are paired; "hard subgroup" is the truly hard
+subgroup of the synthetic truth. Fraction of the oracle's gain = Δ(strategy) / Δ(oracle) on the worst group.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,26 +35,31 @@ from scipy import stats
 
 from divaware import evaluate as ev
 from divaware import metrics
+from divaware.experiment import HELDOUT_SPLIT, HELDOUT_TAG
 from divaware.plots import save_figure
+from divaware.synthetic import read_truth
 
-FIGURES = ("mean_dice", "worst_group_dice", "gap", "es_dice", "P", "F", "ranking")
 ATTRIBUTES = ("age_group", "menopause", "breast_density")
-ORDER = ("erm", "inverse_frequency", "group_dro", "paper", "divaware")
+ORDER = ("erm", "inverse_frequency", "group_dro", "paper", "divaware", "oracle")
+FULL_SEEDS = 5  # the issue's bar: >= 5 seeds per strategy
+BAR_GAIN, BAR_COST, BAR_FRACTION, NULL_GAIN = 0.05, 0.01, 0.5, 0.02
 
 
-def mean_ci(values: pd.Series) -> str:
-    """Mean ± half-width of the 95 % t-interval over seeds (just the mean when there is one seed)."""
-    v = values.dropna().to_numpy(float)
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t-interval (nan half-width for one value)."""
+    v = np.asarray([x for x in values if not math.isnan(x)], float)
     if len(v) == 0:
-        return "n/a"
+        return math.nan, math.nan
     if len(v) == 1:
-        return f"{v[0]:.4f}"
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return f"{v.mean():.4f} ± {half:.4f}"
+        return float(v[0]), math.nan
+    return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
-def per_case(root: Path, run: str) -> pd.DataFrame:
-    return pd.read_csv(root / run / "evaluation_test" / "per_case.csv", dtype={"patient_id": str}).set_index("patient_id")
+def fmt(mean: float, half: float = math.nan, signed: bool = False) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    s = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return s if math.isnan(half) else f"{s} ± {half:.4f}"
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -50,109 +68,267 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="folder holding the evaluated sweep runs")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("EXPERIMENT.md"))
-    parser.add_argument("--figure", type=Path, default=Path(__file__).parents[1] / "figures" / "experiment_summary.png")
-    parser.add_argument("--reference", default="erm")
-    args = parser.parse_args()
-
-    table = ev.collect(args.root)
+def load_mechanism(folder: Path) -> dict[str, Any]:
+    """Everything the report needs from one experiment folder (raises naming what is missing)."""
+    plan_path = folder / "experiment.yaml"
+    if not plan_path.is_file():
+        raise SystemExit(f"{plan_path} not found: {folder} is not a `divaware experiment` folder")
+    plan = yaml.safe_load(plan_path.read_text())
+    table = ev.collect(folder / "runs", split=HELDOUT_SPLIT, tag=HELDOUT_TAG)
     if table.empty:
-        raise SystemExit(f"no evaluated runs under {args.root}")
-    methods = [m for m in ORDER if m in set(table["method"])] + sorted(set(table["method"]) - set(ORDER))
-    config = yaml.safe_load((args.root / table["run"].iloc[0] / "config.yaml").read_text())
+        raise SystemExit(f"no run under {folder / 'runs'} has been evaluated on the held-out cohort yet")
+    table["seed"] = table["seed"].astype(int)
+    cases, roots = {}, set()
+    for run in table["run"]:
+        out = ev.evaluation_dir(folder / "runs" / run, HELDOUT_SPLIT, tag=HELDOUT_TAG)
+        roots.add(ev._read_json(out / ev.FILES["manifest"])["data_root"])
+        cases[run] = pd.read_csv(out / ev.FILES["per_case"], dtype={"patient_id": str}).set_index("patient_id")
+    if len(roots) != 1:
+        raise SystemExit(f"runs under {folder} were evaluated on different held-out cohorts: {sorted(roots)}")
+    truth = read_truth(next(iter(roots)))
+    config = yaml.safe_load((folder / "runs" / table["run"].iloc[0] / "config.yaml").read_text())
+    return {"folder": folder, "plan": plan, "table": table, "cases": cases, "truth": truth, "config": config,
+            "heldout_root": next(iter(roots))}
 
-    # 1. per strategy, mean ± CI over seeds
+
+def dice_matrix(mech: dict[str, Any], method: str) -> pd.DataFrame:
+    """Per-case held-out Dice of ``method``: rows patient_id, one column per seed."""
+    t = mech["table"][mech["table"]["method"] == method]
+    return pd.DataFrame({int(r.seed): mech["cases"][r.run]["dice"] for r in t.itertuples()})
+
+
+def erm_worst_group(mech: dict[str, Any], reference: str) -> tuple[str, str]:
+    """ERM's worst known group over the attributes, pooled over seeds: (attribute, group)."""
+    ref_runs = mech["table"].loc[mech["table"]["method"] == reference, "run"]
+    pooled = pd.concat([mech["cases"][r] for r in ref_runs])
+    best: tuple[float, str, str] | None = None
+    for attr in ATTRIBUTES:
+        if attr not in pooled.columns:
+            continue
+        known = pooled[pooled[attr].astype(str) != "unknown"]
+        for group, dice in known.groupby(known[attr].astype(str))["dice"]:
+            if best is None or dice.mean() < best[0]:
+                best = (float(dice.mean()), attr, str(group))
+    if best is None:
+        raise SystemExit(f"no known group in {mech['folder']}")
+    return best[1], best[2]
+
+
+def paired(mech: dict[str, Any], method: str, reference: str, cases: pd.Index) -> tuple[float, float, float, int]:
+    """Δ Dice (method − reference) on ``cases``: per-case mean over shared seeds, bootstrap CI over cases."""
+    a, b = dice_matrix(mech, reference), dice_matrix(mech, method)
+    seeds = sorted(set(a.columns) & set(b.columns))
+    if not seeds:
+        return math.nan, math.nan, math.nan, 0
+    d = (b.loc[cases, seeds] - a.loc[cases, seeds]).mean(axis=1).to_numpy(float)
+    lo, hi = metrics.bootstrap_ci(d, seed=0)
+    return float(d.mean()), lo, hi, len(seeds)
+
+
+def analyse(mech: dict[str, Any], reference: str = "erm") -> dict[str, Any]:
+    """The numbers of one mechanism's section (also used by the tests)."""
+    table, truth = mech["table"], mech["truth"]
+    methods = [m for m in ORDER if m in set(table["method"])] + sorted(set(table["method"]) - set(ORDER))
+    attr, group = erm_worst_group(mech, reference)
+    some = mech["cases"][table["run"].iloc[0]]
+    ids = some.index
+    worst_ids = ids[some[attr].astype(str) == group]
+    hard = truth["hard_subgroup"].reindex(ids).fillna(False).astype(bool)
+    hard_ids, easy_ids = ids[hard.to_numpy()], ids[~hard.to_numpy()]
+
     rows = []
     for m in methods:
         t = table[table["method"] == m]
-        rows.append({"strategy": m, "seeds": len(t), **{f: mean_ci(t[f]) for f in FIGURES}})
-    summary = pd.DataFrame(rows)
-
-    # 2. per-group Dice, mean over seeds (same test cases for every run)
-    group_rows = []
+        dm = dice_matrix(mech, m)
+        per_seed_worst = dm.loc[worst_ids].mean(axis=0)
+        per_seed_hard = dm.loc[hard_ids].mean(axis=0)
+        rows.append({"strategy": m, "seeds": sorted(t["seed"].tolist()),
+                     **{k: mean_ci(t[k].tolist()) for k in ("mean_dice", "worst_group_dice", "gap", "es_dice",
+                                                            "P", "F", "ranking")},
+                     "erm_worst_group_dice": mean_ci(per_seed_worst.tolist()),
+                     "hard_dice": mean_ci(per_seed_hard.tolist()),
+                     "easy_dice": mean_ci(dm.loc[easy_ids].mean(axis=0).tolist())})
+    summary = {r["strategy"]: r for r in rows}
+    comps = {}
     for m in methods:
-        cases = pd.concat([per_case(args.root, r) for r in table.loc[table["method"] == m, "run"]])
-        for attr in ATTRIBUTES:
-            for g, vals in cases.groupby(attr)["dice"]:
-                n = int(len(vals) / (table["method"] == m).sum())
-                group_rows.append({"attribute": attr, "group": g, "n": n, "strategy": m, "dice": vals.mean()})
-    groups = pd.DataFrame(group_rows).pivot_table(index=["attribute", "group", "n"], columns="strategy",
-                                                   values="dice").reset_index()
-    groups = groups[["attribute", "group", "n", *methods]].round(3)
-
-    # 3. paired comparisons against the reference: per-case differences pooled over seeds (pairs = same seed)
-    ref = table[table["method"] == args.reference].set_index("seed")
-    paired = []
-    for m in methods:
-        if m == args.reference:
+        if m == reference:
             continue
-        runs = table[table["method"] == m].set_index("seed")
-        diffs, worst = [], []
-        for seed in sorted(set(runs.index) & set(ref.index)):
-            a, b = per_case(args.root, ref.loc[seed, "run"]), per_case(args.root, runs.loc[seed, "run"])
-            diffs.append((b["dice"] - a.loc[b.index, "dice"]).to_numpy(float))
-            worst.append(runs.loc[seed, "worst_group_dice"] - ref.loc[seed, "worst_group_dice"])
-        if not diffs:
-            continue
-        d = np.concatenate(diffs)
-        lo, hi = metrics.bootstrap_ci(d, seed=0)
-        w = np.asarray(worst, float)
-        w_half = stats.t.ppf(0.975, len(w) - 1) * w.std(ddof=1) / np.sqrt(len(w)) if len(w) > 1 else np.nan
-        paired.append({"strategy": m, "seed pairs": len(diffs), "Δ mean Dice": f"{d.mean():+.4f}",
-                       "95 % CI": f"[{lo:+.4f}, {hi:+.4f}]", "Δ worst-group Dice": mean_ci(pd.Series(worst)),
-                       "meets the bar (means)": bool(w.mean() > 0 and d.mean() >= -0.01),
-                       "worst-group gain significant": bool(w.mean() - w_half > 0)})
-    paired = pd.DataFrame(paired)
+        comps[m] = {"mean": paired(mech, m, reference, ids), "worst": paired(mech, m, reference, worst_ids),
+                    "hard": paired(mech, m, reference, hard_ids)}
+    oracle = comps.get("oracle")
+    for c in comps.values():
+        for key in ("worst", "hard"):
+            o = oracle[key][0] if oracle else math.nan
+            c[f"fraction_{key}"] = c[key][0] / o if oracle and o > 0 else math.nan
+    erm = summary.get(reference)
+    erm_gap = erm["easy_dice"][0] - erm["hard_dice"][0] if erm else math.nan
+    return {"methods": methods, "summary": summary, "comparisons": comps, "worst_group": (attr, group),
+            "n_cases": len(ids), "n_worst": len(worst_ids), "n_hard": len(hard_ids), "erm_hard_gap": erm_gap,
+            "oracle_closes": (oracle["hard"][0] / erm_gap if oracle and erm_gap > 0 else math.nan)}
 
-    # figure: worst-group Dice against mean Dice, one point per run
+
+def verdict(mechanism: str, res: dict[str, Any], partial: bool) -> str:
+    """The plain-words conclusion of one section, computed from the numbers."""
+    c = res["comparisons"]
+    lines = []
+    o = c.get("oracle")
+    if o is None:
+        lines.append("No oracle run: the ceiling of re-weighting on this cohort is unknown.")
+    else:
+        gain, lo, hi, _ = o["hard"]
+        lines.append(f"The oracle (perfect knowledge of the hard subgroup) changes the hard subgroup's Dice by "
+                     f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}], closing {100 * res['oracle_closes']:.0f} % of ERM's "
+                     f"hard-vs-rest gap of {res['erm_hard_gap']:.3f}; on ERM's worst group "
+                     f"({res['worst_group'][0]}={res['worst_group'][1]}) by {o['worst'][0]:+.3f} "
+                     f"[{o['worst'][1]:+.3f}, {o['worst'][2]:+.3f}].")
+        if mechanism == "intrinsic":
+            ok = abs(o["hard"][0]) < NULL_GAIN and abs(o["worst"][0]) < NULL_GAIN
+            lines.append("As a negative control this behaves as designed: re-weighting cannot recover what the "
+                         "images do not show." if ok else
+                         f"Not the negative control intended: the oracle moves the hard subgroup by ≥ {NULL_GAIN}.")
+        else:
+            ok = res["oracle_closes"] >= 0.5 and o["hard"][1] > 0
+            lines.append("Re-weighting the right cases closes at least half of the gap: the disparity is "
+                         "learnable (a representation disparity)." if ok else
+                         "Even perfect re-weighting closes less than half of the gap (or its CI includes 0): on "
+                         "this cohort the disparity is mostly not fixable by re-weighting.")
+    d = c.get("divaware")
+    if d is not None:
+        gain, lo, hi, _ = d["worst"]
+        cost = d["mean"][0]
+        if mechanism == "intrinsic":
+            claims = [m for m, x in c.items() if m != "oracle" and x["worst"][1] > 0]
+            lines.append(("No strategy claims a worst-group gain its CI does not support" if not claims else
+                          f"{', '.join(claims)} show a worst-group gain whose CI excludes 0") +
+                         f"; divaware's mean-Dice change is {cost:+.4f} (bar: ≥ −{BAR_COST}).")
+        else:
+            frac = d["fraction_worst"]
+            bar = gain >= BAR_GAIN and lo > 0 and cost >= -BAR_COST and frac >= BAR_FRACTION
+            lines.append(f"divaware: worst-group Δ {gain:+.4f} [{lo:+.4f}, {hi:+.4f}], mean Dice Δ {cost:+.4f}, "
+                         f"{'n/a' if math.isnan(frac) else f'{100 * frac:.0f} %'} of the oracle's gain — the bar "
+                         f"(Δ ≥ {BAR_GAIN} with CI > 0, cost ≤ {BAR_COST}, ≥ {100 * BAR_FRACTION:.0f} % of the "
+                         f"oracle) is {'met' if bar else 'NOT met'}.")
+    if partial:
+        lines.append("These are preliminary numbers from a partial run; read the intervals, not the verdicts.")
+    return " ".join(lines)
+
+
+def figure(mech: dict[str, Any], res: dict[str, Any], path: Path) -> None:
     import seaborn as sns
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    sns.scatterplot(data=table, x="mean_dice", y="worst_group_dice", hue="method", hue_order=methods, style="method",
-                    s=70, ax=ax)
-    ax.set_xlabel("mean test Dice")
-    ax.set_ylabel("worst-group test Dice")
-    ax.set_title("one point per run (strategy × seed), synthetic cohort")
-    save_figure(fig, args.figure)
+    methods = res["methods"]
+    fig = Figure(figsize=(10, 4.2), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    sns.scatterplot(data=mech["table"], x="mean_dice", y="worst_group_dice", hue="method", hue_order=methods,
+                    style="method", s=70, ax=ax1)
+    ax1.set_xlabel("mean held-out Dice")
+    ax1.set_ylabel("worst-group held-out Dice")
+    ax1.set_title("one point per run (strategy × seed)")
+    comp = [(m, res["comparisons"][m]["worst"]) for m in methods if m in res["comparisons"]]
+    y = np.arange(len(comp))
+    for i, (_, (mean, lo, hi, _n)) in enumerate(comp):
+        ax2.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]] if not math.isnan(lo) else None, fmt="o", capsize=4)
+    ax2.axvline(0, color="grey", lw=1)
+    ax2.set_yticks(y, [m for m, _ in comp])
+    attr, group = res["worst_group"]
+    ax2.set_xlabel(f"Δ Dice vs ERM on {attr}={group} (paired, 95 % CI)")
+    ax2.set_title("gain on ERM's worst group")
+    fig.suptitle(f"{mech['plan']['disparity']} mechanism, held-out synthetic cohort ({res['n_cases']} cases)")
+    save_figure(fig, path)
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    text = f"""# Experiment: does divergence-aware training close the gap? (synthetic cohort)
 
-Generated by `python benchmarks/experiment_report.py {args.root}` from {len(table)} evaluated runs
-({len(methods)} strategies × seeds {sorted(set(table['seed']))}); training {config['epochs']} epochs per run, UNet
-channels {config['channels']}, α = {config['alpha']}, batch {config['batch_size']}, on {machine}.
-Cohort: the synthetic stand-in ({config.get('synthetic_cases')} cases, seed {config.get('synthetic_seed')});
-these are **not** MAMA-MIA results. Model selection and weights used the fairness-validation split; the test
-split was evaluated once per run.
+def section(mech: dict[str, Any], res: dict[str, Any], fig_rel: str, partial: bool) -> str:
+    plan, cfg = mech["plan"], mech["config"]
+    mechanism = plan["disparity"]
+    s = res["summary"]
+    rows = []
+    for m in res["methods"]:
+        r = s[m]
+        rows.append({"strategy": m, "seeds": len(r["seeds"]), "mean Dice": fmt(*r["mean_dice"]),
+                     "worst-group Dice": fmt(*r["worst_group_dice"]), "gap": fmt(*r["gap"]),
+                     "ES-Dice": fmt(*r["es_dice"]), "ranking": fmt(*r["ranking"]),
+                     "hard-subgroup Dice": fmt(*r["hard_dice"])})
+    attr, group = res["worst_group"]
+    comp_rows = []
+    for m, c in res["comparisons"].items():
+        def ci(x: tuple[float, float, float, int]) -> str:
+            return f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]" if not math.isnan(x[0]) else "n/a"
+        comp_rows.append({"strategy": m, "seed pairs": c["mean"][3], "Δ mean Dice": ci(c["mean"]),
+                          f"Δ {attr}={group}": ci(c["worst"]), "Δ hard subgroup": ci(c["hard"]),
+                          "fraction of the oracle's gain": "n/a" if math.isnan(c["fraction_worst"])
+                          else f"{100 * c['fraction_worst']:.0f} %"})
+    planned = f"{len(plan['strategies'])} strategies × seeds {plan['seeds']}"
+    done = f"{len(res['methods'])} strategies × seeds {sorted(set(mech['table']['seed']))}"
+    head = f"## Mechanism `{mechanism}`{' — PARTIAL RUN' if partial else ''}\n\n"
+    return head + f"""Runs: {done} (planned: {planned}); {cfg['epochs']} epochs, UNet channels {cfg['channels']},
+α = {cfg['alpha']}, batch {cfg['batch_size']}, training cohort {cfg['synthetic_cases']} cases (seed
+{cfg['synthetic_seed']}). Held-out test cohort: {res['n_cases']} cases (seed {plan['heldout']['seed']}), of which
+{res['n_hard']} in the truly hard subgroup and {res['n_worst']} in ERM's worst group {attr}={group}.
 
-## Per strategy (mean ± 95 % t-interval over seeds)
+{markdown(pd.DataFrame(rows))}
 
-{markdown(summary)}
+Mean ± 95 % t-interval over seeds. Worst group, gap and ES-Dice over the known groups of age group, menopausal
+status and breast density (worst across the three); ranking = the challenge's ½P + ½F on the held-out cohort;
+hard subgroup = the synthetic truth's (age ≤ 40, premenopausal, density c/d).
 
-Worst group and gap are over the known groups of age group, menopausal status and breast density (the worst
-across the three); ES-Dice = Dice / (1 + Σ_g |Dice_g − Dice|).
+Paired with ERM (per-case Dice difference averaged over the shared seeds; 95 % bootstrap CI over cases):
 
-## Per-group test Dice (mean over seeds; n = cases per run)
+{markdown(pd.DataFrame(comp_rows)) if comp_rows else "(no strategy besides ERM)"}
 
-{markdown(groups)}
+ERM's hard-vs-rest gap: {fmt(res['erm_hard_gap'])}; the oracle closes
+{'n/a' if math.isnan(res['oracle_closes']) else f"{100 * res['oracle_closes']:.0f} %"} of it.
 
-## Paired comparison with {args.reference} (per-case differences, same seed, pooled)
+**Verdict.** {verdict(mechanism, res, partial)}
 
-{markdown(paired) if len(paired) else "(no strategy shares a seed with the reference)"}
-
-"meets the bar (means)": higher worst-group Dice on average over seeds without losing more than 0.01 mean
-Dice — point estimates only; "worst-group gain significant": the 95 % t-interval of the worst-group change over
-seeds lies above 0. With three seeds and a 61-case test split, read the intervals before the booleans.
-
-![summary](../figures/{args.figure.name})
+![{mechanism}](../figures/{fig_rel})
 """
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", type=Path, nargs="+", help="experiment folders (one per mechanism)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("EXPERIMENT.md"))
+    parser.add_argument("--figures", type=Path, default=Path(__file__).parents[1] / "figures",
+                        help="folder for the figures experiment_<mechanism>[_<out stem suffix>].png")
+    parser.add_argument("--reference", default="erm")
+    args = parser.parse_args(argv)
+
+    mechs = [load_mechanism(f) for f in args.folders]
+    results = [analyse(m, args.reference) for m in mechs]
+    partial_any = False
+    sections = []
+    suffix = "" if args.out.stem == "EXPERIMENT" else "_" + args.out.stem.lower().replace("experiment_", "")
+    for mech, res in zip(mechs, results, strict=True):
+        seeds_done = {m: len(res["summary"][m]["seeds"]) for m in res["methods"]}
+        partial = (set(mech["plan"]["strategies"]) - set(res["methods"])) != set() or \
+            min(seeds_done.values()) < min(FULL_SEEDS, len(mech["plan"]["seeds"])) or \
+            len(mech["plan"]["seeds"]) < FULL_SEEDS
+        partial_any |= partial
+        name = f"experiment_{mech['plan']['disparity']}{suffix}.png"
+        figure(mech, res, args.figures / name)
+        sections.append(section(mech, res, name, partial))
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+    title = "# Experiment: when does divergence-aware training close the gap? (synthetic cohorts)"
+    if partial_any:
+        title += " — PRELIMINARY, PARTIAL RUN"
+    command = "python benchmarks/experiment_report.py " + " ".join(str(f) for f in args.folders)
+    if args.out.name != "EXPERIMENT.md":
+        command += f" --out {args.out.as_posix()}"
+    text = f"""{title}
+
+Generated by `{command}` on {machine}. Synthetic cohorts only: these are **not** MAMA-MIA results.
+Each run trains on its cohort's challenge train split (model selection and weights on the fairness-validation
+split carved from it) and is evaluated once on a large held-out cohort from the same generator and mechanism
+(another seed, every case a test case), never used for training or selection.
+{"" if not partial_any else chr(10) + "**Partial run**: fewer seeds and/or strategies than planned (see each section); the numbers are preliminary." + chr(10)}
+The `oracle` up-weights the truly hard cases (from the synthetic truth) with divaware's mean-1 normalisation
+and clip: its gain is what subgroup re-weighting could achieve on that cohort.
+
+{chr(10).join(sections)}"""
     args.out.write_text(text)
     print(text)
+    return text
 
 
 if __name__ == "__main__":

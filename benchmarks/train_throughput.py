@@ -17,8 +17,10 @@ the same steps on one batch already in device memory. ``stall = 1 - t_in_memory 
 
 On a CPU (or with ``--small``) every shape shrinks (volume 64x64x32, patches 32^3) and autocast stays off,
 so the script finishes in a couple of minutes; on a GPU it is the headline figure (H100: about 3-4 minutes,
-most of it compilation). Results go to ``benchmarks/RESULTS.md``, one section per device and mode (a run
-replaces only its own section).
+most of it compilation). On a GPU it then runs the DDP path end to end (``benchmarks/scaling.py``: plain
+``divaware train`` against ``torchrun`` with 1 rank, and with every GPU when there are several; skip with
+``--no-ddp``). Results go to ``benchmarks/RESULTS.md``, one section per device and mode (a run replaces only
+its own section).
 
     python benchmarks/train_throughput.py [--small] [--steps 20] [--workers 8] [--no-compile]
 """
@@ -254,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0,
                         help="skip torch.compile when this many seconds would be exceeded")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    parser.add_argument("--no-ddp", action="store_true",
+                        help="skip the DDP path (divaware train under torchrun against plain; GPU only here, "
+                             "benchmarks/scaling.py measures it on CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; use 1 on a shared, busy machine)")
     args = parser.parse_args(argv)
@@ -310,6 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run(Setup("ours+compile", patch, 4, bf16=True, channels_last=True, compile=True))
             report(rows, stall, meta, time.perf_counter() - start, write=not args.no_write)
+    if cuda and not args.no_ddp:
+        # the training engine end to end: plain `divaware train` against torchrun with 1 rank per GPU
+        from scaling import ddp_throughput
+        from scaling import report as scaling_report
+
+        log("DDP path: divaware train, plain and under torchrun ...")
+        with tempfile.TemporaryDirectory(prefix="divaware_ddp_") as tmp:
+            ddp = ddp_throughput(Path(tmp), epochs=3)
+        text = scaling_report(ddp, None, command)
+        print("\n" + text + "\n", flush=True)
+        if not args.no_write:
+            section("scaling-cuda-ddp", text)
     return 0
 
 

@@ -101,6 +101,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="teaching: density mostly known; realistic: ~96%% density and ~27%% menopause missing")
     p.add_argument("--collections", nargs="+", default=None, metavar="NAME",
                    help="only these collections (DUKE ISPY1 ISPY2 NACT), in their real proportions")
+    p.add_argument("--disparity", default="default", choices=("default", "representation", "intrinsic"),
+                   help="what makes the hard subgroup hard: default (the original BPE look-alikes), "
+                        "representation (rare, learnable look-alikes) or intrinsic (part of the tumour invisible)")
     p.add_argument("--overwrite", action="store_true", help="replace a cohort previously written by synth")
     p.set_defaults(func=_cmd_synth)
 
@@ -112,9 +115,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     root = make_cohort(args.out, n_cases=args.n_cases, seed=args.seed, preset=args.preset,
-                       missingness=args.missingness, overwrite=args.overwrite, collections=args.collections)
+                       missingness=args.missingness, overwrite=args.overwrite, collections=args.collections,
+                       disparity=args.disparity)
     truth = read_truth(root)
-    print(f"wrote {len(truth)} synthetic cases ({args.preset} preset, {args.missingness} missingness, seed "
+    print(f"wrote {len(truth)} synthetic cases ({args.preset} preset, {args.missingness} missingness, "
+          f"{args.disparity} disparity, seed "
           f"{args.seed}) to {root} in {time.perf_counter() - start:.1f} s; hard subgroup: "
           f"{int(truth['hard_subgroup'].sum())} cases")
     return 0
@@ -236,6 +241,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    help="override the sweep's seeds (e.g. to split one sweep across processes or machines)")
     p.add_argument("--methods", nargs="+", default=None, help="override the sweep's methods")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at once, one process each (default 1: one after another in this process)")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated GPU indices the jobs are spread over, e.g. 0,1 (default: all GPUs if "
+                        "any, else CPU with cores/jobs threads per job)")
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -250,12 +260,44 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     for key in ("seeds", "methods"):
         if getattr(args, key) is not None:
             config["sweep"] = {**(config.get("sweep") or {}), key: getattr(args, key)}
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    if devices is None and args.jobs > 1:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())] or None
     try:
-        out = pipeline.sweep(config, args.out, n_boot=args.n_boot)
-    except pipeline.NotebookFailed as err:
+        out = pipeline.sweep(config, args.out, n_boot=args.n_boot, jobs=args.jobs, devices=devices)
+    except (pipeline.NotebookFailed, pipeline.SweepFailed) as err:
         print(f"divaware sweep: {err}", file=sys.stderr)
         return 1
     print(f"sweep table: {out / 'sweep.csv'}; summary: {out / 'sweep_summary.csv'}")
+    return 0
+
+
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("experiment", help="the decisive experiment: strategies x seeds on a synthetic mechanism",
+                       description="Train every (strategy, seed) of an experiment config (configs/experiment_*.yaml), "
+                                   "evaluate each run on the held-out synthetic cohort and on the challenge test "
+                                   "split. Resumes: re-run to continue; split the work with --seeds/--strategies.")
+    p.add_argument("--config", required=True, help="experiment YAML (see divaware.experiment)")
+    p.add_argument("--out", required=True, help="experiment folder, e.g. runs/experiment/representation")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (one process per seed)")
+    p.add_argument("--strategies", nargs="+", default=None, help="only these strategies")
+    p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
+    p.set_defaults(func=_cmd_experiment)
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from divaware.experiment import load_experiment, run_experiment
+
+    config = load_experiment(args.config)
+    if args.epochs is not None:
+        config["training"] = {**config["training"], "epochs": args.epochs}
+    out = run_experiment(config, args.out, strategies=args.strategies, seeds=args.seeds, n_boot=args.n_boot)
+    print(f"experiment folder: {out}; report: python benchmarks/experiment_report.py {out}")
     return 0
 
 

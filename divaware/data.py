@@ -28,7 +28,6 @@ import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -453,31 +452,44 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     pad_batch: bool = True,
+    batches: list[list[int]] | None = None,
 ) -> Any:
     """A MONAI ``DataLoader`` whose order and augmentations depend only on ``seed``.
+
+    ``batches``: fixed batches of dataset positions (a batch sampler; ``batch_size`` and ``shuffle`` are
+    then unused), as the training loop uses (see :meth:`divaware.distributed.Ranks.train_loader`).
 
     Build a new loader per epoch with ``seed`` derived from (run seed, epoch): the sampler draws from a
     generator seeded with it, and MONAI seeds the random transforms from the same generator (in the main
     process or in each worker), so an epoch replays exactly after a resume. ``pad_batch`` pads unequal
     whole volumes of one batch to a common size (at the end, with zeros).
     """
-    from monai.data import DataLoader, list_data_collate, pad_list_data_collate
+    from monai.data import DataLoader, list_data_collate
 
     generator = torch.Generator()
     generator.manual_seed(int(seed))
-    collate = partial(pad_list_data_collate, method="end") if pad_batch else list_data_collate
+    collate = _padding_collate if pad_batch else list_data_collate
+    order: dict[str, Any] = ({"batch_size": batch_size, "shuffle": shuffle, "drop_last": False}
+                             if batches is None else {"batch_sampler": batches})
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        **order,
         num_workers=num_workers,
         generator=generator,
         collate_fn=collate,
         pin_memory=pin_memory,
         # workers are restarted every epoch so their random streams are re-seeded from the generator
         persistent_workers=False,
-        drop_last=False,
     )
+
+
+def _padding_collate(items: Sequence[Mapping[Hashable, Any]]) -> Any:
+    """MONAI's ``pad_list_data_collate`` (pad at the end) on shallow copies of the samples: it writes the
+    padded tensors back into the sample dicts it is given, which for a memory cache without random
+    transforms are the cached dicts themselves, so a case's size would depend on the batches it was in."""
+    from monai.data import pad_list_data_collate
+
+    return pad_list_data_collate([dict(item) for item in items], method="end")
 
 
 def batch_ids(batch: Mapping[str, Any]) -> list[str]:

@@ -96,21 +96,37 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return term.flatten(1).mean(dim=1)
 
 
+WEIGHT_NORMS = ("global", "batch")
+
+
 def combine(
     per_case: torch.Tensor,
     weights: torch.Tensor | np.ndarray | Sequence[float] | None,
     alpha: float,
+    norm: str = "global",
 ) -> torch.Tensor:
-    """L = alpha * mean(l) + (1 - alpha) * sum(w l) / sum(w), a scalar that carries gradient in both terms.
+    """The training objective of one batch: a scalar that carries gradient in both terms.
+
+    ``norm="global"`` (default): L = α · (1/B) Σ ℓ_i + (1 − α) · (1/B) Σ w_i ℓ_i. The weights come from a
+    strategy with training-set mean 1 (every strategy in ``divaware.weighting``), so the second term is an
+    unbiased estimate of the weighted training loss and case i always gets gradient (α + (1 − α) w_i)/B:
+    two cases' gradients stand in the ratio of their α-mixed weights whatever else the batch holds, at
+    every batch size including 1.
+
+    ``norm="batch"``: L = α · mean ℓ + (1 − α) · Σ w_i ℓ_i / Σ w_i, the former objective, kept for
+    comparison. It is invariant to the weights' scale within a batch: at batch size 1 it is plain ℓ
+    whatever w is, and at 2-8 cases per batch it dilutes the weights (benchmarks/OBJECTIVE.md).
 
     ``weights`` are constants: they are detached (no gradient flows into them), but they multiply the
-    per-case losses themselves, so the weighted term sends gradient w_i / sum(w) to case i. (The published
-    code multiplied its weight term by ``loss.item()``, which sent none.) ``None`` means uniform weights.
+    per-case losses themselves, so the weighted term sends gradient to each case. (The published code
+    multiplied its weight term by ``loss.item()``, which sent none.) ``None`` means uniform weights.
     """
     if per_case.dim() != 1:
         raise ValueError(f"per-case losses must have shape (B,), got {tuple(per_case.shape)}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if norm not in WEIGHT_NORMS:
+        raise ValueError(f"weight norm must be one of {WEIGHT_NORMS}, got {norm!r}")
     mean_term = per_case.mean()
     if weights is None or float(alpha) == 1.0:
         return mean_term
@@ -118,8 +134,11 @@ def combine(
     w_host = weights.detach().cpu().double().numpy() if torch.is_tensor(weights) else np.asarray(weights, float)
     if w_host.shape != tuple(per_case.shape):
         raise ValueError(f"got {w_host.size} weights for {per_case.numel()} per-case losses")
-    if not np.isfinite(w_host).all() or (w_host < 0).any() or w_host.sum() <= 0:
+    if not np.isfinite(w_host).all() or (w_host < 0).any() or (norm == "batch" and w_host.sum() <= 0):
         raise ValueError(f"weights must be finite, non-negative and not all zero, got {w_host.tolist()}")
     w = torch.as_tensor(w_host, dtype=per_case.dtype).to(per_case.device, non_blocking=True)
-    weighted = (w * per_case).sum() / w.sum()
+    if norm == "batch":
+        weighted = (w * per_case).sum() / w.sum()
+    else:
+        weighted = (w * per_case).sum() / per_case.shape[0]
     return float(alpha) * mean_term + (1.0 - float(alpha)) * weighted

@@ -590,9 +590,10 @@ def divergent_subgroups(
 
     A thin wrapper over :mod:`divaware.subgroups`: the attribute table of the cases in ``per_case``
     (``bins`` as in ``subgroups.attribute_table``) and their ``metric`` scores, matched by patient_id, go to
-    ``subgroups.divergent_itemsets``. Columns ``label, items, length, support, count, mean, divergence, t``,
-    most negative divergence first. Divergence is mean − overall, so for a distance metric (``norm_hd``)
-    the *positive* end holds the failing subgroups.
+    ``subgroups.divergent_itemsets``. Columns ``label, items, length, support, count, mean, divergence, t,
+    p, q``, most negative divergence first. Divergence is mean − overall, so for a distance metric
+    (``norm_hd``) the *positive* end holds the failing subgroups; ``p``/``q`` test for *lower* scores, so
+    they flag failing subgroups of a score such as Dice only.
     """
     from divaware import subgroups  # lazily: the analysis module pulls in DivExplorer
 

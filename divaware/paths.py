@@ -4,6 +4,11 @@
 the synthetic stand-in cohort in the divaware cache (``$DIVAWARE_CACHE``, default ``~/.cache/divaware``),
 generated on first use. Generation goes to a temporary sibling folder renamed into place at the end, so an
 interrupted or concurrent first use never leaves a half-written cohort behind.
+
+Where the notebooks write: ``resolve_output(path)`` keeps an absolute path and puts a relative one under the
+*runs root*, ``$DIVAWARE_RUNS`` when set, else ``runs/`` of the repository checkout (else ``./runs``). The
+notebooks' default output folders are relative, so 01 → 02 → 03 → 04 connect whatever the working directory:
+JupyterLab starts kernels in ``notebooks/``, the CLI runs from the repository root.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 DATA_ENV = "DIVAWARE_DATA"
 CACHE_ENV = "DIVAWARE_CACHE"
+RUNS_ENV = "DIVAWARE_RUNS"
 
 
 def cache_dir() -> Path:
@@ -31,24 +37,27 @@ def generator_tag() -> str:
     return hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()[:8]
 
 
-def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching") -> Path:
+def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching",
+                   disparity: str = "default") -> Path:
     """Cache location of the synthetic cohort with these generation settings and this generator version."""
-    return cache_dir() / f"synthetic-{preset}-{missingness}-n{n_cases}-seed{seed}-{generator_tag()}"
+    # The default mechanism keeps the original folder name; the others add theirs (never a shared cache).
+    mech = "" if disparity == "default" else f"-{disparity}"
+    return cache_dir() / f"synthetic-{preset}-{missingness}{mech}-n{n_cases}-seed{seed}-{generator_tag()}"
 
 
 def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
-                     missingness: str = "teaching") -> Path:
+                     missingness: str = "teaching", disparity: str = "default") -> Path:
     """The cached synthetic cohort with these settings, generated (atomically) if it is not there yet."""
     from divaware.synthetic import make_cohort
 
-    root = synthetic_root(n_cases, seed, preset, missingness)
+    root = synthetic_root(n_cases, seed, preset, missingness, disparity)
     if (root / "clinical_and_imaging_info.xlsx").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         make_cohort(staging, n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
-                    overwrite=True)
+                    overwrite=True, disparity=disparity)
         try:
             staging.rename(root)
         except OSError:
@@ -62,14 +71,15 @@ def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
 
 
 def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, seed: int = 0,
-                      preset: str = "default", missingness: str = "teaching") -> Path:
+                      preset: str = "default", missingness: str = "teaching", disparity: str = "default") -> Path:
     """The cohort folder to use: explicit argument, else ``$DIVAWARE_DATA``, else the synthetic default."""
     if data_root:
         root = Path(data_root).expanduser()
     elif os.environ.get(DATA_ENV):
         root = Path(os.environ[DATA_ENV]).expanduser()
     else:
-        return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness)
+        return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
+                                disparity=disparity)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(
             f"data folder {root} is a file, not a folder; pass the MAMA-MIA root (the folder holding images/ and "
@@ -81,3 +91,25 @@ def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, see
             f"clinical_and_imaging_info.xlsx), set ${DATA_ENV}, or leave both empty for the synthetic cohort"
         )
     return root
+
+
+def repo_root() -> Path | None:
+    """The repository checkout this package runs from (the folder holding ``notebooks/`` and
+    ``pyproject.toml``), or None for an installed copy."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
+
+
+def runs_root() -> Path:
+    """Where relative output paths go: ``$DIVAWARE_RUNS``, else ``<repository>/runs``, else ``./runs``."""
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV]).expanduser().resolve()
+    repo = repo_root()
+    return (repo / "runs") if repo is not None else (Path.cwd() / "runs").resolve()
+
+
+def resolve_output(path: str | Path) -> Path:
+    """An output folder: absolute paths as given, relative ones under :func:`runs_root` (never the working
+    directory, which differs between JupyterLab, papermill and the CLI)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else runs_root() / path

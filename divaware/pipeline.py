@@ -26,11 +26,17 @@ from typing import Any
 
 import yaml
 
+# Arguments of every kernel the series starts (see execute_notebook).
+KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
 SERIES = ("01_data_exploration", "02_subgroup_divergence", "03_training", "04_fairness_evaluation")
 
 
 class NotebookFailed(RuntimeError):
     """A notebook of the series raised; the message names the cell and the executed copy."""
+
+
+class SweepFailed(RuntimeError):
+    """Some runs of a sweep failed (the others finished and are in sweep.csv); the message names them."""
 
 
 def notebooks_dir() -> Path:
@@ -84,6 +90,9 @@ def execute_notebook(
         papermill.execute_notebook(
             str(source), str(output), parameters=dict(parameters), kernel_name="python3",
             cwd=str(cwd) if cwd else None, progress_bar=False, log_output=log_output,
+            # The kernel talks to papermill over local TCP and logs a warning about it at every start; the
+            # warning says nothing about the notebook, so the kernel's own log is kept to errors.
+            extra_arguments=list(KERNEL_ARGUMENTS),
         )
     except PapermillExecutionError as err:
         raise NotebookFailed(
@@ -157,6 +166,9 @@ def series_jobs(config: Mapping[str, Any], out: Path, src: Path) -> list[tuple[s
             params["reference_method"] = methods[0]
         if name == "02_subgroup_divergence" and reuse:
             params["baseline_run"] = str(out / "runs" / methods[0])
+        elif "baseline_dir" in declared and "baseline_dir" not in params:
+            # 02 trains its own baseline: inside the series folder, beside 02's other outputs
+            params["baseline_dir"] = str(out / name / "baseline")
         jobs[name] = [(name, source, params)]
     ordered = jobs["01_data_exploration"]
     if reuse:
@@ -174,8 +186,11 @@ def run_series(
 
     ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``).
     """
+    from divaware import runtime
+
     out = Path(out_dir).resolve()
     src = notebooks_dir()
+    runtime.apply_thread_env()  # before any kernel starts: OpenMP reads it once, at load
     if only:
         labels = [label for label, _, _ in series_jobs(config, out, src)]
         unmatched = [o for o in only if not any(label.startswith(o) for label in labels)]
@@ -184,20 +199,83 @@ def run_series(
                              f"{', '.join(labels)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    record = start_timings(only)
     timings: dict[str, float] = {}
-    for label, source, params in series_jobs(config, out, src):
+    jobs = series_jobs(config, out, src)
+    for label, source, params in jobs:
         if only and not any(label.startswith(o) for o in only):
             continue
         params_file = out / "params" / f"{label}.yaml"
         params_file.parent.mkdir(parents=True, exist_ok=True)
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
         print(f"[divaware run] {label} ...", flush=True)
-        seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
-                                   cwd=out, log_output=log_output)
+        with runtime.PeakMemory() as memory:
+            seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
+                                       cwd=out, log_output=log_output)
         timings[label] = round(seconds, 1)
+        record["notebooks"][label] = {"seconds": round(seconds, 1), "peak_memory_gb": round(memory.peak / 1024**3, 2)}
         print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_timings(out, record, [label for label, _, _ in jobs])
     return timings
+
+
+TIMINGS_FORMAT = 2
+
+
+def start_timings(only: list[str] | None = None) -> dict[str, Any]:
+    """The beginning of a ``timings.json`` record: start time, load, command and machine."""
+    from divaware import runtime
+
+    return {"format": TIMINGS_FORMAT, "started_utc": runtime.utc_now(), "_t0": time.perf_counter(),
+            "command": runtime.command_line(), "only": list(only) if only else None,
+            "load_average_start": runtime.load_average(), "machine": runtime.machine_info(), "notebooks": {}}
+
+
+def write_timings(out: Path, record: dict[str, Any], labels: list[str]) -> Path:
+    """Finish ``record`` (total wall time, peak memory, load, training breakdown) and write
+    ``<out>/timings.json``; returns its path.
+
+    ``notebooks`` maps each execution to its wall seconds (kernel start included) and the peak resident
+    memory of the run process plus its kernel; ``training`` sums each training run's own epoch times from
+    its ``metrics.csv`` (training steps vs validation). A partial run (``--only``) updates the notebooks
+    it executed in an existing record and is marked ``complete: false`` unless every notebook of ``labels``
+    (the series' executions in order) is there.
+    """
+    import pandas as pd
+
+    from divaware import runtime
+
+    record = dict(record)
+    total = time.perf_counter() - record.pop("_t0")
+    path = out / "timings.json"
+    previous: dict[str, Any] = {}
+    if record.get("only") and path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if previous.get("format") != TIMINGS_FORMAT:
+            previous = {}
+    notebooks = {**(previous.get("notebooks") or {}), **record["notebooks"]}
+    record["notebooks"] = {label: notebooks[label] for label in labels if label in notebooks}
+    record["complete"] = all(label in notebooks for label in labels) and (not record.get("only") or bool(previous))
+    record["total_seconds"] = round(total if not record.get("only") else
+                                    sum(v["seconds"] for v in record["notebooks"].values()), 1)
+    record["peak_memory_gb"] = max((v["peak_memory_gb"] for v in record["notebooks"].values()), default=0.0)
+    record["finished_utc"] = runtime.utc_now()
+    record["load_average_end"] = runtime.load_average()
+    training = {}
+    for metrics in sorted((out / "runs").glob("*/metrics.csv")):
+        log = pd.read_csv(metrics)
+        training[metrics.parent.name] = {
+            "epochs": int(len(log)), "seconds": round(float(log["time_s"].sum()), 1),
+            "train_seconds": round(float(log["train_time_s"].sum()), 1),
+            "validation_seconds": round(float(log["val_time_s"].sum()), 1),
+            "validations": int(log["val_dice"].notna().sum()),
+        }
+    record["training"] = training
+    path.write_text(json.dumps(record, indent=2))
+    return path
 
 
 def sweep_grid(config: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -220,21 +298,41 @@ def _run_name(params: Mapping[str, Any]) -> str:
     return f"{params['method']}_seed{params['seed']}{extra}".replace("/", "-").replace(" ", "")
 
 
+def sweep_run(source: str, notebook_out: str, params: dict[str, Any], grid_params: dict[str, Any],
+              name: str, out: str, split: str = "test", n_boot: int = 1000, log_output: bool = False
+              ) -> dict[str, Any]:
+    """Train one sweep run (``03_training``) and evaluate it on ``split``; returns its sweep.csv row."""
+    from divaware import evaluate as ev
+
+    seconds = execute_notebook(Path(source), Path(notebook_out), params, cwd=Path(out), log_output=log_output)
+    result = ev.evaluate(Path(out) / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
+                         verbose=False)
+    c = result.challenge
+    return {"run": name, **grid_params, "notebook_minutes": round(seconds / 60, 2),
+            "mean_dice": float(result.per_case["dice"].mean()), **{k: c.get(k) for k in ("P", "F", "ranking")}}
+
+
 def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test", n_boot: int = 1000,
-          log_output: bool = False) -> Path:
+          log_output: bool = False, jobs: int = 1, devices: list[str] | None = None) -> Path:
     """Train every (method, seed, grid value) with ``03_training`` and evaluate it on ``split``.
 
-    Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; an existing run folder is resumed
+    Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; a run whose result is recorded in
+    ``<out>/results/<run>.json`` with the same parameters is skipped, and an unfinished run folder is resumed
     (the notebook resumes training and evaluation reuses its predictions), so an interrupted sweep continues
-    where it stopped. Writes ``<out>/sweep.csv`` (one row per run) and ``<out>/sweep_summary.csv`` (mean, std
-    and n over seeds per method and grid value), and returns ``<out>``.
+    where it stopped. ``jobs`` > 1 (or ``devices``) runs that many at once, one process each (see
+    :mod:`divaware.parallel`: GPUs from ``devices`` round robin, else a share of the CPU threads each). A
+    failing run is reported (``<out>/sweep_failed.csv``, :class:`SweepFailed` at the end) and the others go on.
+    Writes ``<out>/sweep.csv`` (one row per finished run) and ``<out>/sweep_summary.csv`` (mean, std and n
+    over seeds per method and grid value), and returns ``<out>``.
     """
     import pandas as pd
 
     from divaware import evaluate as ev
+    from divaware import parallel, runtime
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    runtime.apply_thread_env()  # before any kernel starts: OpenMP reads it once, at load
     (out / "series.yaml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
     source = notebooks_dir() / "03_training.ipynb"
     declared = notebook_parameters(source)
@@ -243,32 +341,63 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
     unknown = sorted({k for r in runs for k in r} - set(declared))
     if unknown:
         raise ValueError(f"sweep parameter(s) {unknown} are not parameters of 03_training; it has {sorted(declared)}")
-    rows = []
-    for i, grid_params in enumerate(runs, 1):
+    results, tasks = out / "results", []
+    results.mkdir(exist_ok=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for grid_params in runs:
         name = _run_name(grid_params)
         params = {**base, **grid_params, "out_dir": str(out / "runs" / name)}
         (out / "params").mkdir(exist_ok=True)
         (out / "params" / f"{name}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        print(f"[divaware sweep] {i}/{len(runs)} {name} ...", flush=True)
-        seconds = execute_notebook(source, out / "notebooks" / f"03_training_{name}.ipynb", params, cwd=out,
-                                   log_output=log_output)
-        result = ev.evaluate(out / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
-                             verbose=False)
-        c = result.challenge
-        rows.append({"run": name, **grid_params, "notebook_minutes": round(seconds / 60, 2),
-                     "mean_dice": float(result.per_case["dice"].mean()),
-                     **{k: c.get(k) for k in ("P", "F", "ranking")}})
-    table = ev.collect(out / "runs", split=split)
-    table = table[table["run"].isin([_run_name(r) for r in runs])]
-    grid_keys = [k for k in runs[0] if k not in ("method", "seed")] if runs else []
-    per_run = pd.DataFrame(rows).merge(table.drop(columns=["method", "seed", "mean_dice", "P", "F", "ranking"],
-                                                   errors="ignore"), on="run", how="left")
-    per_run.to_csv(out / "sweep.csv", index=False)
-    numeric = [c for c in ("mean_dice", "worst_group_dice", "gap", "es_dice", "P", "F", "ranking") if c in per_run]
-    summary = per_run.groupby(["method", *grid_keys])[numeric].agg(["mean", "std", "count"])
-    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
-    summary.reset_index().to_csv(out / "sweep_summary.csv", index=False)
-    print(summary.round(4).to_string())
+        done = results / f"{name}.json"
+        if done.is_file() and json.loads(done.read_text()).get("params") == json.loads(json.dumps(params)):
+            rows[name] = json.loads(done.read_text())["row"]
+            print(f"[divaware sweep] {name}: finished before, skipped", flush=True)
+            continue
+        tasks.append(parallel.Task(name, "divaware.pipeline:sweep_run", {
+            "source": str(source), "notebook_out": str(out / "notebooks" / f"03_training_{name}.ipynb"),
+            "params": params, "grid_params": grid_params, "name": name, "out": str(out), "split": split,
+            "n_boot": n_boot, "log_output": log_output}))
+    if jobs > 1 or devices:
+        outcomes = parallel.run_parallel(tasks, jobs, out / "logs", devices=devices)
+    else:  # in this process, one after another, as always
+        outcomes = []
+        for i, task in enumerate(tasks, 1):
+            print(f"[divaware sweep] {i}/{len(tasks)} {task.name} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                outcomes.append(parallel.Outcome(task.name, True, parallel.call(task.function, task.kwargs),
+                                                 seconds=time.perf_counter() - start))
+            except Exception as err:  # reported below; the other runs go on
+                outcomes.append(parallel.Outcome(task.name, False, error=f"{type(err).__name__}: {err}",
+                                                 seconds=time.perf_counter() - start))
+    for o, task in zip(outcomes, tasks, strict=True):
+        if o.ok:
+            rows[o.name] = o.result
+            (results / f"{o.name}.json").write_text(json.dumps({"params": task.kwargs["params"], "row": o.result}))
+    failed = [o for o in outcomes if not o.ok]
+    names = [_run_name(r) for r in runs if _run_name(r) in rows]
+    if names:
+        table = ev.collect(out / "runs", split=split)
+        table = table[table["run"].isin(names)]
+        grid_keys = [k for k in runs[0] if k not in ("method", "seed")]
+        per_run = pd.DataFrame([rows[n] for n in names]).merge(
+            table.drop(columns=["method", "seed", "mean_dice", "P", "F", "ranking"], errors="ignore"),
+            on="run", how="left")
+        per_run.to_csv(out / "sweep.csv", index=False)
+        numeric = [c for c in ("mean_dice", "worst_group_dice", "gap", "es_dice", "P", "F", "ranking") if c in per_run]
+        summary = per_run.groupby(["method", *grid_keys])[numeric].agg(["mean", "std", "count"])
+        summary.columns = [f"{a}_{b}" for a, b in summary.columns]
+        summary.reset_index().to_csv(out / "sweep_summary.csv", index=False)
+        print(summary.round(4).to_string())
+    failed_csv = out / "sweep_failed.csv"
+    failed_csv.unlink(missing_ok=True)
+    if failed:
+        pd.DataFrame([{"run": o.name, "error": o.error, "log": o.log} for o in failed]).to_csv(failed_csv, index=False)
+        raise SweepFailed(f"{len(failed)} of {len(runs)} sweep run(s) failed: "
+                          + "; ".join(f"{o.name} ({o.error[:300]})" for o in failed)
+                          + f". The {len(names)} finished run(s) are in {out / 'sweep.csv'}; see {failed_csv}; "
+                          "rerun the same command to retry only the failed ones")
     return out
 
 

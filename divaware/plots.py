@@ -46,6 +46,29 @@ def save_figure(fig: Figure, path: str | Path | None, *, dpi: int = 150) -> list
     return targets
 
 
+def show(fig: Figure, *, dpi: int = 100) -> None:
+    """Display ``fig`` in the running notebook as a PNG image, once, wherever the call sits in a cell.
+
+    The figures here are built without pyplot, so IPython has no reason to show them: one in the middle of a
+    cell or in a loop would show nothing, and one as a cell's last expression would print ``<Figure size ...>``
+    unless pyplot's inline backend happened to be active. Rendering to PNG ourselves gives an ``image/png``
+    output in JupyterLab and in papermill's executed copies alike, independent of the matplotlib backend.
+    Outside IPython this does nothing.
+    """
+    import io
+
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:  # plain Python without IPython: nothing to display to
+        return
+    if get_ipython() is None:
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    display(Image(data=buf.getvalue(), format="png"))
+
+
 def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, Any]:
     fig = Figure(figsize=figsize, layout="constrained")
     with sns.axes_style(_STYLE):

@@ -52,6 +52,8 @@ __all__ = [
     "prune_redundant",
     "shapley_contributions",
     "itemset_label",
+    "benjamini_hochberg",
+    "MIN_TEST_COUNT",
     "parse_item",
 ]
 
@@ -66,7 +68,13 @@ DEFAULT_ATTRIBUTES: tuple[str, ...] = ("age_group", "menopause", "breast_density
 AND = " ∧ "
 
 # The columns of a divergent_itemsets() result, in order.
-ITEMSET_COLUMNS: tuple[str, ...] = ("label", "items", "length", "support", "count", "mean", "divergence", "t")
+ITEMSET_COLUMNS: tuple[str, ...] = (
+    "label", "items", "length", "support", "count", "mean", "divergence", "t", "p", "q",
+)
+
+# Itemsets with fewer cases than this get no p-value: a mean over 2-4 cases says little, and every such
+# itemset is one more hypothesis that the false-discovery control has to pay for.
+MIN_TEST_COUNT = 5
 
 # Strings that mean "not recorded" in spreadsheets and CSV round trips; all become UNKNOWN.
 _MISSING_STRINGS = frozenset({"", "unknown", "nan", "none", "na", "n/a", "<na>"})
@@ -420,12 +428,69 @@ def _welch_t(n1: np.ndarray, s1: np.ndarray, q1: np.ndarray, n: int, s: float, q
     return np.where(n2 == 0, 0.0, t)
 
 
+def _pooled_p(n1: np.ndarray, s1: np.ndarray, q1: np.ndarray, n: int, s: float, q: float) -> np.ndarray:
+    """One-sided p-value of "the itemset scores lower than its complement" (pooled-variance t, df n − 2).
+
+    The variance is pooled over both sides rather than taken per side (Welch): a 7-case subgroup has
+    6 degrees of freedom for its own variance, so Welch–Satterthwaite p-values of small subgroups are so
+    heavy-tailed that none could survive a multiple-testing correction. With exchangeable scores (the
+    permutation null) the pooled t is a monotone function of Δ for a given itemset size, so its p-values
+    are well calibrated there. NaN where a side has fewer than 2 cases.
+    """
+    from scipy import stats
+
+    n2 = n - n1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m1, m2 = s1 / n1, (s - s1) / n2
+        within = np.maximum(q1 - n1 * m1**2, 0.0) + np.maximum((q - q1) - n2 * m2**2, 0.0)
+        pooled = within / (n - 2)
+        se = np.sqrt(pooled * (1.0 / n1 + 1.0 / n2))
+        t = (m1 - m2) / se
+        p = stats.t.cdf(t, n - 2) if n > 2 else np.full_like(t, np.nan)
+        # zero within-group variance: the sign of the difference decides (constant scores: p = 1)
+        p = np.where(se > 0, p, np.where(m1 < m2, 0.0, 1.0))
+    return np.where((n1 < 2) | (n2 < 2), np.nan, p)
+
+
+def benjamini_hochberg(p: Sequence[float] | np.ndarray, keys: Sequence[object] | None = None) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values); NaN p-values stay NaN and are not counted.
+
+    ``keys`` (optional, one per p-value) mark duplicated hypotheses: p-values with equal keys are one test
+    (two itemsets holding exactly the same cases, e.g. ``a=x`` and ``a=x ∧ b=y`` when every ``a=x`` case has
+    ``b=y``) and count once in the number of tests and in the ranks. Rejecting every hypothesis with
+    q ≤ level controls the false-discovery rate at that level for independent or positively dependent
+    tests (overlapping itemsets' one-sided tests are positively dependent), and under the complete null
+    the chance of any rejection at all is at most the level.
+    """
+    p = np.asarray(p, dtype=float).reshape(-1)
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    if not tested.size:
+        return out
+    if keys is None:
+        first, inverse = tested, np.arange(tested.size)
+    else:
+        key_arr = np.asarray(list(keys), dtype=object)[tested]
+        _, first_pos, inverse = np.unique(key_arr.astype(str), return_index=True, return_inverse=True)
+        first = tested[first_pos]
+    pu = p[first]
+    m = pu.size
+    order = np.argsort(pu, kind="mergesort")
+    adj = pu[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(adj[::-1])[::-1]  # step-up: q_(k) = min over j ≥ k of p_(j) m / j
+    qu = np.empty(m)
+    qu[order] = np.minimum(adj, 1.0)
+    out[tested] = qu[np.asarray(inverse).reshape(-1)]
+    return out
+
+
 def divergent_itemsets(
     table: pd.DataFrame,
     scores: pd.Series,
     *,
     min_support: float = 0.05,
     max_length: int | None = None,
+    min_count: int = MIN_TEST_COUNT,
 ) -> pd.DataFrame:
     """Frequent itemsets of the attribute table with their score divergence, most negative Δ first.
 
@@ -442,20 +507,30 @@ def divergent_itemsets(
         by the larger itemsets they also belong to.
     max_length
         Largest number of items per itemset (None: no limit).
+    min_count
+        Itemsets with fewer cases (or a complement of fewer than 2) are reported but not tested: their
+        ``p`` and ``q`` are NaN.
 
     Returns
     -------
     DataFrame with columns :data:`ITEMSET_COLUMNS`: ``label`` (``attr=value ∧ ...`` in table column
     order), ``items`` (frozenset of ``attr=value``), ``length``, ``support`` (fraction), ``count``,
     ``mean`` score, ``divergence`` Δ = mean − overall mean, and ``t``: signed Welch t of the itemset
-    against the remaining cases (NaN where either side has < 2 cases). Sorted by Δ, then t, length and
-    label, so equal inputs give identical output whatever the row order. The empty itemset is excluded.
+    against the remaining cases (NaN where either side has < 2 cases); ``p``: one-sided p-value that the
+    itemset scores below its complement (pooled-variance t, see :func:`_pooled_p`); ``q``: its
+    Benjamini–Hochberg adjusted p-value over all tested itemsets of this table (itemsets holding the same
+    cases count once, see :func:`benjamini_hochberg`). Keep ``q ≤ 0.05`` to control the false-discovery
+    rate at 5 %: under pure noise, 5 % of analyses flag anything at all, where ``|t| ≥ 2`` flags
+    something almost every time (benchmarks/DIVERGENCE.md). Sorted by Δ, then t, length and label, so
+    equal inputs give identical output whatever the row order. The empty itemset is excluded.
     ``attrs`` holds ``n_cases``, ``overall_mean``, ``min_support``, ``max_length``, ``attributes``.
     """
     if not (isinstance(min_support, (int, float)) and 0 < float(min_support) <= 1):
         raise ValueError(f"min_support must be in (0, 1], got {min_support!r}")
     if max_length is not None and (not isinstance(max_length, (int, np.integer)) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 2:
+        raise ValueError(f"min_count must be an int >= 2, got {min_count!r}")
     tab, s = _aligned(table, scores)
     n = len(tab)
     if n == 0:
@@ -478,6 +553,10 @@ def divergent_itemsets(
         div = s1 / n1 - sum_c / n
     div = np.where(np.abs(div) <= tol, 0.0, div)  # snap rounding noise: "no divergence" must read 0
     t = _welch_t(n1, s1, q1, n, sum_c, sum_c2, tol)
+    p = np.where(n1 >= int(min_count), _pooled_p(n1, s1, q1, n, sum_c, sum_c2), np.nan)
+    # equal (count, sums) = the same cases (continuous scores): one hypothesis, however many labels it has
+    keys = [f"{int(a)}|{b:.9f}|{c:.9f}" for a, b, c in zip(n1, s1, q1, strict=True)]
+    qv = benjamini_hochberg(p, keys)
 
     attrs = [str(a) for a in tab.columns]
     items = list(mined["items"])
@@ -491,12 +570,15 @@ def divergent_itemsets(
             "mean": overall + div,
             "divergence": div,
             "t": t,
+            "p": p,
+            "q": qv,
         }
     )
     out = out.sort_values(["divergence", "t", "length", "label"], kind="mergesort", na_position="last")
     out = out.reset_index(drop=True)
     out.attrs.update(
-        n_cases=n, overall_mean=overall, min_support=float(min_support), max_length=max_length, attributes=attrs
+        n_cases=n, overall_mean=overall, min_support=float(min_support), max_length=max_length, attributes=attrs,
+        min_count=int(min_count), n_tests=int(len(set(k for k, v in zip(keys, p, strict=True) if np.isfinite(v)))),
     )
     return out
 
@@ -513,17 +595,22 @@ def _divergence_by_items(itemsets: pd.DataFrame) -> dict[frozenset[str], float]:
     return d
 
 
-def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01) -> pd.DataFrame:
+def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01, mode: str = "redundant") -> pd.DataFrame:
     """Drop itemsets that an item-smaller itemset already explains.
 
-    An itemset I is redundant when removing some item i barely changes its divergence:
-    |Δ(I) − Δ(I ∖ {i})| ≤ ε (DivExplorer's redundancy pruning). With Δ(∅) = 0 this also drops single items
-    with |Δ| ≤ ε. Needs the full result of :func:`divergent_itemsets` (every sub-itemset present); the
-    order of the remaining rows is kept.
+    ``mode="redundant"`` (DivExplorer's redundancy pruning): I is dropped when removing some item i barely
+    changes its divergence, |Δ(I) − Δ(I ∖ {i})| ≤ ε. With Δ(∅) = 0 this also drops single items with |Δ| ≤ ε.
+    ``mode="worse"``: I is kept only when it is clearly *worse* than every sub-itemset with one item fewer,
+    Δ(I) < Δ(I ∖ {i}) − ε for every i (single items: Δ(I) < −ε): each of its items adds to the failure. This
+    is the reading for a list of under-performing subgroups, where a refinement that is no worse than its
+    parent (or better) only repeats it. Needs the full result of :func:`divergent_itemsets` (every
+    sub-itemset present); the order of the remaining rows is kept.
     """
     _check_itemsets(itemsets)
     if epsilon < 0:
         raise ValueError(f"epsilon must be ≥ 0, got {epsilon}")
+    if mode not in ("redundant", "worse"):
+        raise ValueError(f"mode must be 'redundant' or 'worse', got {mode!r}")
     div = _divergence_by_items(itemsets)
     keep = []
     for items in itemsets["items"]:
@@ -536,7 +623,10 @@ def prune_redundant(itemsets: pd.DataFrame, epsilon: float = 0.01) -> pd.DataFra
                     f"sub-itemset {itemset_label(sub)!r} of {itemset_label(items)!r} is missing; prune the "
                     f"unfiltered result of divergent_itemsets()"
                 )
-            if abs(div[items] - div[sub]) <= epsilon:
+            if mode == "redundant" and abs(div[items] - div[sub]) <= epsilon:
+                redundant = True
+                break
+            if mode == "worse" and not div[items] < div[sub] - epsilon:
                 redundant = True
                 break
         keep.append(not redundant)
@@ -582,7 +672,8 @@ def shapley_contributions(itemsets: pd.DataFrame, itemset: str | Iterable[str]) 
 # --------------------------------------------------------------------------------------------------------
 
 
-def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 0.0) -> pd.DataFrame:
+def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 0.0,
+                    q_max: float | None = None) -> pd.DataFrame:
     """Per case, the most negative divergence among the itemsets it belongs to.
 
     Cases are matched to itemsets by their attribute values, so ``table`` may hold any cases (training
@@ -599,6 +690,10 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
     t_min
         Only itemsets with |t| ≥ t_min count; itemsets with undefined t (NaN) never pass a t_min > 0.
         ``t_min <= 0`` uses every itemset.
+    q_max
+        Only itemsets whose Benjamini–Hochberg ``q`` is ≤ q_max count (NaN, i.e. untested, never does);
+        None: no such filter. This is the false-alarm control; ``t_min`` alone is none (about 80 itemsets
+        are looked at, and several pass |t| ≥ 2 by chance in most analyses of pure noise).
 
     Returns
     -------
@@ -617,6 +712,11 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
             raise ValueError("itemsets frame has no 't' column; needed for t_min > 0")
         with np.errstate(invalid="ignore"):
             keep &= np.abs(cand["t"].to_numpy(float)) >= t_min
+    if q_max is not None:
+        if "q" not in cand.columns:
+            raise ValueError("itemsets frame has no 'q' column; needed for q_max (use divergent_itemsets())")
+        with np.errstate(invalid="ignore"):
+            keep &= cand["q"].to_numpy(float) <= float(q_max)
     cand = cand[keep]
     if "label" in cand.columns:
         labels = cand["label"].astype(str).to_list()

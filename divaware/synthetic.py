@@ -52,6 +52,29 @@ median ~10 ml (5th-95th percentile ~2-60 ml, DUKE smallest). The scene is render
 in-plane) and upsampled, and phases are written one at a time: a DUKE-sized case takes ~20-30 s on 2 cores,
 ~1.2 GB of RAM and ~175 MB of disk. It is meant for loader and GPU benchmarks, not for training on a CPU.
 
+Disparity mechanisms (``disparity``)
+-----------------------------------
+The hard subgroup (age <= 40, premenopausal, density c/d; ~13 %) is the same patients in every mechanism; what
+makes it hard differs:
+
+``default`` (the original generator, byte for byte): BPE foci, strongest in the hard subgroup but present in
+other premenopausal women too, rise fast and keep rising slowly; tumours wash out (60 %) or plateau (40 %).
+In phases 0-2 (what the default model sees) a focus and a plateau tumour look much alike, so much of the gap
+may be irreducible for such a model.
+
+``representation``: look-alike foci occur *only* in the hard subgroup (3 + Poisson(6) per case) and carry a
+clear cue in phases 0-2: they look like a tumour at the first post-contrast phase but keep rising linearly
+(phase 2 is 1.5-3x phase 1) while tumours wash out or plateau. The cue is learnable, but a rare subgroup
+contributes little to an unweighted loss: over-weighting it should help. A positive control.
+
+``intrinsic``: no foci anywhere; instead 35-55 % of every hard-subgroup tumour (a cap cut by a random plane)
+does not enhance as tumour: it has the look and the kinetics of the surrounding parenchyma (ambiguous
+borders). The expert mask still covers the whole tumour, and nothing in the image tells where that part
+ends, so no weighting can recover it. A negative control.
+
+Mechanism-specific draws use their own random streams, so every mechanism has the same patients, scanners
+and tumour geometry; only the foci and the tumour's appearance differ.
+
 Missingness
 -----------
 ``teaching`` (default): breast density reported for ~92 % of cases; menopause unknown for all of ISPY1
@@ -86,6 +109,8 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 PRESETS = ("default", "realistic")
+# How the hard subgroup's disadvantage arises (see "Disparity mechanisms" in the module docstring).
+DISPARITIES = ("default", "representation", "intrinsic")
 MISSINGNESS = ("teaching", "realistic")
 COLLECTIONS = ("DUKE", "ISPY1", "ISPY2", "NACT")
 REAL_COUNTS = {"DUKE": 291, "ISPY1": 171, "ISPY2": 980, "NACT": 64}
@@ -263,15 +288,19 @@ def _age_group(age: float) -> str:
 
 
 def plan_cohort(n_cases: int | None = None, seed: int = 0, preset: str = "default",
-                missingness: str = "teaching", collections: Sequence[str] | None = None) -> pd.DataFrame:
+                missingness: str = "teaching", collections: Sequence[str] | None = None,
+                disparity: str = "default") -> pd.DataFrame:
     """The cohort :func:`make_cohort` would write, one row per case, without any voxels.
 
     Holds the latent truth (``age``, ``menopause_true``, ``density_true``, ``hard_subgroup``,
     ``bpe_strength``, ``n_foci``, ``tumour_ml_target``, ``kinetics`` ...), the reported values as they go into
     the spreadsheet (``menopause_reported``, ``density_reported``) and the acquisition (site, scanner,
     phases, timing, shape, spacing). Cheap: use it to look at distributions for many cases.
+    ``disparity`` (one of :data:`DISPARITIES`) sets how the hard subgroup is disadvantaged (module docstring).
     """
     n = _check_args(preset, missingness, n_cases)
+    if disparity not in DISPARITIES:
+        raise ValueError(f"unknown disparity {disparity!r}; choose one of {', '.join(DISPARITIES)}")
     chosen = COLLECTIONS if collections is None else tuple(str(c).upper() for c in collections)
     unknown = [c for c in chosen if c not in _COLLECTIONS]
     if unknown or not chosen:
@@ -299,6 +328,28 @@ def plan_cohort(n_cases: int | None = None, seed: int = 0, preset: str = "defaul
         n_test = int(round(0.2 * len(ids))) if len(ids) >= 3 else 0
         split[rng.choice(ids, size=n_test, replace=False)] = "test"
     plan["split"] = split
+    return _apply_disparity(plan, int(seed), disparity)
+
+
+def _apply_disparity(plan: pd.DataFrame, seed: int, disparity: str) -> pd.DataFrame:
+    """Set the mechanism's per-case factors (``n_foci``, ``hidden_fraction``) from a stream of its own.
+
+    The draws come from a separate seed sequence and are made for every case, so the patients (and every
+    other column) are identical across mechanisms and the ``default`` plan is the original one.
+    """
+    plan["disparity"] = disparity
+    plan["hidden_fraction"] = 0.0
+    if disparity == "default":
+        return plan
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3, DISPARITIES.index(disparity)]))
+    n = len(plan)
+    hard = plan["hard_subgroup"].to_numpy(bool)
+    if disparity == "representation":
+        # Look-alikes only where the subgroup is: many of them, so they dominate its loss.
+        plan["n_foci"] = np.where(hard, 3 + rng.poisson(6.0, n), 0).astype(int)
+    else:  # intrinsic
+        plan["n_foci"] = 0
+        plan["hidden_fraction"] = np.where(hard, np.round(rng.uniform(0.35, 0.55, n), 4), 0.0)
     return plan
 
 
@@ -559,10 +610,18 @@ def _kinetics(case: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     def tumour(t: float) -> float:  # fast uptake, then washout or plateau
         return amp * (1 - math.exp(-t / tau)) * (1 - wash * max(0.0, t - t_peak) / 300.0)
 
+    def foci(t: float) -> float:
+        if case.get("disparity") == "representation":
+            # Tumour-like at the first post-contrast phase, then a steady linear rise: phase 2 is 1.5-3x
+            # phase 1, a cue the model sees (tumours wash out or plateau by then). Capped at 4x.
+            t1 = float(case["acquisition_times"][1])
+            return 0.8 * foci_amp * min(t / t1, 4.0)
+        return foci_amp * t / (t + tau_foci)  # faster than BPE, still persistent (never washes out)
+
     return {
         "tumour": tumour,
         "bpe": lambda t: 2.2 * bpe * t / (t + tau_slow),  # slow persistent rise
-        "foci": lambda t: foci_amp * t / (t + tau_foci),  # faster, still persistent (never washes out)
+        "foci": foci,
         "vessel": lambda t: 2.5 * (1 - math.exp(-t / 25.0)),
         "background": lambda t: 0.25 * t / (t + 150.0),  # muscle, skin
     }
@@ -667,6 +726,7 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
     if frac.size:
         tum[sl] = frac
     tum *= breast
+    hidden = _hidden_part(case, tum, tumour.centres[0], (X, Y, Z), grid, rng)
 
     # BPE foci: small lobulated blobs in FGT, away from the tumour.
     foci = np.zeros(shape, np.float32)
@@ -706,11 +766,13 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
           "skin": 0.55, "muscle": 0.45, "thorax": 0.22}
     tex = 1.0 + 0.06 * texture
     thorax_tex = np.clip(1.0 + 0.5 * _smooth_noise(rng, shape, fine * 2), 0.2, 2.0)
-    pre = (fat * s0["fat"] * tex + (fgt + foci) * s0["fgt"] * tex + tum * s0["tumour"] + vessel * s0["vessel"]
-           + skin * s0["skin"] + muscle * s0["muscle"] + thorax * s0["thorax"] * thorax_tex)
+    # The hidden part of a tumour (intrinsic mechanism; zero otherwise) looks and enhances like parenchyma.
+    seen = tum - hidden
+    pre = (fat * s0["fat"] * tex + (fgt + foci + hidden) * s0["fgt"] * tex + seen * s0["tumour"]
+           + vessel * s0["vessel"] + skin * s0["skin"] + muscle * s0["muscle"] + thorax * s0["thorax"] * thorax_tex)
     components = {
-        "tumour": tum * s0["tumour"],
-        "bpe": fgt * s0["fgt"],
+        "tumour": seen * s0["tumour"],
+        "bpe": (fgt + hidden) * s0["fgt"],
         "foci": foci * s0["fgt"],
         "vessel": vessel * s0["vessel"],
         "background": (muscle * s0["muscle"] + skin * s0["skin"] + thorax * s0["thorax"] * 0.3),
@@ -737,6 +799,28 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
         "y_cw0": y_cw0,
         "zc": zc,
     }
+
+
+def _hidden_part(case: dict[str, Any], tum: np.ndarray, centre: np.ndarray,
+                 coords: tuple[np.ndarray, np.ndarray, np.ndarray], grid: _Grid,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Fraction map of the tumour cap that does not enhance as tumour (``hidden_fraction`` of its voxels).
+
+    The cap lies beyond a plane of random orientation; its position is chosen so that the requested share
+    of the tumour's voxels is hidden, with a one-voxel soft edge. Zero (and no random draw) unless the case
+    has a ``hidden_fraction`` > 0, so the other mechanisms' random streams are untouched.
+    """
+    share = float(case.get("hidden_fraction") or 0.0)
+    inside = tum > 0.5
+    if share <= 0 or not inside.any():
+        return np.zeros_like(tum)
+    u = rng.standard_normal(3)
+    u /= np.linalg.norm(u)
+    X, Y, Z = coords
+    proj = ((X - centre[0]) * u[0] + (Y - centre[1]) * u[1] + (Z - centre[2]) * u[2]).astype(np.float32)
+    proj = np.broadcast_to(proj, tum.shape)
+    cut = float(np.quantile(proj[inside], 1.0 - share))
+    return (tum * _soft(proj - cut, grid.voxel)).astype(np.float32)
 
 
 def _blur(a: np.ndarray, sigma: float, axis: int) -> np.ndarray:
@@ -1055,17 +1139,18 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
 
 def make_cohort(root: str | Path, n_cases: int | None = None, seed: int = 0, preset: str = "default",
                 missingness: str = "teaching", overwrite: bool = False,
-                collections: Sequence[str] | None = None) -> Path:
+                collections: Sequence[str] | None = None, disparity: str = "default") -> Path:
     """Write a synthetic MAMA-MIA cohort under ``root`` and return its path.
 
     ``n_cases`` defaults to 300 (``default`` preset) or 12 (``realistic``); ``collections`` restricts the
-    collection mix (e.g. ``("ISPY1", "NACT")``), keeping the real proportions among those chosen. Refuses a
+    collection mix (e.g. ``("ISPY1", "NACT")``), keeping the real proportions among those chosen; ``disparity``
+    the mechanism behind the hard subgroup's disadvantage (:data:`DISPARITIES`, see the module docstring). Refuses a
     non-empty ``root`` unless ``overwrite`` (and then only a folder it wrote itself). The cohort is written
     to a temporary sibling folder and moved into place at the end, so an interrupted run leaves nothing
     half-written.
     """
     root = Path(root).expanduser()
-    plan = plan_cohort(n_cases, seed, preset, missingness, collections)
+    plan = plan_cohort(n_cases, seed, preset, missingness, collections, disparity)
     _prepare_root(root, overwrite)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
@@ -1129,6 +1214,7 @@ def _write_all(out: Path, plan: pd.DataFrame, seed: int, preset: str) -> None:
             "field_strength": c["field_strength"], "intensity_scale": round(c["intensity_scale"], 2),
             "noise_rel": round(c["noise_rel"], 4), "bias_amplitude": round(c["bias_amplitude"], 4),
             "z_blur": c["z_blur"], "num_phases": c["num_phases"],
+            "disparity": c["disparity"], "hidden_fraction": c["hidden_fraction"],
         })
     meta_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
     _write_xlsx(out / "clinical_and_imaging_info.xlsx", _spreadsheet_rows(plan, windows, meta_rng))

@@ -12,15 +12,17 @@ One object per training run, with the contract of CONTRIBUTING.md::
 ``train_groups`` / ``val_groups`` may be cohort metadata or an attribute table: each strategy builds its
 own :func:`divaware.subgroups.attribute_table` from them with its ``attributes`` and ``bins``.
 
-How the weights are meant to be used (the loss itself lives in ``losses``)::
+How the weights are used (the loss itself lives in :func:`divaware.losses.combine`), for a batch of B cases::
 
-    L = α · mean_i ℓ_i + (1 − α) · Σ_i w_i ℓ_i / Σ_i w_i
+    L = α · (1/B) Σ_i ℓ_i + (1 − α) · (1/B) Σ_i w_i ℓ_i          (weight_norm "global", the default)
 
-The weighted term must carry gradient (the published code multiplied by ``loss.item()`` and so trained
-plain Dice-Focal). Note that Σwℓ/Σw is invariant to the scale of the weights *within a batch*: with a
-batch of one case it equals ℓ whatever w is, so at batch size 1 (the published configuration) no
-per-batch-normalised weighting has any effect. Weights from ``inverse_frequency``, ``paper`` and
-``divaware`` have mean 1 over the training set, so Σ_i w_i ℓ_i / B is an unbiased alternative there.
+Every strategy's weights have mean 1 over the training set, so the weighted term is an unbiased estimate
+of the weighted training loss (1/N) Σ_n w_n ℓ_n whatever the batch holds, and case i always receives
+gradient (α + (1 − α) w_i)/B: the ratio between two cases is their weight ratio mixed by α, at every batch
+size including 1. The older per-batch form Σ_i w_i ℓ_i / Σ_i w_i (``weight_norm: batch``) is invariant
+to the weights' scale within a batch, so at batch size 1 (the published configuration) it has no effect
+at all and at 2-8 cases per batch it dilutes the weights (benchmarks/OBJECTIVE.md). The weighted term
+must carry gradient (the published code multiplied by ``loss.item()`` and so trained plain Dice-Focal).
 
 Strategies (:data:`STRATEGIES`):
 
@@ -28,13 +30,17 @@ Strategies (:data:`STRATEGIES`):
 * ``inverse_frequency`` — 1 / size of the case's intersectional group, mean 1 over the training set.
 * ``group_dro`` — online GroupDRO (Sagawa et al. 2020) over intersectional groups.
 * ``paper`` — the published weighting (|Δ| of the case's worst divergent itemset) with its defects fixed.
-* ``divaware`` — our default: exponential tilt exp(−d_i/τ), mean 1, clipped, optionally smoothed.
+* ``divaware`` — our default: exponential tilt exp(−d_i/τ) over the subgroups that pass a
+  false-discovery-rate control (Benjamini–Hochberg, 5 %), mean 1, clipped, optionally smoothed.
+* ``oracle`` — synthetic cohorts only: up-weights the *truly* hard cases (``synthetic_truth.csv``) with the
+  same mean-1 normalisation and clip as ``divaware``; the ceiling of subgroup re-weighting on a cohort.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,6 +49,7 @@ import pandas as pd
 from divaware.subgroups import (
     AND,
     DEFAULT_ATTRIBUTES,
+    MIN_TEST_COUNT,
     Bins,
     attribute_table,
     case_divergence,
@@ -59,6 +66,7 @@ __all__ = [
     "GroupDROWeighting",
     "PaperWeighting",
     "DivawareWeighting",
+    "OracleWeighting",
     "make_strategy",
     "normalise_weights",
 ]
@@ -423,21 +431,28 @@ class InverseFrequencyWeighting(WeightingStrategy):
 
 
 class GroupDROWeighting(WeightingStrategy):
-    """Online GroupDRO (Sagawa et al. 2020) over intersectional groups of the training cases.
+    """Online GroupDRO (Sagawa et al. 2020, Algorithm 1) over intersectional groups of the training cases.
 
     Keeps a distribution q over the G groups (uniform at fit). Each :meth:`batch_weights` call is one
-    training step: with L_g the mean loss of group g in the batch (0 for groups absent from it, as in the
-    reference implementation), q_g ← q_g · exp(η · (L_g + C/√n_g)), renormalised (done in log space). C is
-    ``adjustment``, Sagawa et al.'s group adjustment (0 = off); n_g the group's training size.
+    training step: with L_g the mean loss of group g in the batch (0 for groups absent from it),
 
-    Returned per-case weights are w_i = q_g / b_g for case i in group g (b_g its count in the batch),
-    rescaled to mean 1 over the batch, so that
+        q_g ← q_g · exp(η · (L_g + C/√n_g)),   q ← q / Σ_g q_g        (in log space)
 
-        Σ_i w_i ℓ_i / Σ_i w_i = Σ_{g in batch} q_g L_g / Σ_{g in batch} q_g,
+    and the step's objective is Σ_g q_g L_g over all G groups: groups absent from the batch contribute 0,
+    and q is *not* renormalised over the groups present (so a batch without the high-q group gets little
+    gradient, as in the algorithm). C is ``adjustment``, Sagawa et al.'s group adjustment (0 = off), added
+    to every group's loss as in their code; n_g the group's training size.
 
-    the q-weighted mix of the group losses present in the batch — the GroupDRO objective restricted to
-    the batch. ``batch_weights`` therefore changes the state: call it once per training step with the
-    step's per-case losses. ``weights`` shows the weights a batch holding every training case would get.
+    The returned per-case weights w_i = B · q_g / b_g (case i in group g, b_g its count in the batch, B the
+    batch size) make the weighted term of :func:`divaware.losses.combine` (default ``global`` form)
+    exactly that objective: (1/B) Σ_i w_i ℓ_i = Σ_g q_g L_g. With ``alpha`` 0 training is GroupDRO; with
+    ``alpha`` > 0 it is mixed with the plain mean. (The former weights were rescaled to mean 1 within the
+    batch, i.e. renormalised q over the groups present: in the 3-group stream of
+    tests/test_weighting.py the hard group's share of the gradient was 0.35 instead of Algorithm 1's 0.89.)
+    ``weight_norm: batch`` still gives that renormalised form.
+
+    ``batch_weights`` therefore changes the state: call it once per training step with the step's per-case
+    losses. ``weights`` shows N · q_g / n_g, the weights of a batch holding every training case (mean 1).
     """
 
     name = "group_dro"
@@ -492,8 +507,8 @@ class GroupDROWeighting(WeightingStrategy):
         self._steps += 1
         self._w = self._implied_weights()
         q = np.exp(self._log_q)
-        w = q[g] / b[g]
-        return w * (len(w) / math.fsum(w))  # fsum: exactly rounded, independent of batch order
+        # no renormalisation over the groups present: (1/B) Σ w ℓ = Σ_g q_g L_g, absent groups giving 0
+        return len(g) * q[g] / b[g]
 
     @property
     def q(self) -> pd.Series:
@@ -531,7 +546,9 @@ class _DivergenceStrategy(WeightingStrategy):
     :meth:`should_refresh` is true at epoch ``warmup_epochs`` and every ``update_every`` epochs after.
     Each refresh: :func:`~divaware.subgroups.divergent_itemsets` on the validation cases' scores with
     ``min_support``/``max_length``, then :func:`~divaware.subgroups.case_divergence` of every training case
-    (matched by attribute values) counting only itemsets with |t| ≥ ``t_min``, then :meth:`_weights_from`.
+    (matched by attribute values) counting only itemsets with |t| ≥ ``t_min`` and, when ``fdr`` is set,
+    Benjamini–Hochberg q ≤ ``fdr`` (itemsets of fewer than ``min_count`` validation cases are not tested),
+    then :meth:`_weights_from`.
     ``test_ids`` (optional) are refused as validation cases: the test split must never drive weights.
     The last analysis is kept in ``last_itemsets`` (not part of the state).
     """
@@ -547,8 +564,16 @@ class _DivergenceStrategy(WeightingStrategy):
         attributes: Sequence[str] | None,
         bins: Mapping[str, Bins | Sequence[float] | int] | None,
         test_ids: Iterable[str] = (),
+        fdr: float | None = None,
+        min_count: int = MIN_TEST_COUNT,
     ) -> None:
         super().__init__(attributes=attributes, bins=bins)
+        if fdr is not None and not 0 < fdr < 1:
+            raise ValueError(f"{self.name}: fdr must be in (0, 1) or None (no false-discovery control), got {fdr}")
+        if isinstance(min_count, bool) or int(min_count) != min_count or min_count < 2:
+            raise ValueError(f"{self.name}: min_count must be an int ≥ 2, got {min_count}")
+        self.fdr = None if fdr is None else float(fdr)
+        self.min_count = int(min_count)
         if int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
             raise ValueError(f"{self.name}: warmup_epochs must be an int ≥ 0, got {warmup_epochs}")
         if int(update_every) != update_every or update_every < 1:
@@ -566,7 +591,8 @@ class _DivergenceStrategy(WeightingStrategy):
         self.test_ids = frozenset(str(i) for i in test_ids)
         self._params.update(
             warmup_epochs=self.warmup_epochs, update_every=self.update_every, min_support=self.min_support,
-            max_length=self.max_length, t_min=self.t_min, test_ids=sorted(self.test_ids),
+            max_length=self.max_length, t_min=self.t_min, test_ids=sorted(self.test_ids), fdr=self.fdr,
+            min_count=self.min_count,
         )
         self.last_itemsets: pd.DataFrame | None = None
 
@@ -585,8 +611,9 @@ class _DivergenceStrategy(WeightingStrategy):
                     f"by the fairness-validation split carved from training, never by the test split"
                 )
         val_table = self._groups_table(val_groups, "val_groups")
-        itemsets = divergent_itemsets(val_table, val_scores, min_support=self.min_support, max_length=self.max_length)
-        cd = case_divergence(self._table, itemsets, t_min=self.t_min)
+        itemsets = divergent_itemsets(val_table, val_scores, min_support=self.min_support, max_length=self.max_length,
+                                      min_count=self.min_count)
+        cd = case_divergence(self._table, itemsets, t_min=self.t_min, q_max=self.fdr)
         d = cd["divergence"].to_numpy(float)
         self._w = self._weights_from(d)
         self._div = d
@@ -623,7 +650,8 @@ class PaperWeighting(_DivergenceStrategy):
        (the fairness-validation split) and ``test_ids`` are refused there.
 
     No clipping (the paper has none), so the ratio between weights can be large (|Δ| spans decades).
-    Defaults: no t filter (``t_min=0``), as in the paper.
+    Defaults: no t filter (``t_min=0``) and no false-discovery control (``fdr=None``), as in the paper, so
+    it re-weights on noise; pass ``fdr=0.05`` for the control ``divaware`` uses.
     """
 
     name = "paper"
@@ -639,9 +667,12 @@ class PaperWeighting(_DivergenceStrategy):
         attributes: Sequence[str] | None = None,
         bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
         test_ids: Iterable[str] = (),
+        fdr: float | None = None,
+        min_count: int = MIN_TEST_COUNT,
     ) -> None:
         super().__init__(warmup_epochs=warmup_epochs, update_every=update_every, min_support=min_support,
-                         max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids)
+                         max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids,
+                         fdr=fdr, min_count=min_count)
 
     def _weights_from(self, d: np.ndarray) -> np.ndarray:
         r = -np.minimum(d, 0.0)
@@ -666,9 +697,29 @@ class DivawareWeighting(_DivergenceStrategy):
     ``w_min`` floor keeps every case in the objective. With ``smoothing`` β > 0, refreshes after the first
     use β·w_previous + (1−β)·w_fresh (still mean 1 and within the clip, being a convex combination).
 
+    **False-alarm control.** A refresh looks at dozens of itemsets (40-80 testable ones with 48-240
+    validation cases and three attributes), so some always look divergent by chance: with the former rule
+    |t| ≥ 2, 35 of 40 analyses of pure noise (permuted scores) produced non-uniform weights. Only itemsets
+    that survive a Benjamini–Hochberg step-up at false-discovery rate ``fdr`` now count:
+
+    1. every itemset of ≥ ``min_count`` validation cases gets a one-sided p-value for "scores lower than
+       the rest" from a pooled-variance t (df n − 2; see :func:`divaware.subgroups.divergent_itemsets`);
+       itemsets holding exactly the same cases are one test;
+    2. with the m p-values sorted, p_(1) ≤ … ≤ p_(m), the k smallest are discoveries for the largest k with
+       p_(k) ≤ fdr · k / m (the q column of the analysis is the adjusted p-value, q ≤ fdr ⇔ discovery);
+    3. d_i is the most negative Δ among the discoveries that contain training case i (0 if none).
+
+    When nothing is divergent, the chance that anything is discovered is at most ``fdr``, and then every
+    weight is exactly 1; when something is, the expected share of false discoveries among the discoveries
+    is at most ``fdr``. Measured (benchmarks/DIVERGENCE.md, default parameters): uniform weights in ≥ 90 %
+    of null refreshes at 48 and 240 validation cases, and a planted subgroup (support 0.15, Δ −0.2 at 48;
+    support 0.10, Δ −0.1 at 240; score SD 0.1) up-weighted ≥ 1.5× in ≥ 80 % of trials. The price: a
+    subgroup must be either large or clearly worse to be acted upon (a 4-case subgroup is never tested).
+    ``fdr=None`` switches the control off (then ``t_min`` is the only filter, as before).
+
     Defaults: τ = 0.05 (Δ of a few hundredths of Dice, typical in the paper, gives a visible tilt),
-    clip [0.2, 5] (no case ignored, none dominating), t_min = 2 (only roughly significant subgroups, since
-    a small validation split produces noisy itemsets), min_support 0.02 and max_length 3 (small
+    clip [0.2, 5] (no case ignored, none dominating), ``fdr`` 0.05 with ``min_count`` 5 and no t filter
+    (``t_min`` 0; the FDR step replaces the former t_min 2), min_support 0.02 and max_length 3 (small
     intersections are the point; see DESIGN.md on support), warm-up 5 epochs (early Dice is uninformative),
     refresh every 5 epochs.
 
@@ -689,13 +740,16 @@ class DivawareWeighting(_DivergenceStrategy):
         update_every: int = 5,
         min_support: float = 0.02,
         max_length: int | None = 3,
-        t_min: float = 2.0,
+        t_min: float = 0.0,
+        fdr: float | None = 0.05,
+        min_count: int = MIN_TEST_COUNT,
         attributes: Sequence[str] | None = None,
         bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
         test_ids: Iterable[str] = (),
     ) -> None:
         super().__init__(warmup_epochs=warmup_epochs, update_every=update_every, min_support=min_support,
-                         max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids)
+                         max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids,
+                         fdr=fdr, min_count=min_count)
         if not (tau > 0 and math.isfinite(tau)):
             raise ValueError(f"divaware: tau must be > 0, got {tau}")
         if not (0 < w_min <= 1 <= w_max < math.inf):
@@ -713,9 +767,97 @@ class DivawareWeighting(_DivergenceStrategy):
         return fresh
 
 
+# --------------------------------------------------------------------------------------------------------
+# The oracle (synthetic cohorts only)
+# --------------------------------------------------------------------------------------------------------
+
+
+class OracleWeighting(WeightingStrategy):
+    """The ceiling of subgroup re-weighting: up-weight the cases that are *truly* hard.
+
+    Only a synthetic cohort knows which cases those are: its ``synthetic_truth.csv`` (written by
+    ``divaware synth``) marks them in ``hard_subgroup``. Any other folder is refused. The weights use the
+    divaware recipe with perfect knowledge: raw weight ``ratio`` for a hard case and 1 for the others,
+    scaled to mean 1 over the training set and clipped to [w_min, w_max] by :func:`normalise_weights`
+    (the same helper and defaults as ``divaware``; the default ratio w_max / w_min is the largest tilt
+    divaware's clip allows). Same schedule as the divergence strategies: weights 1 during the
+    ``warmup_epochs``, then the oracle weights from the refresh at epoch ``warmup_epochs`` on (they do not
+    change after it; validation scores are not used). With ``warmup_epochs=0`` they are set by :meth:`fit`.
+    Its gain over ERM is what re-weighting the right subgroup could achieve; a method's gain is reported
+    as a fraction of it.
+
+    Give ``data_root`` (the cohort folder; training passes it) or ``hard_ids`` (the hard cases' ids, which
+    is what :attr:`params` records, so a resumed run does not depend on where the cohort lives).
+    """
+
+    name = "oracle"
+    uses_groups = False
+
+    def __init__(
+        self,
+        *,
+        data_root: str | None = None,
+        hard_ids: Iterable[str] | None = None,
+        ratio: float | None = None,
+        w_min: float = 0.2,
+        w_max: float = 5.0,
+        warmup_epochs: int = 5,
+    ) -> None:
+        super().__init__(attributes=())
+        if (data_root is None) == (hard_ids is None):
+            raise ValueError("oracle: give exactly one of data_root (a synthetic cohort) or hard_ids")
+        if hard_ids is None:
+            hard_ids = self.read_hard_ids(data_root)
+        if not (0 < w_min <= 1 <= w_max < math.inf):
+            raise ValueError(f"oracle: need 0 < w_min ≤ 1 ≤ w_max < inf, got w_min={w_min}, w_max={w_max}")
+        ratio = float(w_max / w_min if ratio is None else ratio)
+        if not (ratio >= 1 and math.isfinite(ratio)):
+            raise ValueError(f"oracle: ratio must be ≥ 1, got {ratio}")
+        if int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
+            raise ValueError(f"oracle: warmup_epochs must be an int ≥ 0, got {warmup_epochs}")
+        self.hard_ids = frozenset(str(i) for i in hard_ids)
+        self.ratio, self.w_min, self.w_max = ratio, float(w_min), float(w_max)
+        self.warmup_epochs = int(warmup_epochs)
+        self._params = {"hard_ids": sorted(self.hard_ids), "ratio": self.ratio, "w_min": self.w_min,
+                        "w_max": self.w_max, "warmup_epochs": self.warmup_epochs}
+
+    @staticmethod
+    def read_hard_ids(data_root: str | Path) -> list[str]:
+        """Ids of the hard subgroup from ``<data_root>/synthetic_truth.csv``; a clear error for other folders."""
+        path = Path(data_root).expanduser() / "synthetic_truth.csv"
+        if not path.is_file():
+            raise ValueError(f"oracle: {path} not found — the oracle needs a synthetic cohort written by "
+                             "`divaware synth` (it knows the truly hard cases); use another strategy for this data")
+        truth = pd.read_csv(path, dtype={"patient_id": str})
+        if not {"patient_id", "hard_subgroup"} <= set(truth.columns):
+            raise ValueError(f"oracle: {path} lacks the patient_id / hard_subgroup columns; regenerate the cohort")
+        hard = truth["hard_subgroup"].astype(str).str.lower().isin(("true", "1"))
+        return truth.loc[hard, "patient_id"].tolist()
+
+    def _oracle_weights(self) -> np.ndarray:
+        hard = np.isin(self._ids.to_numpy(dtype=str), sorted(self.hard_ids))
+        return normalise_weights(np.where(hard, self.ratio, 1.0), self.w_min, self.w_max)
+
+    def _fit(self) -> None:
+        if self.warmup_epochs == 0:
+            self._w = self._oracle_weights()
+
+    def should_refresh(self, epoch: int) -> bool:
+        return self.warmup_epochs > 0 and epoch == self.warmup_epochs
+
+    def refresh(self, epoch: int, val_groups: pd.DataFrame, val_scores: pd.Series) -> pd.Series:
+        self._require_fit()
+        self._w = self._oracle_weights()
+        self._refresh_count += 1
+        self._last_epoch = int(epoch)
+        self._record(epoch)
+        return self.weights
+
+
 STRATEGIES: dict[str, type[WeightingStrategy]] = {
     cls.name: cls
-    for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting)
+    for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting,
+                OracleWeighting)
 }
 
 

@@ -67,14 +67,16 @@ def test_combine_value() -> None:
     w = np.array([1.0, 1.0, 2.0])
     alpha = 0.25
     expected = alpha * ell.mean() + (1 - alpha) * (1 * 1 + 1 * 2 + 2 * 4) / 4
-    torch.testing.assert_close(combine(ell, w, alpha), expected)
+    torch.testing.assert_close(combine(ell, w, alpha, norm="batch"), expected)
+    expected_global = alpha * ell.mean() + (1 - alpha) * (1 * 1 + 1 * 2 + 2 * 4) / 3
+    torch.testing.assert_close(combine(ell, w, alpha), expected_global)
     torch.testing.assert_close(combine(ell, None, alpha), ell.mean())
     torch.testing.assert_close(combine(ell, w, 1.0), ell.mean())
 
 
-def _grad_wrt_losses(weights: np.ndarray, alpha: float) -> torch.Tensor:
+def _grad_wrt_losses(weights: np.ndarray, alpha: float, norm: str = "batch") -> torch.Tensor:
     ell = torch.tensor([0.7, 1.3, 0.4, 2.0], requires_grad=True)
-    combine(ell, weights, alpha).backward()
+    combine(ell, weights, alpha, norm=norm).backward()
     return ell.grad
 
 
@@ -108,7 +110,7 @@ def test_weighted_term_sends_gradient_into_the_network() -> None:
     alpha = 0.0  # only the weighted term: if it sent no gradient, L would have none at all
     for w in (np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 1.0])):
         grad = flat_grad(combine(loss_fn(net(logits_in), target), w, alpha))
-        coeff = alpha / 3 + (1 - alpha) * w / w.sum()
+        coeff = alpha / 3 + (1 - alpha) * w / 3
         expected = sum(float(c) * g for c, g in zip(coeff, per_case_grads, strict=True))
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
         assert grad.abs().sum() > 0
@@ -142,4 +144,42 @@ def test_weights_are_constants() -> None:
 )
 def test_combine_rejects_bad_input(weights: np.ndarray, alpha: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        combine(torch.tensor([1.0, 2.0]), weights, alpha)
+        combine(torch.tensor([1.0, 2.0]), weights, alpha, norm="batch")
+    with pytest.raises(ValueError, match="weight norm"):
+        combine(torch.tensor([1.0, 2.0]), np.array([1.0, 1.0]), 0.5, norm="sum")
+
+
+def _case_gradients(ell_values: np.ndarray, weights: np.ndarray, alpha: float, norm: str) -> np.ndarray:
+    """dL/dl_i times the batch size: what one case receives per unit of its own loss gradient."""
+    ell = torch.tensor(ell_values, dtype=torch.float64, requires_grad=True)
+    combine(ell, weights, alpha, norm=norm).backward()
+    return ell.grad.numpy() * len(ell_values)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 4, 8])
+def test_gradient_ratio_is_the_weight_ratio_for_every_batch(batch: int) -> None:
+    """Issue 10: the per-case gradient ratio equals the alpha-mixed weight ratio, whatever the batch holds.
+
+    Weights of training-set mean 1 (12 % of cases up-weighted, as a divaware refresh gives); every batch
+    of `batch` cases drawn from them. Case i must receive (alpha + (1 - alpha) w_i) / B in every batch, so
+    the ratio between an up-weighted and a plain case is the same at batch 1 as at batch 8. The former
+    per-batch normalisation (Sigma w l / Sigma w) fails: at batch 1 every case gets gradient 1.
+    """
+    rng = np.random.default_rng(batch)
+    n, alpha = 200, 0.5
+    hi = np.zeros(n, dtype=bool)
+    hi[:24] = True
+    w_train = np.where(hi, 5.0, (n - 24 * 5.0) / (n - 24))  # mean 1 over the training set
+    assert abs(w_train.mean() - 1.0) < 1e-12
+    target = alpha + (1 - alpha) * w_train
+    for _ in range(50):
+        idx = rng.choice(n, batch, replace=False)
+        g = _case_gradients(rng.uniform(0.1, 2.0, batch), w_train[idx], alpha, "global")
+        np.testing.assert_allclose(g, target[idx], rtol=1e-12)
+    # the intended ratio, a plain expectation over batches, and what the per-batch form gives at batch 1
+    intended = target[hi][0] / target[~hi][0]
+    assert intended > 4
+    if batch == 1:
+        g_hi = _case_gradients(np.array([0.5]), w_train[:1], alpha, "batch")
+        g_lo = _case_gradients(np.array([0.5]), w_train[-1:], alpha, "batch")
+        assert g_hi[0] == g_lo[0] == 1.0  # the weights vanish

@@ -95,6 +95,9 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r02["top_divergence"] == pytest.approx(itemsets["divergence"].min())
     for name, w in r02["weights"].items():
         assert w["mean"] == pytest.approx(1.0), name
+    null = r02["null_check"]  # the real row of the null check is the analysis written to the csv
+    assert null["real_fdr_flags"] == int(((itemsets["divergence"] < 0) & (itemsets["q"] <= 0.05)).sum())
+    assert 0.0 <= null["null_share_fdr_flags"] <= 1.0 and 0.0 <= null["null_share_t_flags"] <= 1.0
 
     for method in ("erm", "divaware"):
         run = out / "runs" / method
@@ -114,6 +117,40 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
         expected = challenge_score(per_case, meta)
         assert row["ranking"] == pytest.approx(expected["ranking"])
         assert row["mean_dice"] == pytest.approx(per_case["dice"].mean())
+
+
+def figure_outputs(notebook: Path) -> tuple[list[str], list[str]]:
+    """The image/png outputs of an executed notebook, and every text output that is a figure's repr."""
+    nb = nbformat.read(notebook, as_version=4)
+    images, figure_texts = [], []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" in data:
+                images.append(data["image/png"])
+            texts = [data.get("text/plain", ""), output.get("text", "")]
+            figure_texts += [t for t in texts if "<Figure size" in "".join(t)]
+    return images, figure_texts
+
+
+def test_every_saved_figure_is_shown_inline_once(series_run: tuple[Path, dict]) -> None:
+    out, timings = series_run
+    # Where each executed notebook saved its figures: every PNG there is a figure the notebook made.
+    figure_folders = {"01_data_exploration": out / "01_data_exploration",
+                      "02_subgroup_divergence": out / "02_subgroup_divergence",
+                      "03_training_erm": out / "runs" / "erm", "03_training_divaware": out / "runs" / "divaware",
+                      "04_fairness_evaluation": out / "04_fairness_evaluation"}
+    assert set(figure_folders) == set(timings)
+    counts = {}
+    for label, folder in figure_folders.items():
+        made = sorted(p.name for p in folder.glob("*.png"))
+        images, figure_texts = figure_outputs(out / "notebooks" / f"{label}.ipynb")
+        counts[label] = (len(made), len(images))
+        assert made, label
+        assert len(images) >= len(made), f"{label}: {len(images)} inline images for figures {made}"
+        assert len(set(images)) == len(images), f"{label} shows a figure twice"
+        assert not figure_texts, f"{label} prints {figure_texts[0]} instead of showing the figure"
+    assert counts["01_data_exploration"][0] >= 5  # missingness, intensity, tumour volume, enhancement, cases
 
 
 def test_series_order_reuses_the_reference_run_as_baseline(tmp_path: Path) -> None:
@@ -149,3 +186,15 @@ def test_sweep_trains_evaluates_and_aggregates(synthetic_root: Path, tmp_path: P
         assert row.mean_dice == pytest.approx(per_case["dice"].mean())
     summary = pd.read_csv(out / "sweep_summary.csv")
     assert set(summary["method"]) == {"erm", "inverse_frequency"} and (summary["ranking_count"] == 1).all()
+
+
+def test_series_kernels_do_not_warn_about_tcp(tmp_path: Path) -> None:
+    # Every `divaware run` step used to print the kernel's "running over TCP without encryption" warning.
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    code = ("from pathlib import Path; from divaware import pipeline; "
+            f"pipeline.execute_notebook(Path({str(tmp_path / 'tiny.ipynb')!r}), Path({str(tmp_path / 'out.ipynb')!r}), {{}})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "without encryption" not in run.stderr
+    assert nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].execution_count == 1

@@ -223,6 +223,25 @@ def test_redundancy_pruning_matches_divexplorer():
         prune_redundant(its.iloc[:3], eps)
 
 
+def test_worse_pruning_keeps_only_itemsets_clearly_worse_than_every_parent():
+    meta, scores, _ = planted_cohort(n=400, seed=4)
+    its = divergent_itemsets(attribute_table(meta), scores, min_support=0.03)
+    eps = 0.01
+    pruned = prune_redundant(its, eps, mode="worse")
+    div = {frozenset(i): d for i, d in zip(its["items"], its["divergence"], strict=True)}
+    div[frozenset()] = 0.0
+    for items in its["items"]:
+        clearly_worse = all(div[items] < div[items - {it}] - eps for it in items)
+        assert (items in set(pruned["items"])) == clearly_worse, itemset_label(items)
+    # The planted subgroup is worse than both of its single items, so it survives; every survivor fails.
+    assert PLANTED in set(pruned["label"])
+    assert all(d < 0 for d in pruned["divergence"])
+    # Unlike |ΔI − Δparent| ≤ ε, this pruning changes the top of the list (which notebook 02 shows).
+    assert list(pruned["label"][:10]) != list(prune_redundant(its, eps)["label"][:10])
+    with pytest.raises(ValueError, match="mode"):
+        prune_redundant(its, eps, mode="better")
+
+
 def test_shapley_contributions_sum_to_the_divergence():
     meta, scores, _ = planted_cohort()
     its = divergent_itemsets(attribute_table(meta), scores, min_support=0.05)
@@ -313,3 +332,32 @@ def test_pixel_spacing_text_is_binned_on_its_first_value() -> None:
                         index=pd.Index(["a", "b", "c", "d"], name="patient_id"))
     table = attribute_table(meta, ["pixel_spacing"])
     assert table["pixel_spacing"].tolist() == ["(0.6, 0.9]", ">0.9", "≤0.6", "unknown"]
+
+
+def test_benjamini_hochberg_by_hand_with_duplicates_and_untested():
+    from divaware.subgroups import benjamini_hochberg
+
+    q = benjamini_hochberg([0.01, 0.04, 0.03, 0.20])
+    np.testing.assert_allclose(q, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.20])
+    # identical hypotheses (same cases under two labels) count once; NaN is untested and not counted
+    q = benjamini_hochberg([0.01, 0.01, 0.5, np.nan], keys=["a", "a", "b", "c"])
+    np.testing.assert_allclose(q[:3], [0.02, 0.02, 0.5])
+    assert np.isnan(q[3])
+    assert np.isnan(benjamini_hochberg([np.nan])).all()
+
+
+def test_itemset_p_and_q_flag_the_planted_subgroup_and_not_noise():
+    meta, scores, _ = planted_cohort(400, seed=3)
+    its = divergent_itemsets(attribute_table(meta), scores, min_support=0.02, max_length=3)
+    row = its.set_index("label").loc[PLANTED]
+    assert row["p"] < 1e-6 and row["q"] < 0.05
+    tested = its["count"] >= 5
+    assert its.loc[~tested, ["p", "q"]].isna().all().all() and its.loc[tested, "p"].notna().all()
+    assert (its.loc[tested, "q"] >= its.loc[tested, "p"]).all()
+    # noise: the same attributes with permuted scores; no itemset survives at 5 %
+    noise = pd.Series(np.random.default_rng(0).permutation(scores.to_numpy()), index=scores.index)
+    null = divergent_itemsets(attribute_table(meta), noise, min_support=0.02, max_length=3)
+    assert null["q"].min() > 0.05
+    # constant scores: nothing is lower than anything, p = 1 (no NaN, no warning)
+    flat = divergent_itemsets(attribute_table(meta), scores * 0 + 0.5, min_support=0.05)
+    assert (flat.loc[flat["p"].notna(), "p"] == 1.0).all()

@@ -340,3 +340,79 @@ def test_check_on_the_shared_cohort_reports_no_problem(synthetic_root: Path,
     assert "problems: 0 (none)" in report
     assert "voxel checks (binary masks, complete data): done" in report
     assert "most common shapes: 48x48x32 (40)" in report and "group sizes:" in report
+
+
+# ------------------------------------------------------------------------------------------------
+# Disparity mechanisms (--disparity default | representation | intrinsic)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mechanisms_keep_the_patients_and_change_only_the_hard_subgroups_difficulty() -> None:
+    plans = {d: plan_cohort(n_cases=1500, seed=3, disparity=d) for d in ("default", "representation", "intrinsic")}
+    own = ["n_foci", "hidden_fraction", "disparity"]
+    for d in ("representation", "intrinsic"):
+        pd.testing.assert_frame_equal(plans[d].drop(columns=own), plans["default"].drop(columns=own))
+    hard = plans["default"]["hard_subgroup"]
+    assert 0.10 <= hard.mean() <= 0.16
+    rep, intr = plans["representation"], plans["intrinsic"]
+    # representation: look-alike foci in the hard subgroup only, and many of them
+    assert (rep.loc[hard, "n_foci"] >= 3).all() and (rep.loc[~hard, "n_foci"] == 0).all()
+    assert (rep["hidden_fraction"] == 0).all()
+    # intrinsic: no foci anywhere; 35-55 % of each hard-subgroup tumour hidden
+    assert (intr["n_foci"] == 0).all() and (intr.loc[~hard, "hidden_fraction"] == 0).all()
+    assert intr.loc[hard, "hidden_fraction"].between(0.35, 0.55).all()
+    with pytest.raises(ValueError, match="unknown disparity 'both'.*representation"):
+        plan_cohort(n_cases=5, disparity="both")
+
+
+def test_representation_foci_carry_a_kinetic_cue_in_the_phases_the_model_sees() -> None:
+    from divaware.synthetic import _kinetics
+
+    plan = plan_cohort(n_cases=400, seed=0, disparity="representation")
+    ratios_foci, ratios_tumour = [], []
+    for index, (pid, case) in enumerate(plan[plan["hard_subgroup"]].iterrows()):
+        c = {**case.to_dict(), "patient_id": pid}
+        k = _kinetics(c, np.random.default_rng(index))
+        t1, t2 = c["acquisition_times"][1], c["acquisition_times"][2]
+        ratios_foci.append(k["foci"](t2) / k["foci"](t1))
+        ratios_tumour.append(k["tumour"](t2) / k["tumour"](t1))
+    # foci keep rising (phase 2 >= 1.5x phase 1); tumours have (nearly) peaked by then
+    assert min(ratios_foci) >= 1.5 and max(ratios_tumour) < 1.45 and np.median(ratios_tumour) < 1.15
+
+
+def test_mechanisms_are_byte_deterministic_and_differ_only_where_they_should(tmp_path: Path) -> None:
+    base = make_cohort(tmp_path / "default", n_cases=8, seed=4)
+    roots = {d: make_cohort(tmp_path / d, n_cases=8, seed=4, disparity=d) for d in ("representation", "intrinsic")}
+    again = make_cohort(tmp_path / "again", n_cases=8, seed=4, disparity="intrinsic")
+    assert _hashes(again) == _hashes(roots["intrinsic"])  # byte for byte
+    truth = read_truth(base)
+    hard = truth.index[truth["hard_subgroup"]]
+    assert len(hard) == 2 and (read_truth(roots["intrinsic"]).loc[hard, "hidden_fraction"] > 0.3).all()
+    quiet = [p for p in truth.index if not truth.loc[p, "hard_subgroup"] and truth.loc[p, "n_foci"] == 0]
+    assert len(quiet) >= 4
+    hb = _hashes(base)
+    for d, root in roots.items():
+        h = _hashes(root)
+        # a case with no foci outside the hard subgroup is the same case in every mechanism
+        for p in quiet:
+            files = [k for k in hb if f"/{p}/" in k or f"/{p.lower()}_" in k or k.endswith(f"/{p}.nii.gz")]
+            assert files and all(h[k] == hb[k] for k in files), (d, p)
+        # the hard cases' images differ, their masks do not (labels are never tampered with)
+        for p in hard:
+            assert h[f"images/{p}/{p.lower()}_0001.nii.gz"] != hb[f"images/{p}/{p.lower()}_0001.nii.gz"]
+            assert h[f"segmentations/expert/{p}.nii.gz"] == hb[f"segmentations/expert/{p}.nii.gz"]
+    # intrinsic: part of the tumour enhances like parenchyma, so the mean enhancement inside the mask drops
+    for p in hard:
+        mask = _array(base / "segmentations" / "expert" / f"{p}.nii.gz") > 0
+
+        def enhancement(root: Path, p: str = p, mask: np.ndarray = mask) -> float:
+            pre, post = (_array(root / "images" / p / f"{p.lower()}_{k:04d}.nii.gz").astype(float) for k in (0, 1))
+            return float((post[mask] - pre[mask]).mean() / pre[mask].mean())
+
+        assert enhancement(roots["intrinsic"]) < 0.85 * enhancement(base)
+
+
+def test_cli_synth_disparity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n-cases", "3", "--disparity", "intrinsic"]) == 0
+    assert "intrinsic disparity" in capsys.readouterr().out
+    assert set(read_truth(tmp_path / "c")["disparity"]) == {"intrinsic"}

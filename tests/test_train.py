@@ -28,7 +28,9 @@ def tiny_config(root: Path, out: Path, **overrides: Any) -> T.TrainConfig:
         "channels": [8, 16, 32], "strides": [2, 2],
         "num_res_units": 1, "epochs": 1, "batch_size": 4, "val_fraction": 0.25, "warmup_epochs": 1,
         "update_every": 1, "strategy": "divaware", "scheduler": "constant", "progress": False,
-        "strategy_params": {"min_support": 0.1, "t_min": 0.0}, "cache": "memory",
+        # no false-discovery control: these tests exercise the machinery, and need weights that move on a
+        # 20-case validation split after one epoch, where nothing is statistically divergent
+        "strategy_params": {"min_support": 0.1, "t_min": 0.0, "fdr": None}, "cache": "memory",
         # one thread: tests share small machines, where spinning OpenMP threads slow CPU training 10x
         "cpu_threads": 1,
     }
@@ -103,7 +105,7 @@ def test_split_is_seeded_stratified_and_train_only(cohort: Cohort) -> None:
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_one_epoch_of_each_strategy(strategy: str, synthetic_root: Path, cohort: Cohort, tmp_path: Path) -> None:
-    params = {"min_support": 0.1, "t_min": 0.0} if strategy in ("paper", "divaware") else {}
+    params = {"min_support": 0.1, "t_min": 0.0, "fdr": None} if strategy in ("paper", "divaware") else {}
     cfg = tiny_config(synthetic_root, tmp_path / "run", strategy=strategy, strategy_params=params,
                       warmup_epochs=0, alpha=0.3)
     threads = torch.get_num_threads()
@@ -217,9 +219,34 @@ def test_kill_and_resume_equals_an_uninterrupted_run(two_epochs: Path, synthetic
 def test_extending_a_finished_run_by_resume_equals_training_longer(two_epochs: Path, synthetic_root: Path,
                                                                    tmp_path: Path) -> None:
     out = tmp_path / "extended"
-    T.train(tiny_config(synthetic_root, out, epochs=1))
+    # planned up front (schedule_epochs), extending equals training longer whatever the lr schedule
+    T.train(tiny_config(synthetic_root, out, epochs=1, schedule_epochs=2))
     T.train(tiny_config(synthetic_root, out, epochs=2), resume=True)
     _assert_same_run(two_epochs, out)
+
+
+def test_raising_epochs_on_resume_keeps_the_schedule_and_records_it(synthetic_root: Path, tmp_path: Path) -> None:
+    """Issue 10: a cosine run of 1 epoch resumed to 2 keeps its 1-epoch schedule (epoch 2 at the schedule's
+    final lr, not the 0.5 lr of a straight 2-epoch run), and config.yaml and metrics.csv say so; a run
+    planned with schedule_epochs 2 follows the 2-epoch cosine whether it is trained at once or resumed."""
+    lr = 1e-3
+    out = tmp_path / "extended"
+    T.train(tiny_config(synthetic_root, out, epochs=1, scheduler="cosine", lr=lr))
+    with pytest.warns(UserWarning, match="schedule_epochs 1"):
+        T.train(tiny_config(synthetic_root, out, epochs=2, scheduler="cosine", lr=lr), resume=True)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["schedule_epochs"] == 1
+    metrics = pd.read_csv(out / "metrics.csv")
+    np.testing.assert_allclose(metrics["lr"], [lr, lr])
+    assert metrics["schedule_epochs"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="schedule_epochs: 1 -> 2"):  # a changed schedule is another run
+        T.train(tiny_config(synthetic_root, out, epochs=3, scheduler="cosine", schedule_epochs=2), resume=True)
+    planned = tmp_path / "planned"
+    T.train(tiny_config(synthetic_root, planned, epochs=1, scheduler="cosine", lr=lr, schedule_epochs=2))
+    T.train(tiny_config(synthetic_root, planned, epochs=2, scheduler="cosine", lr=lr), resume=True)
+    metrics = pd.read_csv(planned / "metrics.csv")
+    np.testing.assert_allclose(metrics["lr"], [lr, 0.5 * lr])
+    assert yaml.safe_load((planned / "config.yaml").read_text())["schedule_epochs"] == 2
 
 
 def test_best_checkpoint_follows_the_selection_criterion(two_epochs: Path) -> None:

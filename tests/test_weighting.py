@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from planted import PLANTED, planted_cohort
 
+from divaware.losses import combine
 from divaware.weighting import (
     HISTORY_COLUMNS,
     STRATEGIES,
@@ -22,6 +25,11 @@ def cohorts():
     train, _, train_planted = planted_cohort(600, seed=1, prefix="T")
     val, val_scores, _ = planted_cohort(400, seed=2, prefix="V")
     return train, train_planted, val, val_scores
+
+
+# The contract tests below build strategies without arguments; the oracle needs a cohort's truth, so it runs
+# the same contract in tests/test_oracle.py.
+CONTRACT = sorted(set(STRATEGIES) - {"oracle"})
 
 
 def shuffled(frame, seed):
@@ -52,7 +60,7 @@ def test_normalise_weights_mean_one_within_clip_and_order_kept():
 
 
 def test_make_strategy_names_and_bad_params():
-    assert set(STRATEGIES) == {"erm", "inverse_frequency", "group_dro", "paper", "divaware"}
+    assert set(STRATEGIES) == {"erm", "inverse_frequency", "group_dro", "paper", "divaware", "oracle"}
     with pytest.raises(ValueError, match="unknown weighting strategy 'dro'.*group_dro"):
         make_strategy("dro")
     with pytest.raises(ValueError, match="taus.*accepted.*tau"):
@@ -64,7 +72,7 @@ def test_make_strategy_names_and_bad_params():
 # ---------------------------------------------------------------------------------------------- contract
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", CONTRACT)
 def test_unknown_ids_raise_keyerror_naming_them(name, cohorts):
     train, *_ = cohorts
     st = make_strategy(name).fit(train)
@@ -74,7 +82,7 @@ def test_unknown_ids_raise_keyerror_naming_them(name, cohorts):
         make_strategy(name).batch_weights(["T0001"], [0.5])
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", CONTRACT)
 def test_weights_follow_patient_id_under_shuffling(name, cohorts):
     train, _, val, val_scores = cohorts
     a = make_strategy(name).fit(train)
@@ -124,21 +132,93 @@ def test_group_dro_raises_q_of_the_high_loss_group_and_mixes_by_q(cohorts):
         ids = list(rng.choice(train.index, 16, replace=False))
         losses = np.where(train.loc[ids, "age_group"] == "0-40", 0.9, 0.2)
         w = st.batch_weights(ids, losses)
-        assert w.mean() == pytest.approx(1.0)
+        assert w.mean() <= 1.0 + 1e-12  # Σ_{g in batch} q_g ≤ 1: no renormalisation over present groups
     q = st.q
     assert q.idxmax() == young and q[young] > q0[young]
     assert q.sum() == pytest.approx(1.0)
-    # Σ wℓ / Σ w equals the q-weighted mix of the group losses present in the batch (q after this step)
+    assert st.weights.mean() == pytest.approx(1.0, abs=1e-12)  # N q_g / n_g: training-set mean 1
+    # (1/B) Σ wℓ equals Σ_g q_g L_g over the groups in the batch (q after this step), absent groups 0
     ids = list(train.index[:40])
     losses = rng.uniform(0, 1, len(ids))
     w = st.batch_weights(ids, losses)
     groups = st.groups.loc[ids].to_numpy()
     q = st.q
     present = sorted(set(groups))
-    mix = sum(q[g] * losses[groups == g].mean() for g in present) / sum(q[g] for g in present)
-    assert (w * losses).sum() / w.sum() == pytest.approx(mix, rel=1e-12)
+    mix = sum(q[g] * losses[groups == g].mean() for g in present)
+    assert (w * losses).sum() / len(ids) == pytest.approx(mix, rel=1e-12)
     with pytest.raises(ValueError, match="losses"):
         st.batch_weights(ids)
+
+
+def _reference_group_dro(stream, n_groups, eta, adjustment=0.0, sizes=None):
+    """Sagawa et al. 2020, Algorithm 1, written out plainly: per step the objective and dObjective/dl_i.
+
+    q starts uniform; each batch: L_g = mean loss of group g in the batch (0 if absent), q_g <- q_g *
+    exp(eta * (L_g + adjustment / sqrt(n_g))), q <- q / sum(q); objective = sum_g q_g L_g, so case i of
+    group g gets gradient q_g / b_g.
+    """
+    q = [1.0 / n_groups] * n_groups
+    out = []
+    for groups, losses in stream:
+        count = [sum(1 for g in groups if g == k) for k in range(n_groups)]
+        mean = [sum(ell for g, ell in zip(groups, losses, strict=True) if g == k) / count[k] if count[k] else 0.0
+                for k in range(n_groups)]
+        adj = [adjustment / math.sqrt(sizes[k]) if adjustment else 0.0 for k in range(n_groups)]
+        q = [q[k] * math.exp(eta * (mean[k] + adj[k])) for k in range(n_groups)]
+        total = sum(q)
+        q = [x / total for x in q]
+        objective = sum(q[k] * mean[k] for k in range(n_groups))
+        grads = [q[g] / count[g] for g in groups]
+        out.append((list(q), objective, grads))
+    return out
+
+
+@pytest.mark.parametrize("adjustment", [0.0, 1.0])
+def test_group_dro_is_sagawa_algorithm_1_on_a_stream_of_batches(adjustment):
+    """Issue 10: q, the objective and every case's gradient match the reference loop to 1e-9.
+
+    3 groups (10 %, 30 %, 60 % of 200 cases), the small one harder; 300 batches of 1-8 cases, so many
+    batches lack the hard group. Its share of the total gradient must be the reference's (≈0.9), not the
+    former present-groups renormalisation's (which gave every batch full gradient).
+    """
+    n = 200
+    values = np.array(["0-40"] * 20 + ["41-50"] * 60 + ["51-60"] * 120, dtype=object)
+    train = pd.DataFrame({"age_group": values}, index=pd.Index([f"G{i:03d}" for i in range(n)], name="patient_id"))
+    st = make_strategy("group_dro", eta=0.5, adjustment=adjustment, attributes=["age_group"]).fit(train)
+    names = list(st.q.index)
+    gidx = np.array([names.index(f"age_group={v}") for v in values])
+    hard = names.index("age_group=0-40")
+    rng = np.random.default_rng(7)
+    stream, ids_stream = [], []
+    for _ in range(300):
+        b = int(rng.integers(1, 9))
+        pos = rng.choice(n, b, replace=False)
+        losses = rng.uniform(0.0, 0.4, b) + 0.6 * (gidx[pos] == hard)
+        stream.append((gidx[pos].tolist(), losses.tolist()))
+        ids_stream.append([train.index[i] for i in pos])
+    ref = _reference_group_dro(stream, 3, 0.5, adjustment, sizes=np.bincount(gidx).tolist())
+    grad_hard = {"ours": 0.0, "ref": 0.0}
+    grad_all = {"ours": 0.0, "ref": 0.0}
+    for (groups, losses), ids, (q_ref, obj_ref, g_ref) in zip(stream, ids_stream, ref, strict=True):
+        w = st.batch_weights(ids, losses)
+        ell = torch.tensor(losses, dtype=torch.float64, requires_grad=True)
+        objective = combine(ell, w, 0.0)  # alpha 0: the weighted term alone, default (global) norm
+        objective.backward()
+        np.testing.assert_allclose(st.q.to_numpy(), q_ref, rtol=0, atol=1e-12)
+        assert float(objective.detach()) == pytest.approx(obj_ref, rel=0, abs=1e-9)
+        np.testing.assert_allclose(ell.grad.numpy(), g_ref, rtol=0, atol=1e-9)
+        is_hard = np.asarray(groups) == hard
+        for key, g in (("ours", ell.grad.numpy()), ("ref", np.asarray(g_ref))):
+            grad_hard[key] += g[is_hard].sum()
+            grad_all[key] += g.sum()
+        # the former weights: q renormalised over the groups present, so each batch got full gradient
+        present_q = np.array([q_ref[g] for g in groups]) / np.bincount(groups, minlength=3)[groups]
+        renorm = present_q / present_q.sum()
+        grad_hard["renormalised"] = grad_hard.get("renormalised", 0.0) + renorm[is_hard].sum()
+        grad_all["renormalised"] = grad_all.get("renormalised", 0.0) + renorm.sum()
+    share = {k: grad_hard[k] / grad_all[k] for k in grad_hard}
+    assert share["ours"] == pytest.approx(share["ref"], abs=1e-9)
+    assert share["ref"] > 0.85 and share["renormalised"] < share["ref"] - 0.2, share
 
 
 # ---------------------------------------------------------------------------------------------- divaware
@@ -249,7 +329,7 @@ def test_train_values_unseen_in_validation_fall_back_to_other_attributes(cohorts
 # ---------------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("name", CONTRACT)
 def test_state_dict_round_trip_resumes_exactly(name, cohorts):
     train, planted, val, val_scores = cohorts
     params = {"smoothing": 0.3, "warmup_epochs": 1, "update_every": 1} if name == "divaware" else {}
@@ -283,3 +363,42 @@ def test_results_are_deterministic(cohorts):
     train, planted, val, val_scores = cohorts
     runs = [make_strategy("divaware", warmup_epochs=0).fit(train).refresh(0, val, val_scores) for _ in range(2)]
     pd.testing.assert_series_equal(*runs)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_has_training_set_mean_one(name, cohorts):
+    """The default objective (1/B) Σ w ℓ is unbiased only if the weights average 1 over the training set."""
+    train, planted, val, val_scores = cohorts
+    params = {"warmup_epochs": 0} if name in ("paper", "divaware") else {}
+    if name == "oracle":  # the oracle needs the truly hard cases; the planted ones stand in for them
+        params = {"warmup_epochs": 0, "hard_ids": list(planted.index[planted])}
+    st = make_strategy(name, **params).fit(train)
+    assert st.weights.mean() == pytest.approx(1.0, abs=1e-12)
+    if st.should_refresh(0):
+        st.refresh(0, val, val_scores)
+    if name == "group_dro":
+        ids = list(train.index[:16])
+        st.batch_weights(ids, np.linspace(0.1, 1.0, 16))
+    assert st.weights.mean() == pytest.approx(1.0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------ false alarms and power
+
+
+@pytest.mark.parametrize(("n_val", "support", "delta"), [(48, 0.15, -0.2), (240, 0.10, -0.1)])
+def test_divaware_defaults_ignore_noise_and_find_a_planted_subgroup(n_val, support, delta):
+    """Issue 10: default divaware weights stay uniform (max/min ≤ 1.5) in ≥ 90 % of null refreshes
+    (permuted scores) and up-weight a planted subgroup's training cases ≥ 1.5× in ≥ 80 % of trials.
+
+    40 seeded trials per condition (a true rate of 95 % would show ≤ 90 % about 1 time in 7; the measured
+    rates are 97-100 %, benchmarks/DIVERGENCE.md). The former rule (|t| ≥ 2, no FDR control) is run on the
+    same null splits and must fail, so the test shows what changed.
+    """
+    from divaware.calibration import weight_trials
+
+    null = weight_trials(n_val=n_val, support=support, delta=0.0, trials=40, seed=11)
+    planted = weight_trials(n_val=n_val, support=support, delta=delta, trials=40, seed=12)
+    assert null["uniform"].mean() >= 0.9, null["ratio"].describe()
+    assert planted["found"].mean() >= 0.8, planted["planted_ratio"].describe()
+    former = weight_trials({"t_min": 2.0, "fdr": None}, n_val=n_val, support=support, delta=0.0, trials=20, seed=11)
+    assert former["uniform"].mean() < 0.5

@@ -1,0 +1,104 @@
+"""Rewrite the README's timing table from the ``timings.json`` a ``divaware run`` wrote.
+
+    python benchmarks/readme_timings.py runs/default              # rewrite README.md between the markers
+    python benchmarks/readme_timings.py runs/default --print      # only print the section
+
+The section between ``<!-- timings:begin -->`` and ``<!-- timings:end -->`` in README.md is replaced by a
+table made only from the run folder's ``timings.json`` (per notebook wall time and peak memory, the total,
+the training runs' own split into training steps and validation) and the machine the run recorded, so
+the README never shows a number that was typed in from elsewhere. A partial run (``--only``) or a file
+from an older divaware is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from divaware.runtime import describe_machine
+
+BEGIN, END = "<!-- timings:begin -->", "<!-- timings:end -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+LABELS = {
+    "01_data_exploration": "01 data exploration (generates the synthetic cohort on first use)",
+    "02_subgroup_divergence": "02 subgroup divergence (analyses the ERM run)",
+    "04_fairness_evaluation": "04 fairness evaluation (test split, bootstrap CIs)",
+}
+
+
+def minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def load(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "timings.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run `divaware run --out {run_dir}` first")
+    record = json.loads(path.read_text())
+    if record.get("format") != 2:
+        raise SystemExit(f"{path} was written by an older divaware (no machine or memory recorded); run the series again")
+    if not record.get("complete") or record.get("only"):
+        raise SystemExit(f"{path} records a partial run (--only {record.get('only')}); run the whole series for the README")
+    return record
+
+
+def section(record: dict[str, Any], run_dir: Path) -> str:
+    machine = record["machine"]
+    load_start, load_end = record.get("load_average_start"), record.get("load_average_end")
+    lines = [
+        BEGIN,
+        f"Written by `python benchmarks/readme_timings.py {run_dir}` from the `timings.json` of that run "
+        f"(`{record.get('command', 'divaware run')}`, {record.get('started_utc', '?')}).",
+        "",
+        f"Machine: {describe_machine(machine)}. Load average (1 min) at start {load_start[0] if load_start else '?'}, "
+        f"at end {load_end[0] if load_end else '?'}.",
+        "",
+        "| step | wall time | peak memory (GB) |",
+        "|---|---:|---:|",
+    ]
+    training = record.get("training") or {}
+    for label, entry in record["notebooks"].items():
+        name = LABELS.get(label)
+        if name is None and label.startswith("03_training_"):
+            method = label.removeprefix("03_training_")
+            t = training.get(method)
+            name = f"03 training `{method}`"
+            if t:
+                name += (f" ({t['epochs']} epochs: steps {t['train_seconds']:.0f} s, "
+                         f"{t['validations']} validations {t['validation_seconds']:.0f} s)")
+        lines.append(f"| {name or label} | {entry['seconds']:.0f} s | {entry['peak_memory_gb']:.2f} |")
+    lines.append(f"| **total** | **{minutes(record['total_seconds'])}** | {record['peak_memory_gb']:.2f} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def rewrite(readme: Path, text: str) -> None:
+    content = readme.read_text()
+    if content.count(BEGIN) != 1 or content.count(END) != 1 or content.index(BEGIN) > content.index(END):
+        raise SystemExit(f"{readme} must hold exactly one {BEGIN} ... {END} section")
+    head, rest = content.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + text + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="folder of a finished `divaware run` (holds timings.json)")
+    parser.add_argument("--readme", type=Path, default=README, help="README to rewrite (default: the checkout's)")
+    parser.add_argument("--print", action="store_true", help="print the section instead of rewriting the README")
+    args = parser.parse_args(argv)
+    text = section(load(args.run_dir), args.run_dir)
+    if args.print:
+        print(text)
+    else:
+        rewrite(args.readme, text)
+        print(f"rewrote the timings section of {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
