@@ -1,13 +1,17 @@
-"""Rewrite the README's timing table from the ``timings.json`` a ``divaware run`` wrote.
+"""Rewrite the README's timing and result tables from what a ``divaware run`` wrote.
 
     python benchmarks/readme_timings.py runs/default              # rewrite README.md between the markers
-    python benchmarks/readme_timings.py runs/default --print      # only print the section
+    python benchmarks/readme_timings.py runs/default --print      # only print the sections
 
 The section between ``<!-- timings:begin -->`` and ``<!-- timings:end -->`` in README.md is replaced by a
 table made only from the run folder's ``timings.json`` (per notebook wall time and peak memory, the total,
 the training runs' own split into training steps and validation) and the machine the run recorded, so
 the README never shows a number that was typed in from elsewhere. A partial run (``--only``) or a file
 from an older divaware is refused.
+
+The section between ``<!-- results:begin -->`` and ``<!-- results:end -->`` gets the test-split table of
+the same run, one row per trained method, from each run's ``evaluation_test/challenge.json`` and
+``fairness.json`` (the worst group is the lowest group-mean Dice over the fairness attributes).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from typing import Any
 from divaware.runtime import describe_machine
 
 BEGIN, END = "<!-- timings:begin -->", "<!-- timings:end -->"
+RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+# fairness.json attribute -> (label in the table, key in challenge.json's groups)
+ATTRIBUTE_NAMES = {"age_group": ("age", "age"), "menopause": ("menopause", "menopause"),
+                   "breast_density": ("density", "breast_density")}
 README = Path(__file__).resolve().parents[1] / "README.md"
 LABELS = {
     "01_data_exploration": "01 data exploration (generates the synthetic cohort on first use)",
@@ -76,12 +84,42 @@ def section(record: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def rewrite(readme: Path, text: str) -> None:
+def results_section(record: dict[str, Any], run_dir: Path) -> str:
+    """The test-split table of every method the run trained (in the order it trained them)."""
+    lines = [
+        RESULTS_BEGIN,
+        f"Test split of the same run, best checkpoints chosen on the fairness-validation split (written by "
+        f"`python benchmarks/readme_timings.py {run_dir}` from each run's `evaluation_test/`):",
+        "",
+        "| run | n | mean Dice | HD95 (mm) | worst group | worst-group Dice | max−min gap | ES-Dice | P | F | ranking |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    methods = [label.removeprefix("03_training_") for label in record["notebooks"] if label.startswith("03_training_")]
+    for method in methods:
+        folder = run_dir / "runs" / method / "evaluation_test"
+        try:
+            challenge = json.loads((folder / "challenge.json").read_text())
+            fairness = json.loads((folder / "fairness.json").read_text())
+        except FileNotFoundError as err:
+            raise SystemExit(f"{err.filename} not found: the run's 04_fairness_evaluation did not evaluate `{method}`") from None
+        attribute, worst = min(fairness.items(), key=lambda item: item[1]["worst_group"])
+        short, group_key = ATTRIBUTE_NAMES.get(attribute, (attribute, attribute))
+        n = challenge.get("groups", {}).get(group_key, {}).get(worst["worst_group_label"], {}).get("n", "?")
+        lines.append(
+            f"| {'ERM' if method == 'erm' else method} | {challenge['n_cases']} | {challenge['mean_dice']:.3f} | "
+            f"{challenge['mean_hd95_mm']:.2f} | {short} {worst['worst_group_label']} (n={n}) | "
+            f"{worst['worst_group']:.3f} | {worst['gap']:.3f} | {worst['es']:.3f} | {challenge['P']:.4f} | "
+            f"{challenge['F']:.4f} | {challenge['ranking']:.4f} |")
+    lines.append(RESULTS_END)
+    return "\n".join(lines)
+
+
+def rewrite(readme: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
     content = readme.read_text()
-    if content.count(BEGIN) != 1 or content.count(END) != 1 or content.index(BEGIN) > content.index(END):
-        raise SystemExit(f"{readme} must hold exactly one {BEGIN} ... {END} section")
-    head, rest = content.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if content.count(begin) != 1 or content.count(end) != 1 or content.index(begin) > content.index(end):
+        raise SystemExit(f"{readme} must hold exactly one {begin} ... {end} section")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
     readme.write_text(head + text + tail)
 
 
@@ -91,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=README, help="README to rewrite (default: the checkout's)")
     parser.add_argument("--print", action="store_true", help="print the section instead of rewriting the README")
     args = parser.parse_args(argv)
-    text = section(load(args.run_dir), args.run_dir)
+    record = load(args.run_dir)
+    text, results = section(record, args.run_dir), results_section(record, args.run_dir)
     if args.print:
-        print(text)
+        print(text + "\n\n" + results)
     else:
         rewrite(args.readme, text)
-        print(f"rewrote the timings section of {args.readme}")
+        rewrite(args.readme, results, RESULTS_BEGIN, RESULTS_END)
+        print(f"rewrote the timings and results sections of {args.readme}")
     return 0
 
 
