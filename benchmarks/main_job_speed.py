@@ -5,7 +5,7 @@ The main job (README command 1) trains UNets on whole 48x48x32 synthetic volumes
 interleaved in one process so that other load on the machine hits both alike:
 
 1. **Training step** (forward, per-case Dice+CE, backward, grad clipping, AdamW) of the network before
-   (MONAI UNet 16-128, 2 residual units per level) and after (the same with ``num_res_units: 0``, one plain
+   (MONAI UNet 16-128, 2 residual units per level) and after (UNet 8-64 with ``num_res_units: 0``, one plain
    convolution per level, as ``configs/default.yaml`` now trains it).
 2. **Validation pass** over 48 cases: one case per forward pass (before) against
    :func:`divaware.train.validate`'s batches of 8 equal-shaped cases (after), for both networks.
@@ -42,19 +42,27 @@ from divaware import runtime
 RESULTS = Path(__file__).with_name("MAIN_JOB_SPEED.md")
 SHAPE = (48, 48, 32)  # the synthetic default's volume
 BATCH, TRAIN_CASES, VAL_CASES = 4, 191, 48
-CHANNELS = (16, 32, 64, 128)
+# (channels, residual units) of the main job's network before and after (configs/default.yaml)
+NETWORKS = {"before": ((16, 32, 64, 128), 2), "after": ((8, 16, 32, 64), 0)}
+CHANNELS = NETWORKS["before"][0]  # the loading measurement does not depend on the network
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def make_net(num_res_units: int) -> torch.nn.Module:
+def make_net(which: str) -> torch.nn.Module:
     from divaware.model import build_model
 
+    channels, num_res_units = NETWORKS[which]
     torch.manual_seed(0)
-    return build_model("unet", in_channels=3, out_channels=2, channels=CHANNELS, strides=[2] * (len(CHANNELS) - 1),
+    return build_model("unet", in_channels=3, out_channels=2, channels=channels, strides=[2] * (len(channels) - 1),
                        num_res_units=num_res_units)
+
+
+def net_label(which: str) -> str:
+    channels, num_res_units = NETWORKS[which]
+    return f"UNet {channels[0]}-{channels[-1]}, {num_res_units} residual units"
 
 
 def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +76,10 @@ def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 class Trainer:
     """One network with its optimiser; ``step()`` is the training loop's step on a fixed batch."""
 
-    def __init__(self, num_res_units: int) -> None:
+    def __init__(self, which: str) -> None:
         from divaware.losses import combine, make_loss
 
-        self.net = make_net(num_res_units)
+        self.net = make_net(which)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-5)
         self.loss_fn, self.combine = make_loss("dice_ce"), combine
         self.image, self.label = batch(BATCH)
@@ -139,7 +147,7 @@ THREAD_SETUPS = (
 def worker(threads: int, steps: int) -> None:
     if threads:
         torch.set_num_threads(threads)
-    trainer = Trainer(0)
+    trainer = Trainer("after")
     trainer.step()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = runtime.machine_info()
     log(f"machine: {runtime.describe_machine(machine)}; load {load_start}")
 
-    trainers = {"before": Trainer(2), "after": Trainer(0)}
+    trainers = {k: Trainer(k) for k in NETWORKS}
     loader = val_loader(VAL_CASES)
     step_s = {k: 0.0 for k in trainers}
     val_s = {(k, b): 0.0 for k in trainers for b in (1, 2 * BATCH)}
@@ -234,16 +242,18 @@ def main(argv: list[str] | None = None) -> int:
         f"end {load_end}. Other work shared the machine: absolute times are noisy, the ratios (each pair "
         "interleaved in one run) are what this measures.",
         "",
-        f"Main-job step: UNet {'-'.join(map(str, CHANNELS))}, batch {BATCH} whole volumes of "
+        f"Main-job step: batch {BATCH} whole volumes of "
         f"{'x'.join(map(str, SHAPE))} x 3 phases, per-case Dice+CE, AdamW, grad clipping; "
         f"{steps_per_epoch} steps and {VAL_CASES} validation cases per epoch.",
         "",
         "| part of an epoch | before | after | before / after |",
         "|---|---:|---:|---:|",
-        f"| training step, 2 residual units -> 0 (ms) | {step_s['before'] * 1000:.0f} | {step_s['after'] * 1000:.0f} "
+        f"| training step, {net_label('before')} -> {net_label('after')} (ms) | {step_s['before'] * 1000:.0f} | "
+        f"{step_s['after'] * 1000:.0f} "
         f"| {step_s['before'] / step_s['after']:.2f} |",
     ]
-    for k, label in (("before", "2 residual units"), ("after", "0 residual units")):
+    for k in NETWORKS:
+        label = net_label(k)
         one, many = val_s[(k, 1)], val_s[(k, 2 * BATCH)]
         lines.append(f"| validation of {VAL_CASES} cases, {label}: batch 1 -> {2 * BATCH} (s) | {one:.2f} | "
                      f"{many:.2f} | {one / many:.2f} |")
