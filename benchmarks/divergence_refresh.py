@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from divaware.calibration import weight_trials  # noqa: E402
+from divaware.runtime import cpu_model  # noqa: E402
 from divaware.subgroups import (  # noqa: E402
     _mine_itemsets,
     attribute_table,
@@ -92,16 +93,6 @@ def _median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(repeats: int, seed: int) -> tuple[pd.DataFrame, dict]:
