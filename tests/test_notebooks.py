@@ -88,6 +88,12 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r01["n_cases"] == len(meta) and r01["n_problems"] == 0
     assert r01["n_train"] + r01["n_test"] == len(meta)
     assert r01["group_sizes"]["breast_density"] == meta["breast_density"].value_counts().to_dict()
+    # the three disparity mechanisms on one hard patient: intrinsic hides part of the tumour's enhancement,
+    # representation adds rising look-alikes outside the mask
+    shown = r01["disparity_illustration"]
+    enhancement = {d: shown[d]["tumour enhancement, phase 1"] for d in ("default", "representation", "intrinsic")}
+    assert enhancement["intrinsic"] < 0.9 * min(enhancement["default"], enhancement["representation"])
+    assert shown["representation"]["look-alike voxels"] > 2 * shown["intrinsic"]["look-alike voxels"]
 
     r02 = json.loads((out / "02_subgroup_divergence" / "results.json").read_text())
     itemsets = pd.read_csv(out / "02_subgroup_divergence" / "divergent_itemsets.csv")
@@ -150,7 +156,8 @@ def test_every_saved_figure_is_shown_inline_once(series_run: tuple[Path, dict]) 
         assert len(images) >= len(made), f"{label}: {len(images)} inline images for figures {made}"
         assert len(set(images)) == len(images), f"{label} shows a figure twice"
         assert not figure_texts, f"{label} prints {figure_texts[0]} instead of showing the figure"
-    assert counts["01_data_exploration"][0] >= 5  # missingness, intensity, tumour volume, enhancement, cases
+    assert counts["01_data_exploration"][0] >= 6  # missingness, intensity, tumour volume, enhancement, cases,
+    # disparity mechanisms
 
 
 def test_series_order_reuses_the_reference_run_as_baseline(tmp_path: Path) -> None:
