@@ -111,3 +111,15 @@ def test_report_values_on_runs_with_known_dice(synthetic_root: Path, tmp_path: P
     assert "PARTIAL RUN" in text and "closing 100 % of ERM's hard-vs-rest gap of 1.000" in text
     assert "| oracle | 2 |" in text and "[+1.0000, +1.0000]" in text
     assert (tmp_path / "figures" / "experiment_representation_preliminary.png").is_file()
+
+    # the README's headline tables come from the same numbers; text outside the markers is kept
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\nbefore\n<!-- experiment:begin -->\nold table\n<!-- experiment:end -->\nafter\n")
+    rep.main([str(folder), "--out", str(tmp_path / "EXPERIMENT.md"), "--figures", str(tmp_path / "figures"),
+              "--readme", str(readme)])
+    new = readme.read_text()
+    assert new.startswith("# title\nbefore\n<!-- experiment:begin -->") and new.endswith("<!-- experiment:end -->\nafter\n")
+    assert "old table" not in new
+    assert f"| oracle | 2 | {s['oracle']['mean_dice'][0]:.3f} | 1.000 |" in new
+    assert f"| erm | 2 | {s['erm']['mean_dice'][0]:.3f} | 0.000 | – |" in new
+    assert "closing 100 % of ERM's hard-vs-rest gap of 1.000" in new
