@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -55,7 +56,14 @@ def _fake_run(folder: Path, method: str, seed: int, cohort: Path, good: set[str]
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({
         "strategy": method, "seed": seed, "epochs": 20, "channels": [16, 32], "alpha": 0.5, "batch_size": 4,
-        "synthetic_cases": 300, "synthetic_seed": 0}))
+        "synthetic_cases": 300, "synthetic_seed": 0, "data_root": str(cohort)}))
+    # training weights: uniform, hard cases x4 from epoch 5, uniform again from 10, and a refresh after the
+    # last epoch that trains nothing (what divaware writes when its false-discovery control flags on and off)
+    hard = set(read_truth(cohort).query("hard_subgroup").index)
+    history = [{"refresh": k, "epoch": epoch, "patient_id": pid, "weight": factor if pid in hard else 1.0}
+               for k, (epoch, factor) in enumerate([(0, 1.0), (5, 4.0), (10, 1.0), (20, 9.0)])
+               for pid in sorted(read_truth(cohort).index)]
+    pd.DataFrame(history).to_csv(run / "weights_history.csv", index=False)
     pred = tmp / f"pred_{method}_{seed}"
     pred.mkdir()
     for mask in sorted((cohort / "segmentations" / "expert").glob("*.nii.gz")):
@@ -104,6 +112,10 @@ def test_report_values_on_runs_with_known_dice(synthetic_root: Path, tmp_path: P
     assert c["oracle"]["worst"][0] == pytest.approx(share)
     assert c["divaware"]["fraction_worst"] == pytest.approx(np.isin(members, sorted(half)).sum() / np.isin(members, hard).sum())
     assert c["divaware"]["fraction_hard"] == pytest.approx(len(half) / len(hard))
+
+    # what the strategy did to the training cases: 5 of 20 epochs re-weighted, hard/rest 4 there, 1 elsewhere
+    w = res["weights"].set_index("run").loc["divaware_seed0"]
+    assert (w["epochs"], w["reweighted_epochs"]) == (20, 5) and w["hard_over_rest"] == pytest.approx(35 / 20)
 
     out = tmp_path / "EXPERIMENT_preliminary.md"
     text = rep.main([str(folder), "--out", str(out), "--figures", str(tmp_path / "figures")])
