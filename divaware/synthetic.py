@@ -619,7 +619,7 @@ def _kinetics(case: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     def foci(t: float) -> float:
         if case.get("disparity") == "representation":
             # As bright as a tumour at the second post-contrast phase, reached by a steady linear rise, so at
-            # the first post-contrast phase they are only t1/t2 (~0.4-0.5) of that: phase 2 is ~2-2.6x phase 1,
+            # the first post-contrast phase they are only t1/t2 of that: phase 2 is 1.5-3x phase 1 (median ~2x),
             # a cue the model sees (tumours have nearly peaked by then: <= 1.35x). Not a vessel-bright outlier,
             # which a model trained on the majority already rejects. Capped at 2x the phase-2 value.
             t2 = float(case["acquisition_times"][2])
