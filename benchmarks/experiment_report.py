@@ -102,7 +102,7 @@ def training_weights(runs: Path, table: pd.DataFrame) -> pd.DataFrame:
     the training epochs (1 = no re-weighting). GroupDRO adapts its weights per batch, so its history (the
     starting weights) is not a summary of it.
     """
-    rows = []
+    rows, truths = [], {}  # every run of a mechanism trains on the same cohort: read its truth once
     for r in table.itertuples():
         path = runs / r.run / "weights_history.csv"
         if not path.is_file():
@@ -110,7 +110,10 @@ def training_weights(runs: Path, table: pd.DataFrame) -> pd.DataFrame:
         history = pd.read_csv(path, dtype={"patient_id": str})
         config = yaml.safe_load((runs / r.run / "config.yaml").read_text())
         try:
-            hard = read_truth(config.get("data_root") or "")["hard_subgroup"]
+            root = config.get("data_root") or ""
+            if root not in truths:
+                truths[root] = read_truth(root)["hard_subgroup"]
+            hard = truths[root]
         except (FileNotFoundError, ValueError):
             continue  # the training cohort is gone from the cache: no diagnostic, the report still stands
         starts = sorted(history["epoch"].unique())
