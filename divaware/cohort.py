@@ -111,6 +111,7 @@ them: only for a quick look, since a case that fails them breaks or corrupts eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -486,16 +487,81 @@ def run_val_ids(run_dir: str | Path, cohort: Cohort) -> list[str]:
 
     Cases excluded by the cohort's checks since training are left out with a warning naming them.
     """
-    path = Path(run_dir) / "splits.csv"
+    from divaware.runfolder import RunFolder
+
+    run = RunFolder(run_dir)
+    path = run.splits
     if not path.is_file():
         raise ValueError(f"split 'val' needs the run's {path} (written by training); none found")
-    splits = pd.read_csv(path, dtype={"patient_id": str})
-    ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
+    ids = run.split_ids("val")
     gone = [i for i in ids if i not in cohort.cases]
     if gone:
         warnings.warn(f"{len(gone)} validation case(s) of {path} are not usable in {cohort.root} and are left "
                       f"out: {', '.join(gone[:10])}", stacklevel=3)
     return [i for i in ids if i in cohort.cases]
+
+
+# ------------------------------------------------------------------------------------------------
+# the fairness-validation split (training carves it from the challenge's train split; see run_val_ids)
+# ------------------------------------------------------------------------------------------------
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from (run seed, purpose, epoch, ...): independent streams, stable across runs."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def split_train_val(
+    metadata: pd.DataFrame,
+    patient_ids: Sequence[str],
+    val_fraction: float,
+    stratify: Sequence[str],
+    seed: int,
+) -> pd.DataFrame:
+    """Divide ``patient_ids`` into ``train`` and ``val``, stratified by ``stratify``, seeded.
+
+    Strata are the combinations of the stratify attributes; a case whose full combination has fewer than
+    ``ceil(1 / val_fraction)`` members falls back to the combination of the first k-1 attributes, and so on
+    (down to one pooled stratum), so rare intersections do not make the split degenerate. Each stratum gives
+    floor(n * val_fraction) cases and the remaining slots (to reach round(N * val_fraction)) go to the strata
+    with the largest remainders. Returns ``patient_id, split, stratum`` sorted by patient_id.
+    """
+    from divaware.subgroups import attribute_table
+
+    ids = sorted(str(i) for i in patient_ids)
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 training cases to carve a validation split, got {len(ids)}")
+    attrs = list(stratify)
+    if attrs:
+        table = attribute_table(metadata.loc[ids], attrs)
+    else:
+        table = pd.DataFrame(index=pd.Index(ids, name="patient_id"))
+    min_n = math.ceil(1.0 / val_fraction)
+    stratum = pd.Series("all", index=table.index, dtype=object)
+    assigned = pd.Series(False, index=table.index)
+    for k in range(len(attrs), 0, -1):
+        keys = table[attrs[:k]].astype(str).agg("|".join, axis=1)
+        counts = keys[~assigned].value_counts()
+        ok = keys.map(counts).fillna(0).ge(min_n) & ~assigned
+        stratum[ok] = keys[ok]
+        assigned |= ok
+    rng = np.random.default_rng(derived_seed(seed, "split"))
+    total_val = max(1, min(len(ids) - 1, round(len(ids) * val_fraction)))
+    groups = {s: sorted(stratum.index[stratum == s]) for s in sorted(stratum.unique())}
+    quota = {s: int(math.floor(len(m) * val_fraction)) for s, m in groups.items()}
+    remainder = {s: len(m) * val_fraction - quota[s] for s, m in groups.items()}
+    tiebreak = rng.random(len(groups))
+    order = sorted(groups, key=lambda s: (-remainder[s], tiebreak[list(groups).index(s)]))
+    for s in order[: max(0, total_val - sum(quota.values()))]:
+        quota[s] += 1
+    val: set[str] = set()
+    for s, members in groups.items():
+        perm = rng.permutation(len(members))
+        val.update(members[i] for i in perm[: quota[s]])
+    out = pd.DataFrame({"patient_id": ids, "split": ["val" if i in val else "train" for i in ids],
+                        "stratum": [stratum[i] for i in ids]})
+    return out
 
 
 MAX_CASE_WARNINGS = 20  # one warning per excluded case up to this many, then one for the rest
@@ -950,10 +1016,9 @@ class _VoxelCache:
     def save(self) -> None:
         if not self.dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}), encoding="utf-8")
-        os.replace(tmp, self.path)
+        from divaware.runfolder import write_text
+
+        write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
         self.dirty = False
 
 

@@ -15,8 +15,9 @@ goes into **one folder of the run**, named by :func:`evaluation_dir`::
         challenge.json        the MAMA-MIA Task-1 score: P, F_age, F_menopause, F_density, F, ranking, the
                               means behind them and the group means (NaN written as null)
         fairness.json         per attribute: overall, worst/best group Dice with labels, max−min gap, std,
-                              ES-Dice, over the *known* groups (``unknown`` left out: it is not a patient
-                              group one can be fair to; per_group.csv still shows it)
+                              ES-Dice, over the groups the challenge's F counts (``unknown`` menopause is a
+                              group, unknown age and missing density are left out: see
+                              :func:`divaware.metrics.worst_group`; per_group.csv shows every group)
         divergent_itemsets.csv DivExplorer itemsets of the per-case Dice (which subgroups does it fail?)
         evaluation.json       what was evaluated: run, data root, split, checkpoint, predictions folder,
                               settings; written last, so its presence marks a complete evaluation
@@ -40,9 +41,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
-import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from divaware import metrics as M
+from divaware.runfolder import RunFolder, check_name, split_name, write_text
 
 if TYPE_CHECKING:
     from divaware.cohort import Cohort
@@ -78,7 +77,6 @@ FILES = {
 _OPERATIONAL = frozenset({"device", "num_workers", "progress"})
 # predict() arguments evaluate() sets itself.
 _RESERVED = frozenset({"run_dir", "data_root", "split", "out_dir", "checkpoint", "patient_ids"})
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]*$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,14 +109,7 @@ def _jsonable(obj: Any) -> Any:
 
 def _write_atomic(path: Path, text: str) -> None:
     # A reader (notebook, sweep) never sees a half-written file; an interrupted run leaves the old one.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -133,37 +124,19 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
-def _check_name(value: str, what: str) -> str:
-    if not _NAME_RE.match(value):
-        raise ValueError(f"{what} {value!r} must be letters, digits and . + _ - (it names a folder)")
-    return value
-
-
-def _split_name(split: str | None) -> str:
-    return "all" if split is None else _check_name(str(split), "split")
+_check_name = check_name
+_split_name = split_name
 
 
 def evaluation_dir(run_dir: str | Path, split: str | None = "test", checkpoint: str = "best",
                    tag: str | None = None) -> Path:
     """The folder an evaluation of ``run_dir`` on ``split`` is written to (see the module docstring)."""
-    name = f"evaluation_{_split_name(split)}"
-    if checkpoint != "best":
-        name += f"_{_check_name(checkpoint, 'checkpoint')}"
-    if tag:
-        name += f"_{_check_name(tag, 'tag')}"
-    return Path(run_dir) / name
+    return RunFolder(run_dir).evaluation_dir(split, checkpoint, tag)
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's config.yaml as a dict ({} when the folder has none); read with yaml, not TrainConfig, so
-    that evaluating existing predictions never imports torch."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return values if isinstance(values, dict) else {}
+    """The run's config as a dict ({} when the folder has none), without importing torch."""
+    return RunFolder(run_dir).read_config()
 
 
 def _resolve_data_root(run_dir: Path, data_root: str | Path | None) -> Path:
@@ -171,7 +144,7 @@ def _resolve_data_root(run_dir: Path, data_root: str | Path | None) -> Path:
         recorded = _run_config(run_dir).get("data_root")
         if not recorded:
             raise ValueError(
-                f"no data folder given and {run_dir / 'config.yaml'} records none; pass data_root (--data)"
+                f"no data folder given and {RunFolder(run_dir).config} records none; pass data_root (--data)"
             )
         data_root = recorded
     root = Path(data_root).expanduser()
@@ -196,16 +169,8 @@ def _split_ids(cohort: Cohort, run_dir: Path, split: str | None) -> list[str]:
 
 
 def _checkpoint_file(run_dir: Path, checkpoint: str) -> Path:
-    # Mirrors predict.load_run_model: "best" falls back to last.pt when the run never validated.
-    if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    path = run_dir / f"{checkpoint}.pt"
-    if not path.is_file() and checkpoint == "best" and (run_dir / "last.pt").is_file():
-        path = run_dir / "last.pt"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} holds no checkpoint ({checkpoint}.pt); train the run first, or pass "
-                         "predictions= to score an existing prediction folder")
-    return path
+    # The same file predict.load_run_model loads: "best" falls back to last.pt when the run never validated.
+    return RunFolder(run_dir).checkpoint_to_use(checkpoint)
 
 
 def _sha256(path: Path) -> str:
@@ -372,7 +337,7 @@ class EvaluationResult:
     challenge: dict[str, Any]
     """:func:`divaware.metrics.challenge_score` (P, F_a, F, ranking, ...)."""
     fairness: dict[str, dict[str, Any]]
-    """Per attribute: :func:`divaware.metrics.fairness_summary` of Dice over the known groups."""
+    """Per attribute: :func:`divaware.metrics.fairness_summary` of Dice over the groups the challenge counts."""
     divergent: pd.DataFrame
     """:func:`divaware.metrics.divergent_subgroups` of the per-case Dice."""
     attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
@@ -385,7 +350,7 @@ class EvaluationResult:
         return self.per_group[self.per_group["attribute"] == attribute].reset_index(drop=True)
 
     def worst_group(self) -> dict[str, Any] | None:
-        """The known group with the lowest mean Dice over all attributes: ``attribute, group, dice, n``."""
+        """The group (as the challenge counts them) with the lowest mean Dice over all attributes: ``attribute, group, dice, n``."""
         best: dict[str, Any] | None = None
         for attr, fs in self.fairness.items():
             value = fs.get("worst_group")
@@ -438,7 +403,7 @@ def _per_group_table(per_case: pd.DataFrame, attributes: Sequence[str], n_boot: 
 def _fairness(per_case: pd.DataFrame, attributes: Sequence[str], min_group_size: int) -> dict[str, dict[str, Any]]:
     return {
         attr: M.fairness_summary(per_case, per_case, attr, metric="dice", min_n=min_group_size,
-                                 drop_unknown=True)
+                                 drop_unknown=not M.counts_unknown(attr))
         for attr in attributes
     }
 
@@ -539,7 +504,7 @@ def evaluate(
     run_dir = Path(run_dir).expanduser()
     if checkpoint not in ("best", "last"):
         raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    if predictions is None and not (run_dir / "config.yaml").is_file():
+    if predictions is None and not RunFolder(run_dir).is_run():
         raise ValueError(f"{run_dir} is not a training run folder (no config.yaml); pass predictions= to score "
                          "an existing prediction folder")
     if predictions is not None and predict_kwargs:
@@ -558,8 +523,8 @@ def evaluate(
 
     # The checks of `divaware check`, voxels included (cached in the run folder): an excluded case is named
     # in a warning and never scored.
-    is_run = (run_dir / "config.yaml").is_file()  # a bare prediction folder gets no cache written into it
-    cohort = load_cohort(root, voxel_cache=run_dir / "cache" / "voxel_checks.json" if is_run else None)
+    run = RunFolder(run_dir)  # a bare prediction folder gets no cache written into it
+    cohort = load_cohort(root, voxel_cache=run.voxel_cache() if run.is_run() else None)
     ids = _split_ids(cohort, run_dir, split)
     if patient_ids is not None:
         wanted = [str(i) for i in patient_ids]
@@ -594,7 +559,7 @@ def evaluate(
         "predictions": str(pred_dir.resolve()), "predicted_here": predictions is None,
         "n_cases": len(per_case), "attributes": list(attributes), "n_boot": n_boot, "seed": seed,
         "min_support": min_support, "min_group_size": min_group_size,
-        "fairness_groups": "known groups only (unknown left out)",
+        "fairness_groups": "the challenge's groups (unknown menopause a group; unknown age, density left out)",
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
@@ -738,8 +703,8 @@ def collect(runs_dir: str | Path, split: str | None = "test", checkpoint: str = 
         raise ValueError(f"runs folder {runs_dir} does not exist")
     rows = []
     unevaluated = []
-    for cfg_path in sorted(runs_dir.rglob("config.yaml")):
-        run = cfg_path.parent
+    for folder in RunFolder.find(runs_dir):
+        run = folder.path
         out = evaluation_dir(run, split, checkpoint, tag)
         if not (out / FILES["manifest"]).is_file():
             unevaluated.append(str(run.relative_to(runs_dir)))

@@ -101,8 +101,9 @@ def heldout_root(cfg: Mapping[str, Any]) -> Path:
 def _fresh(evaluation: Path, run: Path) -> bool:
     """An evaluation that is complete and newer than the run's selected checkpoint."""
     from divaware.evaluate import FILES
+    from divaware.runfolder import RunFolder
 
-    manifest, ckpt = evaluation / FILES["manifest"], run / "best.pt"
+    manifest, ckpt = evaluation / FILES["manifest"], RunFolder(run).best
     return manifest.is_file() and ckpt.is_file() and manifest.stat().st_mtime >= ckpt.stat().st_mtime
 
 

@@ -575,6 +575,41 @@ def fairness_summary(
 
 DEFAULT_ATTRIBUTES = ("age_group", "menopause", "breast_density")
 
+# -- the worst group: one definition for model selection, fairness.json, the reports and the plots ---------
+UNKNOWN_IS_GROUP: frozenset[str] = frozenset({"menopause"})
+"""Attributes whose missing value (``unknown``) is a group of its own. Following the challenge's fairness
+score F (DESIGN.md): unknown menopausal status is a group (27 % of MAMA-MIA; its cases are real patients
+with something in common, e.g. their source datasets), while cases of unknown age or missing breast
+density are dropped (missing density is the rule, not a subgroup). Every other attribute drops
+``unknown`` too."""
+
+
+def counts_unknown(attribute: str) -> bool:
+    """Whether ``unknown`` values of ``attribute`` form a group (see :data:`UNKNOWN_IS_GROUP`)."""
+    return attribute in UNKNOWN_IS_GROUP
+
+
+def worst_group(scores: pd.Series, groups: pd.DataFrame, min_size: int = 1) -> tuple[float, str]:
+    """The lowest group mean of ``scores`` (higher is better) and its label ``attribute=value``.
+
+    ``groups`` holds one column per attribute (index patient_id, values as strings); every value of every
+    attribute with at least ``min_size`` cases is a group, ``unknown`` only where :func:`counts_unknown`.
+    Ties keep the first attribute (column order) and value (sorted). ``(nan, "")`` when no group qualifies.
+    Training's model selection calls it; fairness.json (divaware.evaluate) applies the same rule per
+    attribute through :func:`fairness_summary` with ``drop_unknown=not counts_unknown(attribute)``.
+    """
+    worst, label = math.nan, ""
+    for attr in groups.columns:
+        joined = pd.DataFrame({"g": groups.loc[scores.index, attr].astype(str), "s": scores.to_numpy()})
+        if not counts_unknown(attr):
+            joined = joined[joined["g"] != UNKNOWN]
+        stats = joined.groupby("g")["s"].agg(["mean", "size"])
+        stats = stats[stats["size"] >= min_size]
+        for value, row in stats.iterrows():
+            if math.isnan(worst) or row["mean"] < worst:
+                worst, label = float(row["mean"]), f"{attr}={value}"
+    return worst, label
+
 
 def divergent_subgroups(
     per_case: pd.DataFrame,

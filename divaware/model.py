@@ -10,7 +10,7 @@ to it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +86,30 @@ def build_model(
     features = kwargs.pop("features", (*channels[:5], channels[0]))
     return nets.BasicUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
                           features=features, dropout=dropout, **kwargs)
+
+
+_NETWORK_CLASSES = {"unet": "UNet", "attentionunet": "AttentionUnet", "dynunet": "DynUNet",
+                    "segresnet": "SegResNet", "basicunet": "BasicUNet"}
+
+
+def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
+    """A one-line ValueError naming any key of ``kwargs`` that the MONAI constructor of ``name`` does not take."""
+    import inspect
+
+    if not kwargs:
+        return
+    from monai.networks import nets
+
+    key = _canonical(name)
+    cls = getattr(nets, _NETWORK_CLASSES[key])
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = sorted(set(params) - {"self"})
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a parameter of model {key!r} (MONAI {cls.__name__}); "
+                         f"valid: {', '.join(accepted)}")
 
 
 def network_divisor(name: str = "unet", strides: Sequence[int] = (2, 2, 2, 2), **kwargs: Any) -> int:

@@ -141,9 +141,9 @@ def _main(spec_path: str) -> int:
         torch.set_num_threads(int(threads))
     result = call(spec["function"], spec["kwargs"])
     out = Path(spec_path).with_name(f"{spec['name']}.result.json")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, default=str))
-    os.replace(tmp, out)
+    from divaware.runfolder import write_text
+
+    write_text(out, json.dumps(result, default=str))
     return 0
 
 

@@ -241,7 +241,6 @@ def write_timings(out: Path, record: dict[str, Any], labels: list[str]) -> Path:
     it executed in an existing record and is marked ``complete: false`` unless every notebook of ``labels``
     (the series' executions in order) is there.
     """
-    import pandas as pd
 
     from divaware import runtime
 
@@ -265,9 +264,13 @@ def write_timings(out: Path, record: dict[str, Any], labels: list[str]) -> Path:
     record["finished_utc"] = runtime.utc_now()
     record["load_average_end"] = runtime.load_average()
     training = {}
-    for metrics in sorted((out / "runs").glob("*/metrics.csv")):
-        log = pd.read_csv(metrics)
-        training[metrics.parent.name] = {
+    from divaware.runfolder import RunFolder
+
+    for run in sorted((RunFolder(p) for p in (out / "runs").glob("*")), key=lambda r: r.path):
+        if not run.metrics.is_file():
+            continue
+        log = run.read_metrics()
+        training[run.path.name] = {
             "epochs": int(len(log)), "seconds": round(float(log["time_s"].sum()), 1),
             "train_seconds": round(float(log["train_time_s"].sum()), 1),
             "validation_seconds": round(float(log["val_time_s"].sum()), 1),

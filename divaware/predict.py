@@ -21,7 +21,8 @@ import torch
 from divaware import data as D
 from divaware.cohort import run_val_ids
 from divaware.model import infer, segment
-from divaware.train import VOXEL_CACHE, TrainConfig, resolve_device
+from divaware.runfolder import RunFolder, atomic_write
+from divaware.train import TrainConfig, resolve_device
 
 POSTPROCESS = ("largest_component", "breast_box")
 PRED_FOLDER = "pred_segmentations"
@@ -33,19 +34,14 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best",
 
     ``checkpoint="best"`` falls back to ``last.pt`` with a warning when the run never validated.
     """
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ValueError(f"{run_dir} is not a training run folder (no config.yaml)")
-    if checkpoint not in ("best", "last"):
-        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
-    config = TrainConfig.from_yaml(cfg_path)
-    path = run_dir / f"{checkpoint}.pt"
-    if not path.is_file() and checkpoint == "best" and (run_dir / "last.pt").is_file():
-        warnings.warn(f"{path} not found; using last.pt", stacklevel=2)
-        path = run_dir / "last.pt"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} holds no checkpoint ({checkpoint}.pt); train the run first")
+    run = RunFolder(run_dir)
+    if not run.is_run():
+        raise ValueError(f"{run.path} is not a training run folder (no {run.CONFIG})")
+    path = run.checkpoint(checkpoint)
+    config = TrainConfig.from_yaml(run.config)
+    if run.checkpoint_to_use(checkpoint) != path:
+        warnings.warn(f"{path} not found; using {run.LAST}", stacklevel=2)
+        path = run.last
     state = torch.load(path, map_location="cpu", weights_only=False)
     model = config.build_model()
     model.load_state_dict(state["model"])
@@ -137,12 +133,12 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     data_root = Path(data_root).resolve()
     # The checkpoint is part of the default folder name so that predicting with "last" never overwrites
     # the predictions of "best".
-    suffix = "" if checkpoint == "best" else f"_{checkpoint}"
-    out = Path(out_dir) if out_dir is not None else run_dir / f"predictions_{split or 'all'}{suffix}"
+    run = RunFolder(run_dir)
+    out = Path(out_dir) if out_dir is not None else run.predictions_dir(split, checkpoint)
     if out.resolve().is_relative_to(data_root):
         raise ValueError(f"out_dir {out} lies inside the input data folder {data_root}; input data is read-only")
     # inference needs no expert masks; the voxel checks are those of `divaware check`, cached in the run folder
-    cohort = load_cohort(data_root, require_masks=False, voxel_cache=run_dir / "cache" / VOXEL_CACHE)
+    cohort = load_cohort(data_root, require_masks=False, voxel_cache=run.voxel_cache())
     if patient_ids is not None:
         ids = list(patient_ids)
     elif split == "val":
@@ -185,8 +181,6 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
         header.set_data_dtype(np.uint8)
         header.set_slope_inter(1.0, 0.0)
         img = nib.Nifti1Image(arr, ref.affine, header=header)
-        tmp = pred_dir / f".{pid}.tmp.nii.gz"
-        nib.save(img, tmp)
-        tmp.replace(pred_dir / f"{pid}.nii.gz")
+        atomic_write(pred_dir / f"{pid}.nii.gz", lambda tmp, img=img: nib.save(img, tmp), suffix=".nii.gz")
     return out
 

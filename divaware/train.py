@@ -25,10 +25,8 @@ fairness-validation scores measured right after the preceding epoch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
 import math
-import os
 import random
 import time
 import warnings
@@ -45,8 +43,14 @@ import yaml
 
 from divaware import data as D
 from divaware import distributed
+from divaware.cohort import derived_seed as _derived_seed
+from divaware.cohort import split_train_val
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
-from divaware.model import MODELS, build_model, infer, network_divisor, segment
+from divaware.metrics import worst_group
+from divaware.model import MODELS, build_model, check_model_kwargs, infer, network_divisor, segment
+
+# Names other modules and notebooks import from here; they now live where they belong.
+from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401, E402  (re-exported)
 
 METRIC_COLUMNS = (
     "epoch", "loss", "loss_mean", "lr", "schedule_epochs", "val_dice", "val_worst_group_dice", "val_worst_group",
@@ -161,7 +165,10 @@ class TrainConfig:
         # YAML and Python callers hand in tuples, strings such as "1e-3" (PyYAML reads that as text) or
         # ints for floats: coerce once so comparisons between configs and the YAML round trip are exact.
         def whole(value: Any) -> int:
-            # int(2.7) would silently train 2 epochs: a fractional value for a count is an error
+            # int(2.7) would silently train 2 epochs: a fractional value for a count is an error; and
+            # `epochs: true` (YAML's yes/true) is a typo, not 1
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} is a boolean, not a number")
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value!r} is not a whole number")
             return int(value)
@@ -178,7 +185,9 @@ class TrainConfig:
                 setattr(self, name, as_list(getattr(self, name), str))
             for f in dataclasses.fields(self):
                 value = getattr(self, f.name)
-                if f.type in ("int",) and not isinstance(value, bool):
+                if isinstance(value, bool) and f.type in ("int", "float", "int | None", "float | None"):
+                    raise ValueError(f"field {f.name!r}: {value!r} is a boolean, not a number")
+                if f.type in ("int",):
                     try:
                         setattr(self, f.name, whole(value))
                     except ValueError as err:
@@ -220,7 +229,10 @@ class TrainConfig:
         if not path.is_file():
             raise ValueError(f"config file {path} not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it "
+                             "as UTF-8") from None
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path} is not valid YAML ({_yaml_error(err)}); fix the syntax") from None
         if not isinstance(values, dict):
@@ -239,7 +251,7 @@ class TrainConfig:
             lines.append(yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False).rstrip())
         text = "\n".join(lines) + "\n"
         if path is not None:
-            _atomic_write_text(Path(path), text)
+            write_text(path, text)
         return text
 
     def validate(self) -> None:
@@ -249,8 +261,6 @@ class TrainConfig:
 
         if not 0.0 <= float(self.alpha) <= 1.0:
             bad("alpha", "must lie in [0, 1]")
-        if not 0.0 < float(self.val_fraction) < 1.0:
-            bad("val_fraction", "must lie strictly between 0 and 1")
         for name in ("epochs", "batch_size", "update_every", "val_every", "samples_per_case", "synthetic_cases"):
             if int(getattr(self, name)) < 1:
                 bad(name, "must be >= 1")
@@ -282,10 +292,18 @@ class TrainConfig:
             bad("num_workers", "must be >= 0")
         if int(self.cpu_threads) < 0:
             bad("cpu_threads", "must be >= 0")
-        from divaware.weighting import STRATEGIES
+        from divaware.weighting import STRATEGIES, check_strategy_params
 
         if self.strategy not in STRATEGIES:
             bad("strategy", f"must be one of {sorted(STRATEGIES)}")
+        try:  # names only: a typo must fail here, before any data is read
+            check_strategy_params(self.strategy, self.strategy_params)
+        except ValueError as err:
+            raise ValueError(f"config field 'strategy_params': {err}") from None
+        try:
+            check_model_kwargs(self.model, self.model_kwargs)
+        except ValueError as err:
+            raise ValueError(f"config field 'model_kwargs': {err}") from None
         from divaware.synthetic import DISPARITIES
 
         if self.synthetic_disparity not in DISPARITIES:
@@ -426,85 +444,11 @@ class _LossWatch:
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        frame.to_csv(tmp, index=False)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if not _is_disk_full(err, path):
-            raise
-        raise DiskFullError(_disk_full_message(path, int(frame.memory_usage(deep=True).sum()))) from None
-    os.replace(tmp, path)
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file then rename, so a crash never leaves a truncated checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-    except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
-        if not _is_disk_full(err, path):
-            raise
-        raise DiskFullError(_disk_full_message(path, _state_bytes(obj))) from None
-    os.replace(tmp, path)
+    """torch.save to a temporary file then rename (kept for callers of the former name)."""
+    torch_save(path, obj)
 
 
-class DiskFullError(OSError):
-    """Writing a run file failed for lack of space; the message names the disk and the space needed."""
-
-
-def _is_disk_full(err: BaseException, path: Path) -> bool:
-    import errno
-    import shutil
-
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch's zip writer reports a full disk as "unexpected pos" / "file write failed" (RuntimeError)
-    text = str(err)
-    if isinstance(err, RuntimeError) and ("unexpected pos" in text or "write failed" in text):
-        try:
-            return shutil.disk_usage(path.parent).free < 64 * 1024**2
-        except OSError:
-            return True
-    return False
-
-
-def _state_bytes(obj: Any) -> int:
-    total = 0
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(_state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(v) for v in obj)
-    return total
-
-
-def _disk_full_message(path: Path, needed: int) -> str:
-    import shutil
-
-    try:
-        usage = shutil.disk_usage(path.parent)
-        free = f"{usage.free / 1024**2:.0f} MiB free of {usage.total / 1024**3:.1f} GiB"
-    except OSError:
-        free = "free space unknown"
-    mount = path.parent.resolve()
-    while not os.path.ismount(mount) and mount != mount.parent:
-        mount = mount.parent
-    return (f"disk full writing {path} (on the disk mounted at {mount}: {free}; this file needs about "
-            f"{needed / 1024**2:.0f} MiB); free space there or move out_dir, then resume")
-
-
-VOXEL_CACHE = "voxel_checks.json"  # per-file voxel-check results, in the run's cache folder
 
 
 def _checkpoint_epoch(path: Path) -> str:
@@ -516,13 +460,14 @@ def _checkpoint_epoch(path: Path) -> str:
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     """``last.pt`` of a run; a damaged or empty file is a one-line error naming the earlier state to use."""
-    path = run_dir / "last.pt"
+    run = RunFolder(run_dir)
+    path = run.last
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(ckpt, dict) or "epoch" not in ckpt:
             raise ValueError("not a divaware checkpoint")
     except Exception as err:
-        best = run_dir / "best.pt"
+        best = run.best
         earlier = (f"best.pt (epoch {_checkpoint_epoch(best)}) holds the best earlier model weights, usable "
                    "for predict/evaluate (--checkpoint best) but not for an exact resume"
                    if best.is_file() else "no earlier state is kept")
@@ -533,12 +478,6 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} has checkpoint format {ckpt.get('format')}, expected {CHECKPOINT_FORMAT}")
     return ckpt
-
-
-def _derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from (run seed, purpose, epoch, ...): independent streams, stable across runs."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -570,63 +509,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-# ------------------------------------------------------------------------------------------------
-# split
-# ------------------------------------------------------------------------------------------------
-
-
-def split_train_val(
-    metadata: pd.DataFrame,
-    patient_ids: Sequence[str],
-    val_fraction: float,
-    stratify: Sequence[str],
-    seed: int,
-) -> pd.DataFrame:
-    """Divide ``patient_ids`` into ``train`` and ``val``, stratified by ``stratify``, seeded.
-
-    Strata are the combinations of the stratify attributes; a case whose full combination has fewer than
-    ``ceil(1 / val_fraction)`` members falls back to the combination of the first k-1 attributes, and so on
-    (down to one pooled stratum), so rare intersections do not make the split degenerate. Each stratum gives
-    floor(n * val_fraction) cases and the remaining slots (to reach round(N * val_fraction)) go to the strata
-    with the largest remainders. Returns ``patient_id, split, stratum`` sorted by patient_id.
-    """
-    from divaware.subgroups import attribute_table
-
-    ids = sorted(str(i) for i in patient_ids)
-    if len(ids) < 2:
-        raise ValueError(f"need at least 2 training cases to carve a validation split, got {len(ids)}")
-    attrs = list(stratify)
-    if attrs:
-        table = attribute_table(metadata.loc[ids], attrs)
-    else:
-        table = pd.DataFrame(index=pd.Index(ids, name="patient_id"))
-    min_n = math.ceil(1.0 / val_fraction)
-    stratum = pd.Series("all", index=table.index, dtype=object)
-    assigned = pd.Series(False, index=table.index)
-    for k in range(len(attrs), 0, -1):
-        keys = table[attrs[:k]].astype(str).agg("|".join, axis=1)
-        counts = keys[~assigned].value_counts()
-        ok = keys.map(counts).fillna(0).ge(min_n) & ~assigned
-        stratum[ok] = keys[ok]
-        assigned |= ok
-    rng = np.random.default_rng(_derived_seed(seed, "split"))
-    total_val = max(1, min(len(ids) - 1, round(len(ids) * val_fraction)))
-    groups = {s: sorted(stratum.index[stratum == s]) for s in sorted(stratum.unique())}
-    quota = {s: int(math.floor(len(m) * val_fraction)) for s, m in groups.items()}
-    remainder = {s: len(m) * val_fraction - quota[s] for s, m in groups.items()}
-    tiebreak = rng.random(len(groups))
-    order = sorted(groups, key=lambda s: (-remainder[s], tiebreak[list(groups).index(s)]))
-    for s in order[: max(0, total_val - sum(quota.values()))]:
-        quota[s] += 1
-    val: set[str] = set()
-    for s, members in groups.items():
-        perm = rng.permutation(len(members))
-        val.update(members[i] for i in perm[: quota[s]])
-    out = pd.DataFrame({"patient_id": ids, "split": ["val" if i in val else "train" for i in ids],
-                        "stratum": [stratum[i] for i in ids]})
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -699,19 +581,6 @@ def _val_batch_cases(config: TrainConfig) -> int:
     return 2 * int(config.batch_size) if config.patch_size is None else 1
 
 
-def worst_group(scores: pd.Series, groups: pd.DataFrame, min_size: int) -> tuple[float, str]:
-    """Lowest group-mean of ``scores`` over every attribute value with at least ``min_size`` cases."""
-    worst, label = math.nan, ""
-    for attr in groups.columns:
-        joined = pd.DataFrame({"g": groups.loc[scores.index, attr].astype(str), "s": scores.to_numpy()})
-        stats = joined.groupby("g")["s"].agg(["mean", "size"])
-        stats = stats[stats["size"] >= min_size]
-        for value, row in stats.iterrows():
-            if math.isnan(worst) or row["mean"] < worst:
-                worst, label = float(row["mean"]), f"{attr}={value}"
-    return worst, label
-
-
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
@@ -742,17 +611,17 @@ def _resolve_schedule(config: TrainConfig, run_dir: Path) -> TrainConfig:
     """
     if config.schedule_epochs is not None:
         return config
-    cfg_path = run_dir / "config.yaml"
-    old = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    old = RunFolder(run_dir).read_config()
     planned = old.get("schedule_epochs") or old.get("epochs") or config.epochs
     return dataclasses.replace(config, schedule_epochs=int(planned))
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite: bool) -> bool:
     """Check the folder against the config; returns whether a checkpoint is to be resumed."""
-    cfg_path = run_dir / "config.yaml"
+    run = RunFolder(run_dir)
+    cfg_path = run.config
     if not cfg_path.is_file():
-        if run_dir.exists() and not _only_early_files(run_dir) and not overwrite:
+        if run_dir.exists() and not run.only_early_files() and not overwrite:
             raise ValueError(f"run folder {run_dir} is not empty and holds no config.yaml; choose another out_dir")
         return False
     old = yaml.safe_load(cfg_path.read_text()) or {}
@@ -763,10 +632,9 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             f"run folder {run_dir} holds a run with a different config ({details}); choose another out_dir "
             "or pass overwrite=True (--overwrite) to replace it"
         )
-    has_ckpt = (run_dir / "last.pt").is_file()
+    has_ckpt = run.last.is_file()
     if overwrite and not (resume and not diff):
-        for name in ("last.pt", "best.pt", "metrics.csv", "weights_history.csv", "val_scores.csv", "splits.csv"):
-            (run_dir / name).unlink(missing_ok=True)
+        run.remove_results()
         return False
     if has_ckpt and not resume:
         raise ValueError(
@@ -774,12 +642,6 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             "or overwrite=True (--overwrite) to start it again"
         )
     return has_ckpt and resume
-
-
-def _only_early_files(run_dir: Path) -> bool:
-    """Whether the folder holds only what a run writes before its config.yaml (a kill there must resume)."""
-    early = {"splits.csv", "cache"}
-    return all(p.name in early or (p.name.startswith(".") and p.name.endswith(".tmp")) for p in run_dir.iterdir())
 
 
 def _strategy_kwargs(config: TrainConfig, test_ids: Sequence[str]) -> dict[str, Any]:
@@ -823,237 +685,350 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
-    """Train one run and return its folder (see the module docstring for what it holds).
+    """Train one run and return its folder (see :mod:`divaware.runfolder` for what it holds).
 
     ``resume``: continue the run in the folder exactly where its last checkpoint left it (model, optimiser,
     RNG states, strategy state, epoch; later epochs replay identically because the loader order and
     augmentations of epoch e depend only on (seed, e)); a finished run returns at once; with no checkpoint
     the run starts fresh. ``overwrite``: replace a run folder holding another run. Without either, an
-    existing run folder is never touched.
+    existing run folder is never touched. One process owns a run folder at a time (its ``run.lock``): a
+    second ``train`` into the same folder refuses with a message naming the owner.
     """
     previous_threads = torch.get_num_threads()
     if config.cpu_threads > 0:
         torch.set_num_threads(int(config.cpu_threads))
     # under torchrun: one rank of a data-parallel run (see divaware.distributed); else a single process
     ranks, device_name = distributed.setup(config.device)
+    trainer = Trainer(config, ranks, device_name, resume=resume, overwrite=overwrite)
     try:
-        return _train(config, resume, overwrite, ranks, device_name)
+        return trainer.fit()
     finally:
+        trainer.close()
         ranks.close()
         torch.set_num_threads(previous_threads)  # a process-wide setting: leave it as found
 
 
-def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distributed.Ranks, device_name: str
-           ) -> Path:
-    from tqdm.auto import tqdm
+class Trainer:
+    """One training run as named steps, in the manner of Lightning's trainer and nnU-Net's:
 
-    from divaware.cohort import load_cohort
-    from divaware.subgroups import attribute_table
-    from divaware.weighting import make_strategy
+    :meth:`setup` (config, run folder and its lock, cohort, split, strategy, data, model, resume), then per
+    epoch :meth:`train_epoch`, :meth:`validate` (when due), :meth:`refresh_weights` (when the strategy asks),
+    :meth:`select` (best.pt) and :meth:`save` (last.pt and the tables). Which rank does what stays in
+    :class:`divaware.distributed.Ranks`: files are written by rank 0 only (``ranks.on_main``).
+    """
 
-    config.validate()
-    config = ranks.on_main(resolve_config, config)  # rank 0 generates a missing synthetic cohort
-    run_dir = config.run_dir()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
-    refuse_inside_data(config.data_root, out_dir=run_dir, cache_dir=cache_dir)
-    planned = config.schedule_epochs
-    config = ranks.on_main(_resolve_schedule, config, run_dir)  # before rank 0 rewrites config.yaml
-    resuming = ranks.on_main(_prepare_run_dir, run_dir, config, resume, overwrite)
-    if not resuming and planned is None:  # a fresh start: its own epochs, whatever the folder held before
-        config = dataclasses.replace(config, schedule_epochs=config.epochs)
-    if config.epochs > int(config.schedule_epochs):
-        warnings.warn(
-            f"epochs {config.epochs} > schedule_epochs {config.schedule_epochs}: the lr schedule of this run "
-            f"spans {config.schedule_epochs} epochs and epochs past it keep its final lr (recorded in "
-            "config.yaml and metrics.csv); to plan a longer schedule, start a run with schedule_epochs set",
-            stacklevel=3,
-        )
-    ranks.on_main(run_dir.mkdir, parents=True, exist_ok=True)
-    device = resolve_device(device_name)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = not config.deterministic
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    use_amp = cuda and config.amp in ("auto", "bf16")
-    if config.amp == "bf16" and not cuda:
-        warnings.warn("amp: bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=2)
-    channels_last = cuda if config.channels_last is None else bool(config.channels_last)
+    def __init__(self, config: TrainConfig, ranks: distributed.Ranks, device_name: str, resume: bool = False,
+                 overwrite: bool = False) -> None:
+        self.config, self.ranks, self.device_name = config, ranks, device_name
+        self.resume, self.overwrite = resume, overwrite
+        self.run: RunFolder | None = None
+        self._locked = False
+        self.history: list[dict[str, Any]] = []
+        self.val_records: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": 0, "selection": -math.inf}
+        self.start_epoch = 0
 
-    # -- cohort and split (the challenge test split is never loaded here) -------------------------
-    # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
-    cohort = load_cohort(config.data_root, voxel_cache=cache_dir / VOXEL_CACHE)
-    check_patch_fits(config, cohort.geometry)
-    challenge_train = [i for i in cohort.ids("train") if cohort.cases[i].mask_path is not None]
-    dropped = sorted(set(cohort.ids("train")) - set(challenge_train))
-    if dropped:
-        warnings.warn(f"{len(dropped)} training case(s) without expert mask left out: {dropped[:10]}", stacklevel=2)
-    test_ids = cohort.ids("test")
-    splits_path = run_dir / "splits.csv"
-    if resuming and splits_path.is_file():
-        splits = pd.read_csv(splits_path, dtype={"patient_id": str})
-    else:
-        splits = split_train_val(cohort.metadata, challenge_train, config.val_fraction, config.stratify, config.seed)
-    train_ids = splits.loc[splits["split"] == "train", "patient_id"].tolist()
-    val_ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
-    leaked = sorted(set(train_ids + val_ids) & set(test_ids))
-    if leaked:
-        raise ValueError(f"split holds test-split cases {leaked[:10]}; the test split is for evaluation only")
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Set up, then train the remaining epochs; returns the run folder."""
+        from tqdm.auto import tqdm
 
-    if not resuming:
-        ranks.on_main(_atomic_csv, splits, splits_path)
-    ranks.on_main(config.to_yaml, run_dir / "config.yaml")
+        self.setup()
+        config, run = self.config, self.run
+        assert run is not None
+        if self.start_epoch >= config.epochs:
+            return run.path
+        self.watch = _LossWatch(self.history)
+        self._wrap_model()
+        epochs_bar = tqdm(range(self.start_epoch, config.epochs), desc=f"train {run.path.name}", unit="epoch",
+                          initial=self.start_epoch, total=config.epochs,
+                          disable=not (config.progress and self.ranks.is_main))
+        for epoch in epochs_bar:  # 0-based
+            row = self.epoch(epoch)
+            epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", val_dice=f"{row['val_dice']:.3f}")
+        return run.path
 
-    # -- weighting strategy, data, model ----------------------------------------------------------
-    seed_everything(config.seed)
-    strategy = make_strategy(config.strategy, **_strategy_kwargs(config, test_ids))
-    strategy.fit(cohort.metadata.loc[train_ids])
-    val_groups = attribute_table(cohort.metadata.loc[val_ids], list(config.attributes))
-    spec = config.data_spec()
-    ds_args = {"cache": config.cache, "cache_dir": cache_dir, "spec": spec,
-               "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
-               "progress": config.progress}  # caching takes a while before the first epoch: show it
-    train_ds = D.make_dataset(D.make_records(cohort, train_ids, spec), D.train_transforms(spec), **ds_args)
-    # each rank validates its own share of the cases; the scores are gathered below
-    val_ds = D.make_dataset(D.make_records(cohort, ranks.shard(val_ids), spec), D.eval_transforms(spec), **ds_args)
-    model = config.build_model().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    optimizer = _make_optimizer(config, model.parameters())
-    loss_fn = make_loss(config.loss, **config.loss_params)
-
-    history: list[dict[str, Any]] = []
-    val_records: list[dict[str, Any]] = []
-    best = {"epoch": 0, "selection": -math.inf}
-    start_epoch = 0
-    if resuming:
-        ckpt = load_checkpoint(run_dir)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        strategy.load_state_dict(ckpt["strategy"])
-        history, val_records, best = list(ckpt["history"]), list(ckpt["val_records"]), dict(ckpt["best"])
-        start_epoch = int(ckpt["epoch"])
-        _set_rng_state(ckpt["rng"], device)
-    if start_epoch >= config.epochs:
-        return run_dir
-    watch = _LossWatch(history)
-
-    step_model: torch.nn.Module = ranks.wrap(model, device)  # DDP on several ranks
-    if config.compile:
-        if cuda:
-            step_model = torch.compile(step_model)  # type: ignore[assignment]
-        else:
-            warnings.warn("compile: torch.compile is used on CUDA only", stacklevel=2)
-    roi = None if spec.patch_size is None else list(spec.patch_size)
-    epochs_bar = tqdm(range(start_epoch, config.epochs), desc=f"train {run_dir.name}", unit="epoch",
-                      initial=start_epoch, total=config.epochs, disable=not (config.progress and ranks.is_main))
-    for epoch in epochs_bar:  # 0-based
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch: train, validate (when due), refresh the weights, select, save; returns its metrics row."""
+        config = self.config
         t0 = time.perf_counter()
-        lr = _set_lr(optimizer, config, epoch)
-        loader = ranks.train_loader(train_ds, config.batch_size, seed=_derived_seed(config.seed, "loader", epoch),
-                                    rank_seed=_derived_seed(config.seed, "loader", epoch, "rank", ranks.rank),
-                                    num_workers=config.num_workers, pin_memory=cuda,
-                                    pad_batch=spec.patch_size is None)
-        model.train()
-        sum_loss, sum_mean, n_samples = 0.0, 0.0, 0
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (config.progress and ranks.is_main))
-        for b, batch in enumerate(batches, start=1):
-            ids = D.batch_ids(batch)
-            image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
-            label = batch[D.LABEL].as_subclass(torch.Tensor).to(device, non_blocking=True)
-            if channels_last:
-                image = image.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = step_model(image)
-            per_case = loss_fn(logits, label)
-            host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
-            # the global batch over all ranks (this rank's alone in a single process): weights by id, and
-            # online strategies (GroupDRO's q) step on every rank's cases, identically on every rank
-            ids, host, mine = ranks.gather_losses(batch, ids, host)
-            if not np.isfinite(host).all():
-                _diverged(run_dir, epoch, b, ids, host, "non-finite loss")
-            watch.check(run_dir, epoch, b, ids, host)
-            weights = strategy.batch_weights(ids, host)
-            loss = ranks.objective(per_case, partial(combine, weights=weights, alpha=config.alpha,
-                                                     norm=config.weight_norm), host, mine)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                if not math.isfinite(float(norm)):
-                    _diverged(run_dir, epoch, b, ids, host, "non-finite gradient")
-            optimizer.step()
-            n = len(ids)
-            # the same objective on the host copy: no extra device sync for logging
-            sum_loss += float(combine(torch.from_numpy(host).double(), weights, config.alpha, config.weight_norm)) * n
-            sum_mean += float(host.mean()) * n
-            n_samples += n
-            batches.set_postfix(loss=f"{sum_loss / n_samples:.4f}")
+        row = self.train_epoch(epoch)
         train_time = time.perf_counter() - t0
-
-        # -- fairness validation, refresh, selection --------------------------------------------
         next_epoch = epoch + 1
         # the schedule must not depend on `epochs`, or a run extended by resuming would differ from one
         # trained to the new length at once; a refresh after the final epoch is merely unused
-        refresh_due = strategy.should_refresh(next_epoch)
+        refresh_due = self.strategy.should_refresh(next_epoch)
         validate_now = refresh_due or next_epoch == config.epochs or next_epoch % config.val_every == 0
-        row: dict[str, Any] = {"epoch": next_epoch, "loss": sum_loss / max(n_samples, 1),
-                               "loss_mean": sum_mean / max(n_samples, 1), "lr": lr,
-                               "schedule_epochs": int(config.schedule_epochs)}
         t1 = time.perf_counter()
+        is_best = False
         if validate_now:
-            val_loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
-                                       pin_memory=cuda, pad_batch=False)
-            per_case_val = ranks.gather_frame(
-                validate(model, val_loader, device, spec.divisor, roi, config.sw_overlap, use_amp, config.score,
-                         batch_cases=_val_batch_cases(config)),
-                val_ids)
-            worst, worst_label = worst_group(per_case_val["dice"], val_groups, config.min_group_size)
-            mean_dice = float(per_case_val["dice"].mean())
-            selection = 0.5 * (mean_dice + (worst if not math.isnan(worst) else mean_dice))
-            row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
-                       val_score=float(per_case_val["score"].mean()), selection=selection)
-            val_records += [{"epoch": next_epoch, "patient_id": pid, **r}
-                            for pid, r in per_case_val.to_dict("index").items()]
+            per_case_val = self.validate(next_epoch, row)
             if refresh_due:
-                strategy.refresh(next_epoch, cohort.metadata.loc[val_ids], per_case_val["score"])
-            is_best = selection > best["selection"]
-            if is_best:
-                best = {"epoch": next_epoch, "selection": selection}
-                ranks.on_main(_atomic_save, {"format": CHECKPOINT_FORMAT, "epoch": next_epoch,
-                                             "selection": selection, "model": model.state_dict(),
-                                             "config": config.to_dict()}, run_dir / "best.pt")
+                self.refresh_weights(next_epoch, per_case_val)
+            is_best = self.select(next_epoch, row["selection"])
         else:
-            is_best = False
             row.update(val_dice=math.nan, val_worst_group_dice=math.nan, val_worst_group="",
                        val_score=math.nan, selection=math.nan)
-        w = strategy.weights.to_numpy()
+        w = self.strategy.weights.to_numpy()
         row.update(best=is_best, refreshed=refresh_due, weight_min=float(w.min()), weight_max=float(w.max()),
                    val_time_s=time.perf_counter() - t1, train_time_s=train_time,
                    time_s=time.perf_counter() - t0)
-        history.append(row)
+        self.history.append(row)
+        self.save(next_epoch)
+        return row
 
-        # -- persist: checkpoint first, then the tables rebuilt from it (rank 0; the ranks agree) --
-        ranks.check_same("weighting strategy state", strategy.state_dict())
-        ranks.on_main(_persist, run_dir, {
-            "format": CHECKPOINT_FORMAT, "epoch": next_epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "strategy": strategy.state_dict(), "rng": _rng_state(device),
-            "history": history, "val_records": val_records, "best": best, "config": config.to_dict(),
-        }, strategy.history)
-        epochs_bar.set_postfix(loss=f"{row['loss']:.4f}", val_dice=f"{row['val_dice']:.3f}")
-    return run_dir
+    # -- set up ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Everything before the first epoch: the run folder (locked), cohort, split, strategy, data, model."""
+        self._setup_run_folder()
+        self._setup_device()
+        self._setup_data()
+        self._setup_model()
+        if self.resuming:
+            self._load_checkpoint()
+
+    def _setup_run_folder(self) -> None:
+        config, ranks = self.config, self.ranks
+        config.validate()
+        config = ranks.on_main(resolve_config, config)  # rank 0 generates a missing synthetic cohort
+        run = self.run = RunFolder(config.run_dir())
+        self.cache_dir = run.cache_dir(config.cache_dir)
+        refuse_inside_data(config.data_root, out_dir=run.path, cache_dir=self.cache_dir)
+        ranks.on_main(run.acquire)  # one process owns the folder (rank 0 for all ranks under torchrun)
+        self._locked = True
+        planned = config.schedule_epochs
+        config = ranks.on_main(_resolve_schedule, config, run.path)  # before rank 0 rewrites config.yaml
+        self.resuming = ranks.on_main(_prepare_run_dir, run.path, config, self.resume, self.overwrite)
+        if not self.resuming and planned is None:  # a fresh start: its own epochs, whatever the folder held
+            config = dataclasses.replace(config, schedule_epochs=config.epochs)
+        if config.epochs > int(config.schedule_epochs):
+            warnings.warn(
+                f"epochs {config.epochs} > schedule_epochs {config.schedule_epochs}: the lr schedule of this "
+                f"run spans {config.schedule_epochs} epochs and epochs past it keep its final lr (recorded in "
+                "config.yaml and metrics.csv); to plan a longer schedule, start a run with schedule_epochs set",
+                stacklevel=4,
+            )
+        ranks.on_main(run.path.mkdir, parents=True, exist_ok=True)
+        self.config = config
+
+    def _setup_device(self) -> None:
+        config = self.config
+        self.device = resolve_device(self.device_name)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            torch.backends.cudnn.benchmark = not config.deterministic
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.use_amp = self.cuda and config.amp in ("auto", "bf16")
+        if config.amp == "bf16" and not self.cuda:
+            warnings.warn("amp: bf16 autocast is used on CUDA only; training in fp32 on CPU", stacklevel=4)
+        self.channels_last = self.cuda if config.channels_last is None else bool(config.channels_last)
+
+    def _setup_data(self) -> None:
+        """Cohort, split (the challenge test split is never loaded here), strategy and datasets."""
+        from divaware.cohort import load_cohort
+        from divaware.subgroups import attribute_table
+        from divaware.weighting import make_strategy
+
+        config, ranks, run = self.config, self.ranks, self.run
+        assert run is not None
+        # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
+        cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir))
+        check_patch_fits(config, cohort.geometry)
+        self.train_ids, self.val_ids, test_ids = self._split(cohort)
+        ranks.on_main(config.to_yaml, run.config)
+        seed_everything(config.seed)
+        self.strategy = make_strategy(config.strategy, **_strategy_kwargs(config, test_ids))
+        self.strategy.fit(cohort.metadata.loc[self.train_ids])
+        self.val_groups = attribute_table(cohort.metadata.loc[self.val_ids], list(config.attributes))
+        spec = self.spec = config.data_spec()
+        ds_args = {"cache": config.cache, "cache_dir": self.cache_dir, "spec": spec,
+                   "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
+                   "progress": config.progress}  # caching takes a while before the first epoch: show it
+        self.train_ds = D.make_dataset(D.make_records(cohort, self.train_ids, spec), D.train_transforms(spec),
+                                       **ds_args)
+        # each rank validates its own share of the cases; the scores are gathered in validate()
+        self.val_ds = D.make_dataset(D.make_records(cohort, ranks.shard(self.val_ids), spec),
+                                     D.eval_transforms(spec), **ds_args)
+
+    def _split(self, cohort: Any) -> tuple[list[str], list[str], list[str]]:
+        """(train, val, test) ids: splits.csv of a resumed run, else a fresh stratified split (written)."""
+        config, run = self.config, self.run
+        assert run is not None
+        challenge_train = [i for i in cohort.ids("train") if cohort.cases[i].mask_path is not None]
+        dropped = sorted(set(cohort.ids("train")) - set(challenge_train))
+        if dropped:
+            warnings.warn(f"{len(dropped)} training case(s) without expert mask left out: {dropped[:10]}",
+                          stacklevel=5)
+        test_ids = cohort.ids("test")
+        if self.resuming and run.splits.is_file():
+            splits = run.read_splits()
+        else:
+            splits = split_train_val(cohort.metadata, challenge_train, config.val_fraction, config.stratify,
+                                     config.seed)
+        train_ids = splits.loc[splits["split"] == "train", "patient_id"].tolist()
+        val_ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
+        leaked = sorted(set(train_ids + val_ids) & set(test_ids))
+        if leaked:
+            raise ValueError(f"split holds test-split cases {leaked[:10]}; the test split is for evaluation only")
+        if not self.resuming:
+            self.ranks.on_main(write_csv, run.splits, splits)
+        return train_ids, val_ids, test_ids
+
+    def _setup_model(self) -> None:
+        config = self.config
+        model = self.model = config.build_model().to(self.device)
+        if self.channels_last:
+            self.model = model = model.to(memory_format=torch.channels_last_3d)
+        self.optimizer = _make_optimizer(config, model.parameters())
+        self.loss_fn = make_loss(config.loss, **config.loss_params)
+
+    def _wrap_model(self) -> None:
+        """The module the training steps call: DDP on several ranks, compiled when asked (CUDA)."""
+        self.step_model: torch.nn.Module = self.ranks.wrap(self.model, self.device)
+        if self.config.compile:
+            if self.cuda:
+                self.step_model = torch.compile(self.step_model)  # type: ignore[assignment]
+            else:
+                warnings.warn("compile: torch.compile is used on CUDA only", stacklevel=4)
+
+    def _load_checkpoint(self) -> None:
+        assert self.run is not None
+        ckpt = load_checkpoint(self.run.path)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.strategy.load_state_dict(ckpt["strategy"])
+        self.history, self.val_records = list(ckpt["history"]), list(ckpt["val_records"])
+        self.best = dict(ckpt["best"])
+        self.start_epoch = int(ckpt["epoch"])
+        _set_rng_state(ckpt["rng"], self.device)
+
+    # -- train an epoch ---------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the training cases (0-based ``epoch``); the start of the epoch's metrics row."""
+        from tqdm.auto import tqdm
+
+        config, ranks = self.config, self.ranks
+        lr = _set_lr(self.optimizer, config, epoch)
+        loader = ranks.train_loader(self.train_ds, config.batch_size,
+                                    seed=_derived_seed(config.seed, "loader", epoch),
+                                    rank_seed=_derived_seed(config.seed, "loader", epoch, "rank", ranks.rank),
+                                    num_workers=config.num_workers, pin_memory=self.cuda,
+                                    pad_batch=self.spec.patch_size is None)
+        self.model.train()
+        sums = {"loss": 0.0, "mean": 0.0, "n": 0}
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
+                       disable=not (config.progress and ranks.is_main))
+        for b, batch in enumerate(batches, start=1):
+            self._train_step(epoch, b, batch, sums)
+            batches.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}")
+        n = max(sums["n"], 1)
+        return {"epoch": epoch + 1, "loss": sums["loss"] / n, "loss_mean": sums["mean"] / n, "lr": lr,
+                "schedule_epochs": int(config.schedule_epochs)}
+
+    def _train_step(self, epoch: int, b: int, batch: Any, sums: dict[str, Any]) -> None:
+        config, ranks, device, run = self.config, self.ranks, self.device, self.run
+        assert run is not None
+        ids = D.batch_ids(batch)
+        image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
+        label = batch[D.LABEL].as_subclass(torch.Tensor).to(device, non_blocking=True)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            logits = self.step_model(image)
+        per_case = self.loss_fn(logits, label)
+        host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
+        # the global batch over all ranks (this rank's alone in a single process): weights by id, and
+        # online strategies (GroupDRO's q) step on every rank's cases, identically on every rank
+        ids, host, mine = ranks.gather_losses(batch, ids, host)
+        if not np.isfinite(host).all():
+            _diverged(run.path, epoch, b, ids, host, "non-finite loss")
+        self.watch.check(run.path, epoch, b, ids, host)
+        weights = self.strategy.batch_weights(ids, host)
+        loss = ranks.objective(per_case, partial(combine, weights=weights, alpha=config.alpha,
+                                                 norm=config.weight_norm), host, mine)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            if not math.isfinite(float(norm)):
+                _diverged(run.path, epoch, b, ids, host, "non-finite gradient")
+        self.optimizer.step()
+        n = len(ids)
+        # the same objective on the host copy: no extra device sync for logging
+        sums["loss"] += float(combine(torch.from_numpy(host).double(), weights, config.alpha,
+                                      config.weight_norm)) * n
+        sums["mean"] += float(host.mean()) * n
+        sums["n"] += n
+
+    # -- validate, refresh, select, save --------------------------------------------------------------
+    def validate(self, epoch: int, row: dict[str, Any]) -> pd.DataFrame:
+        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank; fills ``row``."""
+        config, spec = self.config, self.spec
+        val_loader = D.make_loader(self.val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
+                                   pin_memory=self.cuda, pad_batch=False)
+        roi = None if spec.patch_size is None else list(spec.patch_size)
+        per_case_val = self.ranks.gather_frame(
+            validate(self.model, val_loader, self.device, spec.divisor, roi, config.sw_overlap, self.use_amp,
+                     config.score, batch_cases=_val_batch_cases(config)),
+            self.val_ids)
+        worst, worst_label = worst_group(per_case_val["dice"], self.val_groups, config.min_group_size)
+        mean_dice = float(per_case_val["dice"].mean())
+        row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
+                   val_score=float(per_case_val["score"].mean()), selection=selection_score(mean_dice, worst))
+        self.val_records += [{"epoch": epoch, "patient_id": pid, **r}
+                             for pid, r in per_case_val.to_dict("index").items()]
+        return per_case_val
+
+    def refresh_weights(self, epoch: int, per_case_val: pd.DataFrame) -> None:
+        """New training weights from the fairness-validation scores just measured."""
+        self.strategy.refresh(epoch, self.cohort.metadata.loc[self.val_ids], per_case_val["score"])
+
+    def select(self, epoch: int, selection: float) -> bool:
+        """Keep the model as best.pt when its selection criterion beats every earlier epoch's (ties: earlier)."""
+        if selection <= self.best["selection"]:
+            return False
+        assert self.run is not None
+        self.best = {"epoch": epoch, "selection": selection}
+        self.ranks.on_main(torch_save, self.run.best, {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "selection": selection,
+            "model": self.model.state_dict(), "config": self.config.to_dict()})
+        return True
+
+    def save(self, epoch: int) -> None:
+        """Checkpoint first, then the tables rebuilt from it (rank 0; the ranks agree)."""
+        assert self.run is not None
+        self.ranks.check_same("weighting strategy state", self.strategy.state_dict())
+        self.ranks.on_main(_persist, self.run, {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "strategy": self.strategy.state_dict(),
+            "rng": _rng_state(self.device), "history": self.history, "val_records": self.val_records,
+            "best": self.best, "config": self.config.to_dict(),
+        }, self.strategy.history)
+
+    def close(self) -> None:
+        """Release the run folder (also after an error)."""
+        if self._locked and self.run is not None and self.ranks.is_main:
+            self.run.release()
+        self._locked = False
 
 
-def _persist(run_dir: Path, checkpoint: dict[str, Any], weights_history: pd.DataFrame) -> None:
-    _atomic_save(checkpoint, run_dir / "last.pt")
-    _atomic_csv(pd.DataFrame(checkpoint["history"], columns=list(METRIC_COLUMNS)), run_dir / "metrics.csv")
-    _atomic_csv(weights_history, run_dir / "weights_history.csv")
+def selection_score(mean_dice: float, worst: float) -> float:
+    """The model-selection criterion: ½ (mean val Dice + worst-group val Dice), the mean alone when no
+    group qualifies; rewards accuracy and the worst subgroup alike."""
+    return 0.5 * (mean_dice + (worst if not math.isnan(worst) else mean_dice))
+
+
+def _persist(run: RunFolder, checkpoint: dict[str, Any], weights_history: pd.DataFrame) -> None:
+    torch_save(run.last, checkpoint)
+    write_csv(run.metrics, pd.DataFrame(checkpoint["history"], columns=list(METRIC_COLUMNS)))
+    write_csv(run.weights_history, weights_history)
     if checkpoint["val_records"]:
-        _atomic_csv(pd.DataFrame(checkpoint["val_records"]), run_dir / "val_scores.csv")
+        write_csv(run.val_scores, pd.DataFrame(checkpoint["val_records"]))
 
 
 def _diverged(run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses: np.ndarray, what: str) -> None:
-    last = run_dir / "last.pt"
+    last = RunFolder(run_dir).last
     kept = (f"the last good checkpoint {last} (epoch {_checkpoint_epoch(last)}) is kept" if last.is_file()
             else "no checkpoint was written yet")
     bad = [f"{pid}={v:.4g}" for pid, v in zip(ids, losses, strict=True)]
