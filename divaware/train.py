@@ -49,8 +49,9 @@ from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.metrics import worst_group
 from divaware.model import MODELS, build_model, check_model_kwargs, infer, network_divisor, segment
 
-# Names other modules and notebooks import from here; they now live where they belong.
-from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401, E402  (re-exported)
+# VOXEL_CACHE, DiskFullError, split_train_val and worst_group are re-exported: callers import them from here
+from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401
+from divaware.weighting import REFRESH_SCHEDULE
 
 METRIC_COLUMNS = (
     "epoch", "loss", "loss_mean", "lr", "schedule_epochs", "val_dice", "val_worst_group_dice", "val_worst_group",
@@ -125,9 +126,11 @@ class TrainConfig:
                                     "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
     strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware, "
                                    "oracle (synthetic cohorts only)")
-    strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support)")
-    warmup_epochs: int = _f(5, "epochs of plain training before the first weight refresh (refreshing strategies)")
-    update_every: int = _f(5, "epochs between weight refreshes after the warm-up")
+    strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support; "
+                                   "names are checked; defaults: divaware.weighting.DEFAULTS)")
+    warmup_epochs: int = _f(REFRESH_SCHEDULE["warmup_epochs"], "epochs of plain training before the first weight "
+                            "refresh (refreshing strategies; default: divaware.weighting.REFRESH_SCHEDULE)")
+    update_every: int = _f(REFRESH_SCHEDULE["update_every"], "epochs between weight refreshes after the warm-up")
     score: str = _f("dice", "per-case validation score given to the strategy: dice, or challenge "
                             "(= (Dice + 1 - NormHD) / 2)")
     # -- optimisation --------------------------------------------------------------------------------

@@ -69,11 +69,29 @@ __all__ = [
     "OracleWeighting",
     "make_strategy",
     "normalise_weights",
+    "DEFAULTS",
+    "REFRESH_SCHEDULE",
+    "check_strategy_params",
 ]
 
 HISTORY_COLUMNS: tuple[str, ...] = ("refresh", "epoch", "patient_id", "weight", "worst_itemset", "divergence")
 
 _STATE_VERSION = 1
+
+# -- every strategy's defaults, in one place ----------------------------------------------------------------
+# The classes' signatures, TrainConfig, notebook 03 and the configs all take them from here; a config that
+# deliberately differs says so in a comment.
+REFRESH_SCHEDULE: dict[str, int] = {"warmup_epochs": 6, "update_every": 3}
+"""The refresh schedule of the refreshing strategies (and TrainConfig's default): 6 epochs of plain training
+(early Dice is uninformative), then a refresh every 3 epochs (the main job's schedule)."""
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "group_dro": {"eta": 0.01},
+    "paper": {**REFRESH_SCHEDULE, "min_support": 0.05},
+    "divaware": {**REFRESH_SCHEDULE, "tau": 0.05, "w_min": 0.2, "w_max": 5.0, "min_support": 0.05},
+    "oracle": {"warmup_epochs": REFRESH_SCHEDULE["warmup_epochs"], "w_min": 0.2, "w_max": 5.0},
+}
+"""Strategy name -> its tunable parameters' defaults (the values the class uses when not given)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,7 +190,8 @@ class WeightingStrategy:
     """Common machinery: ids, lookup by id, weights, history, state.
 
     Subclasses set ``name`` and implement :meth:`_fit`; refreshing strategies override
-    :meth:`should_refresh` and :meth:`_refresh`; online ones override :meth:`_batch`.
+    :meth:`should_refresh` and :meth:`refresh` (the divergence-based ones only ``_weights_from``, the map
+    from case divergences to weights); online ones override :meth:`_batch`.
     """
 
     name: ClassVar[str] = ""
@@ -460,7 +479,7 @@ class GroupDROWeighting(WeightingStrategy):
     def __init__(
         self,
         *,
-        eta: float = 0.01,
+        eta: float = DEFAULTS["group_dro"]["eta"],
         adjustment: float = 0.0,
         attributes: Sequence[str] | None = None,
         bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
@@ -640,7 +659,8 @@ class PaperWeighting(_DivergenceStrategy):
     2. **Unmatched cases do not out-weigh matched ones.** Published: matched cases got |Δ| (mostly
        0.01–0.03) while cases in no divergent itemset kept 1.0, inverting the intent. Here unmatched cases
        get the smallest matched |Δ|, and all weights are then scaled to mean 1 over the training set
-       (scaling does not change Σwℓ/Σw).
+       (the objective's weighted term is Σwℓ/B, so the weights' scale matters: mean 1 keeps it the size
+       of the plain loss; see the module docstring).
     3. **The empty itemset cannot zero weights.** Published: the empty itemset (Δ = 0, matching everyone)
        could be a case's "worst" itemset and set its weight to 0 — for every case when no itemset was
        negative. Here the empty itemset is never an itemset, only Δ < 0 matches, every weight is > 0, and
@@ -659,9 +679,9 @@ class PaperWeighting(_DivergenceStrategy):
     def __init__(
         self,
         *,
-        warmup_epochs: int = 5,
-        update_every: int = 5,
-        min_support: float = 0.05,
+        warmup_epochs: int = DEFAULTS["paper"]["warmup_epochs"],
+        update_every: int = DEFAULTS["paper"]["update_every"],
+        min_support: float = DEFAULTS["paper"]["min_support"],
         max_length: int | None = 3,
         t_min: float = 0.0,
         attributes: Sequence[str] | None = None,
@@ -686,8 +706,9 @@ class PaperWeighting(_DivergenceStrategy):
 class DivawareWeighting(_DivergenceStrategy):
     """Our default: an exponential tilt towards cases in underperforming subgroups.
 
-    With d_i ≤ 0 the case's divergence (most negative Δ among the validation itemsets it belongs to, with
-    |t| ≥ ``t_min``; 0 if none), the fresh weights are
+    With d_i ≤ 0 the case's divergence (most negative Δ among the *discoveries* of the false-alarm control
+    below that contain it, i.e. validation itemsets that pass the FDR step and |t| ≥ ``t_min``; 0 if none),
+    the fresh weights are
 
         w_i ∝ exp(−d_i / τ),   scaled to mean 1 over the training set, clipped to [w_min, w_max]
 
@@ -719,9 +740,10 @@ class DivawareWeighting(_DivergenceStrategy):
 
     Defaults: τ = 0.05 (Δ of a few hundredths of Dice, typical in the paper, gives a visible tilt),
     clip [0.2, 5] (no case ignored, none dominating), ``fdr`` 0.05 with ``min_count`` 5 and no t filter
-    (``t_min`` 0; the FDR step replaces the former t_min 2), min_support 0.02 and max_length 3 (small
-    intersections are the point; see DESIGN.md on support), warm-up 5 epochs (early Dice is uninformative),
-    refresh every 5 epochs.
+    (``t_min`` 0; the FDR step replaces the former t_min 2), min_support 0.05 and max_length 3 (small
+    intersections are the point; see DESIGN.md on support), warm-up 6 epochs (early Dice is uninformative),
+    refresh every 3 epochs: :data:`DEFAULTS` (the main job's values; before, the class used min_support
+    0.02 and 5/5 while notebook 03 used 0.05 and 6/3).
 
     Note: a case that shares only a marginal with a strongly divergent intersection (``age_group=0-40``
     for ``age_group=0-40 ∧ breast_density=d``) inherits that marginal's, smaller, divergence.
@@ -732,13 +754,13 @@ class DivawareWeighting(_DivergenceStrategy):
     def __init__(
         self,
         *,
-        tau: float = 0.05,
-        w_min: float = 0.2,
-        w_max: float = 5.0,
+        tau: float = DEFAULTS["divaware"]["tau"],
+        w_min: float = DEFAULTS["divaware"]["w_min"],
+        w_max: float = DEFAULTS["divaware"]["w_max"],
         smoothing: float = 0.0,
-        warmup_epochs: int = 5,
-        update_every: int = 5,
-        min_support: float = 0.02,
+        warmup_epochs: int = DEFAULTS["divaware"]["warmup_epochs"],
+        update_every: int = DEFAULTS["divaware"]["update_every"],
+        min_support: float = DEFAULTS["divaware"]["min_support"],
         max_length: int | None = 3,
         t_min: float = 0.0,
         fdr: float | None = 0.05,
@@ -799,9 +821,9 @@ class OracleWeighting(WeightingStrategy):
         data_root: str | None = None,
         hard_ids: Iterable[str] | None = None,
         ratio: float | None = None,
-        w_min: float = 0.2,
-        w_max: float = 5.0,
-        warmup_epochs: int = 5,
+        w_min: float = DEFAULTS["oracle"]["w_min"],
+        w_max: float = DEFAULTS["oracle"]["w_max"],
+        warmup_epochs: int = DEFAULTS["oracle"]["warmup_epochs"],
     ) -> None:
         super().__init__(attributes=())
         if (data_root is None) == (hard_ids is None):
@@ -859,6 +881,22 @@ STRATEGIES: dict[str, type[WeightingStrategy]] = {
     for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting,
                 OracleWeighting)
 }
+
+
+def check_strategy_params(name: str, params: Mapping[str, Any]) -> None:
+    """A one-line ValueError naming the first key of ``params`` that strategy ``name`` does not take
+    (checked by name against its constructor, before any data is read)."""
+    import difflib
+    import inspect
+
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown weighting strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    accepted = [p for p in inspect.signature(STRATEGIES[name].__init__).parameters if p != "self"]
+    for key in params:
+        if key not in accepted:
+            close = difflib.get_close_matches(str(key), accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key!r} is not a parameter of strategy {name!r}{hint}; valid: {', '.join(accepted)}")
 
 
 def make_strategy(name: str, **params: Any) -> WeightingStrategy:
