@@ -31,12 +31,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from _common import markdown_table, markers, rewrite_section
 from scipy import stats
 
 from divaware import evaluate as ev
 from divaware import metrics
 from divaware.experiment import HELDOUT_SPLIT, HELDOUT_TAG
 from divaware.plots import save_figure
+from divaware.runfolder import RunFolder
 from divaware.synthetic import read_truth
 
 ATTRIBUTES = ("age_group", "menopause", "breast_density")
@@ -44,7 +46,7 @@ ORDER = ("erm", "inverse_frequency", "group_dro", "paper", "divaware", "oracle")
 FULL_SEEDS = 5  # the issue's bar: >= 5 seeds per strategy
 BAR_GAIN, BAR_COST, BAR_FRACTION, NULL_GAIN = 0.05, 0.01, 0.5, 0.02
 README = Path(__file__).resolve().parents[1] / "README.md"
-README_BEGIN, README_END = "<!-- experiment:begin -->", "<!-- experiment:end -->"
+README_BEGIN, README_END = markers("experiment")
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float]:
@@ -64,10 +66,7 @@ def fmt(mean: float, half: float = math.nan, signed: bool = False) -> str:
     return s if math.isnan(half) else f"{s} ± {half:.4f}"
 
 
-def markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
+markdown = markdown_table
 
 
 def load_mechanism(folder: Path) -> dict[str, Any]:
@@ -88,7 +87,7 @@ def load_mechanism(folder: Path) -> dict[str, Any]:
     if len(roots) != 1:
         raise SystemExit(f"runs under {folder} were evaluated on different held-out cohorts: {sorted(roots)}")
     truth = read_truth(next(iter(roots)))
-    config = yaml.safe_load((folder / "runs" / table["run"].iloc[0] / "config.yaml").read_text())
+    config = RunFolder(folder / "runs" / table["run"].iloc[0]).read_config()
     return {"folder": folder, "plan": plan, "table": table, "cases": cases, "truth": truth, "config": config,
             "heldout_root": next(iter(roots)), "weights": training_weights(folder / "runs", table)}
 
@@ -104,11 +103,11 @@ def training_weights(runs: Path, table: pd.DataFrame) -> pd.DataFrame:
     """
     rows, truths = [], {}  # every run of a mechanism trains on the same cohort: read its truth once
     for r in table.itertuples():
-        path = runs / r.run / "weights_history.csv"
-        if not path.is_file():
+        run = RunFolder(runs / r.run)
+        if not run.weights_history.is_file():
             continue
-        history = pd.read_csv(path, dtype={"patient_id": str})
-        config = yaml.safe_load((runs / r.run / "config.yaml").read_text())
+        history = run.read_weights_history()
+        config = run.read_config()
         try:
             root = config.get("data_root") or ""
             if root not in truths:
@@ -441,11 +440,7 @@ def readme_section(mechs: Sequence[dict[str, Any]], results: Sequence[dict[str, 
 
 
 def rewrite_readme(readme: Path, text: str) -> None:
-    content = readme.read_text()
-    if content.count(README_BEGIN) != 1 or content.count(README_END) != 1:
-        raise SystemExit(f"{readme} must hold exactly one {README_BEGIN} ... {README_END} section")
-    head, rest = content.split(README_BEGIN, 1)
-    readme.write_text(head + text + rest.split(README_END, 1)[1])
+    rewrite_section(readme, "experiment", text.strip().removeprefix(README_BEGIN).removesuffix(README_END))
 
 
 if __name__ == "__main__":

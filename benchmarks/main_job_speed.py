@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
 import torch
 
@@ -47,8 +48,7 @@ NETWORKS = {"before": ((16, 32, 64, 128), 2), "after": ((8, 16, 32, 64), 0)}
 CHANNELS = NETWORKS["before"][0]  # the loading measurement does not depend on the network
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = _common.log
 
 
 def make_net(which: str) -> torch.nn.Module:
@@ -198,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loading-cases", type=int, default=48, help="cases of the loading measurement (0: skip)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
+    _common.add_force_argument(p)
     args = p.parse_args(argv)
     if args.worker is not None:
         worker(args.worker, args.thread_steps)
         return 0
+    # the load before measuring (the busy-process measurement loads the machine on purpose): refuse or label
+    label = _common.load_label(args.force)
 
     began = time.perf_counter()
     load_start = runtime.load_average()
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['slowdown']:.2f} |" for r in threads]
     lines += ["", "(On a machine that is already busy, \"alone\" means: with the load named above, without the "
               "extra process.)", ""]
-    args.out.write_text("\n".join(lines))
+    args.out.write_text(_common.labelled("\n".join(lines), label))
     print("\n".join(lines))
     log(f"wrote {args.out}")
     return 0

@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _common import markers, rewrite_section
+
 from divaware.runtime import describe_machine
 
-BEGIN, END = "<!-- timings:begin -->", "<!-- timings:end -->"
-RESULTS_BEGIN, RESULTS_END = "<!-- results:begin -->", "<!-- results:end -->"
+BEGIN, END = markers("timings")
+RESULTS_BEGIN, RESULTS_END = markers("results")
 # fairness.json attribute -> (label in the table, key in challenge.json's groups)
 ATTRIBUTE_NAMES = {"age_group": ("age", "age"), "menopause": ("menopause", "menopause"),
                    "breast_density": ("density", "breast_density")}
@@ -114,13 +116,10 @@ def results_section(record: dict[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def rewrite(readme: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    content = readme.read_text()
-    if content.count(begin) != 1 or content.count(end) != 1 or content.index(begin) > content.index(end):
-        raise SystemExit(f"{readme} must hold exactly one {begin} ... {end} section")
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + text + tail)
+def rewrite(readme: Path, text: str, key: str = "timings") -> None:
+    """Replace the README section ``key`` by ``text`` (which carries the section's markers)."""
+    begin, end = markers(key)
+    rewrite_section(readme, key, text.strip().removeprefix(begin).removesuffix(end))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text + "\n\n" + results)
     else:
         rewrite(args.readme, text)
-        rewrite(args.readme, results, RESULTS_BEGIN, RESULTS_END)
+        rewrite(args.readme, results, "results")
         print(f"rewrote the timings and results sections of {args.readme}")
     return 0
 

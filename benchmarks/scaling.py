@@ -25,15 +25,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _common
 import pandas as pd
 import torch
 import yaml
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS_HEADER = ("# Training throughput\n\nWritten by `benchmarks/train_throughput.py` and `benchmarks/scaling.py`; "
+                  "one section per device and mode.\n")
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def log(msg: str) -> None:
-    print(f"[scaling] {msg}", flush=True)
+    _common.log(msg, "scaling")
 
 
 def load() -> str:
@@ -152,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("ddp", "sweep"), default=None)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of each DDP measurement run")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    _common.add_force_argument(parser)
     args = parser.parse_args(argv)
+    # the load before measuring (the runs load the machine themselves): refuse, or label the table
+    label = "" if args.no_write else _common.load_label(args.force)
     command = "python benchmarks/scaling.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     with tempfile.TemporaryDirectory(prefix="divaware_scaling_") as tmp:
         work = Path(tmp)
@@ -161,11 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     text = report(ddp, sweep, command)
     print("\n" + text + "\n", flush=True)
     if not args.no_write:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from train_throughput import section
-
         key = "scaling-cuda" if torch.cuda.is_available() else "scaling-cpu"
-        section(key + (f"-{args.only}" if args.only else ""), text)
+        _common.rewrite_section(RESULTS, key + (f"-{args.only}" if args.only else ""),
+                                _common.labelled(text, label), header=RESULTS_HEADER)
         log("wrote benchmarks/RESULTS.md")
     return 0
 

@@ -32,7 +32,6 @@ import datetime as dt
 import math
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import _common
 import nibabel as nib
 import numpy as np
 import torch
@@ -51,6 +51,8 @@ from divaware.losses import make_loss
 from divaware.model import build_model
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+RESULTS_HEADER = ("# Training throughput\n\nWritten by `benchmarks/train_throughput.py` and `benchmarks/scaling.py`; "
+                  "one section per device and mode.\n")
 
 
 @dataclass
@@ -63,8 +65,7 @@ class Setup:
     compile: bool = False
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = _common.log
 
 
 def device_name(device: torch.device) -> str:
@@ -235,14 +236,9 @@ def loader_stall(volume: tuple[int, int, int], patch: tuple[int, int, int], devi
 # ----------------------------------------------------------------------------------------------------
 
 
-def section(key: str, text: str) -> None:
-    begin, end = f"<!-- {key} -->", f"<!-- /{key} -->"
-    old = RESULTS.read_text() if RESULTS.is_file() else (
-        "# Training throughput\n\nWritten by `benchmarks/train_throughput.py`; one section per device and mode.\n")
-    block = f"{begin}\n{text.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(new)
+def section(key: str, text: str, label: str = "") -> None:
+    """Replace (or add) section ``key`` of RESULTS.md, labelled when taken under load."""
+    _common.rewrite_section(RESULTS, key, _common.labelled(text, label), header=RESULTS_HEADER)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,12 +252,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=270.0,
                         help="skip torch.compile when this many seconds would be exceeded")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
+    _common.add_force_argument(parser)
     parser.add_argument("--no-ddp", action="store_true",
                         help="skip the DDP path (divaware train under torchrun against plain; GPU only here, "
                              "benchmarks/scaling.py measures it on CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; use 1 on a shared, busy machine)")
     args = parser.parse_args(argv)
+    # the load before measuring (the benchmark's own workers load the machine): refuse or label
+    label = "" if args.no_write else _common.load_label(args.force)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -307,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         f"stall {100 * stall['stall']:.0f} %")
     meta = {"name": name, "small": small, "cuda": cuda, "workers": workers, "volume": volume, "patch": patch,
             "command": command}
-    report(rows, stall, meta, time.perf_counter() - start, write=not args.no_write)
+    report(rows, stall, meta, time.perf_counter() - start, write=not args.no_write, label=label)
     # compilation last: the slowest part, and the other numbers are already on disk if it overruns
     if cuda and not args.no_compile:
         if time.perf_counter() - start > args.budget_s - 180:
             log("skipping ours+compile: not enough of the time budget left")
         else:
             run(Setup("ours+compile", patch, 4, bf16=True, channels_last=True, compile=True))
-            report(rows, stall, meta, time.perf_counter() - start, write=not args.no_write)
+            report(rows, stall, meta, time.perf_counter() - start, write=not args.no_write, label=label)
     if cuda and not args.no_ddp:
         # the training engine end to end: plain `divaware train` against torchrun with 1 rank per GPU
         from scaling import ddp_throughput
@@ -326,12 +325,12 @@ def main(argv: list[str] | None = None) -> int:
         text = scaling_report(ddp, None, command)
         print("\n" + text + "\n", flush=True)
         if not args.no_write:
-            section("scaling-cuda-ddp", text)
+            section("scaling-cuda-ddp", text, label)
     return 0
 
 
 def report(rows: list[tuple[Setup, dict[str, Any]]], stall: dict[str, Any], meta: dict[str, Any], total: float,
-           write: bool) -> None:
+           write: bool, label: str = "") -> None:
     mode = "small" if meta["small"] else "full"
     key = f"{'cuda' if meta['cuda'] else 'cpu'}-{mode}"
     base = rows[0][1]["mvox_s"]
@@ -372,7 +371,7 @@ def report(rows: list[tuple[Setup, dict[str, Any]]], stall: dict[str, Any], meta
     text = "\n".join(lines)
     print("\n" + text + "\n", flush=True)
     if write:
-        section(key, text)
+        section(key, text, label)
         log(f"wrote {RESULTS}")
 
 
