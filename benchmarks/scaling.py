@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import _common
-import pandas as pd
 import torch
 import yaml
+
+from divaware.runfolder import RunFolder
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_HEADER = ("# Training throughput\n\nWritten by `benchmarks/train_throughput.py` and `benchmarks/scaling.py`; "
@@ -60,7 +61,7 @@ def train_config(data_root: Path, out: Path, epochs: int, cuda: bool) -> dict[st
 
 
 def _samples_per_s(run: Path, n_train: int) -> float:
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = RunFolder(run).read_metrics()
     return n_train / float(metrics["train_time_s"].iloc[-1])
 
 
@@ -86,7 +87,7 @@ def ddp_throughput(work: Path, epochs: int = 3, cases: int = 60) -> list[dict[st
         start = time.perf_counter()
         subprocess.run(cmd, check=True, env=env, cwd=work, capture_output=True)
         wall = time.perf_counter() - start
-        n_train = int((pd.read_csv(out / "splits.csv")["split"] == "train").sum())
+        n_train = len(RunFolder(out).split_ids("train"))
         rows.append({"setup": label if nproc == 0 else f"torchrun, {nproc} rank(s)", "ranks": max(nproc, 1),
                      "samples_s": _samples_per_s(out, n_train), "wall_s": wall, "load": f"{before} -> {load()}"})
     base = rows[0]["samples_s"]
