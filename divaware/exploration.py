@@ -88,3 +88,63 @@ def enhancement_curves(stats: pd.DataFrame, metadata: pd.DataFrame, by: str) -> 
             for group, value in means.items():
                 records.append({by: group, "phase": phase, "region": region, "enhancement": value})
     return pd.DataFrame(records).dropna()
+
+
+# ------------------------------------------------------------------------------------------------
+# the disparity mechanisms on one patient (notebook 01, synthetic cohorts)
+# ------------------------------------------------------------------------------------------------
+
+
+def lookalike_voxels(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Voxels outside the tumour that look like it at phase 2: as bright as the tumour's median there and
+    still rising (>= 1.5x phase 1). ``image`` holds phases 0, 1, 2 first (channel axis 0)."""
+    return ~mask & (image[2] >= np.median(image[2][mask])) & (image[2] >= 1.5 * np.maximum(image[1], 1))
+
+
+def mechanism_illustration(disparities: Sequence[str] | None = None, n_cases: int = 12, seed: int = 0
+                           ) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """One hard patient rendered under each disparity mechanism: ``{disparity: (patient_id, image, mask)}``.
+
+    Each mechanism gets a small synthetic cohort (``n_cases``, ``seed``; written to a temporary folder and
+    deleted); ``image`` stacks phases 0, 1, 2 and the phase 2 − phase 1 difference, ``mask`` is the expert
+    mask (the same patient and mask under every mechanism).
+    """
+    import tempfile
+    from pathlib import Path
+
+    from divaware.synthetic import DISPARITIES, make_cohort, read_truth
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for disparity in DISPARITIES if disparities is None else disparities:
+            root = make_cohort(Path(tmp) / disparity, n_cases=n_cases, seed=seed, disparity=disparity)
+            truth = read_truth(root)
+            pid = truth.index[truth["hard_subgroup"]][0]  # the cohort's hard case (seed 0 has one)
+            phases = [read_canonical(root / "images" / pid / f"{pid.lower()}_{k:04d}.nii.gz")[0] for k in range(3)]
+            mask = read_canonical(root / "segmentations" / "expert" / f"{pid}.nii.gz")[0] > 0
+            out[disparity] = (pid, np.stack(phases + [phases[2] - phases[1]]), mask)
+    return out
+
+
+def illustration_rows(illustration: dict[str, tuple[str, np.ndarray, np.ndarray]]
+                      ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], int]:
+    """Gallery rows ``(title, image, mask)``: each mechanism through the tumour's centre, plus
+    ``representation`` on the slice with the most look-alike voxels (third row); also that slice."""
+    pid, rep_img, rep_mask = illustration["representation"]
+    z = int(lookalike_voxels(rep_img, rep_mask).sum(axis=(0, 1)).argmax())
+    rows = [(f"{d} ({pid})", img, mask) for d, (_, img, mask) in illustration.items()]
+    rows.insert(2, (f"representation, slice {z}", rep_img[..., z], rep_mask[..., z]))
+    return rows, z
+
+
+def illustration_summary(illustration: dict[str, tuple[str, np.ndarray, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per mechanism: the tumour's relative enhancement at phase 1 (lower where part of it enhances like
+    parenchyma) and the number of look-alike voxels."""
+    summary = {}
+    for d, (_, img, mask) in illustration.items():
+        p0, p1 = img[0], img[1]
+        summary[d] = {
+            "tumour enhancement, phase 1": float(np.mean((p1[mask] - p0[mask]) / np.maximum(p0[mask], 1))),
+            "look-alike voxels": int(lookalike_voxels(img, mask).sum()),
+        }
+    return summary

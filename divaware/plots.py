@@ -140,6 +140,11 @@ def plot_divergent_itemsets(
 ) -> Figure:
     """The ``top`` most divergent itemsets as horizontal bars of Δ, red where |t| ≥ ``t_threshold``.
 
+    The colour is a reading aid only: it is not the rule the ``divaware`` strategy acts on, which counts
+    an itemset only when it survives the Benjamini–Hochberg false-discovery control (its ``q`` column ≤
+    ``fdr``; see :class:`divaware.weighting.DivawareWeighting`). |t| ≥ 2 alone flags itemsets in most
+    analyses of pure noise.
+
     ``which``: ``"negative"`` (most negative Δ: the subgroups the model fails), ``"positive"`` or
     ``"absolute"`` (largest |Δ|). Labels carry the itemset's case count.
     """

@@ -11,6 +11,7 @@ A training run writes one folder (``TrainConfig.out_dir``)::
         last.pt                everything needed to resume exactly (written after every epoch)
         best.pt                the model with the best fairness-validation selection criterion
         run.lock               present while a process trains the run (owner pid, host, since when)
+        results.json           notebook 03's summary of the run
         cache/                 preprocessed cases and voxel-check results, unless ``cache_dir`` is set
         evaluation_<split>[_<checkpoint>][_<tag>]/   evaluations (divaware.evaluate)
         predictions_<split>[_<checkpoint>]/          predictions written by divaware.predict by default
@@ -173,6 +174,7 @@ class RunFolder:
     LAST = "last.pt"
     BEST = "best.pt"
     LOCK = "run.lock"
+    NOTEBOOK_RESULTS = "results.json"  # notebook 03's summary of the run (divaware.train.run_summary)
     CACHE = "cache"
     CHECKPOINTS = ("best", "last")
     # written by training; an overwrite removes them (evaluations and the cache are kept)
@@ -217,6 +219,10 @@ class RunFolder:
     @property
     def best(self) -> Path:
         return self.path / self.BEST
+
+    @property
+    def notebook_results(self) -> Path:
+        return self.path / self.NOTEBOOK_RESULTS
 
     @property
     def lock_file(self) -> Path:
@@ -295,8 +301,10 @@ class RunFolder:
     def read_val_scores(self) -> pd.DataFrame:
         return pd.read_csv(self.val_scores, dtype={"patient_id": str})
 
-    def read_weights_history(self) -> pd.DataFrame:
-        return pd.read_csv(self.weights_history, dtype={"patient_id": str})
+    def read_weights_history(self, **read_csv: Any) -> pd.DataFrame:
+        """weights_history.csv (``read_csv`` keywords passed on; patient_id always read as text)."""
+        dtype = {"patient_id": str, **read_csv.pop("dtype", {})}
+        return pd.read_csv(self.weights_history, dtype=dtype, **read_csv)
 
     @classmethod
     def find(cls, root: str | Path) -> list[RunFolder]:

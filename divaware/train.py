@@ -1039,3 +1039,47 @@ def _diverged(run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses:
         f"{what} at epoch {epoch + 1}, batch {batch} (patient_ids {', '.join(bad)}); {kept}. "
         "Check those cases' images, lower lr, or turn amp off, then resume"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the notebook series' runs (notebooks 02 and 03)
+# ------------------------------------------------------------------------------------------------
+
+
+def method_config(method: str, *, data_root: str | Path, out_dir: str | Path, alpha: float = 0.5, epochs: int = 20,
+                  seed: int = 0, batch_size: int = 4, lr: float = 1e-3, channels: Sequence[int] = (16, 32, 64, 128),
+                  num_res_units: int = 2, warmup_epochs: int | None = None, update_every: int | None = None,
+                  tau: float | None = None, w_max: float | None = None, min_support: float | None = None,
+                  eta: float | None = None, cpu_threads: int = 0, progress: bool = False) -> TrainConfig:
+    """The config of one method of the notebook series: a UNet with ``channels`` (stride 2 between levels),
+    ``alpha`` 1 for ``erm``, and only the method's own parameters (divaware: tau, w_max, min_support; paper:
+    min_support; group_dro: eta). ``None`` takes the default of :data:`divaware.weighting.DEFAULTS` (and
+    the schedule of ``REFRESH_SCHEDULE``), written out so config.yaml shows every value used."""
+    from divaware.weighting import DEFAULTS
+
+    given = {"tau": tau, "w_max": w_max, "min_support": min_support, "eta": eta}
+    own = {"divaware": ("tau", "w_max", "min_support"), "paper": ("min_support",), "group_dro": ("eta",)}
+    strategy_params = {k: DEFAULTS[method][k] if given[k] is None else given[k] for k in own.get(method, ())}
+    return TrainConfig(
+        data_root=str(data_root), strategy=method, strategy_params=strategy_params,
+        alpha=1.0 if method == "erm" else alpha, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
+        channels=list(channels), strides=[2] * (len(channels) - 1), num_res_units=num_res_units,
+        warmup_epochs=REFRESH_SCHEDULE["warmup_epochs"] if warmup_epochs is None else warmup_epochs,
+        update_every=REFRESH_SCHEDULE["update_every"] if update_every is None else update_every,
+        out_dir=str(out_dir), progress=progress, cpu_threads=cpu_threads,
+    )
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    """What a run's metrics.csv says in a few numbers: method, alpha, epochs, final validation Dice and
+    worst-group Dice, the epoch best.pt holds, training minutes and the weight refreshes training used."""
+    run = RunFolder(run_dir)
+    config, log = run.read_config(), run.read_metrics()
+    final = log.iloc[-1]
+    best = log.loc[log["selection"].idxmax()] if log["selection"].notna().any() else final
+    return {"method": config.get("strategy"), "alpha": config.get("alpha"), "epochs": int(final["epoch"]),
+            "final_val_dice": float(final["val_dice"]),
+            "final_val_worst_group_dice": float(final["val_worst_group_dice"]),
+            "best_epoch": int(best["epoch"]), "train_minutes": float(log["time_s"].sum() / 60),
+            # weight refreshes training used (a refresh after the last epoch is computed but never used)
+            "refreshes": int(log["refreshed"].astype(bool).iloc[:-1].sum())}
