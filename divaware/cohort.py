@@ -776,9 +776,30 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
     if len(paths) < 3:
         problems.append(f"{pid}: only {len(paths)} phases (the real cases have at least 3)")
 
+    mask_path, mask_header = _case_mask(pid, index, require_masks, shape0, affine0, reasons)
+    if reasons:
+        return reasons
+
+    geo: dict[str, Any] = {
+        "n_phases": len(paths), "nx": shape0[0], "ny": shape0[1], "nz": shape0[2],
+        "spacing_x": zooms0[0], "spacing_y": zooms0[1], "spacing_z": zooms0[2], "dtype": headers[0].dtype,
+    }
+    if check_voxels:
+        checked = _cached_voxel_check(pid, paths, mask_path, headers, mask_header, index, voxel_cache)
+        problems.extend(f"{pid}: {p}" for p in checked["problems"])
+        if checked["reasons"]:
+            return list(checked["reasons"])
+        geo.update(checked["geometry"])
+
+    return Case(pid, paths, mask_path, _case_info(pid, index, shape0, problems)), geo
+
+
+def _case_mask(pid: str, index: _Index, require_masks: bool, shape0: tuple[int, ...], affine0: np.ndarray,
+               reasons: list[str]) -> tuple[Path | None, _Header | None]:
+    """The case's expert mask and its header (None when absent); what makes it unusable goes to ``reasons``."""
     mask_path: Path | None = None
     mask_header: _Header | None = None
-    masks = index.masks.get(key, [])
+    masks = index.masks.get(pid.upper(), [])
     if len(masks) > 1:
         reasons.append(f"several expert masks match ({_few(index.rel(p) for p in masks)}); keep one")
     elif not masks:
@@ -800,22 +821,13 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
             reasons.append(f"mask {index.rel(mask_path)} has a different affine from the images "
                            f"({_affine_diff(mask_header.affine, affine0)}); the mask must be on the image grid "
                            "(copy the image's affine if only the header is wrong, else resample it)")
-    if reasons:
-        return reasons
+    return mask_path, mask_header
 
-    geo: dict[str, Any] = {
-        "n_phases": len(paths), "nx": shape0[0], "ny": shape0[1], "nz": shape0[2],
-        "spacing_x": zooms0[0], "spacing_y": zooms0[1], "spacing_z": zooms0[2], "dtype": headers[0].dtype,
-    }
-    if check_voxels:
-        checked = _cached_voxel_check(pid, paths, mask_path, headers, mask_header, index, voxel_cache)
-        problems.extend(f"{pid}: {p}" for p in checked["problems"])
-        if checked["reasons"]:
-            return list(checked["reasons"])
-        geo.update(checked["geometry"])
 
+def _case_info(pid: str, index: _Index, shape: tuple[int, ...], problems: list[str]) -> dict:
+    """The case's patient-info JSON ({} when absent or unreadable, with a problem noted)."""
     info: dict = {}
-    info_path = index.info.get(key)
+    info_path = index.info.get(pid.upper())
     if info_path is None:
         if index.has_info:  # a missing folder is reported once, not per case
             problems.append(f"{pid}: no patient_info_files/{pid.lower()}.json; info = {{}}")
@@ -828,10 +840,10 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
         except Exception as err:
             problems.append(f"{pid}: cannot read {index.rel(info_path)} ({type(err).__name__}: {err}); info = {{}}")
         else:
-            box_problem = _breast_box_problem(info, shape0)
+            box_problem = _breast_box_problem(info, shape)
             if box_problem:
                 problems.append(f"{pid}: {index.rel(info_path)}: {box_problem}")
-    return Case(pid, paths, mask_path, info), geo
+    return info
 
 
 # --------------------------------------------------------------------------------------------------

@@ -469,6 +469,37 @@ def _ensure_predictions(run_dir: Path, data_root: Path, out: Path, ids: Sequence
     return pred_dir
 
 
+def _evaluation_ids(cohort: Cohort, run_dir: Path, root: Path, split: str | None,
+                    patient_ids: Sequence[str] | None) -> list[str]:
+    """The cases to score: the split's, restricted to ``patient_ids``; all must have an expert mask."""
+    ids = _split_ids(cohort, run_dir, split)
+    if patient_ids is not None:
+        wanted = [str(i) for i in patient_ids]
+        outside = sorted(set(wanted) - set(ids))
+        if outside:
+            raise ValueError(f"patient_ids {M._few(outside)} are not in split {_split_name(split)!r}")
+        ids = wanted
+    if not ids:
+        raise ValueError(f"split {_split_name(split)!r} of {root} has no cases to evaluate")
+    no_mask = [i for i in ids if i in cohort.cases and cohort.cases[i].mask_path is None]
+    if no_mask:
+        raise ValueError(f"case(s) {M._few(no_mask)} have no expert segmentation and cannot be evaluated; "
+                         "restrict the cases with patient_ids=")
+    return ids
+
+
+def _write_report(out: Path, per_case: pd.DataFrame, per_group: pd.DataFrame, challenge: dict[str, Any],
+                  fairness: dict[str, Any], divergent: pd.DataFrame, settings: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
+    _write_atomic(out / FILES["per_case"], per_case.to_csv())
+    _write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
+    _write_json(out / FILES["challenge"], challenge)
+    _write_json(out / FILES["fairness"], fairness)
+    _write_atomic(out / FILES["divergent"], _divergent_to_csv(divergent))
+    _write_json(out / FILES["manifest"], settings)  # written last: its presence marks a complete report
+
+
 def evaluate(
     run_dir: str | Path,
     data_root: str | Path | None = None,
@@ -525,19 +556,7 @@ def evaluate(
     # in a warning and never scored.
     run = RunFolder(run_dir)  # a bare prediction folder gets no cache written into it
     cohort = load_cohort(root, voxel_cache=run.voxel_cache() if run.is_run() else None)
-    ids = _split_ids(cohort, run_dir, split)
-    if patient_ids is not None:
-        wanted = [str(i) for i in patient_ids]
-        outside = sorted(set(wanted) - set(ids))
-        if outside:
-            raise ValueError(f"patient_ids {M._few(outside)} are not in split {_split_name(split)!r}")
-        ids = wanted
-    if not ids:
-        raise ValueError(f"split {_split_name(split)!r} of {root} has no cases to evaluate")
-    no_mask = [i for i in ids if i in cohort.cases and cohort.cases[i].mask_path is None]
-    if no_mask:
-        raise ValueError(f"case(s) {M._few(no_mask)} have no expert segmentation and cannot be evaluated; "
-                         "restrict the cases with patient_ids=")
+    ids = _evaluation_ids(cohort, run_dir, root, split, patient_ids)
 
     if predictions is None:
         pred_dir = _ensure_predictions(run_dir, root, out, ids, checkpoint, repredict, verbose, predict_kwargs)
@@ -561,15 +580,7 @@ def evaluate(
         "min_support": min_support, "min_group_size": min_group_size,
         "fairness_groups": "the challenge's groups (unknown menopause a group; unknown age, density left out)",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
-    _write_atomic(out / FILES["per_case"], per_case.to_csv())
-    _write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
-    _write_json(out / FILES["challenge"], challenge)
-    _write_json(out / FILES["fairness"], fairness)
-    _write_atomic(out / FILES["divergent"], _divergent_to_csv(divergent))
-    _write_json(out / FILES["manifest"], settings)
-
+    _write_report(out, per_case, per_group, challenge, fairness, divergent, settings)
     result = EvaluationResult(
         run_dir=run_dir, split=_split_name(split), checkpoint=checkpoint, out_dir=out, predictions=pred_dir,
         per_case=per_case, per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,

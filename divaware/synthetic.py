@@ -359,6 +359,37 @@ def _apply_disparity(plan: pd.DataFrame, seed: int, disparity: str) -> pd.DataFr
     return plan
 
 
+def _plan_geometry(col: _Collection, rng: np.random.Generator, preset: str) -> tuple[Any, ...]:
+    """The case's grid and target tumour volume: (shape, spacing, view, bilateral, rows, cols, slices,
+    tumour_ml); draws from ``rng`` in the order the case plan always has."""
+    if preset == "default":
+        inplane, thick = col.default_spacing
+        inplane = round(inplane * float(rng.uniform(0.96, 1.04)), 4)
+        shape = DEFAULT_SHAPE  # written array (canonical x=LR, y=AP, z=SI)
+        spacing = (inplane, inplane, thick)
+        view, bilateral = "axial", False
+        rows, cols, slices = shape[1], shape[0], shape[2]
+        tumour_ml = float(np.clip(5.0 * col.tumour_scale * math.exp(rng.normal(0, 0.7)), 1.2, 35.0))
+    else:
+        size = int(_choice(rng, col.real_inplane))
+        pixel = round(float(rng.uniform(*col.real_pixel)), 4)
+        thick = float(col.real_thickness[int(rng.integers(len(col.real_thickness)))])
+        if col.view == "axial":
+            # slices cover ~150-200 mm superior-inferior
+            slices = int(np.clip(round(rng.uniform(150, 200) / thick), *col.real_slices))
+            slices = int(np.clip(slices, 44, 256))
+            shape = (size, size, slices)
+            spacing = (pixel, pixel, thick)
+        else:
+            slices = int(rng.integers(col.real_slices[0], col.real_slices[1] + 1))
+            shape = (size, size, slices)  # written array: (AP, SI, LR slices)
+            spacing = (pixel, pixel, thick)
+        view, bilateral = col.view, col.bilateral
+        rows, cols = size, size
+        tumour_ml = float(np.clip(11.0 * col.tumour_scale * math.exp(rng.normal(0, 1.05)), 0.5, 150.0))
+    return shape, spacing, view, bilateral, rows, cols, slices, tumour_ml
+
+
 def _plan_case(pid: str, col: _Collection, site: dict[str, Any], rng: np.random.Generator, preset: str,
                missingness: str) -> dict[str, Any]:
     age = float(np.clip(np.round(rng.normal(*col.age)), 23, 89))
@@ -387,31 +418,7 @@ def _plan_case(pid: str, col: _Collection, site: dict[str, Any], rng: np.random.
     step = float(rng.uniform(*col.interval))
     times = [0] + [int(round(t1 + i * step)) for i in range(n_phases - 1)]
 
-    if preset == "default":
-        inplane, thick = col.default_spacing
-        inplane = round(inplane * float(rng.uniform(0.96, 1.04)), 4)
-        shape = DEFAULT_SHAPE  # written array (canonical x=LR, y=AP, z=SI)
-        spacing = (inplane, inplane, thick)
-        view, bilateral = "axial", False
-        rows, cols, slices = shape[1], shape[0], shape[2]
-        tumour_ml = float(np.clip(5.0 * col.tumour_scale * math.exp(rng.normal(0, 0.7)), 1.2, 35.0))
-    else:
-        size = int(_choice(rng, col.real_inplane))
-        pixel = round(float(rng.uniform(*col.real_pixel)), 4)
-        thick = float(col.real_thickness[int(rng.integers(len(col.real_thickness)))])
-        if col.view == "axial":
-            # slices cover ~150-200 mm superior-inferior
-            slices = int(np.clip(round(rng.uniform(150, 200) / thick), *col.real_slices))
-            slices = int(np.clip(slices, 44, 256))
-            shape = (size, size, slices)
-            spacing = (pixel, pixel, thick)
-        else:
-            slices = int(rng.integers(col.real_slices[0], col.real_slices[1] + 1))
-            shape = (size, size, slices)  # written array: (AP, SI, LR slices)
-            spacing = (pixel, pixel, thick)
-        view, bilateral = col.view, col.bilateral
-        rows, cols = size, size
-        tumour_ml = float(np.clip(11.0 * col.tumour_scale * math.exp(rng.normal(0, 1.05)), 0.5, 150.0))
+    shape, spacing, view, bilateral, rows, cols, slices, tumour_ml = _plan_geometry(col, rng, preset)
 
     hr_pos = rng.random() < 0.6
     her2 = int(rng.random() < 0.25)
@@ -635,6 +642,130 @@ def _kinetics(case: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
+def _fibroglandular(case: dict[str, Any], q_breast: list[np.ndarray], Y: np.ndarray, y_cw: np.ndarray,
+                    breast: np.ndarray, shape: tuple[int, ...], sp: np.ndarray, fine: np.ndarray,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """FGT fraction map (textured strands thresholded to the density's volume fraction) and the texture."""
+    lo, hi = _FGT_FRACTION[case["density_true"]]
+    target = float(rng.uniform(lo, hi))
+    texture = _smooth_noise(rng, shape, fine)
+    # FGT strands run from the nipple towards the chest wall: texture elongated along AP, two scales.
+    strands = (0.6 * _smooth_noise(rng, shape, np.array([2.5, 6.0, 2.5]) / sp)
+               + 0.4 * _smooth_noise(rng, shape, np.array([6.0, 12.0, 6.0]) / sp))
+    fgt = np.zeros(shape, np.float32)
+    for q in q_breast:
+        inside = q < 1.0
+        eligible = (q < 0.88) & (Y - y_cw > 5.0)
+        if eligible.sum() < 10:
+            continue
+        score = strands + 2.0 * (1.0 - q)
+        thr = np.quantile(score[eligible], max(0.0, 1.0 - target * inside.sum() / eligible.sum()))
+        fgt = np.maximum(fgt, np.where(eligible, np.clip((score - thr) / 0.35 + 0.5, 0, 1), 0.0))
+    fgt = (fgt * breast).astype(np.float32)
+    return fgt, texture
+
+
+def _place_tumour(case: dict[str, Any], breasts: list[tuple[float, ...]], q_breast: list[np.ndarray],
+                  fgt: np.ndarray, breast: np.ndarray, grid: _Grid, rng: np.random.Generator
+                  ) -> tuple[Any, float, np.ndarray, int]:
+    """The tumour blob, its radius, its fraction map (inside the breast) and the breast it lies in."""
+    shape = grid.shape
+    r_t = (3.0 * case["tumour_ml_target"] * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    b_idx = int(rng.integers(len(breasts)))
+    qb = q_breast[b_idx]
+    margin = min(0.8, max(0.3, 1.0 - 1.2 * r_t / min(breasts[b_idx][1:])))
+    cand = np.argwhere((qb < margin) & (fgt > 0.3))
+    if len(cand) < 5:
+        cand = np.argwhere(qb < margin)
+    if len(cand) == 0:
+        cand = np.argwhere(qb < 1.0)
+    if len(cand) == 0:
+        cand = np.argwhere(np.ones(shape, bool))
+    centre = (cand[int(rng.integers(len(cand)))] + 0.5) * np.array(grid.spacing)
+    tumour = _make_blob(rng, centre, r_t, int(rng.integers(2, 5)), 0.12)
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    frac, sl = _blob_fraction(tumour, grid, r_t)
+    for _ in range(3):  # rescale towards the target volume (lobes overlap, the breast clips)
+        vol = float((frac * breast[sl]).sum()) * voxel_ml if frac.size else 0.0
+        if vol <= 0 or abs(vol / case["tumour_ml_target"] - 1) < 0.08:
+            break
+        s = float(np.clip((case["tumour_ml_target"] / vol) ** (1 / 3), 0.6, 1.6))
+        tumour, r_t = tumour.scaled(s), r_t * s
+        frac, sl = _blob_fraction(tumour, grid, r_t)
+    tum = np.zeros(shape, np.float32)
+    if frac.size:
+        tum[sl] = frac
+    tum *= breast
+    return tumour, r_t, tum, b_idx
+
+
+def _place_foci(case: dict[str, Any], fgt: np.ndarray, tumour_centre: np.ndarray, r_t: float,
+                breast: np.ndarray, tum: np.ndarray, grid: _Grid, rng: np.random.Generator
+                ) -> tuple[np.ndarray, int]:
+    """BPE foci fraction map and how many were placed."""
+    shape = grid.shape
+    foci = np.zeros(shape, np.float32)
+    fgt_pts = np.argwhere(fgt > 0.6)
+    placed = 0
+    for _ in range(case["n_foci"] * 4):
+        if placed >= case["n_foci"] or len(fgt_pts) == 0:
+            break
+        c = (fgt_pts[int(rng.integers(len(fgt_pts)))] + 0.5) * np.array(grid.spacing)
+        if np.linalg.norm(c - tumour_centre) < r_t + 10.0:
+            continue
+        r = float(rng.uniform(4.0, 9.0))  # 0.3-3 ml: the size of small tumours
+        fb, fsl = _blob_fraction(_make_blob(rng, c, r, 2, 0.1), grid, r)
+        if fb.size:
+            foci[fsl] = np.maximum(foci[fsl], fb)
+        placed += 1
+    foci = np.minimum(foci * breast, np.clip(breast - tum, 0, 1))
+    return foci, placed
+
+
+def _vessels(breasts: list[tuple[float, ...]], y_cw0: float, zc: float,
+             coords: tuple[np.ndarray, np.ndarray, np.ndarray], breast: np.ndarray, grid: _Grid,
+             rng: np.random.Generator) -> np.ndarray:
+    """Vessel fraction map: 1-3 straight vessels per breast from the chest wall towards the nipple."""
+    X, Y, Z = coords
+    shape = grid.shape
+    vessel = np.zeros(shape, np.float32)
+    for xc, rx, ry, rz in breasts:
+        for _ in range(int(rng.integers(1, 4))):
+            p0 = np.array([xc + rng.uniform(-0.6, 0.6) * rx, y_cw0 + 3.0, zc + rng.uniform(-0.6, 0.6) * rz])
+            p1 = np.array([xc + rng.uniform(-0.3, 0.3) * rx, y_cw0 + 0.8 * ry, zc + rng.uniform(-0.3, 0.3) * rz])
+            d = p1 - p0
+            t = np.clip(((X - p0[0]) * d[0] + (Y - p0[1]) * d[1] + (Z - p0[2]) * d[2]) / (d @ d), 0, 1)
+            dist = np.sqrt((X - p0[0] - t * d[0]) ** 2 + (Y - p0[1] - t * d[1]) ** 2 + (Z - p0[2] - t * d[2]) ** 2)
+            vessel = np.maximum(vessel, _soft(rng.uniform(1.2, 2.0) - dist, grid.voxel))
+    vessel *= breast
+    return vessel
+
+
+def _intensities(case: dict[str, Any], tissues: dict[str, np.ndarray], texture: np.ndarray, fine: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The pre-contrast image and the components that enhance, from the tissue fraction maps."""
+    fat, fgt, foci, hidden, tum = (tissues[k] for k in ("fat", "fgt", "foci", "hidden", "tumour"))
+    vessel, skin, muscle, thorax = (tissues[k] for k in ("vessel", "skin", "muscle", "thorax"))
+    shape = fat.shape
+    fs = bool(case["fat_suppressed"])
+    s0 = {"fat": 0.30 if fs else 0.95, "fgt": 0.62 if fs else 0.50, "tumour": 0.50, "vessel": 0.40,
+          "skin": 0.55, "muscle": 0.45, "thorax": 0.22}
+    tex = 1.0 + 0.06 * texture
+    thorax_tex = np.clip(1.0 + 0.5 * _smooth_noise(rng, shape, fine * 2), 0.2, 2.0)
+    # The hidden part of a tumour (intrinsic mechanism; zero otherwise) looks and enhances like parenchyma.
+    seen = tum - hidden
+    pre = (fat * s0["fat"] * tex + (fgt + foci + hidden) * s0["fgt"] * tex + seen * s0["tumour"]
+           + vessel * s0["vessel"] + skin * s0["skin"] + muscle * s0["muscle"] + thorax * s0["thorax"] * thorax_tex)
+    components = {
+        "tumour": seen * s0["tumour"],
+        "bpe": (fgt + hidden) * s0["fgt"],
+        "foci": foci * s0["fgt"],
+        "vessel": vessel * s0["vessel"],
+        "background": (muscle * s0["muscle"] + skin * s0["skin"] + thorax * s0["thorax"] * 0.3),
+    }
+    return pre, components
+
+
 def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[str, Any]:
     """Tissue fraction maps and intensity components on ``grid`` (canonical orientation)."""
     X, Y, Z = grid.coords()
@@ -690,101 +821,26 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
     thorax = np.clip(body - muscle, 0, 1)
 
     # Fibroglandular tissue: textured field + central prior, thresholded to the density's volume fraction.
-    lo, hi = _FGT_FRACTION[case["density_true"]]
-    target = float(rng.uniform(lo, hi))
-    texture = _smooth_noise(rng, shape, fine)
-    # FGT strands run from the nipple towards the chest wall: texture elongated along AP, two scales.
-    strands = (0.6 * _smooth_noise(rng, shape, np.array([2.5, 6.0, 2.5]) / sp)
-               + 0.4 * _smooth_noise(rng, shape, np.array([6.0, 12.0, 6.0]) / sp))
-    fgt = np.zeros(shape, np.float32)
-    for q in q_breast:
-        inside = q < 1.0
-        eligible = (q < 0.88) & (Y - y_cw > 5.0)
-        if eligible.sum() < 10:
-            continue
-        score = strands + 2.0 * (1.0 - q)
-        thr = np.quantile(score[eligible], max(0.0, 1.0 - target * inside.sum() / eligible.sum()))
-        fgt = np.maximum(fgt, np.where(eligible, np.clip((score - thr) / 0.35 + 0.5, 0, 1), 0.0))
-    fgt = (fgt * breast).astype(np.float32)
+    fgt, texture = _fibroglandular(case, q_breast, Y, y_cw, breast, shape, sp, fine, rng)
 
     # Tumour: inside one breast, preferably in FGT, away from skin and chest wall.
-    r_t = (3.0 * case["tumour_ml_target"] * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
-    b_idx = int(rng.integers(len(breasts)))
-    qb = q_breast[b_idx]
-    margin = min(0.8, max(0.3, 1.0 - 1.2 * r_t / min(breasts[b_idx][1:])))
-    cand = np.argwhere((qb < margin) & (fgt > 0.3))
-    if len(cand) < 5:
-        cand = np.argwhere(qb < margin)
-    if len(cand) == 0:
-        cand = np.argwhere(qb < 1.0)
-    if len(cand) == 0:
-        cand = np.argwhere(np.ones(shape, bool))
-    centre = (cand[int(rng.integers(len(cand)))] + 0.5) * np.array(grid.spacing)
-    tumour = _make_blob(rng, centre, r_t, int(rng.integers(2, 5)), 0.12)
+    tumour, r_t, tum, b_idx = _place_tumour(case, breasts, q_breast, fgt, breast, grid, rng)
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    frac, sl = _blob_fraction(tumour, grid, r_t)
-    for _ in range(3):  # rescale towards the target volume (lobes overlap, the breast clips)
-        vol = float((frac * breast[sl]).sum()) * voxel_ml if frac.size else 0.0
-        if vol <= 0 or abs(vol / case["tumour_ml_target"] - 1) < 0.08:
-            break
-        s = float(np.clip((case["tumour_ml_target"] / vol) ** (1 / 3), 0.6, 1.6))
-        tumour, r_t = tumour.scaled(s), r_t * s
-        frac, sl = _blob_fraction(tumour, grid, r_t)
-    tum = np.zeros(shape, np.float32)
-    if frac.size:
-        tum[sl] = frac
-    tum *= breast
     hidden = _hidden_part(case, tum, tumour.centres[0], (X, Y, Z), grid, rng)
 
     # BPE foci: small lobulated blobs in FGT, away from the tumour.
-    foci = np.zeros(shape, np.float32)
-    fgt_pts = np.argwhere(fgt > 0.6)
-    placed = 0
-    for _ in range(case["n_foci"] * 4):
-        if placed >= case["n_foci"] or len(fgt_pts) == 0:
-            break
-        c = (fgt_pts[int(rng.integers(len(fgt_pts)))] + 0.5) * np.array(grid.spacing)
-        if np.linalg.norm(c - tumour.centres[0]) < r_t + 10.0:
-            continue
-        r = float(rng.uniform(4.0, 9.0))  # 0.3-3 ml: the size of small tumours
-        fb, fsl = _blob_fraction(_make_blob(rng, c, r, 2, 0.1), grid, r)
-        if fb.size:
-            foci[fsl] = np.maximum(foci[fsl], fb)
-        placed += 1
-    foci = np.minimum(foci * breast, np.clip(breast - tum, 0, 1))
+    foci, placed = _place_foci(case, fgt, tumour.centres[0], r_t, breast, tum, grid, rng)
 
     # A few vessels running from the chest wall towards the nipple (fast, strong enhancement everywhere).
-    vessel = np.zeros(shape, np.float32)
-    for xc, rx, ry, rz in breasts:
-        for _ in range(int(rng.integers(1, 4))):
-            p0 = np.array([xc + rng.uniform(-0.6, 0.6) * rx, y_cw0 + 3.0, zc + rng.uniform(-0.6, 0.6) * rz])
-            p1 = np.array([xc + rng.uniform(-0.3, 0.3) * rx, y_cw0 + 0.8 * ry, zc + rng.uniform(-0.3, 0.3) * rz])
-            d = p1 - p0
-            t = np.clip(((X - p0[0]) * d[0] + (Y - p0[1]) * d[1] + (Z - p0[2]) * d[2]) / (d @ d), 0, 1)
-            dist = np.sqrt((X - p0[0] - t * d[0]) ** 2 + (Y - p0[1] - t * d[1]) ** 2 + (Z - p0[2] - t * d[2]) ** 2)
-            vessel = np.maximum(vessel, _soft(rng.uniform(1.2, 2.0) - dist, grid.voxel))
-    vessel *= breast
+    vessel = _vessels(breasts, y_cw0, zc, (X, Y, Z), breast, grid, rng)
 
     fgt = np.clip(fgt - tum - foci, 0, 1)
     vessel = np.minimum(vessel, np.clip(breast - tum - fgt - foci, 0, 1))
     fat = np.clip(breast - tum - fgt - foci - vessel - skin, 0, 1)
 
-    fs = bool(case["fat_suppressed"])
-    s0 = {"fat": 0.30 if fs else 0.95, "fgt": 0.62 if fs else 0.50, "tumour": 0.50, "vessel": 0.40,
-          "skin": 0.55, "muscle": 0.45, "thorax": 0.22}
-    tex = 1.0 + 0.06 * texture
-    thorax_tex = np.clip(1.0 + 0.5 * _smooth_noise(rng, shape, fine * 2), 0.2, 2.0)
-    # The hidden part of a tumour (intrinsic mechanism; zero otherwise) looks and enhances like parenchyma.
-    seen = tum - hidden
-    pre = (fat * s0["fat"] * tex + (fgt + foci + hidden) * s0["fgt"] * tex + seen * s0["tumour"]
-           + vessel * s0["vessel"] + skin * s0["skin"] + muscle * s0["muscle"] + thorax * s0["thorax"] * thorax_tex)
-    components = {
-        "tumour": seen * s0["tumour"],
-        "bpe": (fgt + hidden) * s0["fgt"],
-        "foci": foci * s0["fgt"],
-        "vessel": vessel * s0["vessel"],
-        "background": (muscle * s0["muscle"] + skin * s0["skin"] + thorax * s0["thorax"] * 0.3),
-    }
+    tissues = {"fat": fat, "fgt": fgt, "foci": foci, "hidden": hidden, "tumour": tum, "vessel": vessel,
+               "skin": skin, "muscle": muscle, "thorax": thorax}
+    pre, components = _intensities(case, tissues, texture, fine, rng)
     # Smooth multiplicative bias (coil sensitivity): random low-frequency field plus an AP gradient.
     g = rng.standard_normal(3)
     ramp = (g[0] * X / L[0] + g[1] * Y / L[1] + g[2] * Z / L[2]).astype(np.float32)

@@ -158,6 +158,50 @@ def explorer_attributes(metadata: pd.DataFrame, extra: Sequence[str] = ()) -> li
     return offered + [c for c in extra if c in metadata.columns and c not in offered]
 
 
+def _itemset_members(metadata: pd.DataFrame, ids: pd.Index, items: Sequence[str]) -> list[str]:
+    """The cases of ``ids`` in the itemset ``items`` (``attribute=value`` strings)."""
+    mask = pd.Series(True, index=ids)
+    for item in items:
+        name, value = item.split("=", 1)
+        mask &= metadata.loc[ids, name].astype(str) == value
+    return list(mask[mask].index)
+
+
+def _prediction_file(predictions: str | Path | Callable[[str], str | Path | None] | None, pid: str) -> Path | None:
+    if predictions is None:
+        return None
+    path = Path(predictions(pid)) if callable(predictions) else Path(predictions) / f"{pid}.nii.gz"
+    return path if path.is_file() else None
+
+
+def _explorer_controls(candidates: Sequence[str], attributes: Sequence[str], min_support: float,
+                       metrics: Sequence[str]) -> tuple[Any, Any, Any, Any, Any]:
+    """The explorer's controls: attributes, min support, metric, itemset, case."""
+    import ipywidgets as w
+
+    attrs = w.SelectMultiple(options=candidates, value=tuple(a for a in attributes if a in candidates),
+                             description="attributes", rows=min(8, len(candidates)))
+    support = w.FloatLogSlider(value=min_support, base=10, min=-3, max=-0.5, step=0.1, description="min support",
+                               readout_format=".3f")
+    metric = w.Dropdown(options=list(metrics), description="metric")
+    itemset = w.Select(description="itemset", rows=8, layout=w.Layout(width="60%"))
+    case_pick = w.Dropdown(description="case")
+    return attrs, support, metric, itemset, case_pick
+
+
+def _explorer_box(attrs: Any, support: Any, metric: Any, itemset: Any, case_pick: Any, table_out: Any,
+                  case_out: Any, viewer_out: Any, state: dict[str, Any]) -> Any:
+    """The explorer's layout, with its controls and outputs exposed as ``controls`` (and its ``state``)."""
+    import ipywidgets as w
+
+    box = w.VBox([w.HBox([attrs, w.VBox([support, metric])]), table_out, itemset, case_out, case_pick,
+                  viewer_out])
+    box.controls = {"attributes": attrs, "min_support": support, "metric": metric, "itemset": itemset,
+                    "case": case_pick, "table": table_out, "members": case_out, "viewer": viewer_out}
+    box.state = state
+    return box
+
+
 def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[str, Case] | None = None,
                       attributes: Sequence[str] = ("age_group", "menopause", "breast_density"),
                       min_support: float = 0.05, max_length: int = 3, interactive: bool = True,
@@ -187,28 +231,10 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
     import ipywidgets as w
     from IPython.display import display
 
-    attrs = w.SelectMultiple(options=candidates, value=tuple(a for a in attributes if a in candidates),
-                             description="attributes", rows=min(8, len(candidates)))
-    support = w.FloatLogSlider(value=min_support, base=10, min=-3, max=-0.5, step=0.1, description="min support",
-                               readout_format=".3f")
-    metric = w.Dropdown(options=list(scores.columns), description="metric")
-    itemset = w.Select(description="itemset", rows=8, layout=w.Layout(width="60%"))
-    case_pick = w.Dropdown(description="case")
+    attrs, support, metric, itemset, case_pick = _explorer_controls(candidates, attributes, min_support,
+                                                                    list(scores.columns))
     table_out, case_out, viewer_out = w.Output(), w.Output(), w.Output()
     state: dict[str, Any] = {"result": pd.DataFrame(), "members": []}
-
-    def members(items: Sequence[str]) -> list[str]:
-        mask = pd.Series(True, index=scores.index)
-        for item in items:
-            name, value = item.split("=", 1)
-            mask &= metadata.loc[scores.index, name].astype(str) == value
-        return list(mask[mask].index)
-
-    def prediction_of(pid: str) -> Path | None:
-        if predictions is None:
-            return None
-        path = Path(predictions(pid)) if callable(predictions) else Path(predictions) / f"{pid}.nii.gz"
-        return path if path.is_file() else None
 
     def show_members(*_: Any) -> None:
         if state.get("busy"):
@@ -218,7 +244,7 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
         if label is None or label not in set(result["label"]):
             ids: list[str] = []
         else:
-            ids = members(result.loc[result["label"] == label, "items"].iloc[0])
+            ids = _itemset_members(metadata, scores.index, result.loc[result["label"] == label, "items"].iloc[0])
         state["members"] = ids
         with case_out:
             case_out.clear_output(wait=True)
@@ -263,7 +289,7 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
                 viewer_out.clear_output()
             return
         pid = case_pick.value
-        pred = prediction_of(pid)
+        pred = _prediction_file(predictions, pid)
         with viewer_out:
             viewer_out.clear_output(wait=True)
             display(slice_viewer(cases[pid], {"prediction": pred} if pred is not None else None,
@@ -273,10 +299,6 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
         control.observe(rerun, names="value")
     itemset.observe(show_members, names="value")
     case_pick.observe(open_case, names="value")
-    box = w.VBox([w.HBox([attrs, w.VBox([support, metric])]), table_out, itemset, case_out, case_pick,
-                  viewer_out])
-    box.controls = {"attributes": attrs, "min_support": support, "metric": metric, "itemset": itemset,
-                    "case": case_pick, "table": table_out, "members": case_out, "viewer": viewer_out}
-    box.state = state
+    box = _explorer_box(attrs, support, metric, itemset, case_pick, table_out, case_out, viewer_out, state)
     rerun()
     return box
