@@ -581,7 +581,7 @@ def test_lookalike_cohort_counterfactual_and_dose_control_files(tmp_path: Path) 
             differ = img[look][k] != img[cf][k]
             assert differ[lesion].mean() > 0.9 and not differ[~near].any()
 
-        def kept(root: Path, region: np.ndarray, p: str = p) -> float:
+        def kept(root: Path, region: np.ndarray, img: dict[Path, list[np.ndarray]] = img) -> float:
             ph = img[root]
             return float((ph[2][region] - ph[0][region]).mean() / (ph[1][region] - ph[0][region]).mean())
 
