@@ -14,6 +14,7 @@ Layout written (exactly the real one, see DESIGN.md)::
     <root>/clinical_and_imaging_info.xlsx              # sheet "dataset_info", the 49 real columns + breast_density
     <root>/train_test_splits.csv                       # train_split, test_split (NaN-padded)
     <root>/synthetic_truth.csv                         # latent factors per case; not part of MAMA-MIA
+    <root>/synthetic_truth/lesions/ISPY2_123456.nii.gz # look-alike mechanisms: each hard case's lesion labels
 
 Causal story (every disparity comes from image content; the mask is the tumour geometry and is never
 altered per subgroup):
@@ -72,13 +73,36 @@ model trained on the majority already rejects: ERM's gap was 0.04. Measured on t
 800-case held-out cohort: ERM's hard-vs-rest gap 0.079, of which even the oracle closes only 22 %, so it is a
 weak positive control; see benchmarks/EXPERIMENT.md.)
 
+``lookalike`` (the positive control): the hard subgroup's BPE is brought down to the level of other dense
+premenopausal women (no extra diffuse BPE, so its parenchyma no longer hides tumours), and each hard case holds
+4 + Poisson(3) look-alike lesions (radius 4-9 mm, centred in parenchyma, never touching the tumour) that match
+the tumour -- pre-contrast signal and enhancement -- at phases 0-1 and lose 50-70 % of their enhancement by
+phase 2, where tumours lose <= 30 %. The cue is in the phases the model sees, and only ~13 % of the cases carry
+it. The rest's images are the ``default`` cohort's, byte for byte. ``lookalike_weak`` (the dose control) has the
+same lesions with a 30-45 % drop. ``counterfactual=True`` renders the same patients with the same seed without
+drawing the lesions: every file of a case without lesions is identical, a hard case differs only inside (and
+within partial volume of) its lesions. ``synthetic_truth.csv`` records ``n_lesions``, ``lesion_radii_mm`` and
+``counterfactual``; ``synthetic_truth/lesions/<ID>.nii.gz`` labels each hard case's lesions 1..n (also in the
+counterfactual cohort: where they would be), so an evaluation can count false positives inside them.
+(A prototype outside the package: 2 + Poisson(2) lesions cost ERM 0.065 hard-group Dice, of which the oracle
+recovered 40 %; 4 + Poisson(3), used here, 0.123 and 53 %.)
+
 ``intrinsic``: no foci anywhere; instead 35-55 % of every hard-subgroup tumour (a cap cut by a random plane)
 does not enhance as tumour: it has the look and the kinetics of the surrounding parenchyma (ambiguous
 borders). The expert mask still covers the whole tumour, and nothing in the image tells where that part
 ends, so no weighting can recover it. A negative control.
 
-Mechanism-specific draws use their own random streams, so every mechanism has the same patients, scanners
-and tumour geometry; only the foci and the tumour's appearance differ.
+Mechanisms are small objects (:class:`Mechanism` and its subclasses, :data:`MECHANISMS`); the scene is built in
+named pieces (breast shape, body, parenchyma, tumour, foci, lesions, vessels, composition). Mechanism-specific
+draws use their own random streams, so every mechanism has the same patients, scanners and tumour geometry;
+only the foci, lesions and the tumour's appearance differ. ``default``, ``representation`` and ``intrinsic``
+cohorts are byte-identical to those of the generator before that split (tests/synthetic_hashes.json).
+
+Other options: ``hard_fraction`` (e.g. 0.5) draws a cohort of the same size whose hard subgroup is that share of
+the cases -- more distinct hard patients from a larger cohort of the same generator (the ``balanced`` data
+ceiling); ``tumour_appearance`` ``necrotic`` or ``rim`` gives the hard subgroup's tumours a non-enhancing
+(darker) core or a weakly, slowly enhancing core under an enhancing rim (25-45 % of the tumour, its deepest
+voxels); the expert mask still covers the whole tumour.
 
 Missingness
 -----------
