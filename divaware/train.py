@@ -85,7 +85,8 @@ class TrainConfig:
     synthetic_seed: int = _f(0, "seed of the synthetic cohort")
     synthetic_preset: str = _f("default", "preset of the synthetic cohort")
     synthetic_disparity: str = _f("default", "what makes the synthetic hard subgroup hard: default, "
-                                             "representation (learnable) or intrinsic (irreducible)")
+                                             "representation, intrinsic (irreducible), lookalike (learnable) "
+                                             "or lookalike_weak (its dose control)")
     synthetic_counterfactual: bool = _f(False, "look-alike mechanisms: the same patients rendered without their "
                                                "lesions (the counterfactual cohort)")
     synthetic_hard_fraction: float | None = _f(None, "share of hard-subgroup cases in the synthetic cohort (more "
