@@ -636,6 +636,11 @@ def test_cli_synth_counterfactual_and_hard_fraction(tmp_path: Path, capsys: pyte
     assert "lookalike counterfactual disparity" in capsys.readouterr().out
     truth = read_truth(tmp_path / "c")
     assert truth["hard_subgroup"].sum() == 5 and truth["counterfactual"].all() and (truth["n_lesions"] >= 0).all()
+    assert main(["synth", "--out", str(tmp_path / "n"), "--n-cases", "10", "--hard-fraction", "0.3",
+                 "--tumour-appearance", "necrotic"]) == 0
+    capsys.readouterr()
+    truth = read_truth(tmp_path / "n")
+    assert set(truth.loc[truth["hard_subgroup"], "tumour_appearance"]) == {"necrotic"} and truth["hard_subgroup"].sum() == 3
     assert main(["synth", "--out", str(tmp_path / "d"), "--n-cases", "3", "--disparity", "intrinsic",
                  "--counterfactual"]) == 2
     assert "counterfactual applies to look-alike mechanisms" in capsys.readouterr().err
