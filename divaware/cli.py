@@ -294,7 +294,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see divaware.experiment)")
     p.add_argument("--out", required=True, help="experiment folder, e.g. runs/experiment/representation")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (one process per seed)")
-    p.add_argument("--strategies", nargs="+", default=None, help="only these strategies")
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help="only these strategies and/or arms (e.g. counterfactual erm balanced oracle: the ladder)")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
     p.set_defaults(func=_cmd_experiment)
