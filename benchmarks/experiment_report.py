@@ -1,8 +1,11 @@
 """Write the experiment report (``benchmarks/EXPERIMENT.md`` and one figure per mechanism) from experiment folders.
 
-    divaware experiment --config configs/experiment_representation.yaml --out runs/experiment/representation
+    divaware experiment --config configs/experiment_lookalike.yaml --out runs/experiment/lookalike
+    divaware experiment --config configs/experiment_lookalike_weak.yaml --out runs/experiment/lookalike_weak
     divaware experiment --config configs/experiment_intrinsic.yaml --out runs/experiment/intrinsic
-    python benchmarks/experiment_report.py runs/experiment/representation runs/experiment/intrinsic
+    python benchmarks/experiment_report.py runs/experiment/lookalike runs/experiment/lookalike_weak runs/experiment/intrinsic
+
+(Older folders -- runs/experiment/representation, no arms, no ladder -- are read as before.)
 
 One section per experiment folder (= per disparity mechanism), each opening with the mechanism's **ladder** when
 the experiment has the data arms (``arms: [counterfactual, balanced]``): the counterfactual arm's hard-group Dice
