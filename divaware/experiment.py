@@ -125,12 +125,25 @@ def heldout_root(cfg: Mapping[str, Any], counterfactual: bool = False) -> Path:
                             disparity=cfg["disparity"], counterfactual=counterfactual)
 
 
-def _fresh(evaluation: Path, run: Path) -> bool:
-    """An evaluation that is complete and newer than the run's selected checkpoint."""
+def _fresh(evaluation: Path, run: Path, root: Path | None = None) -> bool:
+    """An evaluation that is complete, newer than the run's selected checkpoint and (``root`` given) of that cohort.
+
+    The held-out cohort's folder name carries the generator's version, so a changed generator re-evaluates
+    every run on the new cohort instead of mixing cohorts in one report."""
+    import json
+
     from divaware.evaluate import FILES
 
     manifest, ckpt = evaluation / FILES["manifest"], run / "best.pt"
-    return manifest.is_file() and ckpt.is_file() and manifest.stat().st_mtime >= ckpt.stat().st_mtime
+    if not (manifest.is_file() and ckpt.is_file() and manifest.stat().st_mtime >= ckpt.stat().st_mtime):
+        return False
+    if root is None:
+        return True
+    try:
+        done = json.loads(manifest.read_text()).get("data_root")
+    except (ValueError, OSError):
+        return False
+    return done is not None and Path(done).resolve() == Path(root).resolve()
 
 
 def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Sequence[str] | None = None,
@@ -167,7 +180,7 @@ def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Se
         for root, split, tag in targets:
             if tag is None and not challenge_test:
                 continue
-            if not _fresh(ev.evaluation_dir(run, split, tag=tag), run):
+            if not _fresh(ev.evaluation_dir(run, split, tag=tag), run, root):
                 ev.evaluate(run, root, split=split, tag=tag, n_boot=n_boot, verbose=False)
         print(f"[divaware experiment] {i}/{len(jobs)} {cfg['disparity']}/{run.name} done in "
               f"{time.perf_counter() - t0:.0f} s", flush=True)

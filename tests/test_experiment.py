@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def test_arms_train_on_their_cohorts_and_resume(tmp_path: Path, monkeypatch: pyt
     def fake_evaluate(run, root, split="test", tag=None, n_boot=1000, verbose=True):
         out = ev_mod.evaluation_dir(run, split, tag=tag)
         out.mkdir(parents=True, exist_ok=True)
-        (out / ev_mod.FILES["manifest"]).write_text("{}")
+        (out / ev_mod.FILES["manifest"]).write_text(json.dumps({"data_root": str(Path(str(root)).resolve())}))
         evaluated.append((Path(run).name, str(root), tag))
 
     monkeypatch.setattr(tr, "train", fake_train)
@@ -228,7 +229,12 @@ def test_arms_train_on_their_cohorts_and_resume(tmp_path: Path, monkeypatch: pyt
         ("erm_seed0", "None", None), ("erm_seed0", "held", "heldout")]
     evaluated.clear()
     ex.run_experiment(config, tmp_path / "exp", strategies=["counterfactual"], n_boot=10)
-    assert evaluated == []  # every evaluation is newer than its checkpoint: kept
+    assert evaluated == []  # every evaluation is newer than its checkpoint and of the same cohort: kept
+    # a new generator version writes the held-out cohort elsewhere: the runs are evaluated again, on it
+    monkeypatch.setattr(ex, "heldout_root", lambda cfg, counterfactual=False: Path("cf2" if counterfactual else "held2"))
+    ex.run_experiment(config, tmp_path / "exp", strategies=["counterfactual"], n_boot=10)
+    assert sorted(evaluated) == [("counterfactual_seed0", "cf2", "heldout_counterfactual"),
+                                 ("counterfactual_seed0", "held2", "heldout")]
     with pytest.raises(ValueError, match="not strategies or arms"):
         ex.run_experiment(config, tmp_path / "exp", strategies=["balance"])
 
