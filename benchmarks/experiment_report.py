@@ -1,10 +1,19 @@
 """Write the experiment report (``benchmarks/EXPERIMENT.md`` and one figure per mechanism) from experiment folders.
 
-    divaware experiment --config configs/experiment_representation.yaml --out runs/experiment/representation
+    divaware experiment --config configs/experiment_lookalike.yaml --out runs/experiment/lookalike
+    divaware experiment --config configs/experiment_lookalike_weak.yaml --out runs/experiment/lookalike_weak
     divaware experiment --config configs/experiment_intrinsic.yaml --out runs/experiment/intrinsic
-    python benchmarks/experiment_report.py runs/experiment/representation runs/experiment/intrinsic
+    python benchmarks/experiment_report.py runs/experiment/lookalike runs/experiment/lookalike_weak runs/experiment/intrinsic
 
-One section per experiment folder (= per disparity mechanism). Every number is read from the run folders:
+(Older folders -- runs/experiment/representation, no arms, no ladder -- are read as before.)
+
+One section per experiment folder (= per disparity mechanism), each opening with the mechanism's **ladder** when
+the experiment has the data arms (``arms: [counterfactual, balanced]``): the counterfactual arm's hard-group Dice
+against the rest's on the counterfactual held-out cohort (the same patients without lesions); ERM's hard-group
+loss to the lesions (counterfactual arm on the counterfactual cohort − ERM on the lesion cohort, paired by
+held-out case) and the share of it due to false positives inside the lesions (ERM's Dice recomputed with its
+predicted voxels inside the lesion label maps removed); then balanced, oracle and every strategy as the share of
+that loss they recover, with their mean-Dice cost. Then the strategies. Every number is read from the run folders:
 each run's evaluation on the held-out synthetic cohort (``evaluation_all_heldout``: per-case Dice, challenge
 and fairness figures) and the held-out cohort's ``synthetic_truth.csv`` (which cases are truly hard).
 Nothing is typed by hand. A run with fewer than the planned seeds or strategies is labelled a PARTIAL run in
@@ -36,10 +45,10 @@ from scipy import stats
 
 from divaware import evaluate as ev
 from divaware import metrics
-from divaware.experiment import HELDOUT_SPLIT, HELDOUT_TAG
+from divaware.experiment import ARMS, HELDOUT_CF_TAG, HELDOUT_SPLIT, HELDOUT_TAG
 from divaware.plots import save_figure
 from divaware.runfolder import RunFolder
-from divaware.synthetic import read_truth
+from divaware.synthetic import LESION_DIR, read_truth
 
 ATTRIBUTES = ("age_group", "menopause", "breast_density")
 ORDER = ("erm", "inverse_frequency", "group_dro", "paper", "divaware", "oracle")
@@ -79,6 +88,8 @@ def load_mechanism(folder: Path) -> dict[str, Any]:
     if table.empty:
         raise SystemExit(f"no run under {folder / 'runs'} has been evaluated on the held-out cohort yet")
     table["seed"] = table["seed"].astype(int)
+    # an arm trains with strategy erm: its name is the run folder's (<arm>_seed<seed>)
+    table["method"] = table["run"].astype(str).str.replace(r"_seed\d+$", "", regex=True)
     cases, roots = {}, set()
     for run in table["run"]:
         out = ev.evaluation_dir(folder / "runs" / run, HELDOUT_SPLIT, tag=HELDOUT_TAG)
@@ -87,9 +98,17 @@ def load_mechanism(folder: Path) -> dict[str, Any]:
     if len(roots) != 1:
         raise SystemExit(f"runs under {folder} were evaluated on different held-out cohorts: {sorted(roots)}")
     truth = read_truth(next(iter(roots)))
-    config = RunFolder(folder / "runs" / table["run"].iloc[0]).read_config()
+    first = table["run"][~table["method"].isin(list(ARMS))]
+    config = RunFolder(folder / "runs" / (first.iloc[0] if len(first) else table["run"].iloc[0])).read_config()
+    counterfactual = {}  # the counterfactual arm on the counterfactual held-out cohort
+    for run in table.loc[table["method"] == "counterfactual", "run"]:
+        out = ev.evaluation_dir(folder / "runs" / run, HELDOUT_SPLIT, tag=HELDOUT_CF_TAG)
+        if (out / ev.FILES["per_case"]).is_file():
+            counterfactual[int(table.loc[table["run"] == run, "seed"].iloc[0])] = pd.read_csv(
+                out / ev.FILES["per_case"], dtype={"patient_id": str}).set_index("patient_id")
     return {"folder": folder, "plan": plan, "table": table, "cases": cases, "truth": truth, "config": config,
-            "heldout_root": next(iter(roots)), "weights": training_weights(folder / "runs", table)}
+            "heldout_root": next(iter(roots)), "weights": training_weights(folder / "runs", table),
+            "counterfactual": counterfactual}
 
 
 def training_weights(runs: Path, table: pd.DataFrame) -> pd.DataFrame:
@@ -182,7 +201,8 @@ def paired(mech: dict[str, Any], method: str, reference: str, cases: pd.Index) -
 def analyse(mech: dict[str, Any], reference: str = "erm") -> dict[str, Any]:
     """The numbers of one mechanism's section (also used by the tests)."""
     table, truth = mech["table"], mech["truth"]
-    methods = [m for m in ORDER if m in set(table["method"])] + sorted(set(table["method"]) - set(ORDER))
+    present = set(table["method"]) - set(ARMS)
+    methods = [m for m in ORDER if m in present] + sorted(present - set(ORDER))
     attr, group = erm_worst_group(mech, reference)
     some = mech["cases"][table["run"].iloc[0]]
     ids = some.index
@@ -207,7 +227,8 @@ def analyse(mech: dict[str, Any], reference: str = "erm") -> dict[str, Any]:
     for m in methods:
         if m == reference:
             continue
-        comps[m] = {"mean": paired(mech, m, reference, ids), "worst": paired(mech, m, reference, worst_ids),
+        comps[m] = {"method": m, "mean": paired(mech, m, reference, ids),
+                    "worst": paired(mech, m, reference, worst_ids),
                     "hard": paired(mech, m, reference, hard_ids)}
     oracle = comps.get("oracle")
     for c in comps.values():
@@ -216,10 +237,180 @@ def analyse(mech: dict[str, Any], reference: str = "erm") -> dict[str, Any]:
             c[f"fraction_{key}"] = c[key][0] / o if oracle and o > 0 else math.nan
     erm = summary.get(reference)
     erm_gap = erm["easy_dice"][0] - erm["hard_dice"][0] if erm else math.nan
+    for c in comps.values():  # the share of the oracle's gain on the hard subgroup, with its CI over cases
+        c["fraction_hard_ci"] = (ratio_ci(mech, c["method"], "oracle", reference, hard_ids)
+                                 if oracle and c["method"] != "oracle" else (math.nan, math.nan))
     return {"methods": methods, "summary": summary, "comparisons": comps, "worst_group": (attr, group),
-            "weights": mech["weights"],
+            "weights": mech["weights"], "ladder": ladder(mech, reference),
             "n_cases": len(ids), "n_worst": len(worst_ids), "n_hard": len(hard_ids), "erm_hard_gap": erm_gap,
             "oracle_closes": (oracle["hard"][0] / erm_gap if oracle and erm_gap > 0 else math.nan)}
+
+
+def _ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap CI over cases of mean(num) / mean(den) (the cases resampled jointly)."""
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    if len(num) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    d = den[idx].mean(axis=1)
+    r = np.where(d != 0, num[idx].mean(axis=1) / np.where(d != 0, d, 1.0), np.nan)
+    r = r[~np.isnan(r)]
+    return (float(np.percentile(r, 2.5)), float(np.percentile(r, 97.5))) if len(r) else (math.nan, math.nan)
+
+
+def _diff(mech: dict[str, Any], method: str, reference: str, cases: pd.Index,
+          seeds: Sequence[int] | None = None) -> tuple[np.ndarray, list[int]]:
+    """Per-case Dice difference (method − reference) on ``cases``, averaged over the shared seeds."""
+    a, b = dice_matrix(mech, reference), dice_matrix(mech, method)
+    shared = sorted(set(a.columns) & set(b.columns) & (set(seeds) if seeds is not None else set(a.columns)))
+    if not shared:
+        return np.full(len(cases), np.nan), []
+    return (b.loc[cases, shared] - a.loc[cases, shared]).mean(axis=1).to_numpy(float), shared
+
+
+def ratio_ci(mech: dict[str, Any], method: str, denominator: str, reference: str,
+             cases: pd.Index) -> tuple[float, float]:
+    """CI of Δ(method) / Δ(denominator) on ``cases`` (both vs ``reference``), over the seeds all three share."""
+    seeds = sorted(set(dice_matrix(mech, method).columns) & set(dice_matrix(mech, denominator).columns))
+    num, _ = _diff(mech, method, reference, cases, seeds)
+    den, _ = _diff(mech, denominator, reference, cases, seeds)
+    return _ratio_ci(num, den)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def lesion_fp_gain(mech: dict[str, Any], run: str, cases: Sequence[str]) -> pd.Series:
+    """Per case: the run's held-out Dice with its predicted voxels inside the lesion label maps removed, minus
+    its Dice as predicted (both computed here from the files): what its false positives in lesions cost it."""
+    out = ev.evaluation_dir(mech["folder"] / "runs" / run, HELDOUT_SPLIT, tag=HELDOUT_TAG)
+    pred_dir = Path(ev._read_json(out / ev.FILES["manifest"]).get("predictions") or out / "pred_segmentations")
+    root = Path(mech["heldout_root"])
+    gains = {}
+    for pid in cases:
+        lesion_path = root / LESION_DIR / f"{pid}.nii.gz"
+        pred_path = next((p for p in (pred_dir / f"{pid}.nii.gz", pred_dir / f"{pid.lower()}.nii.gz") if p.is_file()),
+                         None)
+        if pred_path is None:
+            raise SystemExit(f"{pred_dir} holds no prediction of {pid}; re-run the experiment's evaluation")
+        if not lesion_path.is_file():
+            gains[pid] = 0.0
+            continue
+        pred = _read_mask(pred_path) > 0
+        true = _read_mask(root / "segmentations" / "expert" / f"{pid}.nii.gz") > 0
+        lesion = _read_mask(lesion_path) > 0
+
+        def dice(p: np.ndarray, t: np.ndarray = true) -> float:
+            s = p.sum() + t.sum()
+            return 1.0 if s == 0 else 2.0 * float((p & t).sum()) / float(s)
+
+        gains[pid] = dice(pred & ~lesion) - dice(pred)
+    return pd.Series(gains, dtype=float)
+
+
+def ladder(mech: dict[str, Any], reference: str = "erm") -> dict[str, Any] | None:
+    """The mechanism's ladder (module docstring), or None without a counterfactual arm evaluated on its cohort.
+
+    Paired differences are per held-out case, averaged over the seeds both runs share (the held-out cohort and
+    its counterfactual have the same patients); CIs are percentile bootstraps over cases.
+    """
+    cf = mech["counterfactual"]
+    if not cf or reference not in set(mech["table"]["method"]):
+        return None
+    cfm = pd.DataFrame({s: d["dice"] for s, d in sorted(cf.items())})
+    ids = cfm.index
+    hard = mech["truth"]["hard_subgroup"].reindex(ids).fillna(False).to_numpy(bool)
+    hard_ids, rest_ids = ids[hard], ids[~hard]
+    per_seed_gap = [cfm.loc[rest_ids, s].mean() - cfm.loc[hard_ids, s].mean() for s in cfm.columns]
+    rng = np.random.default_rng(0)
+    h, r = cfm.loc[hard_ids].mean(axis=1).to_numpy(float), cfm.loc[rest_ids].mean(axis=1).to_numpy(float)
+    boot = [r[rng.integers(0, len(r), len(r))].mean() - h[rng.integers(0, len(h), len(h))].mean() for _ in range(2000)]
+    erm = dice_matrix(mech, reference)
+    seeds = sorted(set(cfm.columns) & set(erm.columns))
+    if not seeds:
+        return None
+    loss = (cfm.loc[hard_ids, seeds] - erm.loc[hard_ids, seeds]).mean(axis=1).to_numpy(float)
+    erm_runs = mech["table"][(mech["table"]["method"] == reference) & mech["table"]["seed"].isin(seeds)]
+    fp = pd.concat([lesion_fp_gain(mech, run, list(hard_ids)) for run in erm_runs["run"]], axis=1).mean(axis=1)
+    fp = fp.reindex(hard_ids).to_numpy(float)
+    res: dict[str, Any] = {
+        "seeds": seeds, "n_hard": len(hard_ids), "n_rest": len(rest_ids),
+        "cf_hard": float(h.mean()), "cf_rest": float(r.mean()),
+        "cf_gap": (float(np.mean(per_seed_gap)), float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))),
+        "erm_hard": float(erm.loc[hard_ids, seeds].mean(axis=1).mean()),
+        "loss": (float(loss.mean()), *metrics.bootstrap_ci(loss, seed=0)),
+        "fp_share": (float(fp.mean() / loss.mean()) if loss.mean() > 0 else math.nan, *_ratio_ci(fp, loss)),
+        "rungs": {},
+    }
+    for m in [x for x in ("balanced", "oracle", *ORDER) if x != reference]:
+        if m in res["rungs"] or m not in set(mech["table"]["method"]):
+            continue
+        d = dice_matrix(mech, m)
+        shared = sorted(set(seeds) & set(d.columns))
+        if not shared:
+            continue
+        gain = (d.loc[hard_ids, shared] - erm.loc[hard_ids, shared]).mean(axis=1).to_numpy(float)
+        den = (cfm.loc[hard_ids, shared] - erm.loc[hard_ids, shared]).mean(axis=1).to_numpy(float)
+        res["rungs"][m] = {"seeds": shared, "hard": (float(gain.mean()), *metrics.bootstrap_ci(gain, seed=0)),
+                           "recovered": (float(gain.mean() / den.mean()) if den.mean() > 0 else math.nan,
+                                         *_ratio_ci(gain, den)),
+                           "mean": paired(mech, m, reference, ids)[:3]}
+    return res
+
+
+LADDER_BAR = {"cf_gap": 0.01, "loss": 0.08, "fp_share": 0.6, "balanced": 0.8, "oracle": 0.5, "cost": 0.01}
+
+
+def ladder_text(lad: dict[str, Any], mechanism: str = "lookalike") -> str:
+    """The ladder's table and its rung-by-rung check against the issue's bar (the dose control's oracle: ≤ 25 %)."""
+    def pct(x: tuple[float, ...]) -> str:
+        return "n/a" if math.isnan(x[0]) else f"{100 * x[0]:.0f} % [{100 * x[1]:.0f}, {100 * x[2]:.0f}]"
+
+    def ci(x: tuple[float, ...]) -> str:
+        return "n/a" if math.isnan(x[0]) else f"{x[0]:+.4f} [{x[1]:+.4f}, {x[2]:+.4f}]"
+
+    rows = [{"rung": "counterfactual (no lesions)", "seeds": len(lad["seeds"]),
+             "hard-group Dice": f"{lad['cf_hard']:.4f}", "vs the rest": f"rest {lad['cf_rest']:.4f}, gap "
+             f"{ci(lad['cf_gap'])}", "share of ERM's loss recovered": "–", "Δ mean Dice vs ERM": "–"},
+            {"rung": "ERM (lesions)", "seeds": len(lad["seeds"]), "hard-group Dice": f"{lad['erm_hard']:.4f}",
+             "vs the rest": f"loss to the lesions {ci(lad['loss'])}; false positives in lesions "
+             f"{pct(lad['fp_share'])} of it", "share of ERM's loss recovered": "0 %", "Δ mean Dice vs ERM": "0"}]
+    for m, x in lad["rungs"].items():
+        rows.append({"rung": m, "seeds": len(x["seeds"]), "hard-group Dice": f"{lad['erm_hard'] + x['hard'][0]:.4f}",
+                     "vs the rest": f"Δ hard {ci(x['hard'])}", "share of ERM's loss recovered": pct(x["recovered"]),
+                     "Δ mean Dice vs ERM": ci(x["mean"])})
+    b = LADDER_BAR
+    checks = [
+        (f"counterfactual hard Dice within {b['cf_gap']} of the rest", abs(lad["cf_gap"][0]) <= b["cf_gap"]),
+        (f"ERM loses ≥ {b['loss']} to the lesions", lad["loss"][0] >= b["loss"]),
+        (f"≥ {100 * b['fp_share']:.0f} % of it false positives in lesions", lad["fp_share"][0] >= b["fp_share"]),
+    ]
+    if "balanced" in lad["rungs"]:
+        checks.append((f"balanced recovers ≥ {100 * b['balanced']:.0f} %",
+                       lad["rungs"]["balanced"]["recovered"][0] >= b["balanced"]))
+    if "oracle" in lad["rungs"] and mechanism == "lookalike_weak":
+        checks.append(("the weak cue's oracle recovers ≤ 25 %", lad["rungs"]["oracle"]["recovered"][0] <= 0.25))
+    elif "oracle" in lad["rungs"]:
+        o = lad["rungs"]["oracle"]
+        checks.append((f"oracle recovers ≥ {100 * b['oracle']:.0f} % at a mean-Dice cost ≤ {b['cost']}",
+                       o["recovered"][0] >= b["oracle"] and o["mean"][0] >= -b["cost"]))
+    verdict_ = "; ".join(f"{name}: {'holds' if ok else 'FAILS'}" for name, ok in checks)
+    return f"""### Ladder
+
+{lad['n_hard']} hard and {lad['n_rest']} other held-out cases. The counterfactual arm is ERM trained and evaluated
+on the same patients rendered without lesions; ERM's loss to the lesions is counterfactual − ERM per hard case
+(paired, mean over the seeds both share); the false-positive share is ERM's Dice gain when its predicted voxels
+inside the lesion label maps are removed, over that loss; the other rungs' share is their hard-group gain over
+ERM divided by that loss (95 % bootstrap CIs over cases, the ratio's numerator and denominator resampled together).
+
+{markdown(pd.DataFrame(rows))}
+
+Rungs against the bar: {verdict_}.
+"""
 
 
 def verdict(mechanism: str, res: dict[str, Any], partial: bool) -> str:
@@ -326,10 +517,17 @@ def section(mech: dict[str, Any], res: dict[str, Any], fig_rel: str, partial: bo
         comp_rows.append({"strategy": m, "seed pairs": c["mean"][3], "Δ mean Dice": ci(c["mean"]),
                           f"Δ {attr}={group}": ci(c["worst"]), "Δ hard subgroup": ci(c["hard"]),
                           "fraction of the oracle's gain": "n/a" if math.isnan(c["fraction_worst"])
-                          else f"{100 * c['fraction_worst']:.0f} %"})
+                          else f"{100 * c['fraction_worst']:.0f} %",
+                          "… on the hard subgroup [CI]": "n/a" if math.isnan(c["fraction_hard"]) else
+                          f"{100 * c['fraction_hard']:.0f} %" + ("" if math.isnan(c["fraction_hard_ci"][0]) else
+                          f" [{100 * c['fraction_hard_ci'][0]:.0f}, {100 * c['fraction_hard_ci'][1]:.0f}]")})
     planned = f"{len(plan['strategies'])} strategies × seeds {plan['seeds']}"
+    if plan.get("arms"):
+        planned += f", arms {plan['arms']}"
     done = f"{len(res['methods'])} strategies × seeds {sorted(set(mech['table']['seed']))}"
     head = f"## Mechanism `{mechanism}`{' — PARTIAL RUN' if partial else ''}\n\n"
+    if res.get("ladder"):
+        head += ladder_text(res["ladder"], mechanism) + "\n### Strategies\n\n"
     return head + f"""Runs: {done} (planned: {planned}); {cfg['epochs']} epochs, UNet channels {cfg['channels']},
 α = {cfg['alpha']}, batch {cfg['batch_size']}, training cohort {cfg['synthetic_cases']} cases (seed
 {cfg['synthetic_seed']}). Held-out test cohort: {res['n_cases']} cases (seed {plan['heldout']['seed']}), of which
@@ -376,7 +574,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     suffix = "" if args.out.stem == "EXPERIMENT" else "_" + args.out.stem.lower().replace("experiment_", "")
     for mech, res in zip(mechs, results, strict=True):
         seeds_done = {m: len(res["summary"][m]["seeds"]) for m in res["methods"]}
+        arms_done = set(mech["table"]["method"]) & set(ARMS)
         partial = (set(mech["plan"]["strategies"]) - set(res["methods"])) != set() or \
+            (set(mech["plan"].get("arms") or []) - arms_done) != set() or \
             min(seeds_done.values()) < len(mech["plan"]["seeds"])
         # the bar's >= 5 seeds applies to the two controls; the default cohort's placement is a side question
         if mech["plan"]["disparity"] != "default":

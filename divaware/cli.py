@@ -101,9 +101,18 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="teaching: density mostly known; realistic: ~96%% density and ~27%% menopause missing")
     p.add_argument("--collections", nargs="+", default=None, metavar="NAME",
                    help="only these collections (DUKE ISPY1 ISPY2 NACT), in their real proportions")
-    p.add_argument("--disparity", default="default", choices=("default", "representation", "intrinsic"),
+    p.add_argument("--disparity", default="default",
+                   choices=("default", "representation", "intrinsic", "lookalike", "lookalike_weak"),
                    help="what makes the hard subgroup hard: default (the original BPE look-alikes), "
-                        "representation (rare, learnable look-alikes) or intrinsic (part of the tumour invisible)")
+                        "representation (rare look-alike foci), intrinsic (part of the tumour invisible: negative "
+                        "control), lookalike (look-alike lesions told apart at phase 2: positive control) or "
+                        "lookalike_weak (the same with a weaker phase-2 drop: the dose control)")
+    p.add_argument("--counterfactual", action="store_true",
+                   help="lookalike*: the same patients and seed rendered without their lesions")
+    p.add_argument("--hard-fraction", type=float, default=None,
+                   help="share of hard-subgroup cases (more distinct hard patients, e.g. 0.5); default: ~13 %%")
+    p.add_argument("--tumour-appearance", default="default", choices=("default", "necrotic", "rim"),
+                   help="hard-subgroup tumours with a necrotic core or rim enhancement (default: solid)")
     p.add_argument("--overwrite", action="store_true", help="replace a cohort previously written by synth")
     p.set_defaults(func=_cmd_synth)
 
@@ -116,10 +125,11 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     root = make_cohort(args.out, n_cases=args.n_cases, seed=args.seed, preset=args.preset,
                        missingness=args.missingness, overwrite=args.overwrite, collections=args.collections,
-                       disparity=args.disparity)
+                       disparity=args.disparity, counterfactual=args.counterfactual,
+                       hard_fraction=args.hard_fraction, tumour_appearance=args.tumour_appearance)
     truth = read_truth(root)
     print(f"wrote {len(truth)} synthetic cases ({args.preset} preset, {args.missingness} missingness, "
-          f"{args.disparity} disparity, seed "
+          f"{args.disparity}{' counterfactual' if args.counterfactual else ''} disparity, seed "
           f"{args.seed}) to {root} in {time.perf_counter() - start:.1f} s; hard subgroup: "
           f"{int(truth['hard_subgroup'].sum())} cases")
     return 0
@@ -284,7 +294,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (see divaware.experiment)")
     p.add_argument("--out", required=True, help="experiment folder, e.g. runs/experiment/representation")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (one process per seed)")
-    p.add_argument("--strategies", nargs="+", default=None, help="only these strategies")
+    p.add_argument("--strategies", nargs="+", default=None,
+                   help="only these strategies and/or arms (e.g. counterfactual erm balanced oracle: the ladder)")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
     p.set_defaults(func=_cmd_experiment)

@@ -38,26 +38,33 @@ def generator_tag() -> str:
 
 
 def synthetic_root(n_cases: int, seed: int, preset: str = "default", missingness: str = "teaching",
-                   disparity: str = "default") -> Path:
+                   disparity: str = "default", counterfactual: bool = False, hard_fraction: float | None = None,
+                   tumour_appearance: str = "default") -> Path:
     """Cache location of the synthetic cohort with these generation settings and this generator version."""
     # The default mechanism keeps the original folder name; the others add theirs (never a shared cache).
     mech = "" if disparity == "default" else f"-{disparity}"
+    mech += "-counterfactual" if counterfactual else ""
+    mech += "" if hard_fraction is None else f"-hard{float(hard_fraction):g}"
+    mech += "" if tumour_appearance == "default" else f"-{tumour_appearance}"
     return cache_dir() / f"synthetic-{preset}-{missingness}{mech}-n{n_cases}-seed{seed}-{generator_tag()}"
 
 
 def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
-                     missingness: str = "teaching", disparity: str = "default") -> Path:
+                     missingness: str = "teaching", disparity: str = "default", counterfactual: bool = False,
+                     hard_fraction: float | None = None, tumour_appearance: str = "default") -> Path:
     """The cached synthetic cohort with these settings, generated (atomically) if it is not there yet."""
     from divaware.synthetic import make_cohort
 
-    root = synthetic_root(n_cases, seed, preset, missingness, disparity)
+    root = synthetic_root(n_cases, seed, preset, missingness, disparity, counterfactual, hard_fraction,
+                          tumour_appearance)
     if (root / "clinical_and_imaging_info.xlsx").is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
         make_cohort(staging, n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
-                    overwrite=True, disparity=disparity)
+                    overwrite=True, disparity=disparity, counterfactual=counterfactual,
+                    hard_fraction=hard_fraction, tumour_appearance=tumour_appearance)
         try:
             staging.rename(root)
         except OSError:
@@ -71,7 +78,8 @@ def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
 
 
 def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, seed: int = 0,
-                      preset: str = "default", missingness: str = "teaching", disparity: str = "default") -> Path:
+                      preset: str = "default", missingness: str = "teaching", disparity: str = "default",
+                      counterfactual: bool = False, hard_fraction: float | None = None) -> Path:
     """The cohort folder to use: explicit argument, else ``$DIVAWARE_DATA``, else the synthetic default."""
     if data_root:
         root = Path(data_root).expanduser()
@@ -79,7 +87,7 @@ def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, see
         root = Path(os.environ[DATA_ENV]).expanduser()
     else:
         return ensure_synthetic(n_cases=n_cases, seed=seed, preset=preset, missingness=missingness,
-                                disparity=disparity)
+                                disparity=disparity, counterfactual=counterfactual, hard_fraction=hard_fraction)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(
             f"data folder {root} is a file, not a folder; pass the MAMA-MIA root (the folder holding images/ and "

@@ -14,6 +14,7 @@ Layout written (exactly the real one, see DESIGN.md)::
     <root>/clinical_and_imaging_info.xlsx              # sheet "dataset_info", the 49 real columns + breast_density
     <root>/train_test_splits.csv                       # train_split, test_split (NaN-padded)
     <root>/synthetic_truth.csv                         # latent factors per case; not part of MAMA-MIA
+    <root>/synthetic_truth/lesions/ISPY2_123456.nii.gz # look-alike mechanisms: each hard case's lesion labels
 
 Causal story (every disparity comes from image content; the mask is the tumour geometry and is never
 altered per subgroup):
@@ -72,13 +73,36 @@ model trained on the majority already rejects: ERM's gap was 0.04. Measured on t
 800-case held-out cohort: ERM's hard-vs-rest gap 0.079, of which even the oracle closes only 22 %, so it is a
 weak positive control; see benchmarks/EXPERIMENT.md.)
 
+``lookalike`` (the positive control): the hard subgroup's BPE is brought down to the level of other dense
+premenopausal women (no extra diffuse BPE, so its parenchyma no longer hides tumours), and each hard case holds
+4 + Poisson(3) look-alike lesions (radius 4-9 mm, centred in parenchyma, never touching the tumour) that match
+the tumour -- pre-contrast signal and enhancement -- at phases 0-1 and lose 50-70 % of their enhancement by
+phase 2, where tumours lose <= 30 %. The cue is in the phases the model sees, and only ~13 % of the cases carry
+it. The rest's images are the ``default`` cohort's, byte for byte. ``lookalike_weak`` (the dose control) has the
+same lesions with a 30-45 % drop. ``counterfactual=True`` renders the same patients with the same seed without
+drawing the lesions: every file of a case without lesions is identical, a hard case differs only inside (and
+within partial volume of) its lesions. ``synthetic_truth.csv`` records ``n_lesions``, ``lesion_radii_mm`` and
+``counterfactual``; ``synthetic_truth/lesions/<ID>.nii.gz`` labels each hard case's lesions 1..n (also in the
+counterfactual cohort: where they would be), so an evaluation can count false positives inside them.
+(A prototype outside the package: 2 + Poisson(2) lesions cost ERM 0.065 hard-group Dice, of which the oracle
+recovered 40 %; 4 + Poisson(3), used here, 0.123 and 53 %.)
+
 ``intrinsic``: no foci anywhere; instead 35-55 % of every hard-subgroup tumour (a cap cut by a random plane)
 does not enhance as tumour: it has the look and the kinetics of the surrounding parenchyma (ambiguous
 borders). The expert mask still covers the whole tumour, and nothing in the image tells where that part
 ends, so no weighting can recover it. A negative control.
 
-Mechanism-specific draws use their own random streams, so every mechanism has the same patients, scanners
-and tumour geometry; only the foci and the tumour's appearance differ.
+Mechanisms are small objects (:class:`Mechanism` and its subclasses, :data:`MECHANISMS`); the scene is built in
+named pieces (breast shape, body, parenchyma, tumour, foci, lesions, vessels, composition). Mechanism-specific
+draws use their own random streams, so every mechanism has the same patients, scanners and tumour geometry;
+only the foci, lesions and the tumour's appearance differ. ``default``, ``representation`` and ``intrinsic``
+cohorts are byte-identical to those of the generator before that split (tests/synthetic_hashes.json).
+
+Other options: ``hard_fraction`` (e.g. 0.5) draws a cohort of the same size whose hard subgroup is that share of
+the cases -- more distinct hard patients from a larger cohort of the same generator (the ``balanced`` data
+ceiling); ``tumour_appearance`` ``necrotic`` or ``rim`` gives the hard subgroup's tumours a non-enhancing
+(darker) core or a weakly, slowly enhancing core under an enhancing rim (25-45 % of the tumour, its deepest
+voxels); the expert mask still covers the whole tumour.
 
 Missingness
 -----------
@@ -115,13 +139,17 @@ from scipy import ndimage as ndi
 
 PRESETS = ("default", "realistic")
 # How the hard subgroup's disadvantage arises (see "Disparity mechanisms" in the module docstring).
-DISPARITIES = ("default", "representation", "intrinsic")
+DISPARITIES = ("default", "representation", "intrinsic", "lookalike", "lookalike_weak")
+# How the hard subgroup's tumours look (``tumour_appearance``): necrotic core or rim enhancement, hard subgroup only.
+TUMOUR_APPEARANCES = ("default", "necrotic", "rim")
 MISSINGNESS = ("teaching", "realistic")
 COLLECTIONS = ("DUKE", "ISPY1", "ISPY2", "NACT")
 REAL_COUNTS = {"DUKE": 291, "ISPY1": 171, "ISPY2": 980, "NACT": 64}
 DEFAULT_N_CASES = {"default": 300, "realistic": 12}
 DEFAULT_SHAPE = (48, 48, 32)
 TRUTH_FILE = "synthetic_truth.csv"
+# Label maps of the look-alike lesions (1..n per case), outside the MAMA-MIA layout so no loader sees them.
+LESION_DIR = "synthetic_truth/lesions"
 SHEET = "dataset_info"
 
 # The 49 columns of the real clinical_and_imaging_info.xlsx, in their order, with the challenge release's
@@ -294,22 +322,50 @@ def _age_group(age: float) -> str:
 
 def plan_cohort(n_cases: int | None = None, seed: int = 0, preset: str = "default",
                 missingness: str = "teaching", collections: Sequence[str] | None = None,
-                disparity: str = "default") -> pd.DataFrame:
+                disparity: str = "default", *, counterfactual: bool = False, hard_fraction: float | None = None,
+                tumour_appearance: str = "default") -> pd.DataFrame:
     """The cohort :func:`make_cohort` would write, one row per case, without any voxels.
 
     Holds the latent truth (``age``, ``menopause_true``, ``density_true``, ``hard_subgroup``,
     ``bpe_strength``, ``n_foci``, ``tumour_ml_target``, ``kinetics`` ...), the reported values as they go into
     the spreadsheet (``menopause_reported``, ``density_reported``) and the acquisition (site, scanner,
     phases, timing, shape, spacing). Cheap: use it to look at distributions for many cases.
-    ``disparity`` (one of :data:`DISPARITIES`) sets how the hard subgroup is disadvantaged (module docstring).
+    ``disparity`` (one of :data:`DISPARITIES`) sets how the hard subgroup is disadvantaged (module docstring);
+    ``counterfactual`` renders a look-alike mechanism's patients without their lesions; ``hard_fraction``
+    (e.g. 0.5) draws a cohort of the same size whose hard subgroup is that share of the cases (more distinct
+    hard patients, the balanced data ceiling); ``tumour_appearance`` (:data:`TUMOUR_APPEARANCES`) gives the hard
+    subgroup's tumours a necrotic core or a rim-enhancing pattern.
     """
     n = _check_args(preset, missingness, n_cases)
-    if disparity not in DISPARITIES:
-        raise ValueError(f"unknown disparity {disparity!r}; choose one of {', '.join(DISPARITIES)}")
+    mechanism = mechanism_of(disparity)
+    if counterfactual and not mechanism.has_lesions:
+        raise ValueError(f"counterfactual applies to look-alike mechanisms only "
+                         f"({', '.join(d for d in DISPARITIES if MECHANISMS[d].has_lesions)}), not {disparity!r}")
+    if tumour_appearance not in TUMOUR_APPEARANCES:
+        raise ValueError(f"unknown tumour_appearance {tumour_appearance!r}; choose one of "
+                         f"{', '.join(TUMOUR_APPEARANCES)}")
     chosen = COLLECTIONS if collections is None else tuple(str(c).upper() for c in collections)
     unknown = [c for c in chosen if c not in _COLLECTIONS]
     if unknown or not chosen:
         raise ValueError(f"unknown collection(s) {unknown or chosen!r}; choose from {', '.join(COLLECTIONS)}")
+    if hard_fraction is None:
+        plan, rng = _plan_rows(n, seed, preset, missingness, chosen)
+    else:
+        plan, rng = _plan_with_hard_fraction(n, seed, preset, missingness, chosen, float(hard_fraction))
+    # Per-collection 80/20 split, like the challenge's 1,200/306.
+    split = pd.Series("train", index=plan.index)
+    for _, grp in plan.groupby("dataset", sort=False):
+        ids = grp.index.to_numpy()
+        n_test = int(round(0.2 * len(ids))) if len(ids) >= 3 else 0
+        split[rng.choice(ids, size=n_test, replace=False)] = "test"
+    plan["split"] = split
+    plan = mechanism.apply(plan, int(seed), counterfactual)
+    return _apply_appearance(plan, int(seed), tumour_appearance)
+
+
+def _plan_rows(n: int, seed: int, preset: str, missingness: str,
+               chosen: Sequence[str]) -> tuple[pd.DataFrame, np.random.Generator]:
+    """The patients and their scans (no split, no mechanism), and the plan stream for the split after them."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0]))
     counts = _allocate(n, {c: REAL_COUNTS[c] for c in COLLECTIONS if c in chosen})
     rows: list[dict[str, Any]] = []
@@ -326,36 +382,43 @@ def plan_cohort(n_cases: int | None = None, seed: int = 0, preset: str = "defaul
                                    rng, preset, missingness))
     plan = pd.DataFrame(rows)
     plan.index = pd.Index(plan["patient_id"], name="patient_id")
-    # Per-collection 80/20 split, like the challenge's 1,200/306.
-    split = pd.Series("train", index=plan.index)
-    for _, grp in plan.groupby("dataset", sort=False):
-        ids = grp.index.to_numpy()
-        n_test = int(round(0.2 * len(ids))) if len(ids) >= 3 else 0
-        split[rng.choice(ids, size=n_test, replace=False)] = "test"
-    plan["split"] = split
-    return _apply_disparity(plan, int(seed), disparity)
+    return plan, rng
 
 
-def _apply_disparity(plan: pd.DataFrame, seed: int, disparity: str) -> pd.DataFrame:
-    """Set the mechanism's per-case factors (``n_foci``, ``hidden_fraction``) from a stream of its own.
+def _plan_with_hard_fraction(n: int, seed: int, preset: str, missingness: str, chosen: Sequence[str],
+                             hard_fraction: float) -> tuple[pd.DataFrame, np.random.Generator]:
+    """``n`` cases of which ``round(hard_fraction * n)`` are in the hard subgroup: drawn from a larger cohort of
+    the same generator (so the hard cases are distinct patients, not copies), keeping its row order."""
+    if not 0.0 < hard_fraction < 1.0:
+        raise ValueError(f"hard_fraction must be between 0 and 1 (exclusive), got {hard_fraction!r}")
+    n_hard = int(round(hard_fraction * n))
+    big = max(n, int(math.ceil(n_hard / 0.10)))  # the hard subgroup is ~13 % of a cohort
+    while True:
+        pool, _ = _plan_rows(big, seed, preset, missingness, chosen)
+        hard = pool["hard_subgroup"].to_numpy(bool)
+        if hard.sum() >= n_hard and (~hard).sum() >= n - n_hard:
+            break
+        if big >= 50_000:
+            raise ValueError(f"hard_fraction {hard_fraction} of {n} cases needs more hard patients than a "
+                             f"{big}-case cohort of collections {list(chosen)} holds; lower hard_fraction")
+        big *= 2
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
+    pick_hard = rng.permutation(np.flatnonzero(hard))[:n_hard]
+    pick_rest = rng.permutation(np.flatnonzero(~hard))[: n - n_hard]
+    return pool.iloc[np.sort(np.concatenate([pick_hard, pick_rest]))].copy(), rng
 
-    The draws come from a separate seed sequence and are made for every case, so the patients (and every
-    other column) are identical across mechanisms and the ``default`` plan is the original one.
+
+def _apply_appearance(plan: pd.DataFrame, seed: int, appearance: str) -> pd.DataFrame:
+    """Hard-subgroup tumours with a necrotic core or rim enhancement (``core_fraction`` of their voxels).
+
+    Nothing (no column, no draw) for ``default``, so that cohort is the original one byte for byte.
     """
-    plan["disparity"] = disparity
-    plan["hidden_fraction"] = 0.0
-    if disparity == "default":
+    if appearance == "default":
         return plan
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 3, DISPARITIES.index(disparity)]))
-    n = len(plan)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6, TUMOUR_APPEARANCES.index(appearance)]))
     hard = plan["hard_subgroup"].to_numpy(bool)
-    if disparity == "representation":
-        # Look-alikes only where the subgroup is: a few tumour-sized ones per case, so that each costs a
-        # hard case's Dice a lot while the whole cohort holds few of them to learn from.
-        plan["n_foci"] = np.where(hard, 2 + rng.poisson(2.0, n), 0).astype(int)
-    else:  # intrinsic
-        plan["n_foci"] = 0
-        plan["hidden_fraction"] = np.where(hard, np.round(rng.uniform(0.35, 0.55, n), 4), 0.0)
+    plan["tumour_appearance"] = np.where(hard, appearance, "default")
+    plan["core_fraction"] = np.where(hard, np.round(rng.uniform(0.25, 0.45, len(plan)), 4), 0.0)
     return plan
 
 
@@ -607,6 +670,170 @@ class _Grid:
         return np.array(self.shape) * np.array(self.spacing)
 
 
+# --------------------------------------------------------------------------------------------------
+# Disparity mechanisms: what makes the hard subgroup hard (module docstring, "Disparity mechanisms")
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The ``default`` mechanism, and the hooks through which the others change a cohort.
+
+    ``plan_factors`` sets per-case factors from a random stream of the mechanism's own (``stream``), drawn for
+    every case, so every mechanism has the same patients; ``foci_curve`` may replace the BPE foci's kinetics;
+    ``draw_lesions`` places extra lesions with a per-case stream of their own (the render stream is untouched,
+    so a case without lesions is the same case in every mechanism).
+    """
+
+    name: str = "default"
+    stream: int = 0
+
+    @property
+    def has_lesions(self) -> bool:
+        return False
+
+    def apply(self, plan: pd.DataFrame, seed: int, counterfactual: bool = False) -> pd.DataFrame:
+        """``plan`` with the mechanism's columns set (``disparity``, ``hidden_fraction`` and its own)."""
+        plan["disparity"] = self.name
+        plan["hidden_fraction"] = 0.0
+        if self.stream == 0:  # default: no draw at all, the original plan
+            return plan
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 3, self.stream]))
+        self.plan_factors(plan, plan["hard_subgroup"].to_numpy(bool), rng, counterfactual)
+        return plan
+
+    def plan_factors(self, plan: pd.DataFrame, hard: np.ndarray, rng: np.random.Generator,
+                     counterfactual: bool) -> None:
+        """Set the mechanism's per-case columns in place (nothing for ``default``)."""
+
+    def foci_curve(self, case: dict[str, Any], foci_amp: float) -> Callable[[float], float] | None:
+        """Relative-enhancement curve of the BPE foci, or None for the default one."""
+        return None
+
+
+@dataclass(frozen=True)
+class Representation(Mechanism):
+    """Tumour-sized look-alike foci only in the hard subgroup (2 + Poisson(2)), cued by a steady linear rise."""
+
+    def plan_factors(self, plan: pd.DataFrame, hard: np.ndarray, rng: np.random.Generator,
+                     counterfactual: bool) -> None:
+        # Look-alikes only where the subgroup is: a few tumour-sized ones per case, so that each costs a
+        # hard case's Dice a lot while the whole cohort holds few of them to learn from.
+        plan["n_foci"] = np.where(hard, 2 + rng.poisson(2.0, len(plan)), 0).astype(int)
+
+    def foci_curve(self, case: dict[str, Any], foci_amp: float) -> Callable[[float], float] | None:
+        # As bright as a tumour at the second post-contrast phase, reached by a steady linear rise, so at
+        # the first post-contrast phase they are only t1/t2 of that: phase 2 is 1.5-3x phase 1 (median ~2x),
+        # a cue the model sees (tumours have nearly peaked by then: <= 1.35x). Not a vessel-bright outlier,
+        # which a model trained on the majority already rejects. Capped at 2x the phase-2 value.
+        t2 = float(case["acquisition_times"][2])
+        return lambda t: 0.55 * foci_amp * min(t / t2, 2.0)
+
+
+@dataclass(frozen=True)
+class Intrinsic(Mechanism):
+    """No foci; 35-55 % of each hard-subgroup tumour enhances like parenchyma (negative control)."""
+
+    def plan_factors(self, plan: pd.DataFrame, hard: np.ndarray, rng: np.random.Generator,
+                     counterfactual: bool) -> None:
+        plan["n_foci"] = 0
+        plan["hidden_fraction"] = np.where(hard, np.round(rng.uniform(0.35, 0.55, len(plan)), 4), 0.0)
+
+
+@dataclass(frozen=True)
+class LookAlike(Mechanism):
+    """Positive control: look-alike lesions in the hard subgroup that only phase 2 tells from a tumour.
+
+    The hard subgroup's BPE is brought down to the level of other dense premenopausal women (``bpe_young``
+    replaces the <= 40 factor 1.0 in the BPE model), so its diffuse parenchyma no longer hides tumours; instead
+    each hard case holds ``base_lesions`` + Poisson(``extra_lesions``) lesions of radius ``radius_mm``, centred
+    in parenchyma and not touching the tumour, that match the tumour (pre-contrast signal and enhancement) at
+    phases 0-1 and then lose ``drop`` of their enhancement by phase 2, where tumours lose <= 30 %. Lesion
+    positions, sizes and drops come from a per-case stream of their own, shared by every look-alike variant, so
+    the weak variant (a smaller drop: the dose control) and the counterfactual rendering (no lesions drawn)
+    have the same patients and the same lesion sites.
+    """
+
+    drop: tuple[float, float] = (0.50, 0.70)
+    base_lesions: int = 4
+    extra_lesions: float = 3.0
+    radius_mm: tuple[float, float] = (4.0, 9.0)
+    bpe_young: float = 0.5
+
+    @property
+    def has_lesions(self) -> bool:
+        return True
+
+    def plan_factors(self, plan: pd.DataFrame, hard: np.ndarray, rng: np.random.Generator,
+                     counterfactual: bool) -> None:
+        n = len(plan)
+        density = plan["density_true"].map(_BPE_DENSITY).to_numpy(float)
+        bpe = np.clip(0.08 + 0.9 * self.bpe_young * density + rng.normal(0, 0.07, n), 0.0, 1.0)
+        foci = rng.poisson(7.0 * np.maximum(0.0, bpe - 0.35))  # the default model's foci for that BPE
+        lesions = self.base_lesions + rng.poisson(self.extra_lesions, n)
+        plan["bpe_strength"] = np.where(hard, bpe, plan["bpe_strength"].to_numpy(float))
+        plan["n_foci"] = np.where(hard, foci, plan["n_foci"].to_numpy(int)).astype(int)
+        plan["n_lesions"] = np.where(hard, lesions, 0).astype(int)
+        plan["counterfactual"] = bool(counterfactual)
+
+    def draw_lesions(self, case: dict[str, Any], grid: _Grid, fgt: np.ndarray, tum: np.ndarray,
+                     foci: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+        """Lesion fraction map, per-voxel phase-2 drop, integer label map and radii (mm) of one case."""
+        frac = np.zeros(grid.shape, np.float32)
+        drop = np.zeros(grid.shape, np.float32)
+        labels = np.zeros(grid.shape, np.uint8)
+        radii: list[float] = []
+        n = int(case.get("n_lesions") or 0)
+        # centres in parenchyma, clear of the tumour (two voxels) and of the BPE foci
+        clear = ~ndi.binary_dilation(tum > 0, iterations=2)
+        pts = np.argwhere((fgt > 0.6) & clear & (foci < 0.1))
+        for _ in range(n * 10):
+            if len(radii) >= n or len(pts) == 0:
+                break
+            c = (pts[int(rng.integers(len(pts)))] + 0.5) * np.array(grid.spacing)
+            r = float(rng.uniform(*self.radius_mm))
+            u = float(rng.random())  # the same u in every variant: only the drop's range differs
+            fb, sl = _blob_fraction(_make_blob(rng, c, r, 2, 0.1), grid, r)
+            if not fb.size or (fb.max() < 0.5):
+                continue
+            # never overlapping the tumour, another lesion or a focus (each lesion is its own region)
+            if ((fb > 0) & ((tum[sl] > 0) | (frac[sl] > 0) | (foci[sl] > 0))).any():
+                continue
+            radii.append(round(r, 2))
+            frac[sl] = np.maximum(frac[sl], fb)
+            drop[sl] = np.where(fb > 0, self.drop[0] + u * (self.drop[1] - self.drop[0]), drop[sl])
+            labels[sl] = np.where(fb > 0.5, len(radii), labels[sl])
+        return {"fraction": frac, "drop": drop, "labels": labels, "radii": radii}
+
+
+MECHANISMS: dict[str, Mechanism] = {
+    "default": Mechanism(),
+    "representation": Representation("representation", 1),
+    "intrinsic": Intrinsic("intrinsic", 2),
+    "lookalike": LookAlike("lookalike", 3),
+    "lookalike_weak": LookAlike("lookalike_weak", 3, drop=(0.30, 0.45)),
+}
+
+
+def mechanism_of(disparity: str) -> Mechanism:
+    """The :class:`Mechanism` named ``disparity`` (one of :data:`DISPARITIES`)."""
+    if disparity not in MECHANISMS:
+        raise ValueError(f"unknown disparity {disparity!r}; choose one of {', '.join(DISPARITIES)}")
+    return MECHANISMS[disparity]
+
+
+def lesion_kinetics(tumour: Callable[[float], float], t1: float,
+                    t2: float) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """The two curves of look-alike lesions: ``(rise, loss)`` with RE(t) = rise(t) - drop * loss(t).
+
+    ``rise`` follows the tumour up to the first post-contrast phase and then holds; ``loss`` grows linearly to
+    the tumour's phase-1 enhancement at phase 2, so at phase 2 a lesion keeps ``1 - drop`` of it. Split in two
+    so that each lesion's own drop is a per-voxel map (linear in the drop).
+    """
+    e1 = tumour(t1)
+    return (lambda t: tumour(min(t, t1))), (lambda t: e1 * min(1.0, max(0.0, (t - t1) / (t2 - t1))))
+
+
 def _kinetics(case: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """Relative-enhancement curves RE(t) of each enhancing component."""
     amp = float(rng.uniform(0.9, 1.5))
@@ -623,158 +850,34 @@ def _kinetics(case: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     def tumour(t: float) -> float:  # fast uptake, then washout or plateau
         return amp * (1 - math.exp(-t / tau)) * (1 - wash * max(0.0, t - t_peak) / 300.0)
 
-    def foci(t: float) -> float:
-        if case.get("disparity") == "representation":
-            # As bright as a tumour at the second post-contrast phase, reached by a steady linear rise, so at
-            # the first post-contrast phase they are only t1/t2 of that: phase 2 is 1.5-3x phase 1 (median ~2x),
-            # a cue the model sees (tumours have nearly peaked by then: <= 1.35x). Not a vessel-bright outlier,
-            # which a model trained on the majority already rejects. Capped at 2x the phase-2 value.
-            t2 = float(case["acquisition_times"][2])
-            return 0.55 * foci_amp * min(t / t2, 2.0)
+    def default_foci(t: float) -> float:
         return foci_amp * t / (t + tau_foci)  # faster than BPE, still persistent (never washes out)
 
-    return {
+    foci = mechanism_of(case.get("disparity") or "default").foci_curve(case, foci_amp) or default_foci
+    curves = {
         "tumour": tumour,
         "bpe": lambda t: 2.2 * bpe * t / (t + tau_slow),  # slow persistent rise
         "foci": foci,
         "vessel": lambda t: 2.5 * (1 - math.exp(-t / 25.0)),
         "background": lambda t: 0.25 * t / (t + 150.0),  # muscle, skin
     }
+    times = case["acquisition_times"]
+    if len(times) > 2:  # look-alike lesions and rim-enhancing cores (only used where a case has them)
+        curves["lesion"], curves["lesion_loss"] = lesion_kinetics(tumour, float(times[1]), float(times[2]))
+    # a rim-enhancing tumour's core: slow, weak, persistent (delayed central enhancement)
+    curves["core"] = lambda t: 0.35 * amp * t / (t + 300.0)
+    return curves
 
 
-def _fibroglandular(case: dict[str, Any], q_breast: list[np.ndarray], Y: np.ndarray, y_cw: np.ndarray,
-                    breast: np.ndarray, shape: tuple[int, ...], sp: np.ndarray, fine: np.ndarray,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """FGT fraction map (textured strands thresholded to the density's volume fraction) and the texture."""
-    lo, hi = _FGT_FRACTION[case["density_true"]]
-    target = float(rng.uniform(lo, hi))
-    texture = _smooth_noise(rng, shape, fine)
-    # FGT strands run from the nipple towards the chest wall: texture elongated along AP, two scales.
-    strands = (0.6 * _smooth_noise(rng, shape, np.array([2.5, 6.0, 2.5]) / sp)
-               + 0.4 * _smooth_noise(rng, shape, np.array([6.0, 12.0, 6.0]) / sp))
-    fgt = np.zeros(shape, np.float32)
-    for q in q_breast:
-        inside = q < 1.0
-        eligible = (q < 0.88) & (Y - y_cw > 5.0)
-        if eligible.sum() < 10:
-            continue
-        score = strands + 2.0 * (1.0 - q)
-        thr = np.quantile(score[eligible], max(0.0, 1.0 - target * inside.sum() / eligible.sum()))
-        fgt = np.maximum(fgt, np.where(eligible, np.clip((score - thr) / 0.35 + 0.5, 0, 1), 0.0))
-    fgt = (fgt * breast).astype(np.float32)
-    return fgt, texture
+# The scene is built in named pieces, in the order of their draws from the case's render stream (the order is
+# what keeps a cohort byte-identical): breast shape -> body -> parenchyma -> tumour (-> hidden cap) -> foci ->
+# [mechanism lesions and tumour core, each from a stream of its own] -> vessels -> composition.
 
 
-def _place_tumour(case: dict[str, Any], breasts: list[tuple[float, ...]], q_breast: list[np.ndarray],
-                  fgt: np.ndarray, breast: np.ndarray, grid: _Grid, rng: np.random.Generator
-                  ) -> tuple[Any, float, np.ndarray, int]:
-    """The tumour blob, its radius, its fraction map (inside the breast) and the breast it lies in."""
-    shape = grid.shape
-    r_t = (3.0 * case["tumour_ml_target"] * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
-    b_idx = int(rng.integers(len(breasts)))
-    qb = q_breast[b_idx]
-    margin = min(0.8, max(0.3, 1.0 - 1.2 * r_t / min(breasts[b_idx][1:])))
-    cand = np.argwhere((qb < margin) & (fgt > 0.3))
-    if len(cand) < 5:
-        cand = np.argwhere(qb < margin)
-    if len(cand) == 0:
-        cand = np.argwhere(qb < 1.0)
-    if len(cand) == 0:
-        cand = np.argwhere(np.ones(shape, bool))
-    centre = (cand[int(rng.integers(len(cand)))] + 0.5) * np.array(grid.spacing)
-    tumour = _make_blob(rng, centre, r_t, int(rng.integers(2, 5)), 0.12)
-    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    frac, sl = _blob_fraction(tumour, grid, r_t)
-    for _ in range(3):  # rescale towards the target volume (lobes overlap, the breast clips)
-        vol = float((frac * breast[sl]).sum()) * voxel_ml if frac.size else 0.0
-        if vol <= 0 or abs(vol / case["tumour_ml_target"] - 1) < 0.08:
-            break
-        s = float(np.clip((case["tumour_ml_target"] / vol) ** (1 / 3), 0.6, 1.6))
-        tumour, r_t = tumour.scaled(s), r_t * s
-        frac, sl = _blob_fraction(tumour, grid, r_t)
-    tum = np.zeros(shape, np.float32)
-    if frac.size:
-        tum[sl] = frac
-    tum *= breast
-    return tumour, r_t, tum, b_idx
-
-
-def _place_foci(case: dict[str, Any], fgt: np.ndarray, tumour_centre: np.ndarray, r_t: float,
-                breast: np.ndarray, tum: np.ndarray, grid: _Grid, rng: np.random.Generator
-                ) -> tuple[np.ndarray, int]:
-    """BPE foci fraction map and how many were placed."""
-    shape = grid.shape
-    foci = np.zeros(shape, np.float32)
-    fgt_pts = np.argwhere(fgt > 0.6)
-    placed = 0
-    for _ in range(case["n_foci"] * 4):
-        if placed >= case["n_foci"] or len(fgt_pts) == 0:
-            break
-        c = (fgt_pts[int(rng.integers(len(fgt_pts)))] + 0.5) * np.array(grid.spacing)
-        if np.linalg.norm(c - tumour_centre) < r_t + 10.0:
-            continue
-        r = float(rng.uniform(4.0, 9.0))  # 0.3-3 ml: the size of small tumours
-        fb, fsl = _blob_fraction(_make_blob(rng, c, r, 2, 0.1), grid, r)
-        if fb.size:
-            foci[fsl] = np.maximum(foci[fsl], fb)
-        placed += 1
-    foci = np.minimum(foci * breast, np.clip(breast - tum, 0, 1))
-    return foci, placed
-
-
-def _vessels(breasts: list[tuple[float, ...]], y_cw0: float, zc: float,
-             coords: tuple[np.ndarray, np.ndarray, np.ndarray], breast: np.ndarray, grid: _Grid,
-             rng: np.random.Generator) -> np.ndarray:
-    """Vessel fraction map: 1-3 straight vessels per breast from the chest wall towards the nipple."""
-    X, Y, Z = coords
-    shape = grid.shape
-    vessel = np.zeros(shape, np.float32)
-    for xc, rx, ry, rz in breasts:
-        for _ in range(int(rng.integers(1, 4))):
-            p0 = np.array([xc + rng.uniform(-0.6, 0.6) * rx, y_cw0 + 3.0, zc + rng.uniform(-0.6, 0.6) * rz])
-            p1 = np.array([xc + rng.uniform(-0.3, 0.3) * rx, y_cw0 + 0.8 * ry, zc + rng.uniform(-0.3, 0.3) * rz])
-            d = p1 - p0
-            t = np.clip(((X - p0[0]) * d[0] + (Y - p0[1]) * d[1] + (Z - p0[2]) * d[2]) / (d @ d), 0, 1)
-            dist = np.sqrt((X - p0[0] - t * d[0]) ** 2 + (Y - p0[1] - t * d[1]) ** 2 + (Z - p0[2] - t * d[2]) ** 2)
-            vessel = np.maximum(vessel, _soft(rng.uniform(1.2, 2.0) - dist, grid.voxel))
-    vessel *= breast
-    return vessel
-
-
-def _intensities(case: dict[str, Any], tissues: dict[str, np.ndarray], texture: np.ndarray, fine: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The pre-contrast image and the components that enhance, from the tissue fraction maps."""
-    fat, fgt, foci, hidden, tum = (tissues[k] for k in ("fat", "fgt", "foci", "hidden", "tumour"))
-    vessel, skin, muscle, thorax = (tissues[k] for k in ("vessel", "skin", "muscle", "thorax"))
-    shape = fat.shape
-    fs = bool(case["fat_suppressed"])
-    s0 = {"fat": 0.30 if fs else 0.95, "fgt": 0.62 if fs else 0.50, "tumour": 0.50, "vessel": 0.40,
-          "skin": 0.55, "muscle": 0.45, "thorax": 0.22}
-    tex = 1.0 + 0.06 * texture
-    thorax_tex = np.clip(1.0 + 0.5 * _smooth_noise(rng, shape, fine * 2), 0.2, 2.0)
-    # The hidden part of a tumour (intrinsic mechanism; zero otherwise) looks and enhances like parenchyma.
-    seen = tum - hidden
-    pre = (fat * s0["fat"] * tex + (fgt + foci + hidden) * s0["fgt"] * tex + seen * s0["tumour"]
-           + vessel * s0["vessel"] + skin * s0["skin"] + muscle * s0["muscle"] + thorax * s0["thorax"] * thorax_tex)
-    components = {
-        "tumour": seen * s0["tumour"],
-        "bpe": (fgt + hidden) * s0["fgt"],
-        "foci": foci * s0["fgt"],
-        "vessel": vessel * s0["vessel"],
-        "background": (muscle * s0["muscle"] + skin * s0["skin"] + thorax * s0["thorax"] * 0.3),
-    }
-    return pre, components
-
-
-def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[str, Any]:
-    """Tissue fraction maps and intensity components on ``grid`` (canonical orientation)."""
+def _breast_shape(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[str, Any]:
+    """The breast(s) in the field of view: lobe-shaped fat, skin and the chest wall's position."""
     X, Y, Z = grid.coords()
     L = grid.extent
-    shape = grid.shape
-    sp = np.array(grid.spacing)
-    fine = 6.0 / sp  # ~6 mm correlation length of tissue texture
-    coarse = np.maximum(np.array(shape) / 4.0, 1.0)
-
     bilateral = bool(case["bilateral"])
     sagittal = case["view"] == "sagittal"
     crop = case["preset"] == "default"
@@ -800,8 +903,9 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
             breasts.append((xc, min(65.0 * size, cap), min(75.0 * size, 0.9 * depth),
                             min(65.0 * size * rng.uniform(0.9, 1.1), 0.46 * L[2])))
     zc = L[2] / 2 + rng.normal(0, 0.04) * L[2]
-    wobble = _smooth_noise(rng, shape, coarse)
-    breast_d = np.full(shape, -1e3, np.float32)
+    coarse = np.maximum(np.array(grid.shape) / 4.0, 1.0)
+    wobble = _smooth_noise(rng, grid.shape, coarse)
+    breast_d = np.full(grid.shape, -1e3, np.float32)
     q_breast = []
     for xc, rx, ry, rz in breasts:
         q = np.sqrt(((X - xc) / rx) ** 2 + ((Y - y_cw) / ry) ** 2 + ((Z - zc) / rz) ** 2) * (1 + 0.06 * wobble)
@@ -810,44 +914,194 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
         breast_d = np.maximum(breast_d, (1.0 - q) * min(rx, ry, rz))
     breast = _soft(breast_d, grid.voxel)
     skin = np.clip(_soft(breast_d, grid.voxel) - _soft(breast_d - 2.0, grid.voxel), 0, 1)
+    return {"breasts": breasts, "q_breast": q_breast, "breast": breast, "skin": skin, "y_cw": y_cw,
+            "y_cw0": y_cw0, "zc": zc, "bilateral": bilateral}
 
-    # Body behind the chest wall: pectoral muscle band, then thorax (dark lung, brighter mediastinum).
-    behind = y_cw - Y
+
+def _body(shape_: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Body behind the chest wall: pectoral muscle band, then thorax (dark lung, brighter mediastinum)."""
+    X, Y, _ = grid.coords()
+    L = grid.extent
+    behind = shape_["y_cw"] - Y
     muscle_mm = rng.uniform(8, 14)
     body = _soft(behind, grid.voxel)
-    if bilateral:  # the torso ends laterally
+    if shape_["bilateral"]:  # the torso ends laterally
         body = body * _soft(0.48 * L[0] - np.abs(X - L[0] / 2) + 0 * Y, grid.voxel)
     muscle = body * _soft(muscle_mm - behind, grid.voxel)
-    thorax = np.clip(body - muscle, 0, 1)
+    return {"muscle": muscle, "thorax": np.clip(body - muscle, 0, 1)}
 
-    # Fibroglandular tissue: textured field + central prior, thresholded to the density's volume fraction.
-    fgt, texture = _fibroglandular(case, q_breast, Y, y_cw, breast, shape, sp, fine, rng)
 
-    # Tumour: inside one breast, preferably in FGT, away from skin and chest wall.
-    tumour, r_t, tum, b_idx = _place_tumour(case, breasts, q_breast, fgt, breast, grid, rng)
+def _parenchyma(case: dict[str, Any], shape_: dict[str, Any], grid: _Grid,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Fibroglandular tissue (textured field + central prior, thresholded to the density's volume fraction) and
+    the tissue texture."""
+    _, Y, _ = grid.coords()
+    sp = np.array(grid.spacing)
+    fine = 6.0 / sp  # ~6 mm correlation length of tissue texture
+    lo, hi = _FGT_FRACTION[case["density_true"]]
+    target = float(rng.uniform(lo, hi))
+    texture = _smooth_noise(rng, grid.shape, fine)
+    # FGT strands run from the nipple towards the chest wall: texture elongated along AP, two scales.
+    strands = (0.6 * _smooth_noise(rng, grid.shape, np.array([2.5, 6.0, 2.5]) / sp)
+               + 0.4 * _smooth_noise(rng, grid.shape, np.array([6.0, 12.0, 6.0]) / sp))
+    fgt = np.zeros(grid.shape, np.float32)
+    for q in shape_["q_breast"]:
+        inside = q < 1.0
+        eligible = (q < 0.88) & (Y - shape_["y_cw"] > 5.0)
+        if eligible.sum() < 10:
+            continue
+        score = strands + 2.0 * (1.0 - q)
+        thr = np.quantile(score[eligible], max(0.0, 1.0 - target * inside.sum() / eligible.sum()))
+        fgt = np.maximum(fgt, np.where(eligible, np.clip((score - thr) / 0.35 + 0.5, 0, 1), 0.0))
+    return (fgt * shape_["breast"]).astype(np.float32), texture
+
+
+def _tumour(case: dict[str, Any], shape_: dict[str, Any], fgt: np.ndarray, grid: _Grid,
+            rng: np.random.Generator) -> dict[str, Any]:
+    """The tumour: inside one breast, preferably in FGT, away from skin and chest wall; rescaled to its volume."""
+    breasts, breast = shape_["breasts"], shape_["breast"]
+    r_t = (3.0 * case["tumour_ml_target"] * 1000.0 / (4.0 * math.pi)) ** (1.0 / 3.0)
+    b_idx = int(rng.integers(len(breasts)))
+    qb = shape_["q_breast"][b_idx]
+    margin = min(0.8, max(0.3, 1.0 - 1.2 * r_t / min(breasts[b_idx][1:])))
+    cand = np.argwhere((qb < margin) & (fgt > 0.3))
+    if len(cand) < 5:
+        cand = np.argwhere(qb < margin)
+    if len(cand) == 0:
+        cand = np.argwhere(qb < 1.0)
+    if len(cand) == 0:
+        cand = np.argwhere(np.ones(grid.shape, bool))
+    centre = (cand[int(rng.integers(len(cand)))] + 0.5) * np.array(grid.spacing)
+    tumour = _make_blob(rng, centre, r_t, int(rng.integers(2, 5)), 0.12)
     voxel_ml = float(np.prod(grid.spacing)) / 1000.0
-    hidden = _hidden_part(case, tum, tumour.centres[0], (X, Y, Z), grid, rng)
+    frac, sl = _blob_fraction(tumour, grid, r_t)
+    for _ in range(3):  # rescale towards the target volume (lobes overlap, the breast clips)
+        vol = float((frac * breast[sl]).sum()) * voxel_ml if frac.size else 0.0
+        if vol <= 0 or abs(vol / case["tumour_ml_target"] - 1) < 0.08:
+            break
+        s = float(np.clip((case["tumour_ml_target"] / vol) ** (1 / 3), 0.6, 1.6))
+        tumour, r_t = tumour.scaled(s), r_t * s
+        frac, sl = _blob_fraction(tumour, grid, r_t)
+    tum = np.zeros(grid.shape, np.float32)
+    if frac.size:
+        tum[sl] = frac
+    tum *= breast
+    return {"fraction": tum, "centre": tumour.centres[0], "radius": r_t, "breast_index": b_idx}
 
-    # BPE foci: small lobulated blobs in FGT, away from the tumour.
-    foci, placed = _place_foci(case, fgt, tumour.centres[0], r_t, breast, tum, grid, rng)
 
-    # A few vessels running from the chest wall towards the nipple (fast, strong enhancement everywhere).
-    vessel = _vessels(breasts, y_cw0, zc, (X, Y, Z), breast, grid, rng)
+def _foci(case: dict[str, Any], fgt: np.ndarray, tumour: dict[str, Any], breast: np.ndarray, grid: _Grid,
+          rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """BPE foci: small lobulated blobs in FGT, away from the tumour (fraction map, number placed)."""
+    tum = tumour["fraction"]
+    foci = np.zeros(grid.shape, np.float32)
+    fgt_pts = np.argwhere(fgt > 0.6)
+    placed = 0
+    for _ in range(case["n_foci"] * 4):
+        if placed >= case["n_foci"] or len(fgt_pts) == 0:
+            break
+        c = (fgt_pts[int(rng.integers(len(fgt_pts)))] + 0.5) * np.array(grid.spacing)
+        if np.linalg.norm(c - tumour["centre"]) < tumour["radius"] + 10.0:
+            continue
+        r = float(rng.uniform(4.0, 9.0))  # 0.3-3 ml: the size of small tumours
+        fb, fsl = _blob_fraction(_make_blob(rng, c, r, 2, 0.1), grid, r)
+        if fb.size:
+            foci[fsl] = np.maximum(foci[fsl], fb)
+        placed += 1
+    return np.minimum(foci * breast, np.clip(breast - tum, 0, 1)), placed
 
-    fgt = np.clip(fgt - tum - foci, 0, 1)
-    vessel = np.minimum(vessel, np.clip(breast - tum - fgt - foci, 0, 1))
-    fat = np.clip(breast - tum - fgt - foci - vessel - skin, 0, 1)
 
-    tissues = {"fat": fat, "fgt": fgt, "foci": foci, "hidden": hidden, "tumour": tum, "vessel": vessel,
-               "skin": skin, "muscle": muscle, "thorax": thorax}
-    pre, components = _intensities(case, tissues, texture, fine, rng)
+def _vessels(shape_: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> np.ndarray:
+    """A few vessels running from the chest wall towards the nipple (fast, strong enhancement everywhere)."""
+    X, Y, Z = grid.coords()
+    vessel = np.zeros(grid.shape, np.float32)
+    y_cw0, zc = shape_["y_cw0"], shape_["zc"]
+    for xc, rx, ry, rz in shape_["breasts"]:
+        for _ in range(int(rng.integers(1, 4))):
+            p0 = np.array([xc + rng.uniform(-0.6, 0.6) * rx, y_cw0 + 3.0, zc + rng.uniform(-0.6, 0.6) * rz])
+            p1 = np.array([xc + rng.uniform(-0.3, 0.3) * rx, y_cw0 + 0.8 * ry, zc + rng.uniform(-0.3, 0.3) * rz])
+            d = p1 - p0
+            t = np.clip(((X - p0[0]) * d[0] + (Y - p0[1]) * d[1] + (Z - p0[2]) * d[2]) / (d @ d), 0, 1)
+            dist = np.sqrt((X - p0[0] - t * d[0]) ** 2 + (Y - p0[1] - t * d[1]) ** 2 + (Z - p0[2] - t * d[2]) ** 2)
+            vessel = np.maximum(vessel, _soft(rng.uniform(1.2, 2.0) - dist, grid.voxel))
+    return vessel * shape_["breast"]
+
+
+def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator,
+           lesion_rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """Tissue fraction maps and intensity components on ``grid`` (canonical orientation).
+
+    ``lesion_rng`` is the case's own stream for a look-alike mechanism's lesions (drawn, or in a counterfactual
+    cohort only placed for the truth label map); without it a case with lesions gets none.
+    """
+    X, Y, Z = grid.coords()
+    L = grid.extent
+    shape = grid.shape
+    sp = np.array(grid.spacing)
+    fine = 6.0 / sp
+    coarse = np.maximum(np.array(shape) / 4.0, 1.0)
+
+    shape_ = _breast_shape(case, grid, rng)
+    breast, skin = shape_["breast"], shape_["skin"]
+    body = _body(shape_, grid, rng)
+    fgt, texture = _parenchyma(case, shape_, grid, rng)
+    tumour = _tumour(case, shape_, fgt, grid, rng)
+    tum = tumour["fraction"]
+    hidden = _hidden_part(case, tum, tumour["centre"], (X, Y, Z), grid, rng)
+    foci, placed = _foci(case, fgt, tumour, breast, grid, rng)
+
+    mechanism = mechanism_of(case.get("disparity") or "default")
+    lesions: dict[str, Any] | None = None
+    if isinstance(mechanism, LookAlike) and int(case.get("n_lesions") or 0) > 0 and lesion_rng is not None:
+        lesions = mechanism.draw_lesions(case, grid, fgt, tum, foci, lesion_rng)
+    drawn = lesions is not None and not bool(case.get("counterfactual"))
+    les = np.minimum(lesions["fraction"] * breast, np.clip(breast - tum - foci, 0, 1)) if drawn else None
+    core = _core_part(case, tum - hidden, grid)
+
+    vessel = _vessels(shape_, grid, rng)
+
+    if les is None:
+        fgt = np.clip(fgt - tum - foci, 0, 1)
+        vessel = np.minimum(vessel, np.clip(breast - tum - fgt - foci, 0, 1))
+        fat = np.clip(breast - tum - fgt - foci - vessel - skin, 0, 1)
+    else:  # lesions take the place of parenchyma (and of fat at their edges)
+        fgt = np.clip(fgt - tum - foci - les, 0, 1)
+        vessel = np.minimum(vessel, np.clip(breast - tum - fgt - foci - les, 0, 1))
+        fat = np.clip(breast - tum - fgt - foci - les - vessel - skin, 0, 1)
+
+    fs = bool(case["fat_suppressed"])
+    s0 = {"fat": 0.30 if fs else 0.95, "fgt": 0.62 if fs else 0.50, "tumour": 0.50, "vessel": 0.40,
+          "skin": 0.55, "muscle": 0.45, "thorax": 0.22}
+    muscle, thorax = body["muscle"], body["thorax"]
+    tex = 1.0 + 0.06 * texture
+    thorax_tex = np.clip(1.0 + 0.5 * _smooth_noise(rng, shape, fine * 2), 0.2, 2.0)
+    # The hidden part of a tumour (intrinsic mechanism; zero otherwise) looks and enhances like parenchyma.
+    seen = tum - hidden
+    pre = (fat * s0["fat"] * tex + (fgt + foci + hidden) * s0["fgt"] * tex + seen * s0["tumour"]
+           + vessel * s0["vessel"] + skin * s0["skin"] + muscle * s0["muscle"] + thorax * s0["thorax"] * thorax_tex)
+    components = {
+        "tumour": seen * s0["tumour"],
+        "bpe": (fgt + hidden) * s0["fgt"],
+        "foci": foci * s0["fgt"],
+        "vessel": vessel * s0["vessel"],
+        "background": (muscle * s0["muscle"] + skin * s0["skin"] + thorax * s0["thorax"] * 0.3),
+    }
+    if core is not None:  # a necrotic core (darker, no enhancement) or a rim-enhancing tumour's slow core
+        necrotic = case["tumour_appearance"] == "necrotic"
+        components["tumour"] = (seen - core) * s0["tumour"]
+        pre = pre - core * s0["tumour"] + core * (0.35 if necrotic else s0["tumour"])
+        if not necrotic:
+            components["core"] = core * s0["tumour"]
+    if les is not None:  # look-alike lesions: the tumour's pre-contrast signal and (up to phase 1) enhancement
+        pre = pre + les * s0["tumour"]
+        components["lesion"] = les * s0["tumour"]
+        components["lesion_loss"] = -(les * lesions["drop"]) * s0["tumour"]
     # Smooth multiplicative bias (coil sensitivity): random low-frequency field plus an AP gradient.
     g = rng.standard_normal(3)
     ramp = (g[0] * X / L[0] + g[1] * Y / L[1] + g[2] * Z / L[2]).astype(np.float32)
     bias_field = np.exp(case["bias_amplitude"] * (0.7 * _smooth_noise(rng, shape, coarse * 1.5)
                                                   + 0.5 * (ramp - ramp.mean()))).astype(np.float32)
     inside = breast > 0.5
-    breast_ml = float(breast.sum()) * voxel_ml
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
     return {
         "pre": pre.astype(np.float32),
         "components": components,
@@ -856,13 +1110,27 @@ def _scene(case: dict[str, Any], grid: _Grid, rng: np.random.Generator) -> dict[
         "foci_fraction": foci,
         "breast": breast,
         "fgt_fraction_measured": float((fgt + foci)[inside].sum() / max(1.0, float(inside.sum()))),
-        "breast_ml": breast_ml,
+        "breast_ml": float(breast.sum()) * voxel_ml,
         "n_foci_placed": placed,
-        "breast_index": b_idx,
-        "breasts": breasts,
-        "y_cw0": y_cw0,
-        "zc": zc,
+        "breast_index": tumour["breast_index"],
+        "breasts": shape_["breasts"],
+        "y_cw0": shape_["y_cw0"],
+        "zc": shape_["zc"],
+        "lesions": lesions,
+        "core_fraction_map": core,
     }
+
+
+def _core_part(case: dict[str, Any], tum: np.ndarray, grid: _Grid) -> np.ndarray | None:
+    """Fraction map of a necrotic or rim-enhancing tumour's core (``core_fraction`` of its voxels, the deepest),
+    or None (the default appearance). Deterministic: no random draw."""
+    share = float(case.get("core_fraction") or 0.0)
+    inside = tum > 0.5
+    if share <= 0 or case.get("tumour_appearance", "default") == "default" or inside.sum() < 8:
+        return None
+    depth = ndi.distance_transform_edt(inside, sampling=grid.spacing).astype(np.float32)
+    cut = float(np.quantile(depth[inside], 1.0 - share))
+    return (tum * _soft(depth - cut, grid.voxel)).astype(np.float32)
 
 
 def _hidden_part(case: dict[str, Any], tum: np.ndarray, centre: np.ndarray,
@@ -903,7 +1171,8 @@ def _upsample(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _render(case: dict[str, Any], rng: np.random.Generator,
-            write_phase: Callable[[int, np.ndarray], None]) -> dict[str, Any]:
+            write_phase: Callable[[int, np.ndarray], None],
+            lesion_rng: np.random.Generator | None = None) -> dict[str, Any]:
     """Render one case: each int16 phase goes to ``write_phase(k, array)`` as soon as it exists (so a big
     realistic case never holds all its phases in memory); returns the mask, automatic mask, breast box and
     measured truth, all in the written orientation."""
@@ -927,7 +1196,7 @@ def _render(case: dict[str, Any], rng: np.random.Generator,
     work_shape = tuple(max(8, round(n / f)) for n, f in zip(full_canon, factors, strict=True))
     work_sp = tuple(s * n / w for s, n, w in zip(sp_canon, full_canon, work_shape, strict=True))
     grid = _Grid(work_shape, work_sp)
-    sc = _scene(case, grid, rng)
+    sc = _scene(case, grid, rng, lesion_rng)
     mask = (_upsample(sc["tumour_fraction"], full_canon) > 0.5).astype(np.uint8)
 
     curves = _kinetics(case, rng)
@@ -971,7 +1240,20 @@ def _render(case: dict[str, Any], rng: np.random.Generator,
     box = _breast_box(sc, grid, full_canon, mask)
     if sagittal:  # canonical (LR, AP, SI) -> written (AP, SI, LR)
         box = (box[1], box[2], box[0])
-    return {"mask": written(mask), "auto": written(auto), "measured": measured, "box": box}
+    out = {"mask": written(mask), "auto": written(auto), "measured": measured, "box": box}
+    if sc["lesions"] is not None:
+        out["lesion_labels"] = written(_nearest(sc["lesions"]["labels"], full_canon))
+        out["lesion_radii"] = sc["lesions"]["radii"]
+    return out
+
+
+def _nearest(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resampling of a label map from the work grid to the full grid."""
+    if a.shape == tuple(shape):
+        return a
+    idx = [np.minimum((np.arange(n) + 0.5) * a.shape[i] / n, a.shape[i] - 1).astype(int)
+           for i, n in enumerate(shape)]
+    return a[np.ix_(*idx)]
 
 
 def _breast_box(sc: dict[str, Any], grid: _Grid, full_canon: tuple[int, ...],
@@ -1203,18 +1485,22 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
 
 def make_cohort(root: str | Path, n_cases: int | None = None, seed: int = 0, preset: str = "default",
                 missingness: str = "teaching", overwrite: bool = False,
-                collections: Sequence[str] | None = None, disparity: str = "default") -> Path:
+                collections: Sequence[str] | None = None, disparity: str = "default", *,
+                counterfactual: bool = False, hard_fraction: float | None = None,
+                tumour_appearance: str = "default") -> Path:
     """Write a synthetic MAMA-MIA cohort under ``root`` and return its path.
 
     ``n_cases`` defaults to 300 (``default`` preset) or 12 (``realistic``); ``collections`` restricts the
     collection mix (e.g. ``("ISPY1", "NACT")``), keeping the real proportions among those chosen; ``disparity``
-    the mechanism behind the hard subgroup's disadvantage (:data:`DISPARITIES`, see the module docstring). Refuses a
+    the mechanism behind the hard subgroup's disadvantage (:data:`DISPARITIES`, see the module docstring);
+    ``counterfactual``, ``hard_fraction`` and ``tumour_appearance`` as in :func:`plan_cohort`. Refuses a
     non-empty ``root`` unless ``overwrite`` (and then only a folder it wrote itself). The cohort is written
     to a temporary sibling folder and moved into place at the end, so an interrupted run leaves nothing
     half-written.
     """
     root = Path(root).expanduser()
-    plan = plan_cohort(n_cases, seed, preset, missingness, collections, disparity)
+    plan = plan_cohort(n_cases, seed, preset, missingness, collections, disparity, counterfactual=counterfactual,
+                       hard_fraction=hard_fraction, tumour_appearance=tumour_appearance)
     _prepare_root(root, overwrite)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
@@ -1254,7 +1540,14 @@ def _write_all(out: Path, plan: pd.DataFrame, seed: int, preset: str) -> None:
             if k == 0:
                 first.append(image[image > 0])  # for the window centre/width columns
 
-        r = _render(c, rng, write_phase)
+        # a look-alike mechanism's lesions come from a stream of their own (the render stream is untouched)
+        lesion_rng = (np.random.default_rng(np.random.SeedSequence([int(seed), 4, index]))
+                      if int(c.get("n_lesions") or 0) > 0 else None)
+        r = _render(c, rng, write_phase, lesion_rng)
+        if "lesion_labels" in r:
+            (out / LESION_DIR).mkdir(parents=True, exist_ok=True)
+            (out / LESION_DIR / f"{pid}.nii.gz").write_bytes(
+                _nifti_bytes(r["lesion_labels"].astype(np.uint8), affine, 6))
         if c["stray_tsv"]:
             lines = ["phase\tfile\tacquisition_time_s"] + [
                 f"{k}\t{low}_{k:04d}.nii.gz\t{t}" for k, t in enumerate(c["acquisition_times"])]
@@ -1280,6 +1573,13 @@ def _write_all(out: Path, plan: pd.DataFrame, seed: int, preset: str) -> None:
             "z_blur": c["z_blur"], "num_phases": c["num_phases"],
             "disparity": c["disparity"], "hidden_fraction": c["hidden_fraction"],
         })
+        # columns of the options a cohort uses only (the default cohort's file stays the original)
+        if "n_lesions" in c:
+            radii = r.get("lesion_radii", [])
+            truth_rows[-1].update({"n_lesions": len(radii), "lesion_radii_mm": ";".join(f"{x:g}" for x in radii),
+                                   "counterfactual": bool(c["counterfactual"])})
+        if "tumour_appearance" in c:
+            truth_rows[-1].update({"tumour_appearance": c["tumour_appearance"], "core_fraction": c["core_fraction"]})
     meta_rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
     _write_xlsx(out / "clinical_and_imaging_info.xlsx", _spreadsheet_rows(plan, windows, meta_rng))
     _write_split(out / "train_test_splits.csv", plan)

@@ -90,7 +90,12 @@ class TrainConfig:
     synthetic_seed: int = _f(0, "seed of the synthetic cohort")
     synthetic_preset: str = _f("default", "preset of the synthetic cohort")
     synthetic_disparity: str = _f("default", "what makes the synthetic hard subgroup hard: default, "
-                                             "representation (learnable) or intrinsic (irreducible)")
+                                             "representation, intrinsic (irreducible), lookalike (learnable) "
+                                             "or lookalike_weak (its dose control)")
+    synthetic_counterfactual: bool = _f(False, "look-alike mechanisms: the same patients rendered without their "
+                                               "lesions (the counterfactual cohort)")
+    synthetic_hard_fraction: float | None = _f(None, "share of hard-subgroup cases in the synthetic cohort (more "
+                                                     "distinct hard patients, e.g. 0.5); null: the natural ~13 %")
     phases: list[int] = _f([0, 1, 2], "phases loaded as channels: 0 = _0000 pre-contrast, 1 = first post-contrast, ...")
     subtraction: bool = _f(False, "add the post1 - pre subtraction image as an extra channel")
     spacing: list[float] | None = _f(None, "resample to this spacing in mm (RAS order); null keeps each case's grid")
@@ -311,6 +316,8 @@ class TrainConfig:
 
         if self.synthetic_disparity not in DISPARITIES:
             bad("synthetic_disparity", f"must be one of {DISPARITIES}")
+        if self.synthetic_hard_fraction is not None and not 0.0 < float(self.synthetic_hard_fraction) < 1.0:
+            bad("synthetic_hard_fraction", "must be between 0 and 1 (exclusive), or null")
         try:
             self.data_spec()
         except ValueError as err:
@@ -603,7 +610,9 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     from divaware.paths import resolve_data_root
 
     root = resolve_data_root(config.data_root, n_cases=config.synthetic_cases, seed=config.synthetic_seed,
-                             preset=config.synthetic_preset, disparity=config.synthetic_disparity)
+                             preset=config.synthetic_preset, disparity=config.synthetic_disparity,
+                             counterfactual=config.synthetic_counterfactual,
+                             hard_fraction=config.synthetic_hard_fraction)
     return dataclasses.replace(config, data_root=str(Path(root).resolve()))
 
 

@@ -422,3 +422,225 @@ def test_cli_synth_disparity(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["synth", "--out", str(tmp_path / "c"), "--n-cases", "3", "--disparity", "intrinsic"]) == 0
     assert "intrinsic disparity" in capsys.readouterr().out
     assert set(read_truth(tmp_path / "c")["disparity"]) == {"intrinsic"}
+
+
+# ------------------------------------------------------------------------------------------------
+# The generator's refactor keeps every existing cohort; look-alike positive control, counterfactual, dose
+# control, balanced cohorts, tumour appearance
+# ------------------------------------------------------------------------------------------------
+
+# Content hashes (NIfTI: header + voxels, gunzipped; xlsx: every zip member; the rest: bytes) of cohorts written
+# by the generator before the scene was split into pieces and mechanisms became objects (commit 2bda46b).
+RECORDED = json.loads((Path(__file__).with_name("synthetic_hashes.json")).read_text())
+RECORDED_COHORTS = {
+    "default12": {"n_cases": 12, "seed": 0},
+    "intrinsic12": {"n_cases": 12, "seed": 0, "disparity": "intrinsic"},
+    "representation12": {"n_cases": 12, "seed": 0, "disparity": "representation"},
+    "realistic2": {"n_cases": 2, "seed": 0, "preset": "realistic", "collections": ("ISPY1", "NACT")},
+}
+
+
+def _content_hashes(root: Path) -> dict[str, str]:
+    import gzip
+    import io
+    import zipfile
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        if p.name.endswith(".nii.gz"):
+            data = gzip.decompress(data)  # the voxels and header, whatever zlib's version compresses them to
+        elif p.suffix == ".xlsx":
+            h = hashlib.sha256()
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                for name in sorted(z.namelist()):
+                    h.update(name.encode())
+                    h.update(z.read(name))
+            out[str(p.relative_to(root))] = h.hexdigest()[:16]
+            continue
+        out[str(p.relative_to(root))] = hashlib.sha256(data).hexdigest()[:16]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_COHORTS))
+def test_existing_cohorts_are_byte_identical_to_the_original_generator(name: str, tmp_path: Path) -> None:
+    root = make_cohort(tmp_path / name, **RECORDED_COHORTS[name])
+    got, want = _content_hashes(root), RECORDED[name]
+    changed = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    assert not changed, f"{len(changed)} files differ from the original generator's, e.g. {changed[:5]}"
+
+
+def test_lookalike_plans_keep_the_patients_and_calm_the_hard_groups_bpe() -> None:
+    base = plan_cohort(n_cases=1500, seed=3)
+    look = plan_cohort(n_cases=1500, seed=3, disparity="lookalike")
+    weak = plan_cohort(n_cases=1500, seed=3, disparity="lookalike_weak")
+    cf = plan_cohort(n_cases=1500, seed=3, disparity="lookalike", counterfactual=True)
+    hard = base["hard_subgroup"]
+    own = ["disparity", "n_lesions", "counterfactual"]
+    # the weak variant and the counterfactual have the same patients, BPE, foci and lesion counts
+    pd.testing.assert_frame_equal(weak.drop(columns=own), look.drop(columns=own))
+    pd.testing.assert_frame_equal(cf.drop(columns=own), look.drop(columns=own))
+    assert (cf["n_lesions"] == look["n_lesions"]).all() and cf["counterfactual"].all() and not look["counterfactual"].any()
+    # the rest are the default cohort's patients, unchanged
+    pd.testing.assert_frame_equal(look.loc[~hard].drop(columns=own), base.loc[~hard].drop(columns=["disparity"]))
+    # lesions only in the hard subgroup: 4 + Poisson(3)
+    assert (look.loc[~hard, "n_lesions"] == 0).all() and (look.loc[hard, "n_lesions"] >= 4).all()
+    assert 6.4 <= look.loc[hard, "n_lesions"].mean() <= 7.6
+    # the hard group's BPE at the level of other dense premenopausal women (41-50), well below the default's
+    dense_pre = (~hard) & base["density_true"].isin(["c", "d"]) & (base["menopause_true"] == "pre") & base["age"].between(41, 50)
+    assert abs(look.loc[hard, "bpe_strength"].mean() - base.loc[dense_pre, "bpe_strength"].mean()) < 0.06
+    assert base.loc[hard, "bpe_strength"].mean() - look.loc[hard, "bpe_strength"].mean() > 0.3
+    with pytest.raises(ValueError, match="counterfactual applies to look-alike mechanisms"):
+        plan_cohort(n_cases=5, disparity="intrinsic", counterfactual=True)
+
+
+def test_lookalike_lesions_are_placed_in_parenchyma_clear_of_the_tumour() -> None:
+    from divaware.synthetic import MECHANISMS, _Grid
+
+    grid = _Grid((40, 40, 30), (2.5, 2.5, 3.0))
+    fgt = np.zeros(grid.shape, np.float32)
+    fgt[5:35, 5:35, 4:26] = 1.0  # a slab of parenchyma
+    tum = np.zeros(grid.shape, np.float32)
+    tum[16:24, 16:24, 12:18] = 1.0  # the tumour in its middle
+    foci = np.zeros(grid.shape, np.float32)
+    radii = []
+    for seed in range(6):
+        les = MECHANISMS["lookalike"].draw_lesions({"n_lesions": 7}, grid, fgt, tum, foci, np.random.default_rng(seed))
+        labels = les["labels"]
+        assert labels.max() == len(les["radii"]) >= 5  # most of the planned lesions fit
+        assert not ((les["fraction"] > 0) & (tum > 0)).any()  # never overlapping the tumour
+        for k in range(1, labels.max() + 1):
+            centre = np.round(np.argwhere(labels == k).mean(axis=0)).astype(int)
+            assert fgt[tuple(centre)] == 1.0  # centred in parenchyma
+        drops = np.unique(les["drop"][les["fraction"] > 0])
+        assert ((drops >= 0.5) & (drops <= 0.7)).all()
+        radii += les["radii"]
+    assert 4.0 <= min(radii) and max(radii) <= 9.0 and max(radii) - min(radii) > 3.0
+    weak = MECHANISMS["lookalike_weak"].draw_lesions({"n_lesions": 7}, grid, fgt, tum, foci, np.random.default_rng(0))
+    strong = MECHANISMS["lookalike"].draw_lesions({"n_lesions": 7}, grid, fgt, tum, foci, np.random.default_rng(0))
+    assert (weak["labels"] == strong["labels"]).all()  # the dose control: same sites, weaker drop
+    drops = np.unique(weak["drop"][weak["fraction"] > 0])
+    assert ((drops >= 0.3) & (drops <= 0.45)).all()
+
+
+def test_lookalike_kinetics_match_the_tumour_until_phase_1_and_drop_by_phase_2() -> None:
+    from divaware.synthetic import _kinetics
+
+    plan = plan_cohort(n_cases=400, seed=0, disparity="lookalike")
+    for index, (pid, case) in enumerate(plan[plan["hard_subgroup"]].iterrows()):
+        c = {**case.to_dict(), "patient_id": pid}
+        k = _kinetics(c, np.random.default_rng(index))
+        t0, t1, t2 = c["acquisition_times"][:3]
+        assert k["lesion"](t0) == k["tumour"](t0) == 0.0 and k["lesion"](t1) == k["tumour"](t1)
+        for drop in (0.5, 0.7):
+            kept = (k["lesion"](t2) - drop * k["lesion_loss"](t2)) / k["lesion"](t1)
+            assert kept == pytest.approx(1 - drop)
+        assert k["tumour"](t2) / k["tumour"](t1) >= 0.7  # tumours lose <= 30 %
+
+
+def test_lookalike_cohort_counterfactual_and_dose_control_files(tmp_path: Path) -> None:
+    from divaware.synthetic import LESION_DIR
+
+    base = make_cohort(tmp_path / "default", n_cases=8, seed=4)
+    look = make_cohort(tmp_path / "look", n_cases=8, seed=4, disparity="lookalike")
+    cf = make_cohort(tmp_path / "cf", n_cases=8, seed=4, disparity="lookalike", counterfactual=True)
+    weak = make_cohort(tmp_path / "weak", n_cases=8, seed=4, disparity="lookalike_weak")
+    truth, truth_cf = read_truth(look), read_truth(cf)
+    hard = list(truth.index[truth["hard_subgroup"]])
+    rest = list(truth.index[~truth["hard_subgroup"]])
+    assert len(hard) == 2 and len(rest) == 6
+    hb, hl, hc = _hashes(base), _hashes(look), _hashes(cf)
+    # the rest's images are the default cohort's; the counterfactual differs from the lesion cohort in the hard
+    # cases only; masks are never touched
+    for p in rest:
+        files = [k for k in hb if k.startswith(f"images/{p}/") or k.endswith(f"/{p}.nii.gz")]
+        assert files and all(hl[k] == hb[k] == hc[k] for k in files), p
+        assert not (look / LESION_DIR / f"{p}.nii.gz").exists()
+    assert (truth.loc[rest, "n_lesions"] == 0).all()
+    assert (truth_cf["n_lesions"] == truth["n_lesions"]).all() and truth_cf["counterfactual"].all()
+    for p in hard:
+        low = p.lower()
+        labels = _array(look / LESION_DIR / f"{p}.nii.gz")
+        assert (labels == _array(cf / LESION_DIR / f"{p}.nii.gz")).all()
+        n = int(truth.loc[p, "n_lesions"])
+        assert n >= 4 and labels.max() == n and len(np.unique(labels)) == n + 1
+        radii = [float(x) for x in truth.loc[p, "lesion_radii_mm"].split(";")]
+        assert len(radii) == n and all(4.0 <= r <= 9.0 for r in radii)
+        mask = _array(look / "segmentations" / "expert" / f"{p}.nii.gz") > 0
+        assert hl[f"segmentations/expert/{p}.nii.gz"] == hc[f"segmentations/expert/{p}.nii.gz"]
+        assert not (mask & (labels > 0)).any()
+        # counterfactual: identical voxels outside the lesions (plus partial volume: one voxel in-plane, the
+        # slice blur's reach across slices)
+        lesion = labels > 0
+        near = ndi.binary_dilation(lesion, structure=np.ones((3, 3, 7), bool))
+        img = {root: [_array(root / "images" / p / f"{low}_{k:04d}.nii.gz").astype(float) for k in range(3)]
+               for root in (look, cf, weak)}
+        for k in range(3):
+            differ = img[look][k] != img[cf][k]
+            assert differ[lesion].mean() > 0.9 and not differ[~near].any()
+
+        def kept(root: Path, region: np.ndarray, img: dict[Path, list[np.ndarray]] = img) -> float:
+            ph = img[root]
+            return float((ph[2][region] - ph[0][region]).mean() / (ph[1][region] - ph[0][region]).mean())
+
+        core = ndi.binary_erosion(lesion)  # away from partial volume with the surrounding tissue
+        # lesions keep 30-50 % of their phase-1 enhancement at phase 2 (weak: 55-70 %), tumours >= 70 %
+        assert 0.25 <= kept(look, core) <= 0.55 and 0.5 <= kept(weak, core) <= 0.75 and kept(look, mask) >= 0.7
+        # ... and look like the tumour before and at phase 1 (same signal, within the bias field's spread)
+        for k in (0, 1):
+            assert 0.75 <= img[look][k][core].mean() / img[look][k][mask].mean() <= 1.33
+
+
+def test_hard_fraction_draws_more_distinct_hard_patients() -> None:
+    plan = plan_cohort(n_cases=200, seed=1, hard_fraction=0.5, disparity="lookalike")
+    assert len(plan) == 200 and plan.index.is_unique and plan["hard_subgroup"].sum() == 100
+    assert (plan.loc[plan["hard_subgroup"], "n_lesions"] >= 4).all()
+    assert set(plan["split"]) == {"train", "test"} and 0.15 <= (plan["split"] == "test").mean() <= 0.25
+    assert plan.equals(plan_cohort(n_cases=200, seed=1, hard_fraction=0.5, disparity="lookalike"))
+    with pytest.raises(ValueError, match="hard_fraction must be between 0 and 1"):
+        plan_cohort(n_cases=20, hard_fraction=1.0)
+
+
+@pytest.mark.parametrize("appearance", ["necrotic", "rim"])
+def test_tumour_appearance_changes_the_hard_tumours_only(appearance: str, tmp_path: Path) -> None:
+    base = make_cohort(tmp_path / "default", n_cases=8, seed=4)
+    root = make_cohort(tmp_path / appearance, n_cases=8, seed=4, tumour_appearance=appearance)
+    truth = read_truth(root)
+    hard = truth.index[truth["hard_subgroup"]]
+    assert (truth.loc[hard, "tumour_appearance"] == appearance).all()
+    assert truth.loc[hard, "core_fraction"].between(0.25, 0.45).all()
+    assert (truth.loc[~truth["hard_subgroup"], "core_fraction"] == 0).all()
+    hb, ha = _hashes(base), _hashes(root)
+    for p in truth.index:
+        low = p.lower()
+        assert ha[f"segmentations/expert/{p}.nii.gz"] == hb[f"segmentations/expert/{p}.nii.gz"]  # labels untouched
+        same = ha[f"images/{p}/{low}_0001.nii.gz"] == hb[f"images/{p}/{low}_0001.nii.gz"]
+        assert same == (p not in hard), p
+    for p in hard:  # the tumour's core enhances less (necrotic: not at all), its rim as before
+        mask = _array(root / "segmentations" / "expert" / f"{p}.nii.gz") > 0
+        depth = ndi.distance_transform_edt(mask)
+        core = depth >= np.quantile(depth[mask], 0.8)
+
+        def enhancement(r: Path, p: str = p, core: np.ndarray = core) -> float:
+            pre, post = (_array(r / "images" / p / f"{p.lower()}_{k:04d}.nii.gz").astype(float) for k in (0, 1))
+            return float((post[core] - pre[core]).mean() / pre[core].mean())
+
+        assert enhancement(root) < 0.5 * enhancement(base)
+
+
+def test_cli_synth_counterfactual_and_hard_fraction(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["synth", "--out", str(tmp_path / "c"), "--n-cases", "10", "--disparity", "lookalike",
+                 "--counterfactual", "--hard-fraction", "0.5"]) == 0
+    assert "lookalike counterfactual disparity" in capsys.readouterr().out
+    truth = read_truth(tmp_path / "c")
+    assert truth["hard_subgroup"].sum() == 5 and truth["counterfactual"].all() and (truth["n_lesions"] >= 0).all()
+    assert main(["synth", "--out", str(tmp_path / "n"), "--n-cases", "10", "--hard-fraction", "0.3",
+                 "--tumour-appearance", "necrotic"]) == 0
+    capsys.readouterr()
+    truth = read_truth(tmp_path / "n")
+    assert set(truth.loc[truth["hard_subgroup"], "tumour_appearance"]) == {"necrotic"} and truth["hard_subgroup"].sum() == 3
+    assert main(["synth", "--out", str(tmp_path / "d"), "--n-cases", "3", "--disparity", "intrinsic",
+                 "--counterfactual"]) == 2
+    assert "counterfactual applies to look-alike mechanisms" in capsys.readouterr().err
