@@ -47,7 +47,9 @@ def test_attribute_table_defaults_unknown_and_formatting():
     )
     before = meta.copy()
     tab = attribute_table(meta)
-    assert list(tab.columns) == ["age_group", "menopause", "breast_density"]
+    assert list(tab.columns) == ["age_group", "menopause", "breast_density", "dense"]
+    # dense is derived from breast_density: c/d -> yes, a/b -> no, unknown stays unknown
+    assert tab["dense"].tolist() == [UNKNOWN, "yes", UNKNOWN, "no"]
     assert tab.index.name == "patient_id" and list(tab.index) == ["A", "B", "C", "D"]
     assert tab.loc["B", "age_group"] == UNKNOWN
     assert tab.loc["B", "menopause"] == UNKNOWN and tab.loc["C", "menopause"] == UNKNOWN
@@ -117,10 +119,28 @@ def test_planted_subgroup_is_ranked_first_with_significant_t():
     assert its.attrs["n_cases"] == len(meta)
 
 
-def test_statistics_match_a_brute_force_welch_test_against_the_complement():
+def test_default_test_is_a_brute_force_mann_whitney_against_the_complement():
     meta, scores, _ = planted_cohort(n=200, seed=5)
+    scores = scores.round(2)  # ties: the tie correction must match scipy's
     tab = attribute_table(meta)
     its = divergent_itemsets(tab, scores, min_support=0.03, max_length=2)
+    assert its.attrs["test"] == "mannwhitney" and "Mann–Whitney" in its.attrs["statistic"]
+    s = scores.reindex(tab.index).to_numpy()
+    checked = 0
+    for _, row in its.iterrows():
+        m = members(tab, row["items"])
+        if 5 <= m.sum() <= len(m) - 2:
+            ref = stats.mannwhitneyu(s[m], s[~m], alternative="less", method="asymptotic", use_continuity=True)
+            assert row["p"] == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
+            assert stats.norm.cdf(row["t"]) == pytest.approx(row["p"], rel=1e-9, abs=1e-300)  # t is its z
+            checked += 1
+    assert checked > 20
+
+
+def test_welch_test_matches_a_brute_force_welch_test_against_the_complement():
+    meta, scores, _ = planted_cohort(n=200, seed=5)
+    tab = attribute_table(meta)
+    its = divergent_itemsets(tab, scores, min_support=0.03, max_length=2, test="welch")
     assert its["length"].max() == 2
     s = scores.reindex(tab.index).to_numpy()
     for _, row in its.iterrows():
@@ -130,8 +150,10 @@ def test_statistics_match_a_brute_force_welch_test_against_the_complement():
         assert row["mean"] == pytest.approx(s[m].mean(), abs=1e-12)
         assert row["divergence"] == pytest.approx(s[m].mean() - s.mean(), abs=1e-12)
         if 2 <= m.sum() <= len(m) - 2:
-            ref = stats.ttest_ind(s[m], s[~m], equal_var=False).statistic
-            assert row["t"] == pytest.approx(ref, rel=1e-9)
+            ref = stats.ttest_ind(s[m], s[~m], equal_var=False, alternative="less")
+            assert row["t"] == pytest.approx(ref.statistic, rel=1e-9)
+            if m.sum() >= 5:
+                assert row["p"] == pytest.approx(ref.pvalue, rel=1e-7)
         else:
             assert np.isnan(row["t"]) or row["t"] == 0
     # every 2-itemset with enough support is reported (nothing lost by the adapter)
