@@ -9,6 +9,10 @@ some look divergent by chance. Two questions decide whether its weights mean any
   by notebook 02); :func:`weight_trials` measures it on simulated splits.
 * **Power** — with one planted underperforming subgroup, how often are its training cases up-weighted?
   :func:`weight_trials` with ``delta < 0``, on :func:`planted_split` cohorts.
+* **Which test** — :func:`scenario_split` draws Dice-like splits (failures at 0.00 beside ~0.86) under
+  permuted, heavy-tailed and heteroscedastic nulls (a small group with the same mean and a much larger
+  variance, or reversed) and with a 0.08 gap of the hard group ``age_group=0-40 ∧ dense=yes``;
+  :func:`detector_trials` runs every candidate test of :data:`divaware.subgroups.TESTS` on the same splits.
 
 benchmarks/divergence_refresh.py writes both rates for the default and the former parameters into
 benchmarks/DIVERGENCE.md; tests/test_weighting.py pins them.
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from divaware.subgroups import AGE_GROUPS, MIN_TEST_COUNT, TESTS, UNKNOWN, divergent_itemsets
+from divaware.subgroups import AGE_GROUPS, DEFAULT_TEST, MIN_TEST_COUNT, TESTS, UNKNOWN, divergent_itemsets
 
 __all__ = ["PLANTED_ITEMSET", "HARD_ITEMSET", "SCENARIOS", "NULL_SCENARIOS", "planted_split", "scenario_split",
            "detector_trials", "weight_trials", "null_check"]
@@ -237,6 +241,7 @@ def null_check(
     max_length: int | None = 3,
     fdr: float = 0.05,
     t_min: float = 2.0,
+    test: str = DEFAULT_TEST,
 ) -> pd.DataFrame:
     """What would noise alone flag on this validation split? The analysis on permuted scores.
 
@@ -247,6 +252,10 @@ def null_check(
     former, uncorrected rule), ``fdr_flags`` (Δ < 0 and q ≤ ``fdr``: what the ``divaware`` strategy acts
     on), ``min_q`` and ``worst`` (the most negative Δ among the fdr flags, "" if none). On permuted rows
     any flag is a false alarm: their share estimates how often this split alone would re-weight on noise.
+    ``test`` is the divergence test behind q (default: the one ``divaware`` uses); ``t_flags`` use its
+    statistic. Permutations make the scores exchangeable, so they cannot show a test's behaviour when a
+    subgroup's scores are *spread* differently (the heteroscedastic null); :func:`detector_trials` and
+    :func:`weight_trials` measure that on simulated splits (``scenario="heteroscedastic"``).
     """
     if not isinstance(scores, pd.Series):
         raise TypeError("null_check: scores must be a pandas Series indexed by patient_id")
@@ -257,7 +266,7 @@ def null_check(
     rows = []
     for k in range(int(n_permutations) + 1):
         s = scores if k == 0 else pd.Series(rng.permutation(values), index=scores.index)
-        its = divergent_itemsets(table, s, min_support=min_support, max_length=max_length)
+        its = divergent_itemsets(table, s, min_support=min_support, max_length=max_length, test=test)
         neg = its["divergence"] < 0
         fdr_hit = its[neg & (its["q"] <= fdr)]
         rows.append({
