@@ -104,9 +104,10 @@ class TrainConfig:
                                 "(see val_case_count); 0: val_fraction alone")
     stratify: list[str] = _f(["age_group", "menopause", "breast_density"],
                              "metadata columns the train/val split is stratified by (rare strata merged)")
-    attributes: list[str] = _f(["age_group", "menopause", "breast_density"],
+    attributes: list[str] = _f(["age_group", "menopause", "breast_density", "dense"],
                                "subgroup attributes: given to the weighting strategy and used for the "
-                               "worst-group validation Dice")
+                               "worst-group validation Dice (dense: BI-RADS c/d vs a/b, derived from "
+                               "breast_density)")
     min_group_size: int = _f(3, "validation groups smaller than this are left out of the worst-group Dice")
     # -- model ---------------------------------------------------------------------------------------
     model: str = _f("unet", f"network: one of {', '.join(MODELS)}")
@@ -123,7 +124,7 @@ class TrainConfig:
                                     "(each case's gradient follows its weight at any batch size); batch = "
                                     "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
     strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware, "
-                                   "oracle (synthetic cohorts only)")
+                                   "febs, oracle (synthetic cohorts only)")
     strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support)")
     warmup_epochs: int = _f(5, "epochs of plain training before the first weight refresh (refreshing strategies)")
     update_every: int = _f(5, "epochs between weight refreshes after the warm-up")
