@@ -593,8 +593,8 @@ def val_case_count(n: int, val_fraction: float, min_val_cases: int = 0) -> int:
 
     round(n · val_fraction), raised to ``min_val_cases`` where that leaves ≥ 60 % of the cases for
     training, else to floor(n · 0.4), never lowered: the detector's power to flag a 0.08 Dice gap of a
-    ~13 % subgroup is about 20 % at 48 validation cases and 40-50 % at 96 (benchmarks/DIVERGENCE.md), so
-    96 is the floor where the cohort allows it. At least 1 case on each side.
+    ~13 % subgroup is 18 % per refresh at 48 validation cases and 52 % at 96 (benchmarks/DIVERGENCE.md),
+    so 96 is the floor where the cohort allows it. At least 1 case on each side.
     """
     base = round(n * val_fraction)
     floor = min(int(min_val_cases), math.floor(n * MAX_VAL_SHARE))
