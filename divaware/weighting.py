@@ -75,6 +75,7 @@ __all__ = [
     "OracleWeighting",
     "make_strategy",
     "normalise_weights",
+    "run_false_alarm_rate",
 ]
 
 # ``false_alarm_rate``: per refresh of a divergence strategy, the share of K permutations of that refresh's
@@ -134,6 +135,20 @@ def normalise_weights(raw: Sequence[float] | np.ndarray, w_min: float | None = N
         if np.array_equal(cu2 <= lo, at_lo) and np.array_equal(cu2 >= hi, at_hi):
             c = c_exact
     return np.clip(c * u, lo, hi)
+
+
+def run_false_alarm_rate(history: pd.DataFrame) -> float:
+    """A run's false-alarm rate: the mean of its refreshes' ``false_alarm_rate`` (weights history rows).
+
+    Each refresh ≥ 1 of a divergence strategy with ``null_permutations`` > 0 records the share of K
+    permutations of its validation scores that the detector flagged; this averages them over the run's
+    refreshes (one value per refresh, not per row). NaN when none was measured (other strategies, old runs).
+    """
+    if "false_alarm_rate" not in history.columns or "refresh" not in history.columns:
+        return float("nan")
+    per_refresh = history.groupby("refresh")["false_alarm_rate"].first()
+    per_refresh = per_refresh[per_refresh.index > 0].dropna()
+    return float(per_refresh.mean()) if len(per_refresh) else float("nan")
 
 
 def _jsonable(value: Any) -> Any:

@@ -455,6 +455,11 @@ def test_false_alarm_rate_is_recorded_per_refresh(cohorts):
                                          min_support=st.min_support, max_length=st.max_length)
         assert len(rates) == 1 and rates[0] == expected
         assert rates[0] in {k / 10 for k in range(11)} and rates[0] <= 0.2  # permutations rarely flag
+    from divaware.weighting import run_false_alarm_rate
+
+    per_refresh = [h.loc[h["refresh"] == r, "false_alarm_rate"].iloc[0] for r in (1, 2)]
+    assert run_false_alarm_rate(h) == pytest.approx(np.mean(per_refresh))
+    assert math.isnan(run_false_alarm_rate(make_strategy("erm").fit(train).history))
     # a state saved before the column existed resumes with it NaN
     state = json.loads(json.dumps(st.state_dict()))
     del state["history"]["false_alarm_rate"]
