@@ -44,7 +44,7 @@ import yaml
 from divaware import data as D
 from divaware import distributed
 from divaware.cohort import derived_seed as _derived_seed
-from divaware.cohort import split_train_val
+from divaware.cohort import split_train_val, val_case_count  # noqa: F401 (re-exported)
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.metrics import worst_group
 from divaware.model import MODELS, build_model, check_model_kwargs, infer, network_divisor, segment
@@ -109,11 +109,15 @@ class TrainConfig:
     affine_prob: float = _f(0.2, "probability of the random rotation/scaling per training sample")
     # -- split and subgroups -----------------------------------------------------------------------
     val_fraction: float = _f(0.2, "fraction of the challenge train split held out as fairness-validation")
+    min_val_cases: int = _f(96, "at least this many fairness-validation cases where the cohort allows: the split "
+                                "takes max(val_fraction, min_val_cases) but never more than 40 % of the cases "
+                                "(see val_case_count); 0: val_fraction alone")
     stratify: list[str] = _f(["age_group", "menopause", "breast_density"],
                              "metadata columns the train/val split is stratified by (rare strata merged)")
-    attributes: list[str] = _f(["age_group", "menopause", "breast_density"],
+    attributes: list[str] = _f(["age_group", "menopause", "breast_density", "dense"],
                                "subgroup attributes: given to the weighting strategy and used for the "
-                               "worst-group validation Dice")
+                               "worst-group validation Dice (dense: BI-RADS c/d vs a/b, derived from "
+                               "breast_density)")
     min_group_size: int = _f(3, "validation groups smaller than this are left out of the worst-group Dice")
     # -- model ---------------------------------------------------------------------------------------
     model: str = _f("unet", f"network: one of {', '.join(MODELS)}")
@@ -130,7 +134,7 @@ class TrainConfig:
                                     "(each case's gradient follows its weight at any batch size); batch = "
                                     "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
     strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware, "
-                                   "oracle (synthetic cohorts only)")
+                                   "febs, oracle (synthetic cohorts only)")
     strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support; "
                                    "names are checked; defaults: divaware.weighting.DEFAULTS)")
     warmup_epochs: int = _f(REFRESH_SCHEDULE["warmup_epochs"], "epochs of plain training before the first weight "
@@ -274,6 +278,9 @@ class TrainConfig:
                 bad(name, "must be >= 1")
         if int(self.warmup_epochs) < 0:
             bad("warmup_epochs", "must be >= 0")
+        if isinstance(self.min_val_cases, bool) or float(self.min_val_cases) != int(self.min_val_cases) \
+                or int(self.min_val_cases) < 0:
+            bad("min_val_cases", "must be a whole number >= 0 (0: val_fraction alone)")
         if float(self.lr) <= 0:
             bad("lr", "must be > 0")
         if self.schedule_epochs is not None and int(self.schedule_epochs) < 1:
@@ -877,7 +884,7 @@ class Trainer:
             splits = run.read_splits()
         else:
             splits = split_train_val(cohort.metadata, challenge_train, config.val_fraction, config.stratify,
-                                     config.seed)
+                                     config.seed, min_val_cases=int(config.min_val_cases))
         train_ids = splits.loc[splits["split"] == "train", "patient_id"].tolist()
         val_ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
         leaked = sorted(set(train_ids + val_ids) & set(test_ids))

@@ -29,6 +29,8 @@ Strategies (:data:`STRATEGIES`):
 * ``erm`` — every weight 1.
 * ``inverse_frequency`` — 1 / size of the case's intersectional group, mean 1 over the training set.
 * ``group_dro`` — online GroupDRO (Sagawa et al. 2020) over intersectional groups.
+* ``febs`` — Fair Error-Bound Scaling (Tian et al., ICLR 2024, FairSeg): groups with a larger running
+  training error get a larger weight, online.
 * ``paper`` — the published weighting (|Δ| of the case's worst divergent itemset) with its defects fixed.
 * ``divaware`` — our default: exponential tilt exp(−d_i/τ) over the subgroups that pass a
   false-discovery-rate control (Benjamini–Hochberg, 5 %), mean 1, clipped, optionally smoothed.
@@ -49,12 +51,15 @@ import pandas as pd
 from divaware.subgroups import (
     AND,
     DEFAULT_ATTRIBUTES,
+    DEFAULT_TEST,
     MIN_TEST_COUNT,
+    TESTS,
     Bins,
     attribute_table,
     case_divergence,
     case_ids,
     divergent_itemsets,
+    permutation_flag_rate,
 )
 
 __all__ = [
@@ -64,6 +69,7 @@ __all__ = [
     "ERMWeighting",
     "InverseFrequencyWeighting",
     "GroupDROWeighting",
+    "FEBSWeighting",
     "PaperWeighting",
     "DivawareWeighting",
     "OracleWeighting",
@@ -72,9 +78,14 @@ __all__ = [
     "DEFAULTS",
     "REFRESH_SCHEDULE",
     "check_strategy_params",
+    "run_false_alarm_rate",
 ]
 
-HISTORY_COLUMNS: tuple[str, ...] = ("refresh", "epoch", "patient_id", "weight", "worst_itemset", "divergence")
+# ``false_alarm_rate``: per refresh of a divergence strategy, the share of K permutations of that refresh's
+# validation scores on which the detector flags anything (NaN for refresh 0 and other strategies); one
+# value per refresh, repeated on its rows. A run's mean false-alarm rate is its mean over refreshes ≥ 1.
+HISTORY_COLUMNS: tuple[str, ...] = ("refresh", "epoch", "patient_id", "weight", "worst_itemset", "divergence",
+                                    "false_alarm_rate")
 
 _STATE_VERSION = 1
 
@@ -88,7 +99,9 @@ REFRESH_SCHEDULE: dict[str, int] = {"warmup_epochs": 6, "update_every": 3}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "group_dro": {"eta": 0.01},
     "paper": {**REFRESH_SCHEDULE, "min_support": 0.05},
-    "divaware": {**REFRESH_SCHEDULE, "tau": 0.05, "w_min": 0.2, "w_max": 5.0, "min_support": 0.05},
+    "divaware": {**REFRESH_SCHEDULE, "tau": 0.05, "w_min": 0.2, "w_max": 5.0, "min_support": 0.05,
+                 "persistence": 0.8, "null_permutations": 20},
+    "febs": {"gamma": 1.0, "momentum": 0.9},
     "oracle": {"warmup_epochs": REFRESH_SCHEDULE["warmup_epochs"], "w_min": 0.2, "w_max": 5.0},
 }
 """Strategy name -> its tunable parameters' defaults (the values the class uses when not given)."""
@@ -142,6 +155,20 @@ def normalise_weights(raw: Sequence[float] | np.ndarray, w_min: float | None = N
         if np.array_equal(cu2 <= lo, at_lo) and np.array_equal(cu2 >= hi, at_hi):
             c = c_exact
     return np.clip(c * u, lo, hi)
+
+
+def run_false_alarm_rate(history: pd.DataFrame) -> float:
+    """A run's false-alarm rate: the mean of its refreshes' ``false_alarm_rate`` (weights history rows).
+
+    Each refresh ≥ 1 of a divergence strategy with ``null_permutations`` > 0 records the share of K
+    permutations of its validation scores that the detector flagged; this averages them over the run's
+    refreshes (one value per refresh, not per row). NaN when none was measured (other strategies, old runs).
+    """
+    if "false_alarm_rate" not in history.columns or "refresh" not in history.columns:
+        return float("nan")
+    per_refresh = history.groupby("refresh")["false_alarm_rate"].first()
+    per_refresh = per_refresh[per_refresh.index > 0].dropna()
+    return float(per_refresh.mean()) if len(per_refresh) else float("nan")
 
 
 def _jsonable(value: Any) -> Any:
@@ -312,11 +339,13 @@ class WeightingStrategy:
                 "weight": np.asarray(h["weight"], dtype=float),
                 "worst_itemset": pd.Series(h["worst_itemset"], dtype=object).astype(str),
                 "divergence": np.asarray(h["divergence"], dtype=float),
+                "false_alarm_rate": np.asarray(h["false_alarm_rate"], dtype=float),
             }
         )
 
-    def _record(self, epoch: int) -> None:
+    def _record(self, epoch: int, false_alarm_rate: float = float("nan")) -> None:
         n = len(self._ids)
+        self._hist["false_alarm_rate"].extend([float(false_alarm_rate)] * n)
         self._hist["refresh"].extend([self._refresh_count] * n)
         self._hist["epoch"].extend([int(epoch)] * n)
         self._hist["patient_id"].extend(self._ids.tolist())
@@ -378,7 +407,10 @@ class WeightingStrategy:
         self._worst = np.asarray(state["worst_itemset"], dtype=object)
         self._refresh_count = int(state["refresh_count"])
         self._last_epoch = state["last_epoch"]
-        self._hist = {c: list(state["history"][c]) for c in HISTORY_COLUMNS}
+        saved = state["history"]
+        rows = len(saved["refresh"])
+        # states saved before a column existed resume with it NaN (false_alarm_rate: not measured then)
+        self._hist = {c: list(saved[c]) if c in saved else [float("nan")] * rows for c in HISTORY_COLUMNS}
         self._fit_structures()
         self._load_extra(state.get("extra") or {})
 
@@ -553,6 +585,115 @@ class GroupDROWeighting(WeightingStrategy):
             raise ValueError("group_dro: saved q does not match the saved training groups")
 
 
+class FEBSWeighting(WeightingStrategy):
+    """Fair Error-Bound Scaling (FEBS; Tian et al., "FairSeg: a large-scale medical image segmentation dataset
+    for fairness learning using Segment Anything Model with fair error-bound scaling", ICLR 2024).
+
+    **The paper.** FEBS re-weights the segmentation loss by each identity group's training error: for
+    every group a present in a training batch it takes the group's Dice loss E_a (its "error bound") and
+    scales the group's samples by s_a = tanh((min_b E_b / E_a)^γ), so that the groups with the largest
+    training error are treated as the hard ones; γ (default 1 in the authors' code) sets how strongly.
+    Groups are the values of one sensitive attribute (race, gender, ethnicity or language there). The
+    scale is applied inside the Dice term, to the predicted probabilities of the group's pixels
+    (s_a · p), which raises that group's Dice loss and its gradient as s_a falls below 1.
+
+    **Our reading, within the strategy interface** (a weight multiplies a case's whole loss; we never
+    rescale predictions, and the code here is ours):
+
+    * groups: the intersectional groups of ``attributes`` (as ``group_dro``); pass one attribute, e.g.
+      ``attributes=["age_group"]``, for the paper's setting;
+    * error bound: E_g, an exponential moving average (``momentum`` μ) of the mean per-case training loss
+      of group g over the training steps in which it appears — a 3D batch holds 1-8 cases, far too few
+      for a per-batch group Dice as in 2D batches of 24; E_g starts at the first batch mean of g;
+    * scale: s_g = tanh((E_min / E_g)^γ), E_min the smallest E among the groups seen so far, exactly as
+      the paper; the loss weight is its reciprocal, r_g = 1 / s_g (a scale < 1 on the predictions is an
+      emphasis > 1 on the loss), so the best group gets coth(1) ≈ 1.313 and a group with twice its
+      error coth(½) ≈ 2.164 (γ = 1);
+    * normalisation: w_i = r_g(i) scaled to mean 1 over the training set (then clipped to
+      [``w_min``, ``w_max``] when given, keeping mean 1), like every strategy here; groups not yet seen
+      take the best group's r;
+    * when: online, at every training step: :meth:`batch_weights` first updates E with the batch's
+      losses, then returns the batch's weights (the paper also weights a batch by its own errors).
+
+    ``weights`` shows the current weights of all training cases; the state holds E and which groups
+    have been seen, so a resumed run continues exactly.
+    """
+
+    name = "febs"
+
+    def __init__(
+        self,
+        *,
+        gamma: float = DEFAULTS["febs"]["gamma"],
+        momentum: float = DEFAULTS["febs"]["momentum"],
+        w_min: float | None = None,
+        w_max: float | None = None,
+        attributes: Sequence[str] | None = None,
+        bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
+    ) -> None:
+        super().__init__(attributes=attributes, bins=bins)
+        if not (gamma >= 0 and math.isfinite(gamma)):
+            raise ValueError(f"febs: gamma must be ≥ 0, got {gamma}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"febs: momentum must be in [0, 1), got {momentum}")
+        normalise_weights([1.0], w_min, w_max)  # validates the bounds now rather than at fit
+        self.gamma, self.momentum, self.w_min, self.w_max = float(gamma), float(momentum), w_min, w_max
+        self._params.update(gamma=self.gamma, momentum=self.momentum, w_min=w_min, w_max=w_max)
+
+    def _fit_structures(self) -> None:
+        labels = _group_labels(self._table).astype(str)
+        self._group_names, inverse, self._group_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+        self._gidx = np.asarray(inverse).reshape(-1)
+
+    def _fit(self) -> None:
+        self._fit_structures()
+        self._error = np.full(len(self._group_names), np.nan)  # NaN: group not seen yet
+
+    def _implied_weights(self) -> np.ndarray:
+        seen = np.isfinite(self._error)
+        if not seen.any():
+            return np.ones(len(self._gidx))
+        ratio = np.ones(len(self._error))
+        e_min = float(self._error[seen].min())
+        with np.errstate(divide="ignore"):
+            # a zero error is the best possible: ratio 1; E_min = 0 leaves every seen group at 0/E = 0
+            ratio[seen] = np.where(self._error[seen] > 0, e_min / self._error[seen], 1.0)
+        raw = 1.0 / np.tanh(np.maximum(ratio ** self.gamma, 1e-12))
+        return normalise_weights(raw[self._gidx], self.w_min, self.w_max)
+
+    def _batch(self, pos: np.ndarray, losses: np.ndarray | None, ids: list[str]) -> np.ndarray:
+        if losses is None:
+            raise ValueError("febs: batch_weights needs the batch's per-case losses")
+        g = self._gidx[pos]
+        n_groups = len(self._group_names)
+        b = np.bincount(g, minlength=n_groups)
+        order = np.lexsort((losses, pos))  # id order: the same batch in any order gives identical results
+        mean = np.bincount(g[order], weights=losses[order], minlength=n_groups) / np.maximum(b, 1)
+        present = b > 0
+        first = present & ~np.isfinite(self._error)
+        self._error[first] = mean[first]
+        again = present & ~first
+        self._error[again] = self.momentum * self._error[again] + (1.0 - self.momentum) * mean[again]
+        self._w = self._implied_weights()
+        return self._w[pos].copy()
+
+    @property
+    def error_bounds(self) -> pd.Series:
+        """Current E_g per group (NaN: not seen yet), index: group label."""
+        self._require_fit()
+        return pd.Series(self._error.copy(), index=pd.Index(self._group_names, name="group"), name="error")
+
+    def _extra_state(self) -> dict[str, Any]:
+        if self._ids is None:
+            return {}
+        return {"error": [None if not math.isfinite(e) else float(e) for e in self._error]}
+
+    def _load_extra(self, extra: Mapping[str, Any]) -> None:
+        self._error = np.array([np.nan if e is None else float(e) for e in extra["error"]], dtype=float)
+        if len(self._error) != len(self._group_names):
+            raise ValueError("febs: saved error bounds do not match the saved training groups")
+
+
 # --------------------------------------------------------------------------------------------------------
 # Divergence-driven strategies
 # --------------------------------------------------------------------------------------------------------
@@ -567,9 +708,26 @@ class _DivergenceStrategy(WeightingStrategy):
     ``min_support``/``max_length``, then :func:`~divaware.subgroups.case_divergence` of every training case
     (matched by attribute values) counting only itemsets with |t| ≥ ``t_min`` and, when ``fdr`` is set,
     Benjamini–Hochberg q ≤ ``fdr`` (itemsets of fewer than ``min_count`` validation cases are not tested),
-    then :meth:`_weights_from`.
+    then :meth:`_weights_from`. ``test`` names the divergence test behind the q-values
+    (:data:`divaware.subgroups.TESTS`; default Mann–Whitney, chosen in benchmarks/DIVERGENCE.md).
     ``test_ids`` (optional) are refused as validation cases: the test split must never drive weights.
     The last analysis is kept in ``last_itemsets`` (not part of the state).
+
+    **Persistence** (``persistence`` γ in [0, 1]): a refresh that flags nothing for any training case is
+    no evidence, not evidence that the gap closed (with 48-96 validation cases the detector misses a real
+    0.08 gap in half or more of the refreshes, benchmarks/DIVERGENCE.md). Such a refresh keeps the last
+    weights and moves them towards 1, w ← 1 + γ (w − 1), then w ← w / mean(w) (the map keeps mean 1 and the
+    clip bounds, the division only removes rounding). γ = 0 resets to 1 at once (the former behaviour);
+    γ = 1 keeps the weights until the next flag; a tilt without fresh evidence halves after
+    log(½)/log(γ) refreshes. The history then shows ``divergence`` 0 and no ``worst_itemset`` (this
+    refresh found nothing) beside weights ≠ 1.
+
+    **False-alarm rate per refresh** (``null_permutations`` K > 0): after each analysis the same detector
+    (same test, FDR, t_min, support) is run on K seeded permutations of the validation scores
+    (:func:`divaware.subgroups.permutation_flag_rate`; seed from ``null_seed`` and the refresh number, so a
+    resumed run draws the same); the share that flags anything is recorded in the history column
+    ``false_alarm_rate``. It estimates how often this split would re-weight on noise; a run's mean over
+    its refreshes is its false-alarm rate.
     """
 
     def __init__(
@@ -585,8 +743,21 @@ class _DivergenceStrategy(WeightingStrategy):
         test_ids: Iterable[str] = (),
         fdr: float | None = None,
         min_count: int = MIN_TEST_COUNT,
+        test: str = DEFAULT_TEST,
+        persistence: float = 0.0,
+        null_permutations: int = 0,
+        null_seed: int = 0,
     ) -> None:
         super().__init__(attributes=attributes, bins=bins)
+        if test not in TESTS:
+            raise ValueError(f"{self.name}: test must be one of {list(TESTS)}, got {test!r}")
+        if not (isinstance(persistence, (int, float)) and 0 <= persistence <= 1):
+            raise ValueError(f"{self.name}: persistence must be in [0, 1] (0: reset to 1 when nothing is flagged, "
+                             f"1: keep the last weights), got {persistence!r}")
+        if isinstance(null_permutations, bool) or int(null_permutations) != null_permutations or null_permutations < 0:
+            raise ValueError(f"{self.name}: null_permutations must be an int ≥ 0, got {null_permutations!r}")
+        self.test, self.persistence = str(test), float(persistence)
+        self.null_permutations, self.null_seed = int(null_permutations), int(null_seed)
         if fdr is not None and not 0 < fdr < 1:
             raise ValueError(f"{self.name}: fdr must be in (0, 1) or None (no false-discovery control), got {fdr}")
         if isinstance(min_count, bool) or int(min_count) != min_count or min_count < 2:
@@ -611,7 +782,8 @@ class _DivergenceStrategy(WeightingStrategy):
         self._params.update(
             warmup_epochs=self.warmup_epochs, update_every=self.update_every, min_support=self.min_support,
             max_length=self.max_length, t_min=self.t_min, test_ids=sorted(self.test_ids), fdr=self.fdr,
-            min_count=self.min_count,
+            min_count=self.min_count, test=self.test, persistence=self.persistence,
+            null_permutations=self.null_permutations, null_seed=self.null_seed,
         )
         self.last_itemsets: pd.DataFrame | None = None
 
@@ -631,16 +803,29 @@ class _DivergenceStrategy(WeightingStrategy):
                 )
         val_table = self._groups_table(val_groups, "val_groups")
         itemsets = divergent_itemsets(val_table, val_scores, min_support=self.min_support, max_length=self.max_length,
-                                      min_count=self.min_count)
+                                      min_count=self.min_count, test=self.test)
         cd = case_divergence(self._table, itemsets, t_min=self.t_min, q_max=self.fdr)
         d = cd["divergence"].to_numpy(float)
-        self._w = self._weights_from(d)
+        if (d < 0).any() or self._refresh_count == 0 or self.persistence == 0:
+            self._w = self._weights_from(d)
+        else:
+            # No evidence is not evidence of no gap: keep the last weights, decayed towards 1 (mean stays 1).
+            w = 1.0 + self.persistence * (self._w - 1.0)
+            self._w = w / w.mean()
+        far = float("nan")
+        if self.null_permutations:
+            # the same detector on K permutations of these scores: how often this split flags noise
+            far = permutation_flag_rate(
+                val_table, val_scores, n_permutations=self.null_permutations,
+                seed=int(np.random.default_rng([self.null_seed, self._refresh_count]).integers(2**31)),
+                fdr=self.fdr, t_min=self.t_min, min_support=self.min_support, max_length=self.max_length,
+                min_count=self.min_count, test=self.test)
         self._div = d
         self._worst = cd["worst_itemset"].to_numpy(dtype=object)
         self._refresh_count += 1
         self._last_epoch = int(epoch)
         self.last_itemsets = itemsets
-        self._record(epoch)
+        self._record(epoch, far)
         return self.weights
 
     def _weights_from(self, d: np.ndarray) -> np.ndarray:
@@ -689,10 +874,15 @@ class PaperWeighting(_DivergenceStrategy):
         test_ids: Iterable[str] = (),
         fdr: float | None = None,
         min_count: int = MIN_TEST_COUNT,
+        test: str = DEFAULT_TEST,
+        persistence: float = 0.0,
+        null_permutations: int = 0,
+        null_seed: int = 0,
     ) -> None:
         super().__init__(warmup_epochs=warmup_epochs, update_every=update_every, min_support=min_support,
                          max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids,
-                         fdr=fdr, min_count=min_count)
+                         fdr=fdr, min_count=min_count, test=test, persistence=persistence,
+                         null_permutations=null_permutations, null_seed=null_seed)
 
     def _weights_from(self, d: np.ndarray) -> np.ndarray:
         r = -np.minimum(d, 0.0)
@@ -724,14 +914,16 @@ class DivawareWeighting(_DivergenceStrategy):
     that survive a Benjamini–Hochberg step-up at false-discovery rate ``fdr`` now count:
 
     1. every itemset of ≥ ``min_count`` validation cases gets a one-sided p-value for "scores lower than
-       the rest" from a pooled-variance t (df n − 2; see :func:`divaware.subgroups.divergent_itemsets`);
-       itemsets holding exactly the same cases are one test;
+       the rest" from ``test`` (default: Mann–Whitney U, valid for heavy-tailed Dice; see
+       :func:`divaware.subgroups.divergent_itemsets`); itemsets holding exactly the same cases are one test;
     2. with the m p-values sorted, p_(1) ≤ … ≤ p_(m), the k smallest are discoveries for the largest k with
        p_(k) ≤ fdr · k / m (the q column of the analysis is the adjusted p-value, q ≤ fdr ⇔ discovery);
     3. d_i is the most negative Δ among the discoveries that contain training case i (0 if none).
 
-    When nothing is divergent, the chance that anything is discovered is at most ``fdr``, and then every
-    weight is exactly 1; when something is, the expected share of false discoveries among the discoveries
+    When nothing is divergent (scores exchangeable between the subgroups), the chance that anything is
+    discovered is at most ``fdr``, and then every weight is exactly 1 (before ``persistence`` carries
+    earlier weights over); the rank test also flags a subgroup whose cases are typically lower at an equal
+    mean (benchmarks/DIVERGENCE.md, heteroscedastic nulls); when something is, the expected share of false discoveries among the discoveries
     is at most ``fdr``. Measured (benchmarks/DIVERGENCE.md, default parameters): uniform weights in ≥ 90 %
     of null refreshes at 48 and 240 validation cases, and a planted subgroup (support 0.15, Δ −0.2 at 48;
     support 0.10, Δ −0.1 at 240; score SD 0.1) up-weighted ≥ 1.5× in ≥ 80 % of trials. The price: a
@@ -743,7 +935,9 @@ class DivawareWeighting(_DivergenceStrategy):
     (``t_min`` 0; the FDR step replaces the former t_min 2), min_support 0.05 and max_length 3 (small
     intersections are the point; see DESIGN.md on support), warm-up 6 epochs (early Dice is uninformative),
     refresh every 3 epochs: :data:`DEFAULTS` (the main job's values; before, the class used min_support
-    0.02 and 5/5 while notebook 03 used 0.05 and 6/3).
+    0.02 and 5/5 while notebook 03 used 0.05 and 6/3); ``persistence`` 0.8 (a tilt without fresh evidence
+    halves in about three refreshes) and a false-alarm rate from 20 permutations per refresh (see the base
+    class).
 
     Note: a case that shares only a marginal with a strongly divergent intersection (``age_group=0-40``
     for ``age_group=0-40 ∧ breast_density=d``) inherits that marginal's, smaller, divergence.
@@ -768,10 +962,15 @@ class DivawareWeighting(_DivergenceStrategy):
         attributes: Sequence[str] | None = None,
         bins: Mapping[str, Bins | Sequence[float] | int] | None = None,
         test_ids: Iterable[str] = (),
+        test: str = DEFAULT_TEST,
+        persistence: float = DEFAULTS["divaware"]["persistence"],
+        null_permutations: int = DEFAULTS["divaware"]["null_permutations"],
+        null_seed: int = 0,
     ) -> None:
         super().__init__(warmup_epochs=warmup_epochs, update_every=update_every, min_support=min_support,
                          max_length=max_length, t_min=t_min, attributes=attributes, bins=bins, test_ids=test_ids,
-                         fdr=fdr, min_count=min_count)
+                         fdr=fdr, min_count=min_count, test=test, persistence=persistence,
+                         null_permutations=null_permutations, null_seed=null_seed)
         if not (tau > 0 and math.isfinite(tau)):
             raise ValueError(f"divaware: tau must be > 0, got {tau}")
         if not (0 < w_min <= 1 <= w_max < math.inf):
@@ -879,7 +1078,7 @@ class OracleWeighting(WeightingStrategy):
 STRATEGIES: dict[str, type[WeightingStrategy]] = {
     cls.name: cls
     for cls in (ERMWeighting, InverseFrequencyWeighting, GroupDROWeighting, PaperWeighting, DivawareWeighting,
-                OracleWeighting)
+                OracleWeighting, FEBSWeighting)
 }
 
 

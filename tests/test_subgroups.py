@@ -47,7 +47,9 @@ def test_attribute_table_defaults_unknown_and_formatting():
     )
     before = meta.copy()
     tab = attribute_table(meta)
-    assert list(tab.columns) == ["age_group", "menopause", "breast_density"]
+    assert list(tab.columns) == ["age_group", "menopause", "breast_density", "dense"]
+    # dense is derived from breast_density: c/d -> yes, a/b -> no, unknown stays unknown
+    assert tab["dense"].tolist() == [UNKNOWN, "yes", UNKNOWN, "no"]
     assert tab.index.name == "patient_id" and list(tab.index) == ["A", "B", "C", "D"]
     assert tab.loc["B", "age_group"] == UNKNOWN
     assert tab.loc["B", "menopause"] == UNKNOWN and tab.loc["C", "menopause"] == UNKNOWN
@@ -117,10 +119,28 @@ def test_planted_subgroup_is_ranked_first_with_significant_t():
     assert its.attrs["n_cases"] == len(meta)
 
 
-def test_statistics_match_a_brute_force_welch_test_against_the_complement():
+def test_default_test_is_a_brute_force_mann_whitney_against_the_complement():
     meta, scores, _ = planted_cohort(n=200, seed=5)
+    scores = scores.round(2)  # ties: the tie correction must match scipy's
     tab = attribute_table(meta)
     its = divergent_itemsets(tab, scores, min_support=0.03, max_length=2)
+    assert its.attrs["test"] == "mannwhitney" and "Mann–Whitney" in its.attrs["statistic"]
+    s = scores.reindex(tab.index).to_numpy()
+    checked = 0
+    for _, row in its.iterrows():
+        m = members(tab, row["items"])
+        if 5 <= m.sum() <= len(m) - 2:
+            ref = stats.mannwhitneyu(s[m], s[~m], alternative="less", method="asymptotic", use_continuity=True)
+            assert row["p"] == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
+            assert stats.norm.cdf(row["t"]) == pytest.approx(row["p"], rel=1e-9, abs=1e-300)  # t is its z
+            checked += 1
+    assert checked > 20
+
+
+def test_welch_test_matches_a_brute_force_welch_test_against_the_complement():
+    meta, scores, _ = planted_cohort(n=200, seed=5)
+    tab = attribute_table(meta)
+    its = divergent_itemsets(tab, scores, min_support=0.03, max_length=2, test="welch")
     assert its["length"].max() == 2
     s = scores.reindex(tab.index).to_numpy()
     for _, row in its.iterrows():
@@ -130,8 +150,10 @@ def test_statistics_match_a_brute_force_welch_test_against_the_complement():
         assert row["mean"] == pytest.approx(s[m].mean(), abs=1e-12)
         assert row["divergence"] == pytest.approx(s[m].mean() - s.mean(), abs=1e-12)
         if 2 <= m.sum() <= len(m) - 2:
-            ref = stats.ttest_ind(s[m], s[~m], equal_var=False).statistic
-            assert row["t"] == pytest.approx(ref, rel=1e-9)
+            ref = stats.ttest_ind(s[m], s[~m], equal_var=False, alternative="less")
+            assert row["t"] == pytest.approx(ref.statistic, rel=1e-9)
+            if m.sum() >= 5:
+                assert row["p"] == pytest.approx(ref.pvalue, rel=1e-7)
         else:
             assert np.isnan(row["t"]) or row["t"] == 0
     # every 2-itemset with enough support is reported (nothing lost by the adapter)
@@ -361,3 +383,84 @@ def test_itemset_p_and_q_flag_the_planted_subgroup_and_not_noise():
     # constant scores: nothing is lower than anything, p = 1 (no NaN, no warning)
     flat = divergent_itemsets(attribute_table(meta), scores * 0 + 0.5, min_support=0.05)
     assert (flat.loc[flat["p"].notna(), "p"] == 1.0).all()
+
+
+# ------------------------------------------------------------------------------ the divergence test (issue 19)
+
+
+def test_heteroscedastic_sample_fools_the_pooled_t_but_not_the_default_test():
+    """Same mean, much larger variance: the young ∧ dense cases score 0.00 or 0.90 (mean 0.80), the rest
+    N(0.80, 0.05). On this seeded 96-case split the former pooled-variance t flags part of that group as
+    lower (its variance is swamped by the rest's in the pooled estimate); Mann–Whitney flags nothing."""
+    from divaware.calibration import scenario_split
+
+    meta, scores, hard = scenario_split(96, "heteroscedastic", seed=0)
+    assert hard.sum() == 14 and abs(scores[hard].mean() - scores[~hard].mean()) < 0.08
+    tab = attribute_table(meta)
+    pooled = divergent_itemsets(tab, scores, min_support=0.05, max_length=3, test="pooled_t")
+    default = divergent_itemsets(tab, scores, min_support=0.05, max_length=3)
+    flagged = pooled[(pooled["divergence"] < 0) & (pooled["q"] <= 0.05)]
+    assert "age_group=0-40 ∧ breast_density=d" in set(flagged["label"])
+    assert default.attrs["test"] == "mannwhitney"
+    assert not ((default["divergence"] < 0) & (default["q"] <= 0.05)).any()
+    assert default.set_index("label").loc["age_group=0-40 ∧ breast_density=d", "q"] > 0.5
+
+
+def test_bh_counts_different_groups_with_tied_scores_as_separate_tests():
+    """Issue 24 item 9: duplicates are the same *cases*, not the same (count, Σ, Σ²)."""
+    ids = pd.Index([f"P{i:02d}" for i in range(30)], name="patient_id")
+    group = np.array(["x"] * 6 + ["y"] * 6 + ["z"] * 18)
+    # x and y hold the same six scores: equal count, sums and sums of squares, different cases
+    six = [0.1, 0.2, 0.3, 0.35, 0.4, 0.45]
+    rest = np.linspace(0.5, 0.95, 18)
+    scores = pd.Series(np.concatenate([six, six, rest]), index=ids)
+    # b=1 on exactly the x cases: "a=x" and "a=x ∧ b=1" (and "b=1") are one hypothesis
+    table = pd.DataFrame({"a": group, "b": np.where(group == "x", "1", "0")}, index=ids)
+    its = divergent_itemsets(table, scores, min_support=0.1).set_index("label")
+    assert its.loc["a=x", "p"] == its.loc["a=y", "p"] == its.loc["a=x ∧ b=1", "p"]
+    # distinct case sets with a p-value: {x}, {y}, {z}, {not x}; a=x ∧ b=1 and b=1 repeat {x},
+    # a=y ∧ b=0 repeats {y}, a=z ∧ b=0 repeats {z}
+    assert its.attrs["n_tests"] == 4
+    # x and y tie for the smallest p: BH over 4 tests ranks them 1 and 2 -> q = p · 4 / 2 (merged: p · 3)
+    assert its["p"].min() == its.loc["a=x", "p"] < 0.01
+    assert its.loc["a=x", "q"] == pytest.approx(its.loc["a=x", "p"] * 4 / 2, rel=1e-12)
+    assert its.loc["a=y", "q"] == its.loc["a=x", "q"] == its.loc["b=1", "q"]
+
+
+def test_dense_is_derived_from_breast_density_and_young_dense_is_one_itemset():
+    from divaware.subgroups import DEFAULT_ATTRIBUTES, DERIVED_ATTRIBUTES
+
+    assert "dense" in DEFAULT_ATTRIBUTES and DERIVED_ATTRIBUTES["dense"][0] == "breast_density"
+    meta = pd.DataFrame({"age_group": ["0-40"] * 6 + ["51-60"] * 6,
+                         "breast_density": ["c", "d", "c", "d", "a", None, "b", "a", "c", "d", "unknown", "b"]},
+                        index=pd.Index([f"C{i}" for i in range(12)], name="patient_id"))
+    tab = attribute_table(meta, ["age_group", "breast_density", "dense"])
+    assert tab["dense"].tolist() == ["yes", "yes", "yes", "yes", "no", UNKNOWN, "no", "no", "yes", "yes", UNKNOWN, "no"]
+    # an own `dense` column wins over the derivation
+    own = attribute_table(meta.assign(dense="custom"), ["dense"])
+    assert (own["dense"] == "custom").all()
+    with pytest.raises(ValueError, match="dense"):
+        attribute_table(meta.drop(columns="breast_density"), ["dense"])
+    scores = pd.Series(np.where((tab["age_group"] == "0-40") & (tab["dense"] == "yes"), 0.5, 0.9), index=tab.index)
+    its = divergent_itemsets(tab, scores, min_support=0.3).set_index("label")
+    assert its.loc["age_group=0-40 ∧ dense=yes", "count"] == 4  # c and d together: 4 cases, each alone 2
+
+
+def test_permutation_flag_rate_is_the_detector_on_seeded_permutations():
+    from divaware.subgroups import permutation_flag_rate
+
+    meta, scores, _ = planted_cohort(n=120, seed=4)
+    tab = attribute_table(meta)
+    rate = permutation_flag_rate(tab, scores, n_permutations=12, seed=7, min_support=0.05, max_length=2)
+    rng = np.random.default_rng(7)
+    s = scores.reindex(sorted(scores.index)).to_numpy()  # the analysis sorts by id
+    hits = 0
+    for _ in range(12):
+        perm = pd.Series(rng.permutation(s), index=sorted(scores.index))
+        its = divergent_itemsets(tab, perm, min_support=0.05, max_length=2)
+        hits += bool(((its["divergence"] < 0) & (its["q"] <= 0.05)).any())
+    assert rate == hits / 12
+    # the real scores (planted gap 0.2) are flagged; constant scores never
+    assert permutation_flag_rate(tab, scores * 0 + 0.5, n_permutations=5) == 0.0
+    real = divergent_itemsets(tab, scores, min_support=0.05, max_length=2)
+    assert ((real["divergence"] < 0) & (real["q"] <= 0.05)).any()

@@ -98,6 +98,22 @@ def test_split_is_seeded_stratified_and_train_only(cohort: Cohort) -> None:
         assert math.floor(len(group) * 0.25) <= n_val <= math.ceil(len(group) * 0.25)
 
 
+def test_val_split_takes_96_cases_where_the_cohort_allows(cohort: Cohort) -> None:
+    """Issue 19: max(val_fraction, 96 cases), but never more than 40 % of the training cases."""
+    assert T.val_case_count(600, 0.2, 96) == 120  # 20 % is already more
+    assert T.val_case_count(300, 0.2, 96) == 96  # raised to 96: 68 % left to train
+    assert T.val_case_count(240, 0.2, 96) == 96  # exactly 40 %
+    assert T.val_case_count(200, 0.2, 96) == 80  # 96 would leave < 60 %: 40 %
+    assert T.val_case_count(300, 0.2, 0) == 60  # 0: the fraction alone (the former rule)
+    assert T.val_case_count(100, 0.5, 96) == 50  # never lowered
+    assert T.TrainConfig().min_val_cases == 96
+    ids = cohort.ids("train")
+    split = T.split_train_val(cohort.metadata, ids, 0.2, ["age_group"], seed=1, min_val_cases=96)
+    assert (split["split"] == "val").sum() == math.floor(len(ids) * 0.4) == T.val_case_count(len(ids), 0.2, 96)
+    with pytest.raises(ValueError, match="min_val_cases"):
+        T.TrainConfig.from_dict({"min_val_cases": -1})
+
+
 # ------------------------------------------------------------------------------------------------------
 # one epoch of every strategy
 # ------------------------------------------------------------------------------------------------------

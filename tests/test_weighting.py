@@ -60,7 +60,7 @@ def test_normalise_weights_mean_one_within_clip_and_order_kept():
 
 
 def test_make_strategy_names_and_bad_params():
-    assert set(STRATEGIES) == {"erm", "inverse_frequency", "group_dro", "paper", "divaware", "oracle"}
+    assert set(STRATEGIES) == {"erm", "inverse_frequency", "group_dro", "paper", "divaware", "oracle", "febs"}
     with pytest.raises(ValueError, match="unknown weighting strategy 'dro'.*group_dro"):
         make_strategy("dro")
     with pytest.raises(ValueError, match="taus.*accepted.*tau"):
@@ -226,8 +226,12 @@ def test_group_dro_is_sagawa_algorithm_1_on_a_stream_of_batches(adjustment):
 
 def test_divaware_planted_cases_above_one_others_at_most_one(cohorts):
     train, planted, val, val_scores = cohorts
-    st = make_strategy("divaware", warmup_epochs=2, update_every=3, min_support=0.02)  # the statements below
-    st.fit(train)                                                                       # are about 0.02
+    # the planted group is age_group=0-40 ∧ breast_density=d; with the derived `dense` attribute the
+    # coarser young ∧ dense (c or d) would also lift young density-c cases above 1. The statements below
+    # are about min_support 0.02.
+    st = make_strategy("divaware", warmup_epochs=2, update_every=3, min_support=0.02,
+                       attributes=["age_group", "menopause", "breast_density"])
+    st.fit(train)
     assert [e for e in range(10) if st.should_refresh(e)] == [2, 5, 8]
     np.testing.assert_array_equal(st.weights.to_numpy(), 1.0)  # warm-up: plain training
     w = st.refresh(2, val, val_scores)
@@ -265,7 +269,7 @@ def test_divaware_marginal_sharing_cases_rank_between(cohorts):
 
 def test_smoothing_is_a_convex_combination_of_refreshes(cohorts):
     train, planted, val, val_scores = cohorts
-    st = make_strategy("divaware", warmup_epochs=0, smoothing=0.5).fit(train)
+    st = make_strategy("divaware", warmup_epochs=0, smoothing=0.5, persistence=0.0).fit(train)
     fresh = make_strategy("divaware", warmup_epochs=0).fit(train)
     w1 = st.refresh(0, val, val_scores)
     pd.testing.assert_series_equal(w1, fresh.refresh(0, val, val_scores))  # first refresh: no smoothing
@@ -400,5 +404,94 @@ def test_divaware_defaults_ignore_noise_and_find_a_planted_subgroup(n_val, suppo
     planted = weight_trials(n_val=n_val, support=support, delta=delta, trials=40, seed=12)
     assert null["uniform"].mean() >= 0.9, null["ratio"].describe()
     assert planted["found"].mean() >= 0.8, planted["planted_ratio"].describe()
-    former = weight_trials({"t_min": 2.0, "fdr": None}, n_val=n_val, support=support, delta=0.0, trials=20, seed=11)
+    former = weight_trials({"t_min": 2.0, "fdr": None, "test": "welch"}, n_val=n_val, support=support, delta=0.0,
+                           trials=20, seed=11)
     assert former["uniform"].mean() < 0.5
+
+
+# ------------------------------------------------------------------------------ persistence, false alarms
+
+
+def test_persistence_keeps_the_last_weights_and_decays_them_towards_one(cohorts):
+    """No evidence is not evidence of no gap: a refresh that flags nothing moves w to 1 + γ (w − 1)."""
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("divaware", warmup_epochs=0, persistence=0.5, null_permutations=0).fit(train)
+    w1 = st.refresh(0, val, val_scores)
+    assert w1[planted].min() > 1.5
+    flat = pd.Series(0.8, index=val_scores.index)  # nothing can be flagged
+    w2 = st.refresh(3, val, flat)
+    np.testing.assert_allclose(w2, 1.0 + 0.5 * (w1 - 1.0), rtol=0, atol=1e-12)
+    w3 = st.refresh(6, val, flat)
+    np.testing.assert_allclose(w3, 1.0 + 0.25 * (w1 - 1.0), rtol=0, atol=1e-12)
+    assert w3.mean() == pytest.approx(1.0, abs=1e-12)
+    h = st.history
+    quiet = h[h["refresh"] == 2]
+    assert (quiet["divergence"] == 0).all() and (quiet["worst_itemset"] == "").all()  # found nothing ...
+    assert (quiet["weight"] != 1).any()  # ... yet the weights persist
+    # evidence again: fresh weights from that refresh alone
+    pd.testing.assert_series_equal(st.refresh(9, val, val_scores), w1)
+    # γ = 0: the former behaviour, back to 1 at once
+    reset = make_strategy("divaware", warmup_epochs=0, persistence=0.0, null_permutations=0).fit(train)
+    reset.refresh(0, val, val_scores)
+    np.testing.assert_array_equal(reset.refresh(3, val, flat).to_numpy(), 1.0)
+    with pytest.raises(ValueError, match="persistence"):
+        make_strategy("divaware", persistence=1.5)
+
+
+def test_false_alarm_rate_is_recorded_per_refresh(cohorts):
+    from divaware.subgroups import attribute_table, permutation_flag_rate
+
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("divaware", warmup_epochs=0, null_permutations=10, null_seed=3).fit(train)
+    st.refresh(0, val, val_scores)
+    noise = pd.Series(np.random.default_rng(5).permutation(val_scores.to_numpy()), index=val_scores.index)
+    st.refresh(3, val, noise)
+    h = st.history
+    assert h.loc[h["refresh"] == 0, "false_alarm_rate"].isna().all()  # fit: no analysis
+    table = attribute_table(val, st.attributes)
+    for refresh, scores in ((1, val_scores), (2, noise)):
+        rates = h.loc[h["refresh"] == refresh, "false_alarm_rate"].unique()
+        seed = int(np.random.default_rng([3, refresh - 1]).integers(2**31))
+        expected = permutation_flag_rate(table, scores, n_permutations=10, seed=seed, fdr=0.05,
+                                         min_support=st.min_support, max_length=st.max_length)
+        assert len(rates) == 1 and rates[0] == expected
+        assert rates[0] in {k / 10 for k in range(11)} and rates[0] <= 0.2  # permutations rarely flag
+    from divaware.weighting import run_false_alarm_rate
+
+    per_refresh = [h.loc[h["refresh"] == r, "false_alarm_rate"].iloc[0] for r in (1, 2)]
+    assert run_false_alarm_rate(h) == pytest.approx(np.mean(per_refresh))
+    assert math.isnan(run_false_alarm_rate(make_strategy("erm").fit(train).history))
+    # a state saved before the column existed resumes with it NaN
+    state = json.loads(json.dumps(st.state_dict()))
+    del state["history"]["false_alarm_rate"]
+    again = make_strategy("divaware", warmup_epochs=0, null_permutations=10, null_seed=3)
+    again.load_state_dict(state)
+    assert again.history["false_alarm_rate"].isna().all() and len(again.history) == len(h)
+
+
+# ---------------------------------------------------------------------------------------------- FEBS
+
+
+def test_febs_hand_example():
+    """Two age groups, γ 1, momentum ½: s_g = tanh(E_min / E_g), weight ∝ 1 / s_g, mean 1 over training."""
+    train = pd.DataFrame({"age_group": ["0-40", "0-40", "41-50"]}, index=pd.Index(["A1", "A2", "B1"], name="patient_id"))
+    st = make_strategy("febs", attributes=["age_group"], gamma=1.0, momentum=0.5).fit(train)
+    np.testing.assert_array_equal(st.weights.to_numpy(), 1.0)  # nothing seen yet
+    # step 1: E_A = mean(0.2, 0.4) = 0.3, E_B = 0.6 -> r_A = coth(1) = 1.31304, r_B = coth(0.5) = 2.16395;
+    # mean over the 3 training cases (2 r_A + r_B) / 3 = 1.59667
+    w = st.batch_weights(["B1", "A2", "A1"], [0.6, 0.4, 0.2])
+    np.testing.assert_allclose(w, [1.3552876273482735, 0.8223561863258634, 0.8223561863258634], rtol=1e-12)
+    np.testing.assert_allclose(st.error_bounds.to_numpy(), [0.3, 0.6])
+    # step 2, B alone with loss 0.2: E_B = ½ 0.6 + ½ 0.2 = 0.4, ratio 0.75, r_B = coth(0.75) = 1.57443
+    w = st.batch_weights(["B1"], [0.2])
+    np.testing.assert_allclose(w, [1.1244605518297348], rtol=1e-12)
+    np.testing.assert_allclose(st.weights.to_numpy(), [0.9377697240851327, 0.9377697240851327, 1.1244605518297348],
+                               rtol=1e-12)
+    assert st.weights.mean() == pytest.approx(1.0, abs=1e-12)
+    # γ 0: every group scaled alike -> all ones; losses are required
+    flat = make_strategy("febs", attributes=["age_group"], gamma=0.0).fit(train)
+    np.testing.assert_allclose(flat.batch_weights(["A1", "B1"], [0.1, 0.9]), 1.0)
+    with pytest.raises(ValueError, match="losses"):
+        flat.batch_weights(["A1"])
+    with pytest.raises(ValueError, match="momentum"):
+        make_strategy("febs", momentum=1.0)
