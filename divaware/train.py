@@ -45,6 +45,7 @@ import yaml
 
 from divaware import data as D
 from divaware import distributed
+from divaware import preprocess as P
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.model import MODELS, build_model, infer, network_divisor, segment
 
@@ -149,11 +150,18 @@ class TrainConfig:
     num_workers: int = _f(0, "data-loader worker processes (0: load in the main process)")
     cpu_threads: int = _f(0, "torch CPU threads; 0: torch's default (use 1 on a busy shared machine, where "
                              "threads spinning against other processes slow CPU training down many times)")
-    cache: str = _f("auto", "cache of preprocessed cases: auto, memory, disk or none")
-    cache_dir: str = _f("", "disk-cache folder; empty: <out_dir>/cache (never inside the input data)")
+    cache: str = _f("auto", "cache of preprocessed cases: auto (memory when the cases fit cache_max_gb, else "
+                            "preprocessed for patch training, disk otherwise), memory, disk, none, or "
+                            "preprocessed (the store shared by all runs: divaware.preprocess)")
+    cache_dir: str = _f("", "disk-cache folder; empty: <out_dir>/cache, or for preprocessed the shared store "
+                            "($DIVAWARE_PREPROCESSED, else <divaware cache>/preprocessed); never inside the data")
     cache_max_gb: float = _f(2.0, "auto cache: in memory up to this many GiB, on disk beyond")
     sw_overlap: float = _f(0.25, "sliding-window overlap for validation in patch training")
     val_every: int = _f(1, "validate every this many epochs (refreshes and the last epoch always validate)")
+    val_patches: int = _f(0, "cheap validation (preprocessed cache only): score each val case on patch-size "
+                             "windows covering its tumour plus this many fixed random windows; the metrics "
+                             "and selection use these, refreshes and the last epoch add full sliding-window "
+                             "scores (the refresh uses them); 0: full sliding window at every validation")
     out_dir: str = _f("runs/{strategy}_seed{seed}", "run folder; {field} placeholders are filled from this config")
     progress: bool = _f(True, "show tqdm progress bars")
 
@@ -882,7 +890,10 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
 
     # -- cohort and split (the challenge test split is never loaded here) -------------------------
     # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
-    cohort = load_cohort(config.data_root, voxel_cache=cache_dir / VOXEL_CACHE)
+    if config.cache in ("auto", "preprocessed"):  # voxel checks once per data folder, shared by runs and ranks
+        cohort = P.load_cohort_once(config.data_root, config.cache_dir or None)
+    else:
+        cohort = load_cohort(config.data_root, voxel_cache=cache_dir / VOXEL_CACHE)
     check_patch_fits(config, cohort.geometry)
     challenge_train = [i for i in cohort.ids("train") if cohort.cases[i].mask_path is not None]
     dropped = sorted(set(cohort.ids("train")) - set(challenge_train))
@@ -913,9 +924,18 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
     ds_args = {"cache": config.cache, "cache_dir": cache_dir, "spec": spec,
                "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
                "progress": config.progress}  # caching takes a while before the first epoch: show it
-    train_ds = D.make_dataset(D.make_records(cohort, train_ids, spec), D.train_transforms(spec), **ds_args)
+    train_recs = D.make_records(cohort, train_ids, spec)
     # each rank validates its own share of the cases; the scores are gathered below
-    val_ds = D.make_dataset(D.make_records(cohort, ranks.shard(val_ids), spec), D.eval_transforms(spec), **ds_args)
+    val_recs = D.make_records(cohort, ranks.shard(val_ids), spec)
+    cache_mode = D.resolve_cache(config.cache, train_recs, spec, ds_args["max_memory_bytes"])
+    entries: dict[str, Path] = {}
+    if cache_mode == "preprocessed":
+        train_ds, val_ds, entries = P.make_datasets(train_recs, val_recs, spec, config.cache_dir or None,
+                                                    workers=config.num_workers, progress=config.progress)
+    else:
+        train_ds = D.make_dataset(train_recs, D.train_transforms(spec), **ds_args)
+        val_ds = D.make_dataset(val_recs, D.eval_transforms(spec), **ds_args)
+    cheap_val = config.val_patches > 0 and cache_mode == "preprocessed"
     model = config.build_model().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -1004,19 +1024,27 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
         if validate_now:
             val_loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
                                        pin_memory=cuda, pad_batch=False)
-            per_case_val = ranks.gather_frame(
-                validate(model, val_loader, device, spec.divisor, roi, config.sw_overlap, use_amp, config.score,
-                         batch_cases=_val_batch_cases(config)),
-                val_ids)
+            full_val = cheap_val and (refresh_due or next_epoch == config.epochs)
+            if not cheap_val or full_val:
+                per_case_full = ranks.gather_frame(
+                    validate(model, val_loader, device, spec.divisor, roi, config.sw_overlap, use_amp, config.score,
+                             batch_cases=_val_batch_cases(config)),
+                    val_ids)
+            per_case_val = per_case_full if not cheap_val else ranks.gather_frame(
+                P.patch_scores(model, entries, ranks.shard(val_ids), roi or [], config.val_patches, config.seed,
+                               device, spec.divisor, use_amp, config.score), val_ids)
             worst, worst_label = worst_group(per_case_val["dice"], val_groups, config.min_group_size)
             mean_dice = float(per_case_val["dice"].mean())
             selection = 0.5 * (mean_dice + (worst if not math.isnan(worst) else mean_dice))
             row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
                        val_score=float(per_case_val["score"].mean()), selection=selection)
-            val_records += [{"epoch": next_epoch, "patient_id": pid, **r}
-                            for pid, r in per_case_val.to_dict("index").items()]
+            val_records += [{"epoch": next_epoch, "patient_id": pid, **({"kind": "patches"} if cheap_val else {}),
+                             **r} for pid, r in per_case_val.to_dict("index").items()]
+            if full_val:
+                val_records += [{"epoch": next_epoch, "patient_id": pid, "kind": "full", **r}
+                                for pid, r in per_case_full.to_dict("index").items()]
             if refresh_due:
-                strategy.refresh(next_epoch, cohort.metadata.loc[val_ids], per_case_val["score"])
+                strategy.refresh(next_epoch, cohort.metadata.loc[val_ids], per_case_full["score"])
             is_best = selection > best["selection"]
             if is_best:
                 best = {"epoch": next_epoch, "selection": selection}
