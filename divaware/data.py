@@ -17,7 +17,9 @@ inference stop after preprocessing and let :func:`divaware.model.infer` pad to t
 Every sample keeps its ``patient_id`` (a string, collated into a list), so per-case weights are always looked
 up by id. Caching stores the output of the deterministic part: in memory (``CacheDataset``) when the
 cohort is small, on disk (``PersistentDataset``) under the run's cache folder otherwise -- never in the
-input data folder.
+input data folder. Real-size volumes with patch training go through :mod:`divaware.preprocess` instead
+(``cache: preprocessed``, which ``auto`` picks when the cases do not fit in memory): one store per machine,
+read a patch at a time.
 """
 
 from __future__ import annotations

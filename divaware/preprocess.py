@@ -199,11 +199,11 @@ def fill(records: Sequence[Mapping[str, Any]], spec: D.DataSpec, root: str | Pat
         bar = tqdm(total=len(todo), desc=f"preprocessing into {root}", unit="case", disable=not progress)
         jobs = [(r, spec, str(root), 1) for r in todo]
         if workers > 0 and len(todo) > 1:
-            import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn: a forked child would inherit the parent's torch threads and any open loader state
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+            # the platform's default start method (fork on Linux): a spawned worker re-imports torch and
+            # MONAI, which on a loaded 2-core machine took ~40 s before the first case
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
                 for _ in pool.map(_fill_one, jobs):
                     bar.update(1)
         else:
@@ -367,15 +367,17 @@ class LoadVolumed(MapTransform):
 def make_datasets(train_records: Sequence[Mapping[str, Any]], val_records: Sequence[Mapping[str, Any]],
                   spec: D.DataSpec, root: str | Path | None = None, workers: int = 0, progress: bool = False,
                   counter: ByteCounter | None = None) -> tuple[Any, Any, dict[str, Path]]:
-    """Fill the store for both splits, then the training dataset (patches + augmentations) and the full
-    validation dataset; also returns ``patient_id -> entry folder`` for :func:`patch_scores`."""
+    """Fill the store for both splits, then the training dataset (patches + augmentations; None without
+    training records) and the full validation dataset; also returns ``patient_id -> entry folder`` for
+    :func:`patch_scores`."""
     from monai.data import Dataset
     from monai.transforms import Compose
 
     folders = fill([*train_records, *val_records], spec, root, workers=workers, progress=progress)
     entries = {str(r[D.PID]): f for r, f in zip([*train_records, *val_records], folders, strict=True)}
-    train_ds = Dataset([{D.PID: r[D.PID]} for r in train_records],
-                       Compose([PatchSampled(entries, spec, counter), *D.augmentations(spec)]))
+    train_ds = (Dataset([{D.PID: r[D.PID]} for r in train_records],
+                        Compose([PatchSampled(entries, spec, counter), *D.augmentations(spec)]))
+                if train_records else None)
     val_ds = Dataset([{D.PID: r[D.PID]} for r in val_records], Compose([LoadVolumed(entries)]))
     return train_ds, val_ds, entries
 
