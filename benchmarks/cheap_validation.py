@@ -47,13 +47,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, nargs="+", default=[2, 6])
     ap.add_argument("--window", type=int, nargs=3, default=[24, 24, 16])
     ap.add_argument("--random", type=int, nargs="+", default=[0, 2, 4, 8])
+    ap.add_argument("--train-patch", action="store_true",
+                    help="train on patches of --window (as cheap validation is meant for: `val_patches` needs "
+                         "patch training) and validate fully by sliding window; default: whole volumes")
     ap.add_argument("--out", default=str(Path(__file__).with_name("CHEAP_VALIDATION.md")))
+    ap.add_argument("--append", action="store_true", help="keep the tables already in --out below this one")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="cheap_val_"))
     base = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2], "num_res_units": 0, "strategy": "erm",
             "cache": "memory", "cpu_threads": 1, "progress": False, "schedule_epochs": max(args.epochs),
             "out_dir": str(tmp / "run"), "val_every": 1000}
+    if args.train_patch:
+        base["patch_size"] = list(args.window)
+    roi = list(args.window) if args.train_patch else None
     rows = []
     load = os.getloadavg()
     for k, epochs in enumerate(sorted(args.epochs)):
@@ -70,7 +77,7 @@ def main() -> None:
         _, val_ds, entries = P.make_datasets([], records, spec, tmp / "store")
         t0 = time.perf_counter()
         loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False)
-        full = T.validate(model, loader, torch.device("cpu"), spec.divisor, None, 0.25, False)
+        full = T.validate(model, loader, torch.device("cpu"), spec.divisor, roi, 0.25, False)
         t_full = time.perf_counter() - t0
         for n_random in args.random:
             t0 = time.perf_counter()
@@ -78,7 +85,7 @@ def main() -> None:
                                    spec.divisor)
             t_cheap = time.perf_counter() - t0
             rho = cheap["dice"].rank().corr(full.loc[cheap.index, "dice"].rank())
-            rows.append({"epochs trained": epochs, "random windows": n_random, "val cases": len(val_ids),
+            rows.append({"trained on": "patches" if args.train_patch else "whole volumes", "epochs trained": epochs, "random windows": n_random, "val cases": len(val_ids),
                          "Spearman": round(float(rho), 3), "mean Dice full": round(float(full["dice"].mean()), 3),
                          "mean Dice cheap": round(float(cheap["dice"].mean()), 3),
                          "covered fraction": round(float(cheap["covered_fraction"].mean()), 3),
@@ -89,10 +96,15 @@ def main() -> None:
             f" · {dt.date.today()} · {cpu_model()} · 1 torch thread · load average at start "
             f"{load[0]:.1f} (shared machine: the time column is a ratio measured side by side) · "
             f"`python benchmarks/cheap_validation.py {' '.join(sys.argv[1:])}`\n\n"
-            f"Synthetic default cohort (300 cases, 48x48x32), UNet 8-64 (main job's network), ERM; windows "
+            f"Synthetic default cohort (300 cases, 48x48x32), UNet 8-64 (main job's network), ERM, trained on "
+            f"{'patches of the window size' if args.train_patch else 'whole volumes'}; windows "
             f"{'x'.join(map(str, args.window))} tiling each validation case's tumour box plus fixed random "
-            "windows; Spearman of the per-case Dice against the whole-volume Dice.\n\n")
-    Path(args.out).write_text(head + markdown(table) + "\n")
+            "windows; Spearman of the per-case Dice against full validation (the whole volume at once, or by "
+            "sliding window of the patch size with overlap 0.25 when trained on patches, as training validates)."
+            "\n\n")
+    out = Path(args.out)
+    old = out.read_text() if out.is_file() and args.append else ""
+    out.write_text(head + markdown(table) + "\n" + (f"\n{old}" if old else ""))
     print(table.to_string(index=False))
 
 

@@ -2,7 +2,7 @@
 
 On the ``realistic`` synthetic preset (the real collections' geometry: up to 512 x 512 x 185 voxels; >= 8
 cases, ``--data`` or generated in the divaware cache) with a tiny UNet, 128^3 patches, 1 thread, both paths
-run the same spec (3 phases, breast crop) over the same cases, and the script prints and writes to
+run the same spec (3 phases, breast crop optional) over the same cases, and the script prints and writes to
 ``benchmarks/PREPROCESS.md``:
 
 * cache fill time (one process; ``--workers`` > 0 also times the store's parallel fill) and cache bytes per
@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--val-windows", type=int, default=2, help="random windows per case in cheap validation")
     ap.add_argument("--workers", type=int, default=2, help="also time the store's fill with this many workers")
     ap.add_argument("--gpu-step-ms", type=float, default=None)
+    ap.add_argument("--crop-to-breast", action="store_true",
+                    help="crop to the breast box (default off, as configs/train_default.yaml: whole volumes)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("PREPROCESS.md")))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +125,7 @@ def main() -> None:
         raise SystemExit(f"{root} has {len(ids)} cases with masks; need {args.cases}")
     val_ids, train_ids = ids[-args.val:], ids[: -args.val]
     patch = (args.patch,) * 3
-    spec = D.DataSpec(crop_to_breast=True, patch_size=patch, samples_per_case=2, divisor=4)
+    spec = D.DataSpec(crop_to_breast=args.crop_to_breast, patch_size=patch, samples_per_case=2, divisor=4)
     train_recs, val_recs = D.make_records(cohort, train_ids, spec), D.make_records(cohort, val_ids, spec)
     all_recs = train_recs + val_recs
     vox = source_voxels(all_recs)
@@ -239,7 +241,9 @@ def main() -> None:
         f"{time.perf_counter() - t_start:.0f} s · `python benchmarks/preprocess_realistic.py "
         f"{' '.join(sys.argv[1:])}`\n\n"
         f"Realistic synthetic preset, {len(ids)} cases ({n_train} train, {n_val} validation; {mvox:.0f} Mvox "
-        f"of source grid): {shapes}. Spec: phases 0-2, breast crop, {args.patch}^3 patches x 2 per case, 2 cases "
+        f"of source grid): {shapes}. Spec: phases 0-2, "
+        f"{'breast crop' if args.crop_to_breast else 'no breast crop (whole volumes, the default)'}, "
+        f"{args.patch}^3 patches x 2 per case, 2 cases "
         f"per step, UNet 4-16 (tiny: the steps are not the point). Before: `cache: disk` (PersistentDataset "
         "under the run folder), full sliding-window validation every epoch. After: `cache: preprocessed`, "
         f"per-epoch validation on the tumour windows + {args.val_windows} random windows per case "
