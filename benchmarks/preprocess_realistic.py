@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--val-windows", type=int, default=2, help="random windows per case in cheap validation")
     ap.add_argument("--workers", type=int, default=2, help="also time the store's fill with this many workers")
     ap.add_argument("--gpu-step-ms", type=float, default=None)
+    ap.add_argument("--precision", default="float16", help="store precision: float16 or uint8")
     ap.add_argument("--crop-to-breast", action="store_true",
                     help="crop to the breast box (default off, as configs/train_default.yaml: whole volumes)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("PREPROCESS.md")))
@@ -132,7 +133,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="preprocess_bench_"))
     batch_cases = 2
     per_patch_f32 = (spec.in_channels + 1) * int(np.prod(patch)) * 4
-    per_patch_store = int(np.prod(patch)) * (spec.in_channels * 2 + 1 / 8)
+    per_patch_store = int(np.prod(patch)) * (spec.in_channels * (1 if args.precision == "uint8" else 2) + 1 / 8)
     res: dict[str, dict[str, float]] = {"before": {}, "after": {}}
 
     def model() -> torch.nn.Module:
@@ -163,16 +164,18 @@ def main() -> None:
     # ---- after: the shared store ------------------------------------------------------------------
     a = res["after"]
     t0 = time.perf_counter()
-    P.fill(all_recs, spec, tmp / "after", workers=0, progress=True)
+    P.fill(all_recs, spec, tmp / "after", workers=0, progress=True, precision=args.precision)
     a["fill_s"] = time.perf_counter() - t0
     if args.workers > 0:
         t0 = time.perf_counter()
-        P.fill(all_recs, spec, tmp / "after_parallel", workers=args.workers, progress=True)
+        P.fill(all_recs, spec, tmp / "after_parallel", workers=args.workers, progress=True,
+               precision=args.precision)
         a["fill_parallel_s"] = time.perf_counter() - t0
         shutil.rmtree(tmp / "after_parallel")
     a["cache_bytes"] = folder_bytes(tmp / "after")
     counter = P.ByteCounter()
-    train_ds, val_ds, entries = P.make_datasets(train_recs, val_recs, spec, tmp / "after", counter=counter)
+    train_ds, val_ds, entries = P.make_datasets(train_recs, val_recs, spec, tmp / "after", counter=counter,
+                                                precision=args.precision)
     a["stored_voxels"] = sum(int(np.prod(P.Entry.open(f).shape)) for f in entries.values())
     net = model()
     a.update(epoch(train_ds, net, batch_cases, lambda: counter.bytes))
@@ -246,6 +249,7 @@ def main() -> None:
         f"{args.patch}^3 patches x 2 per case, 2 cases "
         f"per step, UNet 4-16 (tiny: the steps are not the point). Before: `cache: disk` (PersistentDataset "
         "under the run folder), full sliding-window validation every epoch. After: `cache: preprocessed`, "
+        f"`store_precision: {args.precision}`, "
         f"per-epoch validation on the tumour windows + {args.val_windows} random windows per case "
         "(`val_patches`), full sliding window at refreshes and the end (its time is the row below).\n\n"
         + "\n".join(lines) + "\n\n"

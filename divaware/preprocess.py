@@ -18,7 +18,8 @@ aside for the oversampled patches -- written for :func:`divaware.data.preprocess
 * **Compact and sliceable.** ``image.npy``: float16 channels x X x Y x Z, cropped to the box of the non-zero
   voxels (outside it every channel is exactly 0 after the nonzero z-score and the mask is empty, so the crop
   loses nothing and is re-padded with zeros on read); ``label.npy``: the mask as bits packed along Z;
-  ``fg.npy``: up to :data:`MAX_FG_POINTS` foreground coordinates (int16). A C-order array read through
+  ``fg.npy``: up to :data:`MAX_FG_POINTS` foreground coordinates (int16). ``precision="uint8"``
+  (:data:`PRECISIONS`) stores 1 byte per phase instead of 2, quantised per case and phase. A C-order array read through
   ``np.load(mmap_mode="r")`` touches, for a patch, whole Z rows of the patch's X x Y columns only, i.e.
   about ``Z / patch_z`` times the patch bytes (1-1.5x for MAMA-MIA's 44-200 slices at patch 128).
   Chunked/compressed stores (zarr, blosc) were not chosen: float16 z-scores of noisy MR images compress
@@ -55,6 +56,10 @@ STORE_VERSION = 1
 MAX_FG_POINTS = 10_000
 """Foreground coordinates kept per case (a seeded subsample): enough to centre tumour patches uniformly."""
 PAGE = 4096
+PRECISIONS = ("float16", "uint8")
+"""Stored image precision: float16 (2 bytes per channel and voxel), or uint8 (1 byte: per case and channel,
+the non-zero voxels quantised linearly to 1..255 over their range, 0 kept for exact zeros; an error of at
+most half a step, about 0.01-0.05 SD of the z-scored intensities)."""
 
 
 def store_root(override: str | Path | None = None) -> Path:
@@ -67,9 +72,11 @@ def store_root(override: str | Path | None = None) -> Path:
     return Path(os.environ.get(STORE_ENV) or cache_dir() / "preprocessed").expanduser()
 
 
-def settings_key(spec: D.DataSpec) -> str:
+def settings_key(spec: D.DataSpec, precision: str = "float16") -> str:
     """Hash of the settings that change the stored arrays (not patch size, sampling or augmentation)."""
-    payload = {"version": STORE_VERSION, "phases": list(spec.phases), "subtraction": spec.subtraction,
+    if precision not in PRECISIONS:
+        raise ValueError(f"store precision must be one of {PRECISIONS}, got {precision!r}")
+    payload = {"version": STORE_VERSION, "precision": precision, "phases": list(spec.phases), "subtraction": spec.subtraction,
                "spacing": None if spec.spacing is None else list(spec.spacing),
                "crop_to_breast": spec.crop_to_breast, "breast_margin": spec.breast_margin}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -80,19 +87,20 @@ def _stamp(path: str) -> list[Any]:
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 
-def case_key(record: Mapping[str, Any], spec: D.DataSpec) -> str:
+def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str = "float16") -> str:
     """Hash of one case's files (path, size, mtime), its breast box and :func:`settings_key`."""
     files = [_stamp(p) for p in record[D.IMAGE]]
     if D.LABEL in record:
         files.append(_stamp(record[D.LABEL]))
-    payload = {"settings": settings_key(spec), "files": files, "box": record.get(D.BOX),
+    payload = {"settings": settings_key(spec, precision), "files": files, "box": record.get(D.BOX),
                "label": D.LABEL in record}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def entry_dir(root: Path, record: Mapping[str, Any], spec: D.DataSpec) -> Path:
+def entry_dir(root: Path, record: Mapping[str, Any], spec: D.DataSpec, precision: str = "float16") -> Path:
     """Where a case's entry lives (it exists only once complete)."""
-    return Path(root) / f"v{STORE_VERSION}-{settings_key(spec)}" / f"{record[D.PID]}-{case_key(record, spec)}"
+    return (Path(root) / f"v{STORE_VERSION}-{settings_key(spec, precision)}"
+            / f"{record[D.PID]}-{case_key(record, spec, precision)}")
 
 
 @contextlib.contextmanager
@@ -112,7 +120,7 @@ def file_lock(path: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path) -> None:
+def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path, precision: str = "float16") -> None:
     """Preprocess one case (:func:`divaware.data.preprocessing`, the same steps as every mode) and store it."""
     from monai.transforms import Compose
 
@@ -131,8 +139,8 @@ def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path) -> No
     else:
         lo, hi = [0, 0, 0], [int(s) for s in full_shape]
     sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    image = np.ascontiguousarray(image[(slice(None), *sl)].astype(np.float16))
-    meta: dict[str, Any] = {"patient_id": str(record[D.PID]), "shape": list(image.shape[1:]),
+    image, quant = _encode(image[(slice(None), *sl)], precision)
+    meta: dict[str, Any] = {"precision": precision, "quant": quant, "patient_id": str(record[D.PID]), "shape": list(image.shape[1:]),
                             "channels": int(image.shape[0]), "full_shape": [int(s) for s in full_shape],
                             "crop_start": lo, "has_label": with_label, "version": STORE_VERSION}
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -162,9 +170,36 @@ def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path) -> No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_entry(record: Mapping[str, Any], spec: D.DataSpec, root: Path) -> Path:
+def _encode(image: np.ndarray, precision: str) -> tuple[np.ndarray, list[list[float]] | None]:
+    """The stored form of a (C, X, Y, Z) float32 image, and the per-channel (low, step) of uint8."""
+    if precision == "float16":
+        return np.ascontiguousarray(image.astype(np.float16)), None
+    out = np.zeros(image.shape, np.uint8)
+    quant = []
+    for c in range(image.shape[0]):
+        x = image[c]
+        nz = x != 0
+        lo, hi = (float(x[nz].min()), float(x[nz].max())) if nz.any() else (0.0, 0.0)
+        step = (hi - lo) / 254.0 or 1.0
+        out[c][nz] = (np.clip(np.rint((x[nz] - lo) / step), 0, 254) + 1).astype(np.uint8)
+        quant.append([lo, step])
+    return out, quant
+
+
+def _decode(block: np.ndarray, quant: Sequence[Sequence[float]] | None) -> np.ndarray:
+    """float32 intensities of a stored (C, ...) block (uint8 code 0 is an exact zero)."""
+    if quant is None:
+        return np.asarray(block, np.float32)
+    out = np.empty(block.shape, np.float32)
+    for c, (lo, step) in enumerate(quant):
+        q = np.asarray(block[c])
+        out[c] = np.where(q > 0, np.float32(lo) + (q.astype(np.float32) - 1) * np.float32(step), 0)
+    return out
+
+
+def ensure_entry(record: Mapping[str, Any], spec: D.DataSpec, root: Path, precision: str = "float16") -> Path:
     """The entry of one case, written first if absent (under a per-case lock; stale temporaries removed)."""
-    final = entry_dir(root, record, spec)
+    final = entry_dir(root, record, spec, precision)
     if (final / "meta.json").is_file():
         return final
     with file_lock(final.parent / f".{final.name}.lock"):
@@ -173,18 +208,18 @@ def ensure_entry(record: Mapping[str, Any], spec: D.DataSpec, root: Path) -> Pat
         # we hold the lock: any temporary of this case is a leftover of an interrupted fill
         for stale in final.parent.glob(f".{final.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        _write_entry(record, spec, final)
+        _write_entry(record, spec, final, precision)
     return final
 
 
-def _fill_one(args: tuple[dict[str, Any], D.DataSpec, str, int]) -> str:
-    record, spec, root, threads = args
-    torch.set_num_threads(threads)
-    return str(ensure_entry(record, spec, Path(root)))
+def _fill_one(args: tuple[dict[str, Any], D.DataSpec, str, str]) -> str:
+    record, spec, root, precision = args
+    torch.set_num_threads(1)
+    return str(ensure_entry(record, spec, Path(root), precision))
 
 
 def fill(records: Sequence[Mapping[str, Any]], spec: D.DataSpec, root: str | Path | None = None,
-         workers: int = 0, progress: bool = False) -> list[Path]:
+         workers: int = 0, progress: bool = False, precision: str = "float16") -> list[Path]:
     """Make sure every case has its entry; returns the entry folders in the order of ``records``.
 
     ``workers`` > 0 preprocesses in that many worker processes (each single-threaded), with a progress
@@ -194,10 +229,10 @@ def fill(records: Sequence[Mapping[str, Any]], spec: D.DataSpec, root: str | Pat
 
     root = store_root(root)
     records = [dict(r) for r in records]
-    todo = [r for r in records if not (entry_dir(root, r, spec) / "meta.json").is_file()]
+    todo = [r for r in records if not (entry_dir(root, r, spec, precision) / "meta.json").is_file()]
     if todo:
         bar = tqdm(total=len(todo), desc=f"preprocessing into {root}", unit="case", disable=not progress)
-        jobs = [(r, spec, str(root), 1) for r in todo]
+        jobs = [(r, spec, str(root), precision) for r in todo]
         if workers > 0 and len(todo) > 1:
             from concurrent.futures import ProcessPoolExecutor
 
@@ -208,10 +243,10 @@ def fill(records: Sequence[Mapping[str, Any]], spec: D.DataSpec, root: str | Pat
                     bar.update(1)
         else:
             for job in jobs:
-                ensure_entry(job[0], spec, root)
+                ensure_entry(job[0], spec, root, precision)
                 bar.update(1)
         bar.close()
-    return [entry_dir(root, r, spec) for r in records]
+    return [entry_dir(root, r, spec, precision) for r in records]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +300,7 @@ class Entry:
         if all(h > low for low, h in zip(lo, hi, strict=True)):
             src = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
             dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-            out[(slice(None), *dst)] = img_mm[(slice(None), *src)]
+            out[(slice(None), *dst)] = _decode(img_mm[(slice(None), *src)], self.meta.get("quant"))
             if counter is not None:
                 counter.add(img_mm, (slice(None), *src))
             if lab is not None:
@@ -366,14 +401,15 @@ class LoadVolumed(MapTransform):
 
 def make_datasets(train_records: Sequence[Mapping[str, Any]], val_records: Sequence[Mapping[str, Any]],
                   spec: D.DataSpec, root: str | Path | None = None, workers: int = 0, progress: bool = False,
-                  counter: ByteCounter | None = None) -> tuple[Any, Any, dict[str, Path]]:
+                  counter: ByteCounter | None = None, precision: str = "float16") -> tuple[Any, Any, dict[str, Path]]:
     """Fill the store for both splits, then the training dataset (patches + augmentations; None without
     training records) and the full validation dataset; also returns ``patient_id -> entry folder`` for
     :func:`patch_scores`."""
     from monai.data import Dataset
     from monai.transforms import Compose
 
-    folders = fill([*train_records, *val_records], spec, root, workers=workers, progress=progress)
+    folders = fill([*train_records, *val_records], spec, root, workers=workers, progress=progress,
+                   precision=precision)
     entries = {str(r[D.PID]): f for r, f in zip([*train_records, *val_records], folders, strict=True)}
     train_ds = (Dataset([{D.PID: r[D.PID]} for r in train_records],
                         Compose([PatchSampled(entries, spec, counter), *D.augmentations(spec)]))

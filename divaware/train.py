@@ -158,6 +158,9 @@ class TrainConfig:
     cache_max_gb: float = _f(2.0, "auto cache: in memory up to this many GiB, on disk beyond")
     sw_overlap: float = _f(0.25, "sliding-window overlap for validation in patch training")
     val_every: int = _f(1, "validate every this many epochs (refreshes and the last epoch always validate)")
+    store_precision: str = _f("float16", "image precision in the preprocessed store: float16 (2 bytes per phase "
+                                         "and voxel) or uint8 (1 byte: per case and phase, linear over the "
+                                         "non-zero range, error <= half a step)")
     val_patches: int = _f(0, "cheap validation (preprocessed cache only): score each val case on patch-size "
                              "windows covering its tumour plus this many fixed random windows; the metrics "
                              "and selection use these, refreshes and the last epoch add full sliding-window "
@@ -280,6 +283,8 @@ class TrainConfig:
             bad("score", f"must be one of {SCORES}")
         if self.cache not in D.CACHE_MODES:
             bad("cache", f"must be one of {D.CACHE_MODES}")
+        if self.store_precision not in P.PRECISIONS:
+            bad("store_precision", f"must be one of {P.PRECISIONS}")
         try:
             make_loss(self.loss, **self.loss_params)
         except (ValueError, TypeError) as err:
@@ -931,7 +936,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
     entries: dict[str, Path] = {}
     if cache_mode == "preprocessed":
         train_ds, val_ds, entries = P.make_datasets(train_recs, val_recs, spec, config.cache_dir or None,
-                                                    workers=config.num_workers, progress=config.progress)
+                                                    workers=config.num_workers, progress=config.progress,
+                                                    precision=config.store_precision)
     else:
         train_ds = D.make_dataset(train_recs, D.train_transforms(spec), **ds_args)
         val_ds = D.make_dataset(val_recs, D.eval_transforms(spec), **ds_args)

@@ -111,6 +111,26 @@ def test_store_keys_follow_files_and_settings(cohort_copy: Path, tmp_path: Path)
     assert P.entry_dir(root, rec, spec) != first
 
 
+def test_uint8_store_is_within_half_a_step(synthetic_root: Path, tmp_path: Path) -> None:
+    """The 1-byte store: exact zeros stay zero, every other voxel within half a quantisation step."""
+    cohort = load_cohort(synthetic_root, check_voxels=False)
+    spec = D.DataSpec(patch_size=(16, 16, 16))
+    rec = D.make_records(cohort, cohort.ids("train")[:1], spec)[0]
+    f16 = P.fill([rec], spec, tmp_path / "store")[0]
+    u8 = P.fill([rec], spec, tmp_path / "store", precision="uint8")[0]
+    assert u8 != f16 and np.load(u8 / "image.npy").dtype == np.uint8
+    ref = Compose(D.preprocessing(spec))(dict(rec))[D.IMAGE].as_subclass(torch.Tensor).numpy()
+    got = P.LoadVolumed({rec[D.PID]: u8})({D.PID: rec[D.PID]})[D.IMAGE].numpy()
+    steps = np.array([q[1] for q in P.Entry.open(u8).meta["quant"]])[:, None, None, None]
+    assert np.array_equal(got == 0, ref == 0)
+    assert (np.abs(got - ref) <= steps / 2 + 1e-5).all()
+    assert (steps < 0.1).all()  # a z-scored phase spans < 25 SD: steps below 0.1 SD
+    stored = sum(p.stat().st_size for p in u8.iterdir())
+    assert stored / int(np.prod(P.Entry.open(u8).shape)) < spec.in_channels + 0.125 + 0.2
+    with pytest.raises(ValueError, match="precision"):
+        P.settings_key(spec, "int4")
+
+
 def _fill_in_child(args: tuple[list[dict], D.DataSpec, str]) -> list[str]:
     records, spec, root = args
     return [str(p) for p in P.fill(records, spec, root)]
