@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="also time the store's fill with this many workers")
     ap.add_argument("--gpu-step-ms", type=float, default=None)
     ap.add_argument("--precision", default="float16", help="store precision: float16 or uint8")
+    ap.add_argument("--append", action="store_true", help="keep what --out holds below this run's section")
     ap.add_argument("--crop-to-breast", action="store_true",
                     help="crop to the breast box (default off, as configs/train_default.yaml: whole volumes)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("PREPROCESS.md")))
@@ -258,7 +259,9 @@ def main() -> None:
         f"{MAMA_MIA['val']} validation), assuming these {len(ids)} cases' mix of collections; the store fill "
         "divides by the worker processes. GPU steps: " + gpu + ".\n"
     )
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    old = out.read_text() if args.append and out.is_file() else ""
+    out.write_text(text + (f"\n{old}" if old else ""))
     print(text)
 
 
