@@ -17,7 +17,9 @@ inference stop after preprocessing and let :func:`divaware.model.infer` pad to t
 Every sample keeps its ``patient_id`` (a string, collated into a list), so per-case weights are always looked
 up by id. Caching stores the output of the deterministic part: in memory (``CacheDataset``) when the
 cohort is small, on disk (``PersistentDataset``) under the run's cache folder otherwise -- never in the
-input data folder.
+input data folder. Real-size volumes with patch training go through :mod:`divaware.preprocess` instead
+(``cache: preprocessed``, which ``auto`` picks when the cases do not fit in memory): one store per machine,
+read a patch at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +42,7 @@ if TYPE_CHECKING:  # cohort is imported lazily at run time: it is only needed fo
     from divaware.cohort import Cohort
 
 IMAGE, LABEL, PID, BOX = "image", "label", "patient_id", "box"
-CACHE_MODES = ("auto", "memory", "disk", "none")
+CACHE_MODES = ("auto", "memory", "disk", "none", "preprocessed")
 
 
 @dataclass(frozen=True)
@@ -332,15 +335,7 @@ def preprocessing(spec: DataSpec, with_label: bool = True) -> list[Any]:
 
 def train_transforms(spec: DataSpec) -> Any:
     """Preprocessing + padding or patch sampling + augmentations, for the training split only."""
-    from monai.transforms import (
-        Compose,
-        DivisiblePadd,
-        RandAffined,
-        RandFlipd,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        SpatialPadd,
-    )
+    from monai.transforms import Compose, DivisiblePadd, SpatialPadd
 
     keys = [IMAGE, LABEL]
     steps = preprocessing(spec, with_label=True)
@@ -352,16 +347,25 @@ def train_transforms(spec: DataSpec) -> Any:
         steps.append(SpatialPadd(keys=keys, spatial_size=spec.patch_size, method="end"))
         steps.append(ForegroundIndicesd(LABEL))  # cached: no full-volume scan per patch
         steps.append(RandPosNegPatchesd(keys, spec.patch_size, spec.samples_per_case, spec.pos_fraction))
-    if spec.augment:
-        steps += [
-            # RAS axis 0 is left-right: the breasts are mirror images, so this flip is anatomically plausible
-            RandFlipd(keys=keys, spatial_axis=0, prob=0.5),
-            RandAffined(keys=keys, prob=spec.affine_prob, rotate_range=(0.0, 0.0, math.radians(10)),
-                        scale_range=(0.1, 0.1, 0.1), mode=["bilinear", "nearest"], padding_mode="zeros"),
-            RandScaleIntensityd(keys=[IMAGE], factors=0.1, prob=0.5),
-            RandShiftIntensityd(keys=[IMAGE], offsets=0.1, prob=0.5),
-        ]
-    return Compose(steps)
+    return Compose(steps + augmentations(spec))
+
+
+def augmentations(spec: DataSpec) -> list[Any]:
+    """The random augmentations of training (none when ``spec.augment`` is off); shared by the in-memory
+    pipeline and the preprocessed store (:mod:`divaware.preprocess`)."""
+    from monai.transforms import RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+    if not spec.augment:
+        return []
+    keys = [IMAGE, LABEL]
+    return [
+        # RAS axis 0 is left-right: the breasts are mirror images, so this flip is anatomically plausible
+        RandFlipd(keys=keys, spatial_axis=0, prob=0.5),
+        RandAffined(keys=keys, prob=spec.affine_prob, rotate_range=(0.0, 0.0, math.radians(10)),
+                    scale_range=(0.1, 0.1, 0.1), mode=["bilinear", "nearest"], padding_mode="zeros"),
+        RandScaleIntensityd(keys=[IMAGE], factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys=[IMAGE], offsets=0.1, prob=0.5),
+    ]
 
 
 def eval_transforms(spec: DataSpec, with_label: bool = True) -> Any:
@@ -395,16 +399,47 @@ def estimate_cache_bytes(records: Sequence[Mapping[str, Any]], spec: DataSpec) -
     return total
 
 
-def _record_hash(record: Mapping[str, Any]) -> bytes:
-    """Disk-cache key: the record plus size and mtime of its files, so an edited input is never stale."""
+def _record_hash(record: Mapping[str, Any], transform_key: str = "") -> bytes:
+    """Disk-cache key: the record plus size and mtime of its files, so an edited input is never stale, and
+    ``transform_key`` (:func:`_transform_key`): a case cached by the validation transforms (no padding, no
+    foreground indices) must never be served to training, nor the reverse."""
     stamp: list[Any] = []
     for value in record.values():
         for path in value if isinstance(value, list) else [value]:
             if isinstance(path, str) and os.path.exists(path):
                 st = os.stat(path)
                 stamp.append((path, st.st_size, st.st_mtime_ns))
-    payload = json.dumps({"record": record, "files": stamp}, sort_keys=True, default=str)
+    payload = json.dumps({"record": record, "files": stamp, "transforms": transform_key}, sort_keys=True,
+                         default=str)
     return hashlib.md5(payload.encode()).hexdigest().encode()
+
+
+def _transform_key(transform: Any) -> str:
+    """The deterministic steps PersistentDataset caches (those before the first random one), with their
+    settings: which mode's pipeline produced a cached case."""
+    from monai.transforms import Compose
+
+    steps = transform.transforms if isinstance(transform, Compose) else [transform]
+    names = []
+    for step in steps:
+        if isinstance(step, Randomizable):
+            break
+        names.append(f"{type(step).__name__}:{sorted(getattr(step, 'keys', ()) or ())}")
+    return "|".join(names)
+
+
+def resolve_cache(cache: str, records: Sequence[Mapping[str, Any]], spec: DataSpec,
+                  max_memory_bytes: float) -> str:
+    """The cache mode a run uses: ``auto`` -> ``memory`` when the float32 cases fit ``max_memory_bytes``
+    (the CPU-sized synthetic cohort: unchanged, bit for bit), else the shared preprocessed store
+    (:mod:`divaware.preprocess`) for patch training, or ``disk`` for whole-volume training."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache != "auto":
+        return cache
+    if estimate_cache_bytes(records, spec) <= max_memory_bytes:
+        return "memory"
+    return "disk" if spec.patch_size is None else "preprocessed"
 
 
 def make_dataset(
@@ -428,6 +463,8 @@ def make_dataset(
 
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+    if cache == "preprocessed":
+        raise ValueError("cache='preprocessed' builds both splits at once: use divaware.preprocess.make_datasets")
     records = [dict(r) for r in records]
     if cache == "auto":
         need = estimate_cache_bytes(records, spec or DataSpec())
@@ -440,7 +477,8 @@ def make_dataset(
             raise ValueError("cache='disk' needs a cache_dir (under the run folder, never the input data)")
         folder = Path(cache_dir) / (spec or DataSpec()).preprocessing_key()
         folder.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(records, transform, cache_dir=folder, hash_func=_record_hash)
+        return PersistentDataset(records, transform, cache_dir=folder,
+                                 hash_func=partial(_record_hash, transform_key=_transform_key(transform)))
     return Dataset(records, transform)
 
 

@@ -555,7 +555,7 @@ def evaluate(
     # The checks of `divaware check`, voxels included (cached in the run folder): an excluded case is named
     # in a warning and never scored.
     run = RunFolder(run_dir)  # a bare prediction folder gets no cache written into it
-    cohort = load_cohort(root, voxel_cache=run.voxel_cache() if run.is_run() else None)
+    cohort = load_cohort(root, voxel_cache=run.voxel_cache(data_root=root) if run.is_run() else None)
     ids = _evaluation_ids(cohort, run_dir, root, split, patient_ids)
 
     if predictions is None:

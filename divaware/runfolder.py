@@ -253,7 +253,16 @@ class RunFolder:
             configured = self.read_config().get("cache_dir") or ""
         return Path(configured).expanduser() if str(configured) else self.path / self.CACHE
 
-    def voxel_cache(self, configured: str | Path | None = None) -> Path:
+    def voxel_cache(self, configured: str | Path | None = None, data_root: str | Path | None = None) -> Path:
+        """Where this run's voxel checks live: with ``cache`` auto or preprocessed (the default), in the shared
+        preprocessed store, one file per data folder (checked once for all runs and ranks); else beside the
+        run's own disk cache. ``data_root``: the data folder checked (default: the run's)."""
+        config = self.read_config() if self.config.is_file() else {}
+        if config.get("cache", "auto") in ("auto", "preprocessed") and (data_root or config.get("data_root")):
+            from divaware.preprocess import voxel_cache_path
+
+            store = configured if configured is not None else config.get("cache_dir") or None
+            return voxel_cache_path(data_root or config["data_root"], store or None)
         return self.cache_dir(configured) / VOXEL_CACHE
 
     def evaluation_dir(self, split: str | None = "test", checkpoint: str = "best", tag: str | None = None

@@ -43,6 +43,7 @@ import yaml
 
 from divaware import data as D
 from divaware import distributed
+from divaware import preprocess as P
 from divaware.cohort import derived_seed as _derived_seed
 from divaware.cohort import split_train_val, val_case_count  # noqa: F401 (re-exported)
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
@@ -165,11 +166,21 @@ class TrainConfig:
     num_workers: int = _f(0, "data-loader worker processes (0: load in the main process)")
     cpu_threads: int = _f(0, "torch CPU threads; 0: torch's default (use 1 on a busy shared machine, where "
                              "threads spinning against other processes slow CPU training down many times)")
-    cache: str = _f("auto", "cache of preprocessed cases: auto, memory, disk or none")
-    cache_dir: str = _f("", "disk-cache folder; empty: <out_dir>/cache (never inside the input data)")
+    cache: str = _f("auto", "cache of preprocessed cases: auto (memory when the cases fit cache_max_gb, else "
+                            "preprocessed for patch training, disk otherwise), memory, disk, none, or "
+                            "preprocessed (the store shared by all runs: divaware.preprocess)")
+    cache_dir: str = _f("", "disk-cache folder; empty: <out_dir>/cache, or for preprocessed the shared store "
+                            "($DIVAWARE_PREPROCESSED, else <divaware cache>/preprocessed); never inside the data")
     cache_max_gb: float = _f(2.0, "auto cache: in memory up to this many GiB, on disk beyond")
     sw_overlap: float = _f(0.25, "sliding-window overlap for validation in patch training")
     val_every: int = _f(1, "validate every this many epochs (refreshes and the last epoch always validate)")
+    store_precision: str = _f("float16", "image precision in the preprocessed store: float16 (2 bytes per phase "
+                                         "and voxel) or uint8 (1 byte: per case and phase, linear over the "
+                                         "non-zero range, error <= half a step)")
+    val_patches: int = _f(0, "cheap validation (preprocessed cache only): score each val case on patch-size "
+                             "windows covering its tumour plus this many fixed random windows; the metrics "
+                             "and selection use these, refreshes and the last epoch add full sliding-window "
+                             "scores (the refresh uses them); 0: full sliding window at every validation")
     out_dir: str = _f("runs/{strategy}_seed{seed}", "run folder; {field} placeholders are filled from this config")
     progress: bool = _f(True, "show tqdm progress bars")
 
@@ -297,6 +308,8 @@ class TrainConfig:
             bad("score", f"must be one of {SCORES}")
         if self.cache not in D.CACHE_MODES:
             bad("cache", f"must be one of {D.CACHE_MODES}")
+        if self.store_precision not in P.PRECISIONS:
+            bad("store_precision", f"must be one of {P.PRECISIONS}")
         try:
             make_loss(self.loss, **self.loss_params)
         except (ValueError, TypeError) as err:
@@ -781,9 +794,9 @@ class Trainer:
         t1 = time.perf_counter()
         is_best = False
         if validate_now:
-            per_case_val = self.validate(next_epoch, row)
-            if refresh_due:
-                self.refresh_weights(next_epoch, per_case_val)
+            self.validate(next_epoch, row, full=refresh_due or next_epoch == config.epochs)
+            if refresh_due:  # always on full sliding-window scores (see validate)
+                self.refresh_weights(next_epoch, self.per_case_full)
             is_best = self.select(next_epoch, row["selection"])
         else:
             row.update(val_dice=math.nan, val_worst_group_dice=math.nan, val_worst_group="",
@@ -852,7 +865,10 @@ class Trainer:
         config, ranks, run = self.config, self.ranks, self.run
         assert run is not None
         # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
-        cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir))
+        if config.cache in ("auto", "preprocessed"):  # voxel checks once per data folder, shared by runs and ranks
+            cohort = self.cohort = P.load_cohort_once(config.data_root, config.cache_dir or None)
+        else:
+            cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir))
         check_patch_fits(config, cohort.geometry)
         self.train_ids, self.val_ids, test_ids = self._split(cohort)
         ranks.on_main(config.to_yaml, run.config)
@@ -864,11 +880,19 @@ class Trainer:
         ds_args = {"cache": config.cache, "cache_dir": self.cache_dir, "spec": spec,
                    "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
                    "progress": config.progress}  # caching takes a while before the first epoch: show it
-        self.train_ds = D.make_dataset(D.make_records(cohort, self.train_ids, spec), D.train_transforms(spec),
-                                       **ds_args)
+        train_recs = D.make_records(cohort, self.train_ids, spec)
         # each rank validates its own share of the cases; the scores are gathered in validate()
-        self.val_ds = D.make_dataset(D.make_records(cohort, ranks.shard(self.val_ids), spec),
-                                     D.eval_transforms(spec), **ds_args)
+        val_recs = D.make_records(cohort, ranks.shard(self.val_ids), spec)
+        cache_mode = D.resolve_cache(config.cache, train_recs, spec, ds_args["max_memory_bytes"])
+        self.entries: dict[str, Path] = {}
+        if cache_mode == "preprocessed":  # the store shared by every run (divaware.preprocess)
+            self.train_ds, self.val_ds, self.entries = P.make_datasets(
+                train_recs, val_recs, spec, config.cache_dir or None, workers=config.num_workers,
+                progress=config.progress, precision=config.store_precision)
+        else:
+            self.train_ds = D.make_dataset(train_recs, D.train_transforms(spec), **ds_args)
+            self.val_ds = D.make_dataset(val_recs, D.eval_transforms(spec), **ds_args)
+        self.cheap_val = config.val_patches > 0 and cache_mode == "preprocessed"
 
     def _split(self, cohort: Any) -> tuple[list[str], list[str], list[str]]:
         """(train, val, test) ids: splits.csv of a resumed run, else a fresh stratified split (written)."""
@@ -981,22 +1005,35 @@ class Trainer:
         sums["n"] += n
 
     # -- validate, refresh, select, save --------------------------------------------------------------
-    def validate(self, epoch: int, row: dict[str, Any]) -> pd.DataFrame:
-        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank; fills ``row``."""
+    def validate(self, epoch: int, row: dict[str, Any], full: bool = True) -> pd.DataFrame:
+        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank; fills ``row``.
+
+        Full sliding-window scores on whole volumes, unless cheap validation is on (``val_patches`` with the
+        preprocessed store): then the metrics and selection use fixed windows per case, and ``full`` epochs
+        (refreshes, the last one) also score whole volumes, kept in ``self.per_case_full`` for the refresh;
+        ``val_scores.csv`` tells them apart by its ``kind`` column."""
         config, spec = self.config, self.spec
-        val_loader = D.make_loader(self.val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
-                                   pin_memory=self.cuda, pad_batch=False)
         roi = None if spec.patch_size is None else list(spec.patch_size)
-        per_case_val = self.ranks.gather_frame(
-            validate(self.model, val_loader, self.device, spec.divisor, roi, config.sw_overlap, self.use_amp,
-                     config.score, batch_cases=_val_batch_cases(config)),
-            self.val_ids)
+        if not self.cheap_val or full:
+            val_loader = D.make_loader(self.val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
+                                       pin_memory=self.cuda, pad_batch=False)
+            self.per_case_full = self.ranks.gather_frame(
+                validate(self.model, val_loader, self.device, spec.divisor, roi, config.sw_overlap, self.use_amp,
+                         config.score, batch_cases=_val_batch_cases(config)),
+                self.val_ids)
+        per_case_val = self.per_case_full if not self.cheap_val else self.ranks.gather_frame(
+            P.patch_scores(self.model, self.entries, self.ranks.shard(self.val_ids), roi or [], config.val_patches,
+                           config.seed, self.device, spec.divisor, self.use_amp, config.score), self.val_ids)
         worst, worst_label = worst_group(per_case_val["dice"], self.val_groups, config.min_group_size)
         mean_dice = float(per_case_val["dice"].mean())
         row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
                    val_score=float(per_case_val["score"].mean()), selection=selection_score(mean_dice, worst))
-        self.val_records += [{"epoch": epoch, "patient_id": pid, **r}
+        kind = {"kind": "patches"} if self.cheap_val else {}
+        self.val_records += [{"epoch": epoch, "patient_id": pid, **kind, **r}
                              for pid, r in per_case_val.to_dict("index").items()]
+        if self.cheap_val and full:
+            self.val_records += [{"epoch": epoch, "patient_id": pid, "kind": "full", **r}
+                                 for pid, r in self.per_case_full.to_dict("index").items()]
         return per_case_val
 
     def refresh_weights(self, epoch: int, per_case_val: pd.DataFrame) -> None:

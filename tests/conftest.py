@@ -30,6 +30,16 @@ def folder_listing(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_preprocessed_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Runs with ``cache: auto``/``preprocessed`` share voxel checks and preprocessed cases through the
+    user's store (``divaware.preprocess.store_root``): tests use a session folder of their own instead."""
+    folder = tmp_path_factory.mktemp("preprocessed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIVAWARE_PREPROCESSED", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 40-case synthetic cohort in the real MAMA-MIA layout; never write into it."""
