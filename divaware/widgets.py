@@ -68,7 +68,7 @@ def _score_text(scores: Mapping[str, float] | None) -> str:
     if not scores:
         return ""
     names = {"dice": ("Dice", "{:.2f}"), "hd95_mm": ("HD95", "{:.1f} mm"), "hd95": ("HD95", "{:.1f} vox"),
-             "volume_error": ("volume error", "{:+.0%}")}
+             "volume_error": ("volume error", "{:.0%}")}
     parts = []
     for key, value in scores.items():
         if value is None or not np.isfinite(float(value)):
