@@ -281,11 +281,9 @@ def install_lab_settings(app_dir: str | Path | None = None) -> Path | None:
     (for the next page load). An existing identical file is left alone; a read-only prefix is not an error.
     """
     import json
-    import os
-    import sys
 
     if app_dir is None:
-        app_dir = os.environ.get("JUPYTERLAB_DIR") or Path(sys.prefix) / "share" / "jupyter" / "lab"
+        app_dir = _lab_app_dir()
     target = Path(app_dir) / "settings" / "overrides.d" / LAB_SETTINGS_FILE
     text = json.dumps(LAB_SETTINGS, indent=2) + "\n"
     try:
@@ -296,6 +294,25 @@ def install_lab_settings(app_dir: str | Path | None = None) -> Path | None:
     except OSError:
         return None
     return target
+
+
+def _lab_app_dir() -> Path:
+    """The folder `jupyter lab` of this environment reads (jupyterlab.commands.get_app_dir's rule, without the
+    seconds it takes to import): ``$JUPYTERLAB_DIR``, else ``<prefix>/share/jupyter/lab``, or the user base's
+    when JupyterLab itself is a ``pip install --user``."""
+    import importlib.util
+    import os
+    import site
+    import sys
+
+    if os.environ.get("JUPYTERLAB_DIR"):
+        return Path(os.environ["JUPYTERLAB_DIR"]).resolve()
+    app_dir = Path(sys.prefix) / "share" / "jupyter" / "lab"
+    spec = importlib.util.find_spec("jupyterlab")
+    userbase = site.getuserbase() if hasattr(site, "getuserbase") else None
+    if spec and spec.origin and userbase and spec.origin.startswith(userbase) and not str(app_dir).startswith(userbase):
+        app_dir = Path(userbase) / "share" / "jupyter" / "lab"
+    return app_dir.resolve()
 
 
 def statistic_column(itemsets: pd.DataFrame) -> str | None:
