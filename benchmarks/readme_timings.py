@@ -92,7 +92,8 @@ def results_section(record: dict[str, Any], run_dir: Path) -> str:
     """The test-split table of every method the run trained (in the order it trained them)."""
     lines = [
         RESULTS_BEGIN,
-        f"Test split of the same run, best checkpoints chosen on the fairness-validation split (written by "
+        f"Test split of the same run (one training run per method, {_seed_text(run_dir)}), best checkpoints chosen on the "
+        f"fairness-validation split (written by "
         f"`python benchmarks/readme_timings.py {run_dir}` from each run's `evaluation_test/`):",
         "",
         "| run | n | mean Dice | HD95 (mm) | worst group | worst-group Dice | max−min gap | ES-Dice | P | F | ranking |",
@@ -116,6 +117,16 @@ def results_section(record: dict[str, Any], run_dir: Path) -> str:
             f"{challenge['F']:.4f} | {challenge['ranking']:.4f} |")
     lines += ["", *comparison_lines(run_dir, methods), RESULTS_END]
     return "\n".join(lines)
+
+
+def _seed_text(run_dir: Path) -> str:
+    """'seed 0' from the run's series.yaml (the training seed every method used)."""
+    import yaml
+
+    series = run_dir / "series.yaml"
+    config = yaml.safe_load(series.read_text()) if series.is_file() else {}
+    seed = ((config or {}).get("training") or {}).get("seed")
+    return f"seed {seed}" if seed is not None else "one seed"
 
 
 def _signed(x: float) -> str:
@@ -189,15 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="folder of a finished `divaware run` (holds timings.json)")
     parser.add_argument("--readme", type=Path, default=README, help="README to rewrite (default: the checkout's)")
     parser.add_argument("--print", action="store_true", help="print the section instead of rewriting the README")
+    parser.add_argument("--results-only", action="store_true",
+                        help="rewrite only the results section (e.g. from a run timed on a busy machine)")
     args = parser.parse_args(argv)
     record = load(args.run_dir)
     text, results = section(record, args.run_dir), results_section(record, args.run_dir)
     if args.print:
         print(text + "\n\n" + results)
     else:
-        rewrite(args.readme, text)
+        if not args.results_only:
+            rewrite(args.readme, text)
         rewrite(args.readme, results, RESULTS_BEGIN, RESULTS_END)
-        print(f"rewrote the timings and results sections of {args.readme}")
+        print(f"rewrote the {'results' if args.results_only else 'timings and results'} section(s) of {args.readme}")
     return 0
 
 

@@ -455,9 +455,13 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
     metric = w.Dropdown(options=list(scores.columns), description="metric")
     itemset = w.Select(description="itemset", rows=10, layout=w.Layout(width="95%"))
     itemset.add_class(f"divaware-itemsets-{id(itemset)}")
+    itemset.add_class("divaware-explorer-itemset")
     grey = w.HTML()  # a style rule that greys the untested itemsets (they are last in the list)
     case_pick = w.Dropdown(description="case", layout=w.Layout(width="60%"))
     table_out, case_out, viewer_out = w.Output(), w.Output(), w.Output()
+    # class names for a reader's stylesheet and for the browser test to find the parts
+    for part, name in ((case_pick, "case"), (table_out, "table"), (case_out, "members"), (viewer_out, "viewer")):
+        part.add_class(f"divaware-explorer-{name}")
     state: dict[str, Any] = {"result": pd.DataFrame(), "members": [], "table": pd.DataFrame()}
 
     def members(items: Sequence[str]) -> list[str]:
