@@ -166,6 +166,8 @@ def plot_divergent_itemsets(
     sns.barplot(data=d, x="divergence", y="ylabel", hue="significance", hue_order=[sig_hi, sig_lo],
                 palette=palette, dodge=False, orient="h", saturation=1, ax=ax)
     ax.axvline(0, color="black", lw=0.8)
+    if which == "negative" and ax.get_legend() is not None:
+        sns.move_legend(ax, "lower left", title=None)  # the shortest bars are at the bottom, next to 0
     ax.set_xlabel("divergence Δ = subgroup mean − overall mean")
     ax.set_ylabel("")
     ax.set_title(title or f"Top {len(d)} divergent subgroups")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -70,9 +71,11 @@ class Lab:
     The server gets an application folder of its own (``$JUPYTERLAB_DIR``: links to the installed JupyterLab's
     static files, schemas and themes, and an empty ``settings/``), as its kernels do, so what divaware installs
     there at run time (:func:`divaware.widgets.install_lab_settings`) is what this server reads, and nothing of
-    the real environment is changed. ``lab_settings``: ``"installed"`` puts the package's JupyterLab settings
-    in place before the server starts, as ``divaware run`` (README command 1) does before anyone opens
-    JupyterLab; ``"none"`` leaves them to the notebook kernels.
+    the real environment is changed; a second server on the same ``home`` reuses that folder, as a second
+    ``jupyter lab`` in one environment would. JupyterLab reads settings overrides once, when the server starts.
+    ``lab_settings``: ``"installed"`` puts the package's JupyterLab settings in place before the server starts,
+    as ``divaware run`` (README command 1) does before anyone opens JupyterLab; ``"none"`` leaves them to
+    divaware's run-time install (:func:`divaware.widgets.install_lab_settings`, called by notebook kernels).
     """
 
     def __init__(self, root: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 120,
@@ -88,11 +91,11 @@ class Lab:
             d.mkdir(parents=True, exist_ok=True)
         real_app = Path(get_app_dir())
         for entry in real_app.iterdir():
-            if entry.name != "settings":
+            if entry.name != "settings" and not (dirs["app"] / entry.name).exists():
                 (dirs["app"] / entry.name).symlink_to(entry)
         self.app_dir = dirs["app"]
         overrides = dirs["app"] / "settings" / "overrides.d"
-        overrides.mkdir(parents=True)
+        overrides.mkdir(parents=True, exist_ok=True)
         if lab_settings == "installed":
             install_lab_settings(dirs["app"])
         elif lab_settings != "none":
@@ -218,7 +221,7 @@ def save(page: Any) -> None:
 def restart_kernel(page: Any) -> None:
     """Kernel > Restart Kernel..., confirmed, and wait until the new kernel is idle."""
     page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Restart Kernel…").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Restart Kernel…?$")).first.click()
     page.locator(".jp-Dialog .jp-mod-accept").click()
     page.wait_for_timeout(2000)
     page.wait_for_function(
