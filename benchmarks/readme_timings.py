@@ -92,7 +92,8 @@ def results_section(record: dict[str, Any], run_dir: Path) -> str:
     """The test-split table of every method the run trained (in the order it trained them)."""
     lines = [
         RESULTS_BEGIN,
-        f"Test split of the same run (one training run per method, {_seed_text(run_dir)}), best checkpoints chosen on the "
+        f"Test split of the run started {record.get('started_utc', '?')} (one training run per method, "
+        f"{_seed_text(run_dir)}), best checkpoints chosen on the "
         f"fairness-validation split (written by "
         f"`python benchmarks/readme_timings.py {run_dir}` from each run's `evaluation_test/`):",
         "",
@@ -164,7 +165,7 @@ def comparison_lines(run_dir: Path, methods: list[str]) -> list[str]:
                        f"{len(clear)} of {len(per_group)} age groups' intervals exclude 0 (one seed; several "
                        "intervals, so one may do so by chance)")
         out.append(
-            f"**One seed, one run.** Paired test-split difference in Dice, {sentence}; "
+            f"**One seed, one run.** Paired test-split difference, {sentence}; "
             f"{overall['n_better']} cases better and {overall['n_worse']} worse. Per age group: "
             + "; ".join(groups) + f". So {closing}, and {groups_text}. Another seed or machine can change the sign "
             "of differences this size; whether divaware helps is answered over seeds and against an oracle in "
