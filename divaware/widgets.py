@@ -423,12 +423,16 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
     candidates = explorer_attributes(metadata, extra=attributes)
 
     def analyse(attrs: Sequence[str], support: float, metric: str) -> pd.DataFrame:
-        table = attribute_table(metadata.loc[scores.index], list(attrs))
-        oriented, flip = _oriented(scores[metric].astype(float).rename(metric))
+        values = scores[metric].astype(float)
+        # HD95 is undefined for an empty prediction: such cases are left out of this metric's analysis
+        # (they are listed first among a group's cases) and the table's caption says how many.
+        values = values[np.isfinite(values.to_numpy())]
+        table = attribute_table(metadata.loc[values.index], list(attrs))
+        oriented, flip = _oriented(values.rename(metric))
         found = itemset_order(divergent_itemsets(table, oriented, min_support=support, max_length=max_length))
         if flip:  # back to the metric's own units; q, the order and significance already point at "worse"
             found = found.assign(mean=-found["mean"], divergence=-found["divergence"])
-        found.attrs["flipped"] = flip
+        found.attrs.update(flipped=flip, left_out=int(len(scores) - len(values)))
         return found
 
     def readable(result: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -534,8 +538,11 @@ def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[
         with table_out:
             table_out.clear_output(wait=True)
             display(styled_itemsets(state["table"].head(top)))
+            left_out = result.attrs.get("left_out", 0)
             display(HTML(f"<small>sorted by q, then Δ; significant (bold): q ≤ {fdr:g} and Δ worse than "
-                         "average; grey: fewer cases than the test's minimum, not tested</small>"))
+                         "average; grey: fewer cases than the test's minimum, not tested"
+                         + (f"; {left_out} case(s) without a {metric.value} value left out" if left_out else "")
+                         + "</small>"))
         show_members()  # always, even when the label stayed: its members may differ under new settings
 
     def open_case(*_: Any) -> None:

@@ -195,10 +195,15 @@ def test_cases_are_listed_worst_first_in_table_and_dropdown_and_the_viewed_case_
     support.value = 0.03
     if keep in box.state["members"]:
         assert case_pick.value == keep
-    # HD95: lower is better, so the worst case is the highest HD95
+    # HD95: lower is better, so the worst case is the highest HD95; an empty prediction (HD95 undefined) is
+    # left out of the analysis and listed first
+    empty = ids[-1]
+    scores.loc[empty, "hd95_mm"] = np.nan
     metric.value = "hd95_mm"
     ids = case_values(case_pick)
-    assert (np.diff(scores.loc[ids, "hd95_mm"].to_numpy()) <= 0).all()
+    assert ids[0] == empty
+    assert (np.diff(scores.loc[ids[1:], "hd95_mm"].to_numpy()) <= 0).all()
+    assert box.state["result"].attrs["left_out"] == 1
     # a failing group of HD95 is one with larger distances: the top itemset's Δ is positive (worse)
     top = box.state["table"].iloc[0]
     assert top["Δ"] > 0 and not (box.state["table"]["significant"] & (box.state["table"]["Δ"] < 0)).any()
