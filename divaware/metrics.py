@@ -753,3 +753,60 @@ def compare_runs(
         index=pd.Index(names, name="figure"),
     )
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# reading a comparison: what its interval supports
+# --------------------------------------------------------------------------------------------------
+
+VERDICTS = ("improved", "worse", "no clear change", "too few cases")
+
+
+def change_verdict(ci_low: float, ci_high: float, n: int | None = None, *, metric: str = "dice",
+                   min_n: int = MIN_GROUP_SIZE) -> str:
+    """What a paired change (b − a) with this confidence interval supports, in words.
+
+    ``"too few cases"`` when ``n`` < ``min_n`` (a group of 2 can swing by 0.1 on one case, whatever its
+    interval says), ``"no clear change"`` when the interval is missing or includes 0, else ``"improved"`` or
+    ``"worse"`` according to the metric's direction (a lower HD95 is an improvement). The one rule behind
+    notebook 04's verdicts and the README's description of the default run: never a direction the interval
+    does not support.
+    """
+    if n is not None and int(n) < int(min_n):
+        return "too few cases"
+    lo, hi = float(ci_low), float(ci_high)
+    if math.isnan(lo) or math.isnan(hi) or lo <= 0 <= hi:
+        return "no clear change"
+    up = lo > 0
+    return "improved" if up == _higher_is_better(metric) else "worse"
+
+
+def comparison_verdicts(per_group: pd.DataFrame, *, metric: str = "dice", min_n: int = MIN_GROUP_SIZE) -> pd.Series:
+    """:func:`change_verdict` of every row of a :class:`RunComparison` ``per_group`` table (same index)."""
+    missing = [c for c in ("n", "ci_low", "ci_high") if c not in per_group.columns]
+    if missing:
+        raise ValueError(f"comparison_verdicts: the per-group table lacks column(s) {missing}; pass "
+                         "compare_runs(...).per_group")
+    return pd.Series([change_verdict(lo, hi, n, metric=metric, min_n=min_n)
+                      for lo, hi, n in zip(per_group["ci_low"], per_group["ci_high"], per_group["n"], strict=True)],
+                     index=per_group.index, name="verdict", dtype=object)
+
+
+def describe_change(mean_diff: float, ci_low: float, ci_high: float, *, what: str = "mean Dice",
+                    labels: tuple[str, str] = ("a", "b"), n: int | None = None, seeds: int = 1,
+                    metric: str = "dice", min_n: int = MIN_GROUP_SIZE) -> str:
+    """One sentence for a paired change b − a: its size, its interval, how many seeds, and what that supports.
+
+    E.g. ``"divaware − ERM, mean Dice: +0.005 (95 % CI −0.010 to +0.018; one seed, 61 cases): no clear change,
+    the interval includes 0"``. Uses :func:`change_verdict`, so the words never claim a direction the interval
+    does not support.
+    """
+    verdict = change_verdict(ci_low, ci_high, n, metric=metric, min_n=min_n)
+    seeds_text = "one seed" if seeds == 1 else f"{seeds} seeds"
+    cases = f", {n} cases" if n is not None else ""
+    why = {"no clear change": ", the interval includes 0", "too few cases": f", fewer than {min_n} cases"}.get(verdict, "")
+    def signed(x: float) -> str:
+        return f"{x:+.3f}".replace("-", "−")
+
+    return (f"{labels[1]} − {labels[0]}, {what}: {signed(mean_diff)} (95 % CI {signed(ci_low)} to "
+            f"{signed(ci_high)}; {seeds_text}{cases}): {verdict}{why}")

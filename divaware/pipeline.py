@@ -191,6 +191,9 @@ def run_series(
     out = Path(out_dir).resolve()
     src = notebooks_dir()
     runtime.apply_thread_env()  # before any kernel starts: OpenMP reads it once, at load
+    from divaware.widgets import install_lab_settings
+
+    install_lab_settings()  # so JupyterLab saves widget state: an editable install skips the package's data files
     if only:
         labels = [label for label, _, _ in series_jobs(config, out, src)]
         unmatched = [o for o in only if not any(label.startswith(o) for label in labels)]

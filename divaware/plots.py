@@ -133,38 +133,41 @@ def plot_divergent_itemsets(
     itemsets: pd.DataFrame,
     *,
     top: int = 10,
-    t_threshold: float = 2.0,
+    fdr: float = 0.05,
     which: str = "negative",
     title: str | None = None,
     path: str | Path | None = None,
 ) -> Figure:
-    """The ``top`` most divergent itemsets as horizontal bars of Δ, red where |t| ≥ ``t_threshold``.
+    """The ``top`` most divergent itemsets as horizontal bars of Δ, red where significant (q ≤ ``fdr``, Δ < 0).
 
-    The colour is a reading aid only: it is not the rule the ``divaware`` strategy acts on, which counts
-    an itemset only when it survives the Benjamini–Hochberg false-discovery control (its ``q`` column ≤
-    ``fdr``; see :class:`divaware.weighting.DivawareWeighting`). |t| ≥ 2 alone flags itemsets in most
-    analyses of pure noise.
-
-    ``which``: ``"negative"`` (most negative Δ: the subgroups the model fails), ``"positive"`` or
-    ``"absolute"`` (largest |Δ|). Labels carry the itemset's case count.
+    Significance is :func:`divaware.subgroups.is_significant`, the rule the ``divaware`` strategy acts on and
+    every table shows. ``which``: ``"negative"`` (most negative Δ: the subgroups the model fails),
+    ``"positive"`` or ``"absolute"`` (largest |Δ|). Labels carry the itemset's case count and its q
+    (``untested`` for itemsets below the test's minimum size).
     """
-    _require(itemsets, ("label", "divergence", "t"), "itemsets frame")
+    from divaware.subgroups import is_significant
+
+    _require(itemsets, ("label", "divergence", "q"), "itemsets frame")
     if which not in ("negative", "positive", "absolute"):
         raise ValueError(f"which must be 'negative', 'positive' or 'absolute', got {which!r}")
     d = itemsets.copy()
     key = {"negative": d["divergence"], "positive": -d["divergence"], "absolute": -d["divergence"].abs()}[which]
     d = d.assign(_key=key).sort_values("_key", kind="stable").head(top)
-    sig_hi, sig_lo = f"|t| ≥ {t_threshold:g}", f"|t| < {t_threshold:g}"
-    d["significance"] = np.where(d["t"].abs() >= t_threshold, sig_hi, sig_lo)  # NaN t: not significant
-    count = d["count"] if "count" in d.columns else None
-    d["ylabel"] = [f"{lab} (n={c})" for lab, c in zip(d["label"], count, strict=True)] if count is not None \
-        else d["label"].astype(str)
+    sig_hi, sig_lo = f"q ≤ {fdr:g}, Δ < 0", "not significant"
+    d["significance"] = np.where(is_significant(d, fdr), sig_hi, sig_lo)
+    qtext = [("untested" if not np.isfinite(q) else f"q={q:.2g}") for q in d["q"].astype(float)]
+    if "count" in d.columns:
+        d["ylabel"] = [f"{lab} (n={c}, {qt})" for lab, c, qt in zip(d["label"], d["count"], qtext, strict=True)]
+    else:
+        d["ylabel"] = [f"{lab} ({qt})" for lab, qt in zip(d["label"], qtext, strict=True)]
     fig, axes = _figure(figsize=(8.0, 0.4 * len(d) + 1.6))
     ax = axes[0, 0]
     palette = {sig_hi: _SIG_COLOR, sig_lo: _NONSIG_COLOR}
     sns.barplot(data=d, x="divergence", y="ylabel", hue="significance", hue_order=[sig_hi, sig_lo],
                 palette=palette, dodge=False, orient="h", saturation=1, ax=ax)
     ax.axvline(0, color="black", lw=0.8)
+    if which == "negative" and ax.get_legend() is not None:
+        sns.move_legend(ax, "lower left", title=None)  # the shortest bars are at the bottom, next to 0
     ax.set_xlabel("divergence Δ = subgroup mean − overall mean")
     ax.set_ylabel("")
     ax.set_title(title or f"Top {len(d)} divergent subgroups")
@@ -374,9 +377,14 @@ def plot_case_gallery(
     titles: Sequence[str] | None = None,
     phase_names: Sequence[str] | None = None,
     axis: int = -1,
+    ncols: int | None = None,
     path: str | Path | None = None,
 ) -> Figure:
     """Cases as rows, phases as columns, with ground-truth (green) and prediction (red) contours.
+
+    With ``ncols`` every case must show a single phase: the cases then fill a grid of ``ncols`` panels per row
+    (e.g. one row per patient, one column per model), each panel titled with its ``titles`` entry, instead of
+    one tall column. The legend lists a prediction only when some prediction is drawn.
 
     Each image is ``(phases, *spatial)`` or a single-phase ``(*spatial)`` array, spatial being 3D volumes
     or 2D slices; masks have the spatial shape. For volumes the slice along ``axis`` through the centre of
@@ -409,6 +417,34 @@ def plot_case_gallery(
         elif len(spatial) != 2:
             raise ValueError(f"case {i}: expected 2D or 3D spatial data, got shape {spatial}")
         prepared.append((phases, gt, pr))
+    drawn_pred = any(pr is not None and np.any(pr) and not np.all(pr) for _, _, pr in prepared)
+    handles = [Line2D([], [], color=_GT_COLOR, label="ground truth")]
+    if drawn_pred:
+        handles.append(Line2D([], [], color=_PRED_COLOR, label="prediction"))
+    if ncols is not None:
+        if ncols < 1:
+            raise ValueError(f"ncols must be a positive int, got {ncols!r}")
+        multi = [i for i, p in enumerate(prepared) if p[0].shape[0] != 1]
+        if multi:
+            raise ValueError(f"ncols lays out single-phase panels, but case(s) {multi} have several phases; "
+                             "pass one phase per case")
+        n_rows = -(-n // ncols)
+        fig, axes = _figure(n_rows, ncols, figsize=(3.0 * ncols, 3.0 * n_rows + 0.4))
+        for i in range(n_rows * ncols):
+            ax = axes[i // ncols, i % ncols]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            if i >= n:
+                ax.set_axis_off()
+                continue
+            phases, gt, pr = prepared[i]
+            _draw_panel(ax, phases[0], gt, pr)
+            if titles is not None:
+                ax.set_title(titles[i], fontsize="small")
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize="small")
+        save_figure(fig, path)
+        return fig
     n_cols = max(p[0].shape[0] for p in prepared)
     fig, axes = _figure(n, n_cols, figsize=(2.6 * n_cols, 2.6 * n + 0.4))
     for r, (phases, gt, pr) in enumerate(prepared):
@@ -420,21 +456,22 @@ def plot_case_gallery(
             if c >= phases.shape[0]:
                 ax.set_axis_off()
                 continue
-            sl = phases[c]
-            lo, hi = _window(sl)
-            ax.imshow(sl.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
-            for m, color in ((gt, _GT_COLOR), (pr, _PRED_COLOR)):
-                if m is not None and np.any(m) and not np.all(m):
-                    ax.contour(np.asarray(m, dtype=float).T, levels=[0.5], colors=[color], linewidths=1.2)
+            _draw_panel(ax, phases[c], gt, pr)
             if r == 0:
                 ax.set_title(phase_names[c] if phase_names is not None and c < len(phase_names) else f"phase {c}")
             if c == 0 and titles is not None:
                 ax.set_ylabel(titles[r])
-    fig.legend(handles=[Line2D([], [], color=_GT_COLOR, label="ground truth"),
-                        Line2D([], [], color=_PRED_COLOR, label="prediction")],
-               loc="outside lower center", ncol=2, fontsize="small")
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize="small")
     save_figure(fig, path)
     return fig
+
+
+def _draw_panel(ax: Any, sl: np.ndarray, gt: np.ndarray | None, pr: np.ndarray | None) -> None:
+    lo, hi = _window(sl)
+    ax.imshow(sl.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
+    for m, color in ((gt, _GT_COLOR), (pr, _PRED_COLOR)):
+        if m is not None and np.any(m) and not np.all(m):
+            ax.contour(np.asarray(m, dtype=float).T, levels=[0.5], colors=[color], linewidths=1.2)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ __all__ = [
     "prune_redundant",
     "shapley_contributions",
     "itemset_label",
+    "is_significant",
     "benjamini_hochberg",
     "MIN_TEST_COUNT",
     "TESTS",
@@ -984,3 +985,19 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
     out = pd.DataFrame({"divergence": result_div.astype(float), "worst_itemset": result_lab}, index=ids)
     out["worst_itemset"] = out["worst_itemset"].astype(str)
     return out
+
+
+def is_significant(frame: pd.DataFrame, fdr: float = 0.05) -> pd.Series:
+    """Which itemsets are significant failures: ``q ≤ fdr`` and Δ < 0 (a NaN q, an untested itemset, is not).
+
+    The one definition of "significant" that the tables, figures, explorer and README use, and the rule by
+    which the ``divaware`` strategy acts (its ``fdr``). ``frame`` is a :func:`divergent_itemsets` result.
+    """
+    missing = [c for c in ("q", "divergence") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"is_significant: the itemsets frame lacks column(s) {missing}; pass a divergent_itemsets() "
+                         f"result (it has {list(frame.columns)})")
+    if not 0 < float(fdr) <= 1:
+        raise ValueError(f"is_significant: fdr must be in (0, 1], got {fdr!r}")
+    q = pd.to_numeric(frame["q"], errors="coerce")
+    return (q.le(float(fdr)) & pd.to_numeric(frame["divergence"], errors="coerce").lt(0)).rename("significant")

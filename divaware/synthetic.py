@@ -1593,3 +1593,24 @@ def read_truth(root: str | Path) -> pd.DataFrame:
         raise ValueError(f"{path} not found: {root} is not a synthetic cohort written by divaware synth")
     truth = pd.read_csv(path, dtype={"patient_id": str})
     return truth.set_index("patient_id")
+
+
+def hard_subgroup(root: str | Path, patient_ids: Sequence[str] | None = None) -> pd.Series | None:
+    """Which cases the generator built hard (``hard_subgroup`` of ``synthetic_truth.csv``), as a bool Series
+    indexed by ``patient_id`` (in ``patient_ids`` order when given); None for a folder that is not a synthetic
+    cohort (real data has no such truth). The column is named, not guessed: a truth file without it is an error.
+    """
+    if not (Path(root) / TRUTH_FILE).is_file():
+        return None
+    truth = read_truth(root)
+    if "hard_subgroup" not in truth.columns:
+        raise ValueError(f"{Path(root) / TRUTH_FILE} has no hard_subgroup column (it has {list(truth.columns)}); "
+                         "regenerate the cohort with divaware synth")
+    hard = truth["hard_subgroup"].astype(str).str.strip().str.lower().isin(("true", "1"))
+    if patient_ids is None:
+        return hard.rename("hard_subgroup")
+    ids = [str(i) for i in patient_ids]
+    missing = [i for i in ids if i not in hard.index]
+    if missing:
+        raise ValueError(f"case(s) {missing[:10]} are not in {Path(root) / TRUTH_FILE}")
+    return hard.loc[ids].rename("hard_subgroup")

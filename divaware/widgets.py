@@ -33,6 +33,53 @@ def _slice_of(mask: np.ndarray | None, image: np.ndarray) -> int:
     return tumour_slice(mask if mask is not None else np.zeros(image.shape, bool), axis=-1)
 
 
+def disagreement_slice(truth: np.ndarray | None, pred: np.ndarray | None, axis: int = -1) -> int | None:
+    """The slice along ``axis`` with the most voxels where prediction and truth disagree (false positive or
+    false negative), or None when they agree everywhere (or either is missing). Ties: the first such slice.
+
+    A Dice-0 case whose prediction lies away from the tumour opens on that prediction, not on a tumour slice
+    where nothing red is drawn.
+    """
+    if truth is None or pred is None:
+        return None
+    wrong = np.asarray(truth, bool) ^ np.asarray(pred, bool)
+    if not wrong.any():
+        return None
+    axis = axis % wrong.ndim
+    profile = wrong.sum(axis=tuple(i for i in range(wrong.ndim) if i != axis))
+    return int(np.argmax(profile))
+
+
+def largest_component_slice(mask: np.ndarray | None, axis: int = -1) -> int | None:
+    """The slice along ``axis`` through the centre of the mask's largest connected component (None if empty)."""
+    if mask is None or not np.any(mask):
+        return None
+    from scipy import ndimage
+
+    from divaware.plots import tumour_slice
+
+    labels, n = ndimage.label(np.asarray(mask, bool))
+    sizes = np.bincount(labels.ravel())[1:]
+    return tumour_slice(labels == int(np.argmax(sizes)) + 1, axis=axis)
+
+
+def _score_text(scores: Mapping[str, float] | None) -> str:
+    """'Dice 0.00 · HD95 12.3 mm' from a case's per-case scores (whichever are given)."""
+    if not scores:
+        return ""
+    names = {"dice": ("Dice", "{:.2f}"), "hd95_mm": ("HD95", "{:.1f} mm"), "hd95": ("HD95", "{:.1f} vox"),
+             "volume_error": ("volume error", "{:.0%}")}
+    parts = []
+    for key, value in scores.items():
+        if value is None or not np.isfinite(float(value)):
+            continue
+        name, fmt = names.get(key, (key, "{:.3g}"))
+        if key == "hd95" and "hd95_mm" in scores:
+            continue
+        parts.append(f"{name} {fmt.format(float(value))}")
+    return " · ".join(parts)
+
+
 def _window(images: list[np.ndarray], k: int) -> tuple[float, float]:
     # One grey-level window for all phases, so that contrast uptake shows as brightening between panels.
     values = np.concatenate([im[:, :, k].ravel() for im in images])
@@ -52,7 +99,10 @@ def _draw_slice(ax: Any, image: np.ndarray, k: int, mask: np.ndarray | None, pre
         ax.contour(mask[:, :, k].T, levels=[0.5], colors=_GT_COLOR, linewidths=1.2)
     if pred is not None and pred[:, :, k].any():
         ax.contour(pred[:, :, k].T, levels=[0.5], colors=_PRED_COLOR, linewidths=1.2, linestyles="--")
-    ax.set_title(title, fontsize=9)
+    import textwrap
+
+    # wrapped, never cut: the distinguishing item of a long itemset label is often its last one
+    ax.set_title("\n".join(textwrap.wrap(title, 70)) or title, fontsize=9)
     ax.axis("off")
 
 
@@ -65,22 +115,30 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
 
 
 def case_figure(case: Case, prediction: str | Path | None = None, slice_index: int | None = None,
-                phases: Sequence[int] | None = None, label: str | None = None) -> Figure:
+                phases: Sequence[int] | None = None, label: str | None = None,
+                scores: Mapping[str, float] | None = None) -> Figure:
     """All (or the chosen) phases of one case at one axial slice, truth in green, prediction dashed red.
 
-    ``label`` (e.g. "young, dense breasts") is added to the title so a reader knows which case this is.
+    ``label`` (e.g. "young, dense breasts") and the case's ``scores`` (Dice, HD95) are added to the title so a
+    reader knows which case this is and how it scored. Without ``slice_index`` the slice is the one where
+    prediction and truth disagree most (:func:`disagreement_slice`), else the tumour's centre.
     """
     phases = list(range(len(case.image_paths))) if phases is None else list(phases)
     images = [load_canonical(case.image_paths[p]) for p in phases]
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     pred = load_canonical(prediction) > 0.5 if prediction is not None else None
-    k = _slice_of(mask, images[0]) if slice_index is None else int(slice_index)
+    if slice_index is None:
+        found = disagreement_slice(mask, pred)
+        k = _slice_of(mask, images[0]) if found is None else found
+    else:
+        k = int(slice_index)
     fig = _new_figure((2.6 * len(images), 3.0))
     axes = fig.subplots(1, len(images), squeeze=False)
     for ax, p, image in zip(axes[0], phases, images, strict=True):
         _draw_slice(ax, image, k, mask, pred, f"{case.patient_id} phase {p:04d}, z={k}", _window(images, k))
-    if label:
-        fig.suptitle(f"{case.patient_id}: {label}", fontsize=10)
+    heading = " · ".join(x for x in (label, _score_text(scores)) if x)
+    if heading:
+        fig.suptitle(f"{case.patient_id}: {heading}", fontsize=10)
     return fig
 
 
@@ -93,52 +151,96 @@ def _as_predictions(prediction: str | Path | Mapping[str, str | Path] | None) ->
 
 
 def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] | None = None,
-                 interactive: bool = True, label: str | None = None) -> Any:
+                 interactive: bool = True, label: str | None = None,
+                 scores: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None) -> Any:
     """Phase / slice / overlay viewer of one case; a static :func:`case_figure` when not interactive.
 
     ``prediction`` is one prediction file or a mapping model name -> file; with several, a *model* control
-    chooses whose prediction (dashed red) is drawn over the truth (green). Each redraw displays a PNG inside
-    the widget's output area, so the picture is an ordinary ``image/png`` output: it renders as an image in
-    JupyterLab and is kept in the widget state saved with the notebook (divaware installs the JupyterLab
-    setting that saves it), so a notebook reopened without a kernel still shows the last view.
+    chooses whose prediction (dashed red) is drawn over the truth (green). ``scores`` (per-case scores such as
+    ``{"dice": 0.0, "hd95_mm": 31.2}``, or model name -> such a mapping) go into the title. The viewer opens on
+    the slice where the prediction and the truth disagree most (a false positive away from the tumour is
+    where a Dice-0 case fails), and three buttons jump to that slice, to the centre of the truth's largest
+    component and to the centre of the prediction's largest component. Each redraw displays a PNG inside the
+    widget's output area, so the picture is an ordinary ``image/png`` output: it renders as an image in
+    JupyterLab and is kept in the widget state saved with the notebook (see :func:`install_lab_settings`),
+    so a notebook reopened without a kernel still shows the last view.
     """
     predictions = _as_predictions(prediction)
+    per_model: dict[str, Mapping[str, float]] = {}
+    if scores:
+        nested = all(isinstance(v, Mapping) for v in scores.values())
+        per_model = dict(scores) if nested else {name: scores for name in (predictions or {"": None})}  # type: ignore[misc]
     if not interactive:
-        first = next(iter(predictions.values()), None)
-        return case_figure(case, first, label=label)
+        first = next(iter(predictions), None)
+        return case_figure(case, predictions.get(first) if first else None, label=label,
+                           scores=per_model.get(first or "", None) if per_model else None)
     import ipywidgets as w
 
     from divaware.plots import show
 
+    install_lab_settings()
     images = [load_canonical(p) for p in case.image_paths]
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     preds = {name: load_canonical(path) > 0.5 for name, path in predictions.items()}
     depth = images[0].shape[-1]
+    first_pred = next(iter(preds.values()), None)
+    start = disagreement_slice(mask, first_pred)
     phase = w.Dropdown(options=[(f"{i:04d}", i) for i in range(len(images))], value=min(1, len(images) - 1),
                        description="phase")
-    k = w.IntSlider(value=_slice_of(mask, images[0]), min=0, max=depth - 1, description="slice")
+    k = w.IntSlider(value=_slice_of(mask, images[0]) if start is None else start, min=0, max=depth - 1,
+                    description="slice")
     overlay = w.Checkbox(value=True, description="overlay")
     model = w.Dropdown(options=list(preds), description="model", layout=w.Layout(display="" if len(preds) > 1
                                                                                    else "none"))
+    jumps = {"disagreement": w.Button(description="most disagreement", tooltip="slice with most FP + FN voxels"),
+             "truth": w.Button(description="truth's largest", tooltip="centre of the truth's largest component"),
+             "prediction": w.Button(description="prediction's largest",
+                                    tooltip="centre of the prediction's largest component")}
     out = w.Output()
     heading = f"{case.patient_id}: {label}" if label else case.patient_id
+
+    def target(which: str) -> int | None:
+        pred = preds.get(model.value) if preds else None
+        if which == "disagreement":
+            return disagreement_slice(mask, pred)
+        return largest_component_slice(mask if which == "truth" else pred)
+
+    def refresh_jumps() -> None:
+        for which, button in jumps.items():
+            button.disabled = target(which) is None
+
+    def jump(which: str) -> Callable[[Any], None]:
+        def go(_: Any) -> None:
+            found = target(which)
+            if found is not None:
+                k.value = found
+        return go
 
     def redraw(*_: Any) -> None:
         fig = _new_figure((4.5, 4.5))
         ax = fig.subplots()
         pred = preds.get(model.value) if preds else None
         who = f" · {model.value}" if preds else ""
+        score = _score_text(per_model.get(model.value if preds else "", {})) if per_model else ""
         _draw_slice(ax, images[phase.value], k.value, mask if overlay.value else None,
-                    pred if overlay.value else None, f"{heading} · phase {phase.value:04d}{who}",
+                    pred if overlay.value else None,
+                    f"{heading} · phase {phase.value:04d}{who}" + (f" · {score}" if score else ""),
                     _window(images, k.value))
         with out:
             out.clear_output(wait=True)
             show(fig)
 
+    for which, button in jumps.items():
+        button.on_click(jump(which))
     for control in (phase, k, overlay, model):
         control.observe(redraw, names="value")
+    model.observe(lambda *_: refresh_jumps(), names="value")
+    refresh_jumps()
     redraw()
-    return w.VBox([w.HBox([phase, k, overlay, model]), out])
+    box = w.VBox([w.HBox([phase, k, overlay, model]), w.HBox(list(jumps.values())), out])
+    box.controls = {"phase": phase, "slice": k, "overlay": overlay, "model": model, "jumps": jumps,
+                    "picture": out}
+    return box
 
 
 # Metadata columns a subgroup can sensibly be formed from: who the patient is, the tumour, and how she was
@@ -158,147 +260,339 @@ def explorer_attributes(metadata: pd.DataFrame, extra: Sequence[str] = ()) -> li
     return offered + [c for c in extra if c in metadata.columns and c not in offered]
 
 
-def _itemset_members(metadata: pd.DataFrame, ids: pd.Index, items: Sequence[str]) -> list[str]:
-    """The cases of ``ids`` in the itemset ``items`` (``attribute=value`` strings)."""
-    mask = pd.Series(True, index=ids)
-    for item in items:
-        name, value = item.split("=", 1)
-        mask &= metadata.loc[ids, name].astype(str) == value
-    return list(mask[mask].index)
+# Per-case scores where a *lower* value is better: analysed with the sign flipped, so that "worse" is always
+# a negative Δ and the one-sided test looks in the right direction, and shown in their own units.
+LOWER_IS_BETTER = ("hd95", "hd95_mm", "norm_hd", "volume_error", "abs_volume_error")
+
+# Settings JupyterLab needs so that a notebook's widgets still show after a kernel restart or without a kernel:
+# save the widget state with the notebook. Identical to jupyter/divaware-widgets.json, which a wheel install
+# puts into <prefix>/share/jupyter/lab/settings/overrides.d; an editable install (the README's) skips such
+# data files, so install_lab_settings() writes the same file at run time.
+LAB_SETTINGS: dict[str, Any] = {"@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True}}
+LAB_SETTINGS_FILE = "divaware-widgets.json"
 
 
-def _prediction_file(predictions: str | Path | Callable[[str], str | Path | None] | None, pid: str) -> Path | None:
-    if predictions is None:
+def install_lab_settings(app_dir: str | Path | None = None) -> Path | None:
+    """Install :data:`LAB_SETTINGS` as a JupyterLab settings override; returns the file, None if not writable.
+
+    ``app_dir``: the JupyterLab application folder (default: the one ``jupyter lab`` of this environment uses,
+    ``$JUPYTERLAB_DIR`` or ``<prefix>/share/jupyter/lab``). JupyterLab reads overrides when a page loads, so the
+    file is installed by ``divaware run`` (before anyone opens JupyterLab) and by every interactive explorer
+    (for the next page load). An existing identical file is left alone; a read-only prefix is not an error.
+    """
+    import json
+
+    if app_dir is None:
+        app_dir = _lab_app_dir()
+    target = Path(app_dir) / "settings" / "overrides.d" / LAB_SETTINGS_FILE
+    text = json.dumps(LAB_SETTINGS, indent=2) + "\n"
+    try:
+        if target.is_file() and target.read_text() == text:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except OSError:
         return None
-    path = Path(predictions(pid)) if callable(predictions) else Path(predictions) / f"{pid}.nii.gz"
-    return path if path.is_file() else None
+    return target
 
 
-def _explorer_controls(candidates: Sequence[str], attributes: Sequence[str], min_support: float,
-                       metrics: Sequence[str]) -> tuple[Any, Any, Any, Any, Any]:
-    """The explorer's controls: attributes, min support, metric, itemset, case."""
-    import ipywidgets as w
+def _lab_app_dir() -> Path:
+    """The folder `jupyter lab` of this environment reads (jupyterlab.commands.get_app_dir's rule, without the
+    seconds it takes to import): ``$JUPYTERLAB_DIR``, else ``<prefix>/share/jupyter/lab``, or the user base's
+    when JupyterLab itself is a ``pip install --user``."""
+    import importlib.util
+    import os
+    import site
+    import sys
 
-    attrs = w.SelectMultiple(options=candidates, value=tuple(a for a in attributes if a in candidates),
-                             description="attributes", rows=min(8, len(candidates)))
-    support = w.FloatLogSlider(value=min_support, base=10, min=-3, max=-0.5, step=0.1, description="min support",
-                               readout_format=".3f")
-    metric = w.Dropdown(options=list(metrics), description="metric")
-    itemset = w.Select(description="itemset", rows=8, layout=w.Layout(width="60%"))
-    case_pick = w.Dropdown(description="case")
-    return attrs, support, metric, itemset, case_pick
+    if os.environ.get("JUPYTERLAB_DIR"):
+        return Path(os.environ["JUPYTERLAB_DIR"]).resolve()
+    app_dir = Path(sys.prefix) / "share" / "jupyter" / "lab"
+    spec = importlib.util.find_spec("jupyterlab")
+    userbase = site.getuserbase() if hasattr(site, "getuserbase") else None
+    if spec and spec.origin and userbase and spec.origin.startswith(userbase) and not str(app_dir).startswith(userbase):
+        app_dir = Path(userbase) / "share" / "jupyter" / "lab"
+    return app_dir.resolve()
 
 
-def _explorer_box(attrs: Any, support: Any, metric: Any, itemset: Any, case_pick: Any, table_out: Any,
-                  case_out: Any, viewer_out: Any, state: dict[str, Any]) -> Any:
-    """The explorer's layout, with its controls and outputs exposed as ``controls`` (and its ``state``)."""
-    import ipywidgets as w
+def statistic_column(itemsets: pd.DataFrame) -> str | None:
+    """The column holding the itemsets' test statistic (``t`` today), found rather than assumed: the one
+    named in ``itemsets.attrs["statistic"]``, else the numeric column between ``divergence`` and ``p``."""
+    named = itemsets.attrs.get("statistic")
+    if named in itemsets.columns:
+        return str(named)
+    cols = list(itemsets.columns)
+    if "divergence" in cols and "p" in cols:
+        between = cols[cols.index("divergence") + 1:cols.index("p")]
+        numeric = [c for c in between if pd.api.types.is_numeric_dtype(itemsets[c])]
+        if numeric:
+            return str(numeric[0])
+    return "t" if "t" in cols else None
 
-    box = w.VBox([w.HBox([attrs, w.VBox([support, metric])]), table_out, itemset, case_out, case_pick,
-                  viewer_out])
-    box.controls = {"attributes": attrs, "min_support": support, "metric": metric, "itemset": itemset,
-                    "case": case_pick, "table": table_out, "members": case_out, "viewer": viewer_out}
-    box.state = state
-    return box
+
+def itemset_order(itemsets: pd.DataFrame) -> pd.DataFrame:
+    """Itemsets in the order a reader should see them: tested ones by q, then Δ (most negative first); the
+    untested ones (below the test's minimum size, q NaN) last, by Δ. Index reset; the frame's attrs kept."""
+    tested = pd.to_numeric(itemsets["q"], errors="coerce").notna()
+    keys = pd.DataFrame({"untested": ~tested, "q": pd.to_numeric(itemsets["q"], errors="coerce"),
+                         "divergence": itemsets["divergence"], "label": itemsets["label"].astype(str)})
+    order = keys.sort_values(["untested", "q", "divergence", "label"], kind="mergesort").index
+    out = itemsets.loc[order].reset_index(drop=True)
+    out.attrs.update(itemsets.attrs)
+    return out
+
+
+def itemset_table(itemsets: pd.DataFrame, fdr: float = 0.05, top: int | None = None,
+                  metric: str = "dice") -> pd.DataFrame:
+    """A readable table of :func:`divaware.subgroups.divergent_itemsets` results, in :func:`itemset_order`.
+
+    Columns: ``itemset`` (the label as a string, never a frozenset), ``n``, ``support``, mean ``metric``, ``Δ``,
+    the test statistic (whatever its column is called), ``p``, ``q`` and ``significant`` (q ≤ ``fdr`` and Δ < 0,
+    :func:`divaware.subgroups.is_significant`); ``tested`` is False for itemsets too small to be tested.
+    """
+    from divaware.subgroups import is_significant
+
+    ordered = itemset_order(itemsets)
+    stat = statistic_column(ordered)
+    table = pd.DataFrame({
+        "itemset": ordered["label"].astype(str),
+        "n": ordered["count"].astype(int),
+        "support": ordered["support"].astype(float),
+        f"mean {metric}": ordered["mean"].astype(float),
+        "Δ": ordered["divergence"].astype(float),
+    })
+    if stat is not None:
+        table[stat] = ordered[stat].astype(float)
+    table["p"] = ordered["p"].astype(float)
+    table["q"] = ordered["q"].astype(float)
+    table["significant"] = is_significant(ordered, fdr).to_numpy()
+    table["tested"] = pd.to_numeric(ordered["q"], errors="coerce").notna().to_numpy()
+    return table.head(top) if top is not None else table
+
+
+def styled_itemsets(table: pd.DataFrame) -> Any:
+    """An :func:`itemset_table` for display: labels in full (pandas cuts strings at 50 characters), numbers
+    rounded, untested itemsets greyed, significant ones in bold."""
+    def row_style(row: pd.Series) -> list[str]:
+        if not row.get("tested", True):
+            return ["color: #9a9a9a"] * len(row)
+        return ["font-weight: bold" if row.get("significant", False) else ""] * len(row)
+
+    fmt = {c: "{:.3f}" for c in table.columns if pd.api.types.is_float_dtype(table[c])}
+    fmt.update({c: "{:.2g}" for c in ("p", "q") if c in table.columns})
+    return (table.style.apply(row_style, axis=1).format(fmt, na_rep="–").hide(axis="index")
+            .set_properties(subset=["itemset"], **{"text-align": "left", "white-space": "normal"}))
+
+
+def _oriented(scores: pd.Series) -> tuple[pd.Series, bool]:
+    """Scores with "higher is better" (the analysis' convention): lower-is-better metrics are negated."""
+    flip = str(scores.name) in LOWER_IS_BETTER
+    return (-scores if flip else scores), flip
+
+
+def _worst_first(scores: pd.DataFrame, ids: Sequence[str], metric: str) -> list[str]:
+    """``ids`` sorted worst first by ``metric`` (lowest Dice, highest HD95), then by id for equal scores."""
+    values = scores.loc[list(ids), metric].astype(float)
+    oriented, _ = _oriented(values.rename(metric))
+    frame = pd.DataFrame({"v": oriented.to_numpy(), "id": [str(i) for i in ids]}, index=list(ids))
+    return list(frame.sort_values(["v", "id"], kind="mergesort", na_position="first").index)
+
+
+def _analyse_scores(metadata: pd.DataFrame, scores: pd.DataFrame, attrs: Sequence[str], support: float,
+                    metric: str, max_length: int) -> pd.DataFrame:
+    """Divergent itemsets of one per-case score column, in :func:`itemset_order`, in the metric's own units."""
+    from divaware.subgroups import attribute_table, divergent_itemsets
+
+    values = scores[metric].astype(float)
+    # HD95 is undefined for an empty prediction: such cases are left out of this metric's analysis
+    # (they are listed first among a group's cases) and the table's caption says how many.
+    values = values[np.isfinite(values.to_numpy())]
+    table = attribute_table(metadata.loc[values.index], list(attrs))
+    oriented, flip = _oriented(values.rename(metric))
+    found = itemset_order(divergent_itemsets(table, oriented, min_support=support, max_length=max_length))
+    if flip:  # back to the metric's own units; q, the order and significance already point at "worse"
+        found = found.assign(mean=-found["mean"], divergence=-found["divergence"])
+    found.attrs.update(flipped=flip, left_out=int(len(scores) - len(values)))
+    return found
+
+
+def _readable_itemsets(result: pd.DataFrame, metric: str, fdr: float) -> pd.DataFrame:
+    """:func:`itemset_table` of an :func:`_analyse_scores` result (significance judged on "worse")."""
+    flip = result.attrs.get("flipped", False)
+    # significance is judged on the oriented frame (Δ < 0 = worse), whatever the metric's direction
+    oriented = result.assign(divergence=-result["divergence"]) if flip else result
+    table = itemset_table(oriented, fdr, metric=metric)
+    if flip:
+        table["Δ"] = -table["Δ"]
+    return table
+
+
+def _itemset_option(r: pd.Series) -> str:
+    tested = np.isfinite(r["q"])
+    stats = f"p={r['p']:.2g}, q={r['q']:.2g}" if tested else "not tested: too few cases"
+    return f"{r['label']}  (n={r['count']}, Δ={r['divergence']:+.3f}, {stats})"
 
 
 def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[str, Case] | None = None,
                       attributes: Sequence[str] = ("age_group", "menopause", "breast_density"),
                       min_support: float = 0.05, max_length: int = 3, interactive: bool = True,
                       top: int = 15,
-                      predictions: str | Path | Callable[[str], str | Path | None] | None = None) -> Any:
+                      predictions: str | Path | Callable[[str], str | Path | None] | None = None,
+                      fdr: float = 0.05) -> Any:
     """Divergent itemsets of per-case ``scores`` (columns are metrics, index ``patient_id``).
 
-    Interactive: choose attributes, minimum support and metric; pick an itemset to list its cases and open
-    one in :func:`slice_viewer`, with the model's prediction over the truth when ``predictions`` is given (a
-    folder of ``<patient_id>.nii.gz`` or a function patient_id -> file). Itemsets are keyed by their label,
-    never by row position, so the selection, the member table and the viewer always describe the same
-    itemset after any control change (if the chosen itemset disappears, the new top one is selected).
-    Static: the top itemsets table for the given settings. The widget exposes its controls and outputs as
-    attributes (``controls``) for programmatic use and tests.
+    Interactive: choose attributes, minimum support and metric (any per-case score column: Dice, HD95,
+    volume error; lower-is-better ones are analysed so that a failing group has Δ < 0 and shown in their own
+    units); every itemset is listed with n, Δ, p and q, tested ones by q then Δ, those under the test's
+    minimum size greyed and last (:func:`itemset_order`). Picking an itemset lists its cases worst first, in
+    the member table and the case dropdown alike, and opens the worst in :func:`slice_viewer` with the model's
+    prediction over the truth when ``predictions`` is given (a folder of ``<patient_id>.nii.gz`` or a function
+    patient_id -> file), on the slice of most disagreement, with its scores in the title. Itemsets are keyed by
+    their label, never by row position, so the selection, the member table and the viewer always describe the
+    same itemset after any control change (if the chosen itemset disappears, the new top one is selected); the
+    case being viewed stays selected while it is still a member. Static: the :func:`itemset_table` of the
+    given settings (top ``top`` rows). The widget exposes its controls (``controls``) and state (``state``).
     """
-    from divaware.subgroups import attribute_table, divergent_itemsets
-
-    candidates = explorer_attributes(metadata, extra=attributes)
-
-    def analyse(attrs: Sequence[str], support: float, metric: str) -> pd.DataFrame:
-        table = attribute_table(metadata.loc[scores.index], list(attrs))
-        return divergent_itemsets(table, scores[metric], min_support=support, max_length=max_length)
-
     if not interactive:
-        return analyse(attributes, min_support, scores.columns[0]).head(top)
+        metric0 = str(scores.columns[0])
+        return _readable_itemsets(_analyse_scores(metadata, scores, attributes, min_support, metric0, max_length),
+                                  metric0, fdr).head(top)
+    install_lab_settings()
+    return _SubgroupExplorer(metadata, scores, cases, attributes, min_support, max_length, top, predictions,
+                             fdr).box
 
-    import ipywidgets as w
-    from IPython.display import display
 
-    attrs, support, metric, itemset, case_pick = _explorer_controls(candidates, attributes, min_support,
-                                                                    list(scores.columns))
-    table_out, case_out, viewer_out = w.Output(), w.Output(), w.Output()
-    state: dict[str, Any] = {"result": pd.DataFrame(), "members": []}
+class _SubgroupExplorer:
+    """The interactive explorer of :func:`subgroup_explorer`: its controls, outputs, state and callbacks."""
 
-    def show_members(*_: Any) -> None:
+    def __init__(self, metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[str, Case] | None,
+                 attributes: Sequence[str], min_support: float, max_length: int, top: int,
+                 predictions: str | Path | Callable[[str], str | Path | None] | None, fdr: float) -> None:
+        import ipywidgets as w
+
+        self.metadata, self.scores, self.cases = metadata, scores, cases
+        self.max_length, self.top, self.predictions, self.fdr = max_length, top, predictions, fdr
+        candidates = explorer_attributes(metadata, extra=attributes)
+        self.attrs = w.SelectMultiple(options=candidates, value=tuple(a for a in attributes if a in candidates),
+                                      description="attributes", rows=min(8, len(candidates)))
+        self.support = w.FloatLogSlider(value=min_support, base=10, min=-3, max=-0.5, step=0.1,
+                                        description="min support", readout_format=".3f")
+        self.metric = w.Dropdown(options=list(scores.columns), description="metric")
+        self.itemset = w.Select(description="itemset", rows=10, layout=w.Layout(width="95%"))
+        self.itemset.add_class(f"divaware-itemsets-{id(self.itemset)}")
+        self.itemset.add_class("divaware-explorer-itemset")
+        self.grey = w.HTML()  # a style rule that greys the untested itemsets (they are last in the list)
+        self.case_pick = w.Dropdown(description="case", layout=w.Layout(width="60%"))
+        self.table_out, self.case_out, self.viewer_out = w.Output(), w.Output(), w.Output()
+        # class names for a reader's stylesheet and for the browser test to find the parts
+        for part, name in ((self.case_pick, "case"), (self.table_out, "table"), (self.case_out, "members"),
+                           (self.viewer_out, "viewer")):
+            part.add_class(f"divaware-explorer-{name}")
+        self.state: dict[str, Any] = {"result": pd.DataFrame(), "members": [], "table": pd.DataFrame()}
+        for control in (self.attrs, self.support, self.metric):
+            control.observe(self.rerun, names="value")
+        self.itemset.observe(self.show_members, names="value")
+        self.case_pick.observe(self.open_case, names="value")
+        box = self.box = w.VBox([w.HBox([self.attrs, w.VBox([self.support, self.metric])]), self.table_out,
+                                 self.itemset, self.case_out, self.case_pick, self.viewer_out, self.grey])
+        box.controls = {"attributes": self.attrs, "min_support": self.support, "metric": self.metric,
+                        "itemset": self.itemset, "case": self.case_pick, "table": self.table_out,
+                        "members": self.case_out, "viewer": self.viewer_out}
+        box.state = self.state
+        self.rerun()
+
+    def members(self, items: Sequence[str]) -> list[str]:
+        mask = pd.Series(True, index=self.scores.index)
+        for item in items:
+            name, value = item.split("=", 1)
+            mask &= self.metadata.loc[self.scores.index, name].astype(str) == value
+        return _worst_first(self.scores, list(mask[mask].index), self.metric.value)
+
+    def prediction_of(self, pid: str) -> Path | None:
+        if self.predictions is None:
+            return None
+        predictions = self.predictions
+        path = Path(predictions(pid)) if callable(predictions) else Path(predictions) / f"{pid}.nii.gz"
+        return path if path.is_file() else None
+
+    def show_members(self, *_: Any) -> None:
+        from IPython.display import display
+
+        state, scores = self.state, self.scores
         if state.get("busy"):
             return
         result: pd.DataFrame = state["result"]
-        label = itemset.value
+        label = self.itemset.value
         if label is None or label not in set(result["label"]):
             ids: list[str] = []
         else:
-            ids = _itemset_members(metadata, scores.index, result.loc[result["label"] == label, "items"].iloc[0])
+            ids = self.members(result.loc[result["label"] == label, "items"].iloc[0])
         state["members"] = ids
-        with case_out:
-            case_out.clear_output(wait=True)
+        with self.case_out:
+            self.case_out.clear_output(wait=True)
             if ids:
-                display(scores.loc[ids].join(metadata.loc[ids, list(attrs.value)]).sort_values(metric.value))
-        # Replacing the options may or may not fire a value event; open the first member explicitly.
+                shown = scores.loc[ids].join(self.metadata.loc[ids, list(self.attrs.value)])
+                display(shown.style.format({c: "{:.3f}" for c in scores.columns}))
+        # Replacing the options may or may not fire a value event; choose the case explicitly: the one being
+        # viewed while it is still a member, else the worst.
+        previous, metric = self.case_pick.value, self.metric.value
         state["busy"] = True
         try:
-            case_pick.options = ids
-            case_pick.value = ids[0] if ids else None
+            scored = {pid: float(scores.at[pid, metric]) for pid in ids}
+            self.case_pick.options = [(f"{pid}  ({metric} {scored[pid]:.3g})", pid) for pid in ids]
+            self.case_pick.value = previous if previous in ids else (ids[0] if ids else None)
         finally:
             state["busy"] = False
-        open_case()
+        self.open_case()
 
-    def rerun(*_: Any) -> None:
-        if not attrs.value:
+    def rerun(self, *_: Any) -> None:
+        from IPython.display import HTML, display
+
+        if not self.attrs.value:
             return
-        result = analyse(attrs.value, support.value, metric.value)
+        state, itemset = self.state, self.itemset
+        result = _analyse_scores(self.metadata, self.scores, self.attrs.value, self.support.value,
+                                 self.metric.value, self.max_length)
         state["result"] = result
+        state["table"] = _readable_itemsets(result, self.metric.value, self.fdr)
         previous = itemset.value
-        shown = result.head(50)
+        shown = result.head(200)
         # Keyed by label: the value of a choice is the itemset itself, not its row number in this result.
-        options = [(f"{r.label}  (n={r['count']}, Δ={r.divergence:+.3f}, t={r.t:.1f})", r.label)
-                   for _, r in shown.iterrows()]
+        options = [(_itemset_option(r), r["label"]) for _, r in shown.iterrows()]
         labels = [v for _, v in options]
+        n_tested = int(pd.to_numeric(shown["q"], errors="coerce").notna().sum())
+        cls = f"divaware-itemsets-{id(itemset)}"
+        self.grey.value = (f"<style>.{cls} option:nth-child(n+{n_tested + 1}) {{ color: #9a9a9a; }}</style>"
+                           if n_tested < len(options) else "")
         state["busy"] = True  # one update of the members below, not one per intermediate value
         try:
             itemset.options = options
             itemset.value = previous if previous in labels else (labels[0] if labels else None)
         finally:
             state["busy"] = False
-        with table_out:
-            table_out.clear_output(wait=True)
-            display(result.head(top)[["label", "count", "support", "mean", "divergence", "t"]])
-        show_members()  # always, even when the label stayed: its members may differ under new settings
+        with self.table_out:
+            self.table_out.clear_output(wait=True)
+            display(styled_itemsets(state["table"].head(self.top)))
+            left_out = result.attrs.get("left_out", 0)
+            display(HTML(f"<small>sorted by q, then Δ; significant (bold): q ≤ {self.fdr:g} and Δ worse than "
+                         "average; grey: fewer cases than the test's minimum, not tested"
+                         + (f"; {left_out} case(s) without a {self.metric.value} value left out" if left_out else "")
+                         + "</small>"))
+        self.show_members()  # always, even when the label stayed: its members may differ under new settings
 
-    def open_case(*_: Any) -> None:
-        if state.get("busy"):
-            return
-        if cases is None or case_pick.value is None:
-            with viewer_out:
-                viewer_out.clear_output()
-            return
-        pid = case_pick.value
-        pred = _prediction_file(predictions, pid)
-        with viewer_out:
-            viewer_out.clear_output(wait=True)
-            display(slice_viewer(cases[pid], {"prediction": pred} if pred is not None else None,
-                                 interactive=True, label=itemset.value))
+    def open_case(self, *_: Any) -> None:
+        from IPython.display import display
 
-    for control in (attrs, support, metric):
-        control.observe(rerun, names="value")
-    itemset.observe(show_members, names="value")
-    case_pick.observe(open_case, names="value")
-    box = _explorer_box(attrs, support, metric, itemset, case_pick, table_out, case_out, viewer_out, state)
-    rerun()
-    return box
+        if self.state.get("busy"):
+            return
+        if self.cases is None or self.case_pick.value is None:
+            with self.viewer_out:
+                self.viewer_out.clear_output()
+            return
+        pid = self.case_pick.value
+        pred = self.prediction_of(pid)
+        case_scores = {c: float(self.scores.at[pid, c]) for c in self.scores.columns}
+        with self.viewer_out:
+            self.viewer_out.clear_output(wait=True)
+            display(slice_viewer(self.cases[pid], {"prediction": pred} if pred is not None else None,
+                                 interactive=True, label=self.itemset.value, scores=case_scores))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -66,31 +66,52 @@ def parameterised_copy(source: Path, dest: Path, parameters: Mapping[str, Any]) 
 
 
 class Lab:
-    """A running JupyterLab server (``url``, ``token``, ``root``) and the process that serves it."""
+    """A running JupyterLab server (``url``, ``token``, ``root``) and the process that serves it.
 
-    def __init__(self, root: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 120) -> None:
+    The server gets an application folder of its own (``$JUPYTERLAB_DIR``: links to the installed JupyterLab's
+    static files, schemas and themes, and an empty ``settings/``), as its kernels do, so what divaware installs
+    there at run time (:func:`divaware.widgets.install_lab_settings`) is what this server reads, and nothing of
+    the real environment is changed; a second server on the same ``home`` reuses that folder, as a second
+    ``jupyter lab`` in one environment would. JupyterLab reads settings overrides once, when the server starts.
+    ``lab_settings``: ``"installed"`` puts the package's JupyterLab settings in place before the server starts,
+    as ``divaware run`` (README command 1) does before anyone opens JupyterLab; ``"none"`` leaves them to
+    divaware's run-time install (:func:`divaware.widgets.install_lab_settings`, called by notebook kernels).
+    """
+
+    def __init__(self, root: Path, home: Path, env: Mapping[str, str] | None = None, timeout: float = 120,
+                 lab_settings: str = "installed") -> None:
+        from jupyterlab.commands import get_app_dir
+
+        from divaware.widgets import install_lab_settings
+
         self.root, self.port, self.token = root, free_port(), secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}"
-        dirs = {name: home / name for name in ("config", "data", "runtime", "settings", "workspaces")}
+        dirs = {name: home / name for name in ("config", "data", "runtime", "user_settings", "workspaces", "app")}
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        # The package's JupyterLab defaults (widget state saved with the notebook), as an installed copy has.
-        overrides = dirs["settings"] / "overrides.d"
-        overrides.mkdir(exist_ok=True)
-        for f in (REPO / "jupyter").glob("*.json"):
-            shutil.copy(f, overrides / f.name)
+        real_app = Path(get_app_dir())
+        for entry in real_app.iterdir():
+            if entry.name != "settings" and not (dirs["app"] / entry.name).exists():
+                (dirs["app"] / entry.name).symlink_to(entry)
+        self.app_dir = dirs["app"]
+        overrides = dirs["app"] / "settings" / "overrides.d"
+        overrides.mkdir(parents=True, exist_ok=True)
+        if lab_settings == "installed":
+            install_lab_settings(dirs["app"])
+        elif lab_settings != "none":
+            raise ValueError(f"lab_settings must be 'installed' or 'none', got {lab_settings!r}")
         # This server is ours: no news pop-up asking to reach the internet.
         (overrides / "zz-harness.json").write_text(json.dumps(
             {"@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False}}))
         full_env = {**os.environ, "JUPYTER_CONFIG_DIR": str(dirs["config"]), "JUPYTER_RUNTIME_DIR": str(dirs["runtime"]),
-                    "JUPYTERLAB_SETTINGS_DIR": str(dirs["settings"] / "user"),
+                    "JUPYTERLAB_SETTINGS_DIR": str(dirs["user_settings"]), "JUPYTERLAB_DIR": str(dirs["app"]),
                     "JUPYTERLAB_WORKSPACES_DIR": str(dirs["workspaces"]), "PYTHONUNBUFFERED": "1",
                     **(env or {})}
         self.log = (home / "lab.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
              f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={root}", f"--LabApp.app_settings_dir={dirs['settings']}",
+             f"--ServerApp.root_dir={root}",
              "--ServerApp.open_browser=False", "--LabApp.extension_manager=readonly",
              *(["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else [])],
             cwd=root, env=full_env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -129,14 +150,15 @@ class Lab:
 
 @contextmanager
 def lab_and_browser(root: Path, home: Path, env: Mapping[str, str] | None = None,
-                    viewport: tuple[int, int] = (1400, 1000)) -> Iterator[tuple[Lab, Any]]:
+                    viewport: tuple[int, int] = (1400, 1000),
+                    lab_settings: str = "installed") -> Iterator[tuple[Lab, Any]]:
     """A JupyterLab server on ``root`` and a playwright page of headless system Chromium (fresh profile)."""
     from playwright.sync_api import sync_playwright
 
     executable = chromium_path()
     if executable is None:
         raise RuntimeError("no system Chromium found (apt-get install chromium chromium-driver)")
-    lab = Lab(root, home, env)
+    lab = Lab(root, home, env, lab_settings=lab_settings)
     try:
         with sync_playwright() as p:
             # launch() gives every browser a fresh temporary profile (user data dir) and removes it after.
@@ -186,3 +208,41 @@ def cell_errors(page: Any) -> list[str]:
     """Tracebacks shown in the notebook (stderr such as progress bars is not an error)."""
     return page.eval_on_selector_all("[data-mime-type='application/vnd.jupyter.error']",
                                      "els => els.map(e => e.textContent)")
+
+
+def save(page: Any) -> None:
+    """File > Save, and wait until the notebook is no longer marked dirty."""
+    page.keyboard.press("Control+s")
+    page.wait_for_function(
+        "() => !document.querySelector('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-mod-dirty')"
+        " && !document.querySelector('.lm-TabBar-tab.jp-mod-dirty')", timeout=60_000)
+
+
+def restart_kernel(page: Any) -> None:
+    """Kernel > Restart Kernel..., confirmed, and wait until the new kernel is idle."""
+    page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Restart Kernel…?$")).first.click()
+    page.locator(".jp-Dialog .jp-mod-accept").click()
+    page.wait_for_timeout(2000)
+    page.wait_for_function(
+        "() => { const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
+        " return s && s.getAttribute('data-status') === 'idle'; }", timeout=180_000)
+
+
+def png_pixels(src: str) -> Any:
+    """RGB array of a ``data:image/png;base64,...`` image source."""
+    import base64
+    import io
+
+    from matplotlib import image
+
+    return image.imread(io.BytesIO(base64.b64decode(src.split(",", 1)[1])), format="png")[..., :3]
+
+
+def colour_pixels(src: str, hex_colour: str, tolerance: float = 0.12) -> int:
+    """How many pixels of a PNG data URL are within ``tolerance`` (per channel, 0-1) of ``hex_colour``."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    rgb = png_pixels(src)
+    return int((np.abs(rgb - np.asarray(to_rgb(hex_colour))) <= tolerance).all(axis=-1).sum())

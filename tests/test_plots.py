@@ -78,7 +78,10 @@ def test_divergent_itemsets_top_bars_coloured_by_significance(tmp_path):
         {
             "label": [f"attr=v{i}" for i in range(12)],
             "divergence": np.linspace(-0.3, 0.25, 12),
+            # |t| ≥ 2 is not what colours a bar: q ≤ 0.05 with Δ < 0 is (v1 and v4 here, not v0 with |t| = 4)
             "t": [-4.0, -1.0, -2.5, np.nan, -0.5, 1.0, 2.0, 3.0, 0.1, 0.2, 0.3, 5.0],
+            "p": [0.2, 0.001, 0.3, np.nan, 0.004, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9],
+            "q": [0.3, 0.01, 0.3, np.nan, 0.05, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.01],
             "count": np.arange(10, 22),
             "support": np.arange(10, 22) / 100,
         }
@@ -88,13 +91,19 @@ def test_divergent_itemsets_top_bars_coloured_by_significance(tmp_path):
     ax = fig.axes[0]
     bars = [p for p in ax.patches if p.get_height() > 0 and p.get_width() != 0]
     assert len(bars) == 5
-    assert ytick_texts(ax)[0] == "attr=v0 (n=10)"  # most negative divergence first
-    red = sum(to_hex(b.get_facecolor()) == P._SIG_COLOR for b in bars)
-    assert red == 2  # |t| >= 2 among the top five: v0 (-4.0) and v2 (-2.5); NaN t is not significant
+    labels = ytick_texts(ax)
+    assert labels[0] == "attr=v0 (n=10, q=0.3)"  # most negative divergence first
+    assert labels[3] == "attr=v3 (n=13, untested)"
+    colours = {lab: to_hex(b.get_facecolor()) for lab, b in zip(labels, sorted(bars, key=lambda b: b.get_y()),
+                                                                 strict=True)}
+    red = sorted(lab.split(" ")[0] for lab, c in colours.items() if c == P._SIG_COLOR)
+    assert red == ["attr=v1", "attr=v4"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["|t| ≥ 2", "|t| < 2"]
+    assert legend == ["q ≤ 0.05, Δ < 0", "not significant"]
     pos = P.plot_divergent_itemsets(itemsets, top=3, which="positive")
-    assert ytick_texts(pos.axes[0])[0] == "attr=v11 (n=21)"
+    assert ytick_texts(pos.axes[0])[0] == "attr=v11 (n=21, q=0.01)"
+    # a positive Δ is never "significant", whatever its q
+    assert all(to_hex(b.get_facecolor()) == P._NONSIG_COLOR for b in pos.axes[0].patches if b.get_width() != 0)
 
 
 def test_run_comparison_dumbbell():
@@ -205,5 +214,28 @@ def test_case_gallery_panels_and_contours(tmp_path):
     n_contours = [sum(isinstance(c, ContourSet) for c in a.collections) for a in axes]
     assert n_contours == [2, 2, 2, 1, 0, 0]  # truth + prediction; truth only; empty phase slots
     assert not axes[4].axison and not axes[5].axison
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["ground truth", "prediction"]
     with pytest.raises(ValueError, match="shape"):
         P.plot_case_gallery([volume], [truth[:-1]])
+    # no prediction drawn anywhere: no legend entry for one
+    alone = P.plot_case_gallery([volume], [truth])
+    assert [t.get_text() for t in alone.legends[0].get_texts()] == ["ground truth"]
+
+
+def test_case_gallery_grid_of_single_phase_panels():
+    shape = (24, 24)
+    truth = np.zeros(shape, dtype=bool)
+    truth[8:14, 8:14] = True
+    images = [np.random.default_rng(i).normal(size=shape) for i in range(6)]
+    titles = [f"case {i // 2} · model {'ab'[i % 2]}" for i in range(6)]
+    fig = P.plot_case_gallery(images, [truth] * 6, [np.roll(truth, 2, axis=0)] * 6, titles=titles, ncols=2)
+    visible = [a for a in fig.axes if a.axison]
+    assert len(fig.axes) == 6 and len(visible) == 6
+    # three rows of two, titled in reading order: one row per case, one column per model
+    rows = sorted({round(a.get_position().y0, 3) for a in fig.axes})
+    cols = sorted({round(a.get_position().x0, 3) for a in fig.axes})
+    assert len(rows) == 3 and len(cols) == 2
+    assert [a.get_title() for a in fig.axes] == titles
+    with pytest.raises(ValueError, match="single-phase"):
+        P.plot_case_gallery([np.zeros((3, *shape))], [truth], ncols=2)
