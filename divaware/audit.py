@@ -134,11 +134,13 @@ def _split_ids(cohort: Cohort, split: str) -> tuple[list[str], str]:
     return [i for i in ids if i in cohort.cases], path.stem
 
 
-def match_predictions(folder: str | Path, ids: Sequence[str]) -> tuple[dict[str, Path], list[str], list[str]]:
+def match_predictions(folder: str | Path, ids: Sequence[str],
+                      known: Sequence[str] = ()) -> tuple[dict[str, Path], list[str], list[str]]:
     """Match ``<patient_id>.nii[.gz]`` files (case-insensitive) to ``ids``.
 
-    Returns ``(matched {id: file}, missing ids, unmatched file names)``. Two files for one id (differing in
-    case or extension) raise ValueError naming both.
+    Returns ``(matched {id: file}, missing ids, unmatched file names)``: unmatched files are those of no id
+    in ``ids`` or ``known`` (e.g. the cohort's other cases, whose predictions are simply not audited). Two
+    files for one id (differing in case or extension) raise ValueError naming both.
     """
     folder = Path(folder)
     seen: dict[str, Path] = {}
@@ -154,7 +156,8 @@ def match_predictions(folder: str | Path, ids: Sequence[str]) -> tuple[dict[str,
     wanted = {str(i).lower(): str(i) for i in ids}
     matched = {wanted[k]: p for k, p in seen.items() if k in wanted}
     missing = [str(i) for i in ids if str(i).lower() not in seen]
-    unmatched = sorted(p.name for k, p in seen.items() if k not in wanted)
+    others = {str(i).lower() for i in known}
+    unmatched = sorted(p.name for k, p in seen.items() if k not in wanted and k not in others)
     return {str(i): matched[str(i)] for i in ids if str(i) in matched}, missing, unmatched
 
 
@@ -331,7 +334,7 @@ def audit(
     ids = [i for i in ids if cohort.cases[i].mask_path is not None]
     if not ids:
         raise ValueError(f"split {split!r} of {root} has no case with an expert mask to audit")
-    matched, missing, unmatched = match_predictions(pred_dir, ids)
+    matched, missing, unmatched = match_predictions(pred_dir, ids, known=list(cohort.metadata.index.astype(str)))
     if not matched:
         raise ValueError(f"{pred_dir} holds no prediction for any of the {len(ids)} cases of split {split_name!r} "
                          f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz)")
