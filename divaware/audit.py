@@ -569,6 +569,11 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
     if not train_ids:
         raise ValueError(f"no training cases in {train!r} of {root}")
     scores = result.per_case["dice"].astype(float)
+    tested = sorted(set(scores.index) & set(params["test_ids"]))
+    if tested:
+        raise ValueError(f"audit {result.out_dir} scored {len(tested)} test-split case(s) ({M._few(tested)}); as in "
+                         "training, the test split never drives weights: audit held-out training cases instead "
+                         "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
     meta = cohort.metadata
     return _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
 

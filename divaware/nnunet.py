@@ -14,8 +14,10 @@ validation predictions, never from the test split)::
     export DIVAWARE_WEIGHTS=$PWD/weights.csv DIVAWARE_ALPHA=0.5
     nnUNetv2_train 901 3d_fullres 0 -tr nnUNetTrainerDivaware
 
-(``nnUNet_extTrainer`` is how nnU-Net ≥ 2.6 finds trainers outside its package; with an older one, copy
-``divaware/nnunet_ext/divaware_trainer.py`` into ``nnunetv2/training/nnUNetTrainer/``.)
+(``nnUNet_extTrainer`` is how recent nnU-Net releases, 2.8.1 included, find trainers outside their package;
+with an older one, copy ``divaware/nnunet_ext/divaware_trainer.py`` into ``nnunetv2/training/nnUNetTrainer/``.
+nnU-Net searches its own trainers first, importing each module, so the command needs an nnU-Net installation
+whose own trainers import: its Primus trainers import timm and so torchvision, which must match torch.)
 
 The trainer replaces the batch loss of :class:`nnUNetTrainer` by divaware's objective (DESIGN.md):
 for a batch of B cases with per-case losses ℓᵢ (nnU-Net's own loss, deep supervision included, on one case at
@@ -187,6 +189,8 @@ def _build_trainer() -> Any:
                               "loss": float(loss.detach())}
             return {"loss": np.asarray(loss.detach().cpu().numpy())}
 
+    # picklable and printed by its public name (it is reached through this module's __getattr__)
+    nnUNetTrainerDivaware.__module__, nnUNetTrainerDivaware.__qualname__ = __name__, "nnUNetTrainerDivaware"
     return nnUNetTrainerDivaware
 
 

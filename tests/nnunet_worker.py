@@ -31,6 +31,14 @@ def main(dataset: str, weights_csv: str, steps: int) -> None:
     plans["continue_training"] = False
     trainer = nnUNetTrainerDivaware(plans=plans, configuration="3d_fullres", fold=0,
                                     dataset_json=load_json(join(folder, "dataset.json")), device=torch.device("cpu"))
+    # the class nnU-Net's search of $nnUNet_extTrainer finds (as find_objects calls it for external paths)
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    from divaware.nnunet import ext_trainer_path
+
+    ext = str(ext_trainer_path())
+    found = recursive_find_python_class(ext, "nnUNetTrainerDivaware", None, base_folder=ext,
+                                        cleanup_imports_from_base_folder=True)
     trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch, trainer.num_epochs = steps, 1, 1
     trainer.on_train_start()
     trainer.on_epoch_start()
@@ -38,7 +46,7 @@ def main(dataset: str, weights_csv: str, steps: int) -> None:
     for _ in range(steps):
         out = trainer.train_step(next(trainer.dataloader_train))
         step = trainer.last_step
-        print(json.dumps({"class": type(trainer).__name__, "keys": step["keys"], "scale": step["scale"].tolist(),
+        print(json.dumps({"class": type(trainer).__name__, "ext_found": found is type(trainer), "keys": step["keys"], "scale": step["scale"].tolist(),
                           "case_loss": step["case_loss"].tolist(), "loss": float(out["loss"]),
                           "alpha": trainer.alpha}), flush=True)
     # stop nnU-Net's loader threads/processes so the worker exits

@@ -118,7 +118,7 @@ def test_nnunet_trainer_scales_each_case_loss_by_its_weight(synthetic_root: Path
     steps = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(steps) == 2
     for step in steps:
-        assert step["class"] == "nnUNetTrainerDivaware" and step["alpha"] == 0.25
+        assert step["class"] == "nnUNetTrainerDivaware" and step["alpha"] == 0.25 and step["ext_found"]
         expected_scale = 0.25 + 0.75 * weights.loc[step["keys"]].to_numpy()
         np.testing.assert_allclose(step["scale"], expected_scale, rtol=1e-6)
         case_loss = np.array(step["case_loss"])
