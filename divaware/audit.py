@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FILES", "AuditResult", "audit", "load_audit", "match_predictions", "check_predictions",
-    "analysis_defaults", "demo_predictions", "audit_weights", "run_weights", "explorer_inputs", "read_ids",
+    "analysis_defaults", "demo_predictions", "audit_weights", "write_weights", "run_weights", "explorer_inputs", "read_ids",
 ]
 
 FILES = {
@@ -544,6 +544,18 @@ def _divaware_weights(train_meta: pd.DataFrame, val_meta: pd.DataFrame, scores: 
     return table[["weight", "divergence", "worst_itemset"]]
 
 
+def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) -> Path:
+    """Write a weights table as CSV (``patient_id, weight, divergence, worst_itemset``; floats round-trip),
+    never inside the data folder."""
+    out = Path(path).expanduser()
+    if ev._inside(out, Path(data_root).expanduser()):
+        raise ValueError(f"weights file {out} lies inside the data folder {data_root}; input data is read-only, "
+                         "so write it elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ev._write_atomic(out, table.to_csv())
+    return out
+
+
 def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str | Path | None = None,
                   **strategy_params: Any) -> pd.DataFrame:
     """Per-case training weights from an audit: the ``divaware`` rule, by the ``divaware`` strategy itself.
@@ -575,7 +587,9 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
                          "training, the test split never drives weights: audit held-out training cases instead "
                          "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
     meta = cohort.metadata
-    return _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    table = _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    table.attrs["data_root"] = str(root)
+    return table
 
 
 def run_weights(run_dir: str | Path, epoch: int | None = None, *, data_root: str | Path | None = None,
@@ -617,4 +631,6 @@ def run_weights(run_dir: str | Path, epoch: int | None = None, *, data_root: str
     params.update(strategy_params)
     train_ids = splits.loc[splits["split"] == "train", "patient_id"].tolist()
     meta = cohort.metadata
-    return _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    table = _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    table.attrs["data_root"] = str(root)
+    return table

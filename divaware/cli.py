@@ -358,18 +358,14 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from divaware.audit import audit_weights, run_weights
+    from divaware.audit import audit_weights, run_weights, write_weights
 
     params = {k: v for k, v in (("tau", args.tau), ("w_min", args.w_min), ("w_max", args.w_max)) if v is not None}
     if args.audit:
         table = audit_weights(args.audit, args.train, data_root=args.data, **params)
     else:
         table = run_weights(args.run, args.epoch, data_root=args.data, **params)
-    out = Path(args.out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out)
+    out = write_weights(table, args.out, table.attrs["data_root"])
     up = table["weight"] > 1
     print(f"wrote {len(table)} weights to {out}: {int(up.sum())} case(s) above 1 (mean "
           f"{table.loc[up, 'weight'].mean() if up.any() else float('nan'):.2f}), the rest mean "

@@ -249,8 +249,13 @@ def test_weights_csv_equals_divaware_refresh(synthetic_root: Path, train_audit: 
 
 
 def test_weights_refuse_a_test_split_audit(planted_audit: A.AuditResult, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="test"):
+    with pytest.raises(ValueError, match="test-split"):
         A.audit_weights(planted_audit.out_dir)
+
+
+def test_weights_never_written_into_the_data(train_audit: A.AuditResult, synthetic_root: Path) -> None:
+    assert main(["weights", "--audit", str(train_audit.out_dir), "--out", str(synthetic_root / "w.csv")]) == 2
+    assert not (synthetic_root / "w.csv").exists()
 
 
 def test_run_weights_equal_the_runs_own_refresh(synthetic_root: Path, tmp_path: Path) -> None:
