@@ -47,7 +47,7 @@ import inspect
 import json
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -516,11 +516,15 @@ def explorer_inputs(result: AuditResult, cohort: Cohort) -> dict[str, Any]:
     """Keyword arguments of :func:`divaware.widgets.subgroup_explorer` for an audit.
 
     ``metadata`` (the cohort's), ``scores`` (per-case ``dice`` and ``norm_hd``: the finite metrics; HD95 in mm
-    is NaN for empty predictions), ``cases`` and ``predictions`` (patient_id -> matched file, None when
-    missing, so the viewer shows the truth alone).
+    is NaN for empty predictions), ``cases`` and ``predictions`` (patient_id -> its matched file; for a case
+    without a prediction the organisers' expected ``<predictions>/<patient_id>.nii.gz``, which does not exist,
+    so the viewer shows the truth alone).
     """
     scores = result.per_case[["dice", "norm_hd"]].astype(float)
-    lookup: Callable[[str], Path | None] = result.prediction_file
+
+    def lookup(pid: str) -> Path:
+        return result.prediction_file(pid) or result.predictions / f"{pid}.nii.gz"
+
     return {"metadata": cohort.metadata, "scores": scores, "cases": cohort.cases, "predictions": lookup}
 
 

@@ -115,6 +115,11 @@ def test_missing_prediction_counts_as_empty_and_strays_are_listed(synthetic_root
     assert list(result.per_case.index) == test_ids
     assert result.challenge["mean_norm_hd"] == pytest.approx(result.per_case["norm_hd"].mean())
     assert result.prediction_file(gone) is None and result.prediction_file(test_ids[1]).is_file()
+    # the figures and the explorer cope with a case that has no prediction (the viewer shows the truth alone)
+    written = A.write_figures(result, load_cohort(synthetic_root), n_hardest=len(test_ids))
+    assert all(p.is_file() for p in written)
+    inputs = A.explorer_inputs(result, load_cohort(synthetic_root))
+    assert not inputs["predictions"](gone).is_file()
 
 
 def test_organiser_and_upper_case_names_and_submission_layout(synthetic_root: Path, tmp_path: Path) -> None:
