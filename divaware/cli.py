@@ -312,6 +312,78 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="audit any model's predictions: per-case and per-group scores, challenge "
+                                     "score, divergent subgroups with FDR control, null check, figures",
+                       description="Score a folder of <patient_id>.nii.gz predictions (from any tool) against the "
+                                   "expert masks and find the subgroups it fails; no training run needed "
+                                   "(see divaware.audit).")
+    p.add_argument("--data", required=True, help="MAMA-MIA root folder")
+    p.add_argument("--predictions", required=True,
+                   help="folder of <patient_id>.nii.gz (case-insensitive; or one holding pred_segmentations/)")
+    p.add_argument("--split", default="test", help="test, train, all, or a file of patient ids (default: test)")
+    p.add_argument("--out", default=None,
+                   help="report folder (default: runs/audits/<predictions folder>_<split>; never inside the "
+                        "data or predictions folder)")
+    p.add_argument("--attributes", nargs="+", default=None,
+                   help="metadata columns of the groups and subgroups (default: age_group menopause breast_density)")
+    p.add_argument("--min-support", type=float, default=None, help="smallest subgroup (default: divaware's)")
+    p.add_argument("--fdr", type=float, default=None, help="false-discovery rate of the flags (default: divaware's)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the group CIs")
+    p.add_argument("--permutations", type=int, default=50, help="permutations of the null check")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and permutation seed")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.set_defaults(func=_cmd_audit)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from divaware.audit import audit
+    from divaware.evaluate import DEFAULT_ATTRIBUTES
+
+    audit(args.data, args.predictions, split=args.split, out_dir=args.out,
+          attributes=tuple(args.attributes or DEFAULT_ATTRIBUTES), min_support=args.min_support, fdr=args.fdr,
+          n_boot=args.n_boot, seed=args.seed, n_permutations=args.permutations, figures=not args.no_figures,
+          verbose=True)
+    return 0
+
+
+def _add_weights(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("weights", help="per-case training weights (divaware rule) from an audit or a run, as CSV",
+                       description="Weights of the training cases from the divergent subgroups of an audit (or a "
+                                   "run's fairness-validation scores), computed by the divaware strategy itself: "
+                                   "mean 1 over the training cases, clipped to [w_min, w_max]. Use them in any "
+                                   "trainer: divaware.external.weighted_sampler, or the nnU-Net trainer "
+                                   "(divaware.nnunet).")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--audit", help="audit folder written by `divaware audit` (not of the test split)")
+    source.add_argument("--run", help="divaware training run folder (its val_scores.csv)")
+    p.add_argument("--out", required=True, help="CSV to write: patient_id, weight, divergence, worst_itemset")
+    p.add_argument("--train", default="train",
+                   help="with --audit: the training cases to weight: train, all or an ids file (default: train)")
+    p.add_argument("--epoch", type=int, default=None, help="with --run: validated epoch (default: the last)")
+    p.add_argument("--data", default=None, help="MAMA-MIA root (default: the one the audit or run recorded)")
+    p.add_argument("--tau", type=float, default=None, help="tilt temperature (default: divaware's 0.05)")
+    p.add_argument("--w-min", type=float, default=None, help="lower clip (default: divaware's 0.2)")
+    p.add_argument("--w-max", type=float, default=None, help="upper clip (default: divaware's 5)")
+    p.set_defaults(func=_cmd_weights)
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from divaware.audit import audit_weights, run_weights, write_weights
+
+    params = {k: v for k, v in (("tau", args.tau), ("w_min", args.w_min), ("w_max", args.w_max)) if v is not None}
+    if args.audit:
+        table = audit_weights(args.audit, args.train, data_root=args.data, **params)
+    else:
+        table = run_weights(args.run, args.epoch, data_root=args.data, **params)
+    out = write_weights(table, args.out, table.attrs["data_root"])
+    up = table["weight"] > 1
+    print(f"wrote {len(table)} weights to {out}: {int(up.sum())} case(s) above 1 (mean "
+          f"{table.loc[up, 'weight'].mean() if up.any() else float('nan'):.2f}), the rest mean "
+          f"{table.loc[~up, 'weight'].mean():.2f}; overall mean {table['weight'].mean():.3f}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``divaware`` console script; returns the process exit code."""
     parser = build_parser()

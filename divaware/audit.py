@@ -1,0 +1,640 @@
+"""Audit any model: where does a folder of predictions, made by any tool, fail — and for whom?
+
+``audit(data_root, predictions, split="test", out_dir=...)`` scores a folder of predictions against the
+cohort's expert masks without a divaware run (no ``config.yaml``, no checkpoint, and no torch: this module
+and ``divaware audit`` never import it), then runs the same fairness analysis as the notebooks:
+
+* per case (``per_case.csv``): Dice, HD95 in voxels and mm, the challenge's NormHD (HD95 / 150 voxels),
+  volumes, the group attributes, ``prediction_file`` and ``missing``;
+* the MAMA-MIA Task-1 score (``challenge.json``: P, F_age, F_menopause, F_density, F, ranking);
+* per-group tables with n and seeded 95 % bootstrap CIs (``per_group.csv``) and the fairness summary
+  (``fairness.json``), exactly as :func:`divaware.evaluate.evaluate` writes them;
+* divergent subgroups (``divergent_itemsets.csv``): :func:`divaware.subgroups.divergent_itemsets` of the
+  per-case Dice with the ``divaware`` strategy's defaults (``min_support``, ``max_length``) and its
+  false-discovery control: an itemset is *flagged* (``flagged`` column) when Δ < 0 and its
+  Benjamini–Hochberg q ≤ ``fdr`` — the itemsets the ``divaware`` strategy would act on;
+* the null check (``null_check.csv``): :func:`divaware.calibration.null_check`, the same analysis on
+  permuted Dice, i.e. how often noise alone flags something on this many cases;
+* the figures notebook 04 makes (``figures/``): Dice by group with CIs, the age × density heatmap, the
+  divergent itemsets and the hardest cases (truth green, prediction red);
+* ``audit.json`` (settings, counts, the missing and unmatched files), written last: its presence marks a
+  complete audit.
+
+Matching follows the organisers' convention: the prediction of a case is ``<patient_id>.nii.gz`` (or
+``.nii``), case-insensitive (``duke_001.nii.gz`` and ``DUKE_001.nii.gz`` both match ``DUKE_001``); a folder
+holding ``pred_segmentations/`` (the challenge's submission layout) is read from there. nnU-Net v2 names
+its predictions ``<case_identifier>.nii.gz`` (no ``_0000`` channel suffix, that is for inputs) and writes
+``dataset.json``/``plans.json``/``*.npz`` beside them, which are ignored; with the patient id as case
+identifier (as :func:`divaware.nnunet.to_nnunet_raw` writes) its output folder is audited as it is.
+
+Checks, each a one-line error naming the file: two files for one case (``DUKE_001.nii.gz`` and
+``duke_001.nii.gz``), a prediction whose shape or affine differs from the expert mask's, labels other than
+0/1 (the organisers count label 1 only, so a 0/255 mask would score as empty: write 0/1 masks). A case of
+the split without a prediction is listed (``audit.json`` ``missing``, ``per_case.csv`` ``missing``) and
+scored as the organisers score it, as an empty prediction: Dice 0, NormHD 1, HD95 infinite (mm: NaN).
+Prediction files that match no case of the split are listed as ``unmatched``.
+
+Nothing is written into the data folder or the predictions folder (an error if ``out_dir`` lies inside
+either). The voxel checks of the cohort (those of ``divaware check``) are cached in ``out_dir/cache``.
+
+:func:`audit_weights` turns an audit into per-case training weights with the ``divaware`` strategy itself
+(``divaware weights``); :func:`explorer_inputs` adapts an audit to :func:`divaware.widgets.subgroup_explorer`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from divaware import evaluate as ev
+from divaware import metrics as M
+
+if TYPE_CHECKING:
+    from divaware.cohort import Case, Cohort
+
+__all__ = [
+    "FILES", "AuditResult", "audit", "load_audit", "match_predictions", "check_predictions",
+    "analysis_defaults", "demo_predictions", "audit_weights", "write_weights", "run_weights", "explorer_inputs", "read_ids",
+]
+
+FILES = {
+    "per_case": "per_case.csv",
+    "per_group": "per_group.csv",
+    "challenge": "challenge.json",
+    "fairness": "fairness.json",
+    "divergent": "divergent_itemsets.csv",
+    "null": "null_check.csv",
+    "manifest": "audit.json",
+}
+FIGURES = "figures"
+_ANALYSIS_KEYS = ("min_support", "max_length", "fdr", "min_count")
+
+
+def analysis_defaults() -> dict[str, Any]:
+    """The ``divaware`` strategy's subgroup-analysis defaults (min_support, max_length, fdr, min_count),
+    read from its signature so the audit and training can never drift apart."""
+    from divaware.weighting import DivawareWeighting
+
+    params = inspect.signature(DivawareWeighting.__init__).parameters
+    return {k: params[k].default for k in _ANALYSIS_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------
+# cases and predictions
+# --------------------------------------------------------------------------------------------------
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """Patient ids from a text file (one per line; ``#`` comments) or a CSV with a ``patient_id`` column."""
+    p = Path(path).expanduser()
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".csv":
+        from io import StringIO
+
+        table = pd.read_csv(StringIO(text), dtype=str)
+        if "patient_id" not in table.columns:
+            raise ValueError(f"ids file {p} has no 'patient_id' column; give one, or a text file of one id per line")
+        ids = table["patient_id"].dropna().str.strip().tolist()
+    else:
+        ids = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    ids = [i for i in ids if i]
+    if not ids:
+        raise ValueError(f"ids file {p} names no patient ids")
+    return list(dict.fromkeys(ids))
+
+
+def _split_ids(cohort: Cohort, split: str) -> tuple[list[str], str]:
+    """(ids of ``split``, its name): test/train/all, or a file of ids (matched case-insensitively)."""
+    if split in ("test", "train"):
+        return list(cohort.ids(split)), split
+    if split == "all":
+        return list(cohort.ids(None)), "all"
+    path = Path(split).expanduser()
+    if not path.is_file():
+        raise ValueError(f"split {split!r} is neither test, train, all nor an ids file")
+    by_lower = {i.lower(): i for i in cohort.metadata.index.astype(str)}
+    wanted = read_ids(path)
+    unknown = [i for i in wanted if i.lower() not in by_lower]
+    if unknown:
+        raise ValueError(f"ids file {path}: case(s) {M._few(unknown)} are not in the cohort at {cohort.root}")
+    ids = [by_lower[i.lower()] for i in wanted]
+    excluded = [i for i in ids if i not in cohort.cases]
+    if excluded:
+        warnings.warn(f"ids file {path}: case(s) {M._few(excluded)} were excluded by the cohort checks "
+                      "(see the warning above) and are not audited", stacklevel=3)
+    return [i for i in ids if i in cohort.cases], path.stem
+
+
+def match_predictions(folder: str | Path, ids: Sequence[str],
+                      known: Sequence[str] = ()) -> tuple[dict[str, Path], list[str], list[str]]:
+    """Match ``<patient_id>.nii[.gz]`` files (case-insensitive) to ``ids``.
+
+    Returns ``(matched {id: file}, missing ids, unmatched file names)``: unmatched files are those of no id
+    in ``ids`` or ``known`` (e.g. the cohort's other cases, whose predictions are simply not audited). Two
+    files for one id (differing in case or extension) raise ValueError naming both.
+    """
+    folder = Path(folder)
+    seen: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not (p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii.gz", ".nii"))):
+            continue
+        stem = p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.name[: -len(".nii")]
+        key = stem.lower()
+        if key in seen:
+            raise ValueError(f"{folder}: {seen[key].name} and {p.name} are both a prediction of case {stem}; "
+                             "keep one")
+        seen[key] = p
+    wanted = {str(i).lower(): str(i) for i in ids}
+    matched = {wanted[k]: p for k, p in seen.items() if k in wanted}
+    missing = [str(i) for i in ids if str(i).lower() not in seen]
+    others = {str(i).lower() for i in known}
+    unmatched = sorted(p.name for k, p in seen.items() if k not in wanted and k not in others)
+    return {str(i): matched[str(i)] for i in ids if str(i) in matched}, missing, unmatched
+
+
+def check_predictions(matched: dict[str, Path], cohort: Cohort) -> None:
+    """Each prediction must lie on its expert mask's voxel grid (shape and affine) and hold only 0 and 1.
+
+    Raises ValueError on the first offending file, naming it, what was found and what to do.
+    """
+    import nibabel as nib
+
+    for pid, path in matched.items():
+        mask = nib.load(str(cohort.cases[pid].mask_path))
+        try:
+            pred = nib.load(str(path))
+            arr = np.asanyarray(pred.dataobj)
+        except Exception as err:
+            raise ValueError(f"prediction {path} (case {pid}) cannot be read ({type(err).__name__}: {err}); "
+                             "write it again") from None
+        while arr.ndim > 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]  # a trailing singleton (X, Y, Z, 1) is still one 3D mask
+        if arr.shape != tuple(mask.shape[:3]):
+            raise ValueError(f"prediction {path} (case {pid}) has shape {arr.shape} but the expert mask has "
+                             f"{tuple(mask.shape[:3])}; write predictions on the mask's voxel grid")
+        if not np.allclose(pred.affine, mask.affine, atol=1e-3, rtol=0):
+            raise ValueError(f"prediction {path} (case {pid}) has another affine than the expert mask "
+                             f"{cohort.cases[pid].mask_path} (flipped or permuted axes, or a resampled grid); "
+                             "write it with the mask's affine")
+        values = np.unique(arr)
+        if not np.isin(values, (0, 1)).all():
+            shown = ", ".join(f"{v:g}" for v in values[:6].tolist())
+            raise ValueError(f"prediction {path} (case {pid}) holds values {shown}; the organisers count label 1 "
+                             "only as tumour, so write binary 0/1 masks (e.g. (pred > 0).astype(uint8))")
+
+
+def _empty_prediction_metrics(case: Case) -> dict[str, float]:
+    """How the organisers score a missing prediction: as an empty one (Dice 0, NormHD 1)."""
+    truth, spacing, _ = ev._load_mask(Path(case.mask_path))
+    return M.case_metrics(np.zeros(truth.shape, dtype=bool), truth > 0, spacing)
+
+
+# --------------------------------------------------------------------------------------------------
+# the result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditResult:
+    """One audit: the tables, the scores and where they were written."""
+
+    out_dir: Path
+    data_root: Path
+    predictions: Path
+    split: str
+    per_case: pd.DataFrame
+    """Index patient_id; metric columns, attributes, ``prediction_file`` and ``missing``."""
+    per_group: pd.DataFrame
+    challenge: dict[str, Any]
+    fairness: dict[str, dict[str, Any]]
+    divergent: pd.DataFrame
+    """:func:`divaware.subgroups.divergent_itemsets` of the per-case Dice, with a ``flagged`` column."""
+    null: pd.DataFrame
+    """:func:`divaware.calibration.null_check` (row 0 the real analysis, then permutations)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> pd.DataFrame:
+        """The itemsets that pass the false-discovery control with Δ < 0 (what ``divaware`` acts on)."""
+        return self.divergent[self.divergent["flagged"]].reset_index(drop=True)
+
+    @property
+    def missing(self) -> list[str]:
+        return list(self.settings.get("missing", []))
+
+    def prediction_file(self, patient_id: str) -> Path | None:
+        """The matched prediction of a case, None when it has none."""
+        name = self.per_case.loc[patient_id, "prediction_file"] if patient_id in self.per_case.index else ""
+        return self.predictions / name if isinstance(name, str) and name else None
+
+    def summary(self) -> str:
+        c, s = self.challenge, self.settings
+
+        def f(key: str, digits: int = 3) -> str:
+            v = c.get(key)
+            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+        null = self.null.iloc[1:]
+        lines = [
+            f"audit of {self.predictions} on {self.split}: {len(self.per_case)} cases "
+            f"({len(self.missing)} without a prediction, scored as empty)",
+            f"  mean Dice {f('mean_dice')}   mean HD95 {f('mean_hd95_mm', 1)} mm   mean NormHD {f('mean_norm_hd')}",
+            f"  challenge: P {f('P')}   F {f('F')}   ranking {f('ranking')}",
+            f"  divergent subgroups with q <= {s.get('fdr')}: {len(self.flagged)}"
+            + (f" (worst: {self.flagged.iloc[0]['label']}, n={int(self.flagged.iloc[0]['count'])}, "
+               f"Δ {self.flagged.iloc[0]['divergence']:+.3f})" if len(self.flagged) else ""),
+            f"  null check: noise alone flags something in {(null['fdr_flags'] > 0).mean():.0%} of "
+            f"{len(null)} permutations",
+            f"  written to {self.out_dir}",
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# the audit
+# --------------------------------------------------------------------------------------------------
+
+
+def default_out_dir(predictions: str | Path, split: str) -> Path:
+    """``<runs root>/audits/<predictions folder name>_<split>`` (see :func:`divaware.paths.resolve_output`)."""
+    from divaware.paths import resolve_output
+
+    folder = ev._prediction_folder(predictions)
+    name = folder.parent.name if folder.name == ev.PRED_FOLDER else folder.name
+    tag = split if split in ("test", "train", "all") else Path(split).stem
+    return resolve_output(Path("audits") / f"{name}_{tag}")
+
+
+def audit(
+    data_root: str | Path,
+    predictions: str | Path,
+    split: str = "test",
+    out_dir: str | Path | None = None,
+    *,
+    attributes: Sequence[str] = ev.DEFAULT_ATTRIBUTES,
+    min_support: float | None = None,
+    max_length: int | None = None,
+    fdr: float | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    n_permutations: int = 50,
+    figures: bool = True,
+    verbose: bool = True,
+) -> AuditResult:
+    """Audit the predictions in ``predictions`` on ``split`` of the cohort at ``data_root`` (module docstring).
+
+    ``split``: ``test``, ``train``, ``all`` or a file of patient ids (:func:`read_ids`). ``out_dir``: where
+    the report goes (default :func:`default_out_dir`). ``attributes``: metadata columns of the per-group
+    tables and the itemsets. ``min_support``/``max_length``/``fdr``: the subgroup analysis, by default the
+    ``divaware`` strategy's (:func:`analysis_defaults`). ``n_boot``/``seed``: the group CIs' bootstrap and
+    the null check's permutations (``n_permutations``). ``figures``: write the PNG figures.
+    """
+    from divaware import calibration, subgroups
+    from divaware.cohort import load_cohort
+
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"data folder {root} does not exist; pass the MAMA-MIA root (holding images/ and "
+                         "clinical_and_imaging_info.xlsx)")
+    pred_dir = ev._prediction_folder(predictions)
+    out = Path(out_dir).expanduser() if out_dir else default_out_dir(pred_dir, split)
+    for folder, what in ((root, "data"), (pred_dir, "predictions")):
+        if ev._inside(out, folder):
+            raise ValueError(f"output folder {out} lies inside the {what} folder {folder}; inputs are read-only, "
+                             "so pass --out elsewhere")
+    attributes = tuple(attributes)
+    if not attributes:
+        raise ValueError("attributes: give at least one metadata column")
+    defaults = analysis_defaults()
+    analysis = {"min_support": defaults["min_support"] if min_support is None else float(min_support),
+                "max_length": defaults["max_length"] if max_length is None else int(max_length),
+                "fdr": defaults["fdr"] if fdr is None else float(fdr), "min_count": defaults["min_count"]}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
+    cohort = load_cohort(root, voxel_cache=out / "cache" / "voxel_checks.json")
+    missing_cols = [a for a in attributes if a not in cohort.metadata.columns]
+    if missing_cols:
+        raise ValueError(f"attribute column(s) {missing_cols} are not in the cohort metadata; it has "
+                         f"{list(cohort.metadata.columns)}")
+    ids, split_name = _split_ids(cohort, split)
+    no_mask = [i for i in ids if cohort.cases[i].mask_path is None]
+    ids = [i for i in ids if cohort.cases[i].mask_path is not None]
+    if not ids:
+        raise ValueError(f"split {split!r} of {root} has no case with an expert mask to audit")
+    matched, missing, unmatched = match_predictions(pred_dir, ids, known=list(cohort.metadata.index.astype(str)))
+    if not matched:
+        raise ValueError(f"{pred_dir} holds no prediction for any of the {len(ids)} cases of split {split_name!r} "
+                         f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz)")
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
+                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M._few(missing)}", stacklevel=2)
+    check_predictions(matched, cohort)
+
+    case_attrs = tuple(dict.fromkeys((*ev.CASE_ATTRIBUTES, *attributes)))
+    scored = ev.score_cases(pred_dir, cohort, list(matched), attributes=case_attrs, progress=verbose)
+    meta = cohort.metadata
+    empty = pd.DataFrame.from_dict({pid: _empty_prediction_metrics(cohort.cases[pid]) for pid in missing},
+                                   orient="index", columns=list(M.PER_CASE_COLUMNS))
+    for a in case_attrs:
+        empty[a] = meta.loc[missing, a].to_numpy(dtype=object) if missing else []
+    per_case = pd.concat([scored, empty]) if missing else scored
+    per_case = per_case.loc[ids]
+    per_case.index.name = "patient_id"
+    per_case["prediction_file"] = [matched[i].name if i in matched else "" for i in ids]
+    per_case["missing"] = [i not in matched for i in ids]
+
+    per_group = ev._per_group_table(per_case, attributes, n_boot, seed)
+    challenge = M.challenge_score(per_case, per_case)
+    fairness = ev._fairness(per_case, attributes, 1)
+    table = subgroups.attribute_table(per_case[list(attributes)], list(attributes))
+    dice = per_case["dice"].astype(float)
+    divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
+                                             max_length=analysis["max_length"], min_count=analysis["min_count"])
+    with np.errstate(invalid="ignore"):
+        divergent["flagged"] = (divergent["divergence"] < 0) & (divergent["q"] <= analysis["fdr"])
+    null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
+                                  min_support=analysis["min_support"], max_length=analysis["max_length"],
+                                  fdr=analysis["fdr"])
+
+    from divaware import __version__
+
+    permuted = null.iloc[1:]
+    settings = {
+        "divaware_version": __version__, "data_root": str(root.resolve()), "predictions": str(pred_dir.resolve()),
+        "split": split_name, "split_arg": str(split), "n_cases": len(per_case), "n_predicted": len(matched),
+        "missing": missing, "unmatched": unmatched, "no_mask": no_mask, "attributes": list(attributes),
+        **analysis, "n_boot": n_boot, "seed": seed, "n_permutations": n_permutations,
+        "n_flagged": int(divergent["flagged"].sum()),
+        "flagged": divergent.loc[divergent["flagged"], "label"].tolist(),
+        "null_share_flagged": float((permuted["fdr_flags"] > 0).mean()),
+        "missing_counted_as": "empty prediction: Dice 0, NormHD 1 (as the organisers)",
+    }
+    result = AuditResult(out_dir=out, data_root=root, predictions=pred_dir, split=split_name, per_case=per_case,
+                         per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
+                         null=null, settings=settings)
+    ev._write_atomic(out / FILES["per_case"], per_case.to_csv())
+    ev._write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
+    ev._write_json(out / FILES["challenge"], challenge)
+    ev._write_json(out / FILES["fairness"], fairness)
+    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(divergent))
+    ev._write_atomic(out / FILES["null"], null.to_csv(index=False))
+    if figures:
+        settings["figures"] = [p.name for p in write_figures(result, cohort)]
+    ev._write_json(out / FILES["manifest"], settings)
+    if verbose:
+        print(result.summary())
+    return result
+
+
+def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> list[Path]:
+    """The figures notebook 04 makes, for one model, into ``<out_dir>/figures`` (:mod:`divaware.plots`)."""
+    from divaware import plots
+    from divaware.exploration import read_canonical
+
+    folder = result.out_dir / FIGURES
+    folder.mkdir(parents=True, exist_ok=True)
+    pc = result.per_case
+    written = []
+    overall = float(pc["dice"].mean())
+    for attr in result.settings["attributes"]:
+        path = folder / f"group_dice_{attr}.png"
+        plots.plot_group_dice(result.per_group[result.per_group["attribute"] == attr].reset_index(drop=True),
+                              overall=overall, title=f"Dice by {attr}", path=path)
+        written.append(path)
+    attrs = result.settings["attributes"]
+    if "age_group" in attrs and "breast_density" in attrs:
+        written.append(folder / "heatmap.png")
+        plots.plot_dice_heatmap(pc, pc, path=written[-1])
+    written.append(folder / "divergent_itemsets.png")
+    # the tested itemsets only (≥ min_count cases): an untested 3-case itemset is not a finding
+    tested = result.divergent[result.divergent["p"].notna()]
+    plots.plot_divergent_itemsets(tested if len(tested) else result.divergent, top=10, path=written[-1],
+                                  title=f"Top tested subgroups; flagged (Δ < 0, q ≤ {result.settings['fdr']:g}): "
+                                        f"{int(result.divergent['flagged'].sum())}")
+    images, truths, preds, titles = [], [], [], []
+    for pid in pc["dice"].nsmallest(n_hardest).index:
+        case = cohort.cases[pid]
+        image = read_canonical(case.image_paths[min(1, len(case.image_paths) - 1)])[0]
+        truth = read_canonical(case.mask_path)[0] > 0.5
+        file = result.prediction_file(pid)
+        pred = read_canonical(file)[0] > 0.5 if file is not None else np.zeros_like(truth)
+        images.append(image)
+        truths.append(truth)
+        preds.append(pred)
+        titles.append(f"{pid} · Dice {pc.loc[pid, 'dice']:.2f}" + (" (missing)" if file is None else ""))
+    written.append(folder / "hardest_cases.png")
+    plots.plot_case_gallery(images, truths, preds, titles=titles, phase_names=["post-contrast 1"],
+                            path=written[-1])
+    return written
+
+
+def load_audit(out_dir: str | Path) -> AuditResult:
+    """Read an audit written by :func:`audit` back."""
+    out = Path(out_dir).expanduser()
+    if not (out / FILES["manifest"]).is_file():
+        raise ValueError(f"{out} holds no complete audit (no {FILES['manifest']}); run `divaware audit` first")
+    settings = ev._read_json(out / FILES["manifest"])
+    per_case = ev._read_per_case(out / FILES["per_case"])
+    per_case["prediction_file"] = per_case["prediction_file"].fillna("").astype(str)
+    per_case["missing"] = per_case["missing"].astype(bool)
+    divergent = pd.read_csv(out / FILES["divergent"])
+    divergent["items"] = divergent["items"].map(lambda s: frozenset(json.loads(s)))
+    divergent["flagged"] = divergent["flagged"].astype(bool)
+    return AuditResult(
+        out_dir=out, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
+        split=settings["split"], per_case=per_case,
+        per_group=pd.read_csv(out / FILES["per_group"], dtype={"group": str}),
+        challenge=ev._read_json(out / FILES["challenge"]), fairness=ev._read_json(out / FILES["fairness"]),
+        divergent=divergent, null=pd.read_csv(out / FILES["null"], keep_default_na=False,
+                                              dtype={"worst": str}),
+        settings=settings,
+    )
+
+
+def demo_predictions(data_root: str | Path, dest: str | Path, *, itemset: str = "age_group=0-40",
+                     erode: int = 1, split: str | None = None, leave_out: Sequence[str] = (),
+                     upper_case: bool = False) -> tuple[Path, list[str]]:
+    """A prediction folder with a planted failure, for demonstrations and tests: the expert masks copied
+    to ``dest`` as ``<patient_id>.nii.gz`` (lower-case ids, as the organisers write them; ``upper_case`` for
+    the spreadsheet's spelling), with the tumours of the cases in ``itemset`` (``attr=value ∧ ...``) eroded
+    by ``erode`` voxels, so those cases score lower than the rest. ``split``: only that split's cases
+    (None: all); ``leave_out``: cases given no prediction. Returns (dest, the eroded case ids)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    from divaware.cohort import load_cohort
+    from divaware.subgroups import AND, parse_item
+
+    root, out = Path(data_root).expanduser(), Path(dest).expanduser()
+    if ev._inside(out, root):
+        raise ValueError(f"demo predictions folder {out} lies inside the data folder {root}; write it elsewhere")
+    cohort = load_cohort(root, check_voxels=False)
+    meta = cohort.metadata
+    ids = [i for i in cohort.ids(split) if cohort.cases[i].mask_path is not None]
+    member = pd.Series(True, index=meta.index)
+    for item in itemset.split(AND.strip()):
+        name, value = parse_item(item.strip())
+        if name not in meta.columns:
+            raise ValueError(f"itemset {itemset!r}: {name!r} is not a metadata column")
+        member &= meta[name].astype(str) == value
+    out.mkdir(parents=True, exist_ok=True)
+    eroded = []
+    for pid in ids:
+        if pid in set(leave_out):
+            continue
+        img = nib.load(str(cohort.cases[pid].mask_path))
+        mask = np.asanyarray(img.dataobj) > 0
+        if member[pid]:
+            mask = ndimage.binary_erosion(mask, iterations=int(erode))
+            eroded.append(pid)
+        name = pid if upper_case else pid.lower()
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), str(out / f"{name}.nii.gz"))
+    if not eroded:
+        raise ValueError(f"itemset {itemset!r} holds no case of {root} (split {split}); choose another")
+    return out, eroded
+
+
+# --------------------------------------------------------------------------------------------------
+# the explorer and training weights
+# --------------------------------------------------------------------------------------------------
+
+
+def explorer_inputs(result: AuditResult, cohort: Cohort) -> dict[str, Any]:
+    """Keyword arguments of :func:`divaware.widgets.subgroup_explorer` for an audit.
+
+    ``metadata`` (the cohort's), ``scores`` (per-case ``dice`` and ``norm_hd``: the finite metrics; HD95 in mm
+    is NaN for empty predictions), ``cases`` and ``predictions`` (patient_id -> its matched file; for a case
+    without a prediction the organisers' expected ``<predictions>/<patient_id>.nii.gz``, which does not exist,
+    so the viewer shows the truth alone).
+    """
+    scores = result.per_case[["dice", "norm_hd"]].astype(float)
+
+    def lookup(pid: str) -> Path:
+        return result.prediction_file(pid) or result.predictions / f"{pid}.nii.gz"
+
+    return {"metadata": cohort.metadata, "scores": scores, "cases": cohort.cases, "predictions": lookup}
+
+
+def _training_ids(cohort: Cohort, train: str) -> list[str]:
+    if train in ("train", "all"):
+        return list(cohort.ids(None if train == "all" else "train"))
+    ids, _ = _split_ids(cohort, train)
+    return ids
+
+
+def _divaware_weights(train_meta: pd.DataFrame, val_meta: pd.DataFrame, scores: pd.Series,
+                      params: dict[str, Any]) -> pd.DataFrame:
+    """One refresh of the ``divaware`` strategy itself: weights (mean 1, clipped) of the training cases."""
+    from divaware.weighting import make_strategy
+
+    strategy = make_strategy("divaware", **{"warmup_epochs": 0, **params})
+    strategy.fit(train_meta)
+    weights = strategy.refresh(0, val_meta, scores)
+    table = strategy.case_divergence.join(weights)
+    table.index.name = "patient_id"
+    return table[["weight", "divergence", "worst_itemset"]]
+
+
+def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) -> Path:
+    """Write a weights table as CSV (``patient_id, weight, divergence, worst_itemset``; floats round-trip),
+    never inside the data folder."""
+    out = Path(path).expanduser()
+    if ev._inside(out, Path(data_root).expanduser()):
+        raise ValueError(f"weights file {out} lies inside the data folder {data_root}; input data is read-only, "
+                         "so write it elsewhere")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ev._write_atomic(out, table.to_csv())
+    return out
+
+
+def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str | Path | None = None,
+                  **strategy_params: Any) -> pd.DataFrame:
+    """Per-case training weights from an audit: the ``divaware`` rule, by the ``divaware`` strategy itself.
+
+    The audit's per-case Dice plays the fairness-validation scores of a refresh
+    (``make_strategy("divaware", ...).fit(training cases).refresh(0, audited cases, Dice)``) with the audit's
+    attributes and subgroup analysis (min_support, max_length, fdr); ``strategy_params`` (``tau``, ``w_min``,
+    ``w_max``, ...) override the strategy's defaults. ``train``: the training cases to weight (``train``,
+    ``all`` or an ids file). As in training, test-split cases may not drive the weights: an audit of the test
+    split is refused (audit held-out training cases, e.g. nnU-Net's out-of-fold validation predictions, with
+    ``--split train`` or an ids file). Returns ``weight`` (mean 1 over the training cases, clipped to
+    [w_min, w_max]), ``divergence`` and ``worst_itemset``, indexed by patient_id.
+    """
+    from divaware.cohort import load_cohort
+
+    result = load_audit(audit_dir)
+    root = Path(data_root).expanduser() if data_root else result.data_root
+    cohort = load_cohort(root, voxel_cache=result.out_dir / "cache" / "voxel_checks.json")
+    s = result.settings
+    params = {"attributes": s["attributes"], "min_support": s["min_support"], "max_length": s["max_length"],
+              "fdr": s["fdr"], "min_count": s["min_count"], "test_ids": cohort.ids("test"), **strategy_params}
+    train_ids = _training_ids(cohort, train)
+    if not train_ids:
+        raise ValueError(f"no training cases in {train!r} of {root}")
+    scores = result.per_case["dice"].astype(float)
+    tested = sorted(set(scores.index) & set(params["test_ids"]))
+    if tested:
+        raise ValueError(f"audit {result.out_dir} scored {len(tested)} test-split case(s) ({M._few(tested)}); as in "
+                         "training, the test split never drives weights: audit held-out training cases instead "
+                         "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
+    meta = cohort.metadata
+    table = _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    table.attrs["data_root"] = str(root)
+    return table
+
+
+def run_weights(run_dir: str | Path, epoch: int | None = None, *, data_root: str | Path | None = None,
+                **strategy_params: Any) -> pd.DataFrame:
+    """The same weights from a divaware training run's fairness-validation scores (``val_scores.csv``).
+
+    ``epoch``: the validated epoch whose scores are used (default: the last). The training cases are the
+    run's (``splits.csv``), the scores its ``score`` column, and the strategy's parameters the run's own when
+    it trained with ``divaware`` (its ``attributes`` and ``strategy_params``), else divaware's defaults with
+    the run's attributes; ``strategy_params`` override them. For a divaware run without smoothing this
+    reproduces the weights the run assigned at a refresh after ``epoch``.
+    """
+    import yaml
+
+    from divaware.cohort import load_cohort
+
+    run = Path(run_dir).expanduser()
+    cfg_path = run / "config.yaml"
+    for f in (cfg_path, run / "splits.csv", run / "val_scores.csv"):
+        if not f.is_file():
+            raise ValueError(f"{run} is not a validated training run ({f.name} missing); train it, or use "
+                             "`divaware weights --audit`")
+    config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    root = Path(data_root).expanduser() if data_root else Path(str(config.get("data_root", "")))
+    cohort = load_cohort(root, check_voxels=False)
+    splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
+    val = pd.read_csv(run / "val_scores.csv", dtype={"patient_id": str})
+    epoch = int(val["epoch"].max()) if epoch is None else int(epoch)
+    at = val[val["epoch"] == epoch]
+    if at.empty:
+        raise ValueError(f"{run}/val_scores.csv has no scores of epoch {epoch}; validated epochs: "
+                         f"{sorted(val['epoch'].unique().tolist())}")
+    column = "score" if "score" in at.columns else "dice"
+    scores = at.set_index("patient_id")[column].astype(float)
+    params: dict[str, Any] = {"attributes": list(config.get("attributes") or ev.DEFAULT_ATTRIBUTES),
+                              "test_ids": cohort.ids("test")}
+    if config.get("strategy") == "divaware":
+        params.update(config.get("strategy_params") or {})
+    params.update(strategy_params)
+    train_ids = splits.loc[splits["split"] == "train", "patient_id"].tolist()
+    meta = cohort.metadata
+    table = _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    table.attrs["data_root"] = str(root)
+    return table

@@ -1,0 +1,303 @@
+"""divaware audit / divaware weights: any model's predictions, no run folder, no torch on the audit path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from divaware import audit as A
+from divaware import evaluate as ev
+from divaware.cli import main
+from divaware.cohort import load_cohort
+from divaware.subgroups import attribute_table
+from divaware.weighting import make_strategy
+
+PLANTED = "breast_density=c"
+
+
+def _members(root: Path, itemset: str = PLANTED) -> set[str]:
+    meta = load_cohort(root, check_voxels=False).metadata
+    name, value = itemset.split("=", 1)
+    return set(meta.index[meta[name].astype(str) == value])
+
+
+@pytest.fixture(scope="module")
+def planted(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """Expert masks copied elsewhere (lower-case names), the density-c cases eroded by one voxel."""
+    return A.demo_predictions(synthetic_root, tmp_path_factory.mktemp("model") / "preds", itemset=PLANTED)
+
+
+@pytest.fixture(scope="module")
+def planted_audit(synthetic_root: Path, planted: tuple[Path, list[str]],
+                  tmp_path_factory: pytest.TempPathFactory) -> A.AuditResult:
+    out = tmp_path_factory.mktemp("audits") / "all"
+    return A.audit(synthetic_root, planted[0], split="all", out_dir=out, n_boot=100, n_permutations=10,
+                   verbose=False)
+
+
+def test_planted_failure_is_flagged(planted_audit: A.AuditResult, planted: tuple[Path, list[str]],
+                                    synthetic_root: Path) -> None:
+    eroded = set(planted[1])
+    assert eroded == _members(synthetic_root) and len(eroded) >= 5
+    pc = planted_audit.per_case
+    assert (pc.loc[sorted(eroded), "dice"] < 0.9).all()
+    assert (pc.drop(index=sorted(eroded))["dice"] == 1.0).all()
+    flagged = planted_audit.flagged
+    assert PLANTED in set(flagged["label"])
+    # the most divergent flagged subgroup holds eroded cases only
+    top = flagged.iloc[0]
+    table = attribute_table(pc, ["age_group", "menopause", "breast_density"])
+    inside = np.ones(len(table), bool)
+    for item in top["items"]:
+        name, value = item.split("=", 1)
+        inside &= table[name].astype(str).to_numpy() == value
+    assert set(table.index[inside]) <= eroded
+    # the same test and false-discovery control as the divaware strategy
+    defaults = A.analysis_defaults()
+    assert defaults["fdr"] == make_strategy("divaware").fdr == planted_audit.settings["fdr"]
+    assert (flagged["q"] <= defaults["fdr"]).all() and (flagged["divergence"] < 0).all()
+    written = json.loads((planted_audit.out_dir / "audit.json").read_text())
+    assert written["n_flagged"] == len(flagged) and PLANTED in written["flagged"]
+    assert written["missing"] == [] and written["n_cases"] == len(pc)
+    for name in ("per_case.csv", "per_group.csv", "challenge.json", "fairness.json", "divergent_itemsets.csv",
+                 "null_check.csv"):
+        assert (planted_audit.out_dir / name).is_file()
+    figures = {p.name for p in (planted_audit.out_dir / "figures").iterdir()}
+    assert {"group_dice_age_group.png", "heatmap.png", "divergent_itemsets.png", "hardest_cases.png"} <= figures
+    # null check: row 0 is the real analysis and counts the same flags
+    assert planted_audit.null.iloc[0]["fdr_flags"] == len(flagged)
+    assert len(planted_audit.null) == 11
+
+
+def test_scores_are_evaluates(planted_audit: A.AuditResult, planted: tuple[Path, list[str]],
+                              synthetic_root: Path) -> None:
+    cohort = load_cohort(synthetic_root)
+    ids = list(planted_audit.per_case.index)
+    expected = ev.score_cases(planted[0], cohort, ids)
+    pd.testing.assert_frame_equal(planted_audit.per_case[expected.columns], expected)
+    assert planted_audit.challenge["P"] == pytest.approx(
+        0.5 * (expected["dice"].mean() + 1 - expected["norm_hd"].mean()))
+
+
+def test_load_audit_round_trip(planted_audit: A.AuditResult) -> None:
+    back = A.load_audit(planted_audit.out_dir)
+    pd.testing.assert_frame_equal(back.per_case, planted_audit.per_case, check_dtype=False)
+    assert list(back.flagged["label"]) == list(planted_audit.flagged["label"])
+    assert back.challenge["ranking"] == pytest.approx(planted_audit.challenge["ranking"])
+
+
+def test_missing_prediction_counts_as_empty_and_strays_are_listed(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                                  tmp_path: Path) -> None:
+    preds = tmp_path / "preds"
+    shutil.copytree(planted[0], preds)
+    test_ids = load_cohort(synthetic_root, check_voxels=False).ids("test")
+    gone = test_ids[0]
+    (preds / f"{gone.lower()}.nii.gz").unlink()
+    shutil.copyfile(preds / f"{test_ids[1].lower()}.nii.gz", preds / "stranger_007.nii.gz")
+    (preds / "plans.json").write_text("{}")  # nnU-Net writes these beside its predictions
+    with pytest.warns(UserWarning, match=gone):
+        result = A.audit(synthetic_root, preds, split="test", out_dir=tmp_path / "out", n_boot=50,
+                         n_permutations=2, figures=False, verbose=False)
+    row = result.per_case.loc[gone]
+    assert row["missing"] and row["prediction_file"] == ""
+    assert row["dice"] == 0.0 and row["norm_hd"] == 1.0 and np.isinf(row["hd95"])
+    assert result.settings["missing"] == [gone]
+    assert result.settings["unmatched"] == ["stranger_007.nii.gz"]
+    assert list(result.per_case.index) == test_ids
+    assert result.challenge["mean_norm_hd"] == pytest.approx(result.per_case["norm_hd"].mean())
+    assert result.prediction_file(gone) is None and result.prediction_file(test_ids[1]).is_file()
+    # the figures and the explorer cope with a case that has no prediction (the viewer shows the truth alone)
+    written = A.write_figures(result, load_cohort(synthetic_root), n_hardest=len(test_ids))
+    assert all(p.is_file() for p in written)
+    inputs = A.explorer_inputs(result, load_cohort(synthetic_root))
+    assert not inputs["predictions"](gone).is_file()
+
+
+def test_organiser_and_upper_case_names_and_submission_layout(synthetic_root: Path, tmp_path: Path) -> None:
+    lower, _ = A.demo_predictions(synthetic_root, tmp_path / "lower", split="test", itemset=PLANTED)
+    A.demo_predictions(synthetic_root, tmp_path / "submission" / "pred_segmentations", split="test",
+                       itemset=PLANTED, upper_case=True)
+    a = A.audit(synthetic_root, lower, out_dir=tmp_path / "a", n_boot=20, n_permutations=1, figures=False,
+                verbose=False)
+    b = A.audit(synthetic_root, tmp_path / "submission", out_dir=tmp_path / "b", n_boot=20, n_permutations=1,
+                figures=False, verbose=False)
+    assert b.predictions.name == "pred_segmentations"
+    pd.testing.assert_series_equal(a.per_case["dice"], b.per_case["dice"])
+    assert (b.per_case["prediction_file"] == b.per_case.index + ".nii.gz").all() and not b.settings["missing"]
+    assert (a.per_case["prediction_file"] == a.per_case.index.str.lower() + ".nii.gz").all()
+
+
+def test_ids_file_split(synthetic_root: Path, planted: tuple[Path, list[str]], tmp_path: Path) -> None:
+    ids = load_cohort(synthetic_root, check_voxels=False).ids("train")[:12]
+    (tmp_path / "val.txt").write_text("# my held-out cases\n" + "\n".join(i.lower() for i in ids) + "\n")
+    result = A.audit(synthetic_root, planted[0], split=str(tmp_path / "val.txt"), out_dir=tmp_path / "o",
+                     n_boot=20, n_permutations=1, figures=False, verbose=False)
+    assert list(result.per_case.index) == ids and result.split == "val"
+    (tmp_path / "bad.txt").write_text("DUKE_999999\n")
+    with pytest.raises(ValueError, match="DUKE_999999"):
+        A.audit(synthetic_root, planted[0], split=str(tmp_path / "bad.txt"), out_dir=tmp_path / "o2")
+
+
+def _one_file(planted: Path, dest: Path, pid: str, array: np.ndarray | None = None,
+              affine: np.ndarray | None = None, name: str | None = None) -> Path:
+    shutil.copytree(planted, dest)
+    src = nib.load(str(dest / f"{pid.lower()}.nii.gz"))
+    arr = np.asanyarray(src.dataobj) if array is None else array
+    path = dest / (name or f"{pid.lower()}.nii.gz")
+    nib.save(nib.Nifti1Image(arr, src.affine if affine is None else affine), str(path))
+    return path
+
+
+@pytest.mark.parametrize("defect", ["shape", "affine", "labels", "duplicate"])
+def test_bad_prediction_is_one_error_naming_the_file(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                     tmp_path: Path, defect: str) -> None:
+    pid = load_cohort(synthetic_root, check_voxels=False).ids("test")[0]
+    ref = nib.load(str(planted[0] / f"{pid.lower()}.nii.gz"))
+    mask = np.asanyarray(ref.dataobj)
+    if defect == "shape":
+        path = _one_file(planted[0], tmp_path / "p", pid, array=mask[:-2])
+        match = "shape"
+    elif defect == "affine":
+        flipped = ref.affine.copy()
+        flipped[0, 0] *= -1
+        path = _one_file(planted[0], tmp_path / "p", pid, affine=flipped)
+        match = "affine"
+    elif defect == "labels":
+        path = _one_file(planted[0], tmp_path / "p", pid, array=(mask * 255).astype(np.uint8))
+        match = "255"
+    else:
+        path = _one_file(planted[0], tmp_path / "p", pid, name=f"{pid.upper()}.nii.gz")
+        match = "both a prediction"
+    with pytest.raises(ValueError, match=match) as info:
+        A.audit(synthetic_root, tmp_path / "p", out_dir=tmp_path / "out", verbose=False)
+    assert path.name in str(info.value) and "\n" not in str(info.value)
+    # the CLI prints it as one line, exit code 2
+    assert main(["audit", "--data", str(synthetic_root), "--predictions", str(tmp_path / "p"),
+                 "--out", str(tmp_path / "out2"), "--no-figures"]) == 2
+
+
+def test_refuses_to_write_into_inputs(synthetic_root: Path, planted: tuple[Path, list[str]]) -> None:
+    for inside in (planted[0] / "report", synthetic_root / "report"):
+        with pytest.raises(ValueError, match="read-only"):
+            A.audit(synthetic_root, planted[0], out_dir=inside, verbose=False)
+        assert not inside.exists()
+
+
+def test_audit_path_never_imports_torch(synthetic_root: Path, planted: tuple[Path, list[str]], tmp_path: Path) -> None:
+    code = (
+        "import json, sys\n"
+        "import divaware.audit\n"
+        "after_import = sorted(m for m in ('torch', 'monai') if m in sys.modules)\n"
+        "from divaware.cli import main\n"
+        f"rc = main(['audit', '--data', {str(synthetic_root)!r}, '--predictions', {str(planted[0])!r},"
+        f" '--split', 'all', '--out', {str(tmp_path / 'cli')!r}, '--n-boot', '20', '--permutations', '2'])\n"
+        "print(json.dumps({'rc': rc, 'after_import': after_import,"
+        " 'after_audit': sorted(m for m in ('torch', 'monai') if m in sys.modules)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report == {"rc": 0, "after_import": [], "after_audit": []}
+    written = json.loads((tmp_path / "cli" / "audit.json").read_text())
+    assert PLANTED in written["flagged"]
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_audit(synthetic_root: Path, planted: tuple[Path, list[str]],
+                tmp_path_factory: pytest.TempPathFactory) -> A.AuditResult:
+    """An audit of the training split (held-out predictions of training cases), which may drive weights."""
+    return A.audit(synthetic_root, planted[0], split="train", out_dir=tmp_path_factory.mktemp("audits") / "train",
+                   n_boot=20, n_permutations=2, figures=False, verbose=False)
+
+
+def test_weights_csv_equals_divaware_refresh(synthetic_root: Path, train_audit: A.AuditResult,
+                                             planted: tuple[Path, list[str]], tmp_path: Path) -> None:
+    import divaware.train as T
+
+    assert PLANTED in set(train_audit.flagged["label"])
+    out = tmp_path / "w" / "weights.csv"
+    assert main(["weights", "--audit", str(train_audit.out_dir), "--out", str(out)]) == 0
+    csv = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")
+
+    # the strategy exactly as training builds it from a default config, refreshed on the audit's scores
+    cohort = load_cohort(synthetic_root)
+    config = T.TrainConfig(data_root=str(synthetic_root))
+    strategy = make_strategy(config.strategy, **T._strategy_kwargs(config, cohort.ids("test")))
+    train_ids = cohort.ids("train")
+    strategy.fit(cohort.metadata.loc[train_ids])
+    scores = train_audit.per_case["dice"]
+    expected = strategy.refresh(config.warmup_epochs, cohort.metadata.loc[scores.index], scores)
+    assert sorted(csv.index) == sorted(train_ids)
+    np.testing.assert_array_equal(csv.loc[expected.index, "weight"].to_numpy(), expected.to_numpy())
+    assert csv["weight"].mean() == pytest.approx(1.0)
+    assert csv["weight"].min() >= strategy.w_min and csv["weight"].max() <= strategy.w_max
+    hit = sorted(set(train_ids) & set(planted[1]))
+    assert (csv.loc[hit, "weight"] > 1).all()
+    assert (csv.drop(index=hit)["weight"] < 1).all()
+    # the Python function gives the same table, and strategy parameters pass through
+    table = A.audit_weights(train_audit.out_dir, w_max=3.0)
+    assert table["weight"].max() == pytest.approx(3.0) and table["weight"].mean() == pytest.approx(1.0)
+
+
+def test_weights_refuse_a_test_split_audit(planted_audit: A.AuditResult, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="test-split"):
+        A.audit_weights(planted_audit.out_dir)
+
+
+def test_weights_never_written_into_the_data(train_audit: A.AuditResult, synthetic_root: Path) -> None:
+    assert main(["weights", "--audit", str(train_audit.out_dir), "--out", str(synthetic_root / "w.csv")]) == 2
+    assert not (synthetic_root / "w.csv").exists()
+
+
+def test_run_weights_equal_the_runs_own_refresh(synthetic_root: Path, tmp_path: Path) -> None:
+    from test_train import tiny_config
+
+    import divaware.train as T
+
+    run = T.train(tiny_config(synthetic_root, tmp_path / "run", epochs=2))
+    history = pd.read_csv(run / "weights_history.csv", dtype={"patient_id": str})
+    first = history[history["refresh"] == 1].set_index("patient_id")
+    assert first["weight"].nunique() > 1  # the refresh moved the weights, so the comparison means something
+    out = tmp_path / "weights.csv"
+    assert main(["weights", "--run", str(run), "--epoch", str(int(first["epoch"].iloc[0])), "--out", str(out)]) == 0
+    csv = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")
+    np.testing.assert_allclose(csv.loc[first.index, "weight"].to_numpy(), first["weight"].to_numpy(),
+                               rtol=1e-12, atol=0)
+    assert (csv.loc[first.index, "worst_itemset"].fillna("") == first["worst_itemset"].fillna("")).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# the explorer adapter
+# --------------------------------------------------------------------------------------------------
+
+
+def test_explorer_inputs_drive_the_subgroup_explorer(planted_audit: A.AuditResult, synthetic_root: Path) -> None:
+    from divaware.widgets import subgroup_explorer
+
+    cohort = load_cohort(synthetic_root)
+    inputs = A.explorer_inputs(planted_audit, cohort)
+    static = subgroup_explorer(**inputs, attributes=["age_group", "menopause", "breast_density"],
+                               min_support=0.05, interactive=False)
+    assert static.iloc[0]["divergence"] < -0.3 and PLANTED in static.iloc[0]["label"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        box = subgroup_explorer(**inputs, attributes=["age_group", "menopause", "breast_density"],
+                                min_support=0.05, interactive=True)
+    members = box.state["members"]
+    assert members and set(members) <= set(_members(synthetic_root))
+    pid = members[0]
+    assert inputs["predictions"](pid) == planted_audit.predictions / f"{pid.lower()}.nii.gz"
