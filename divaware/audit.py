@@ -277,6 +277,48 @@ def default_out_dir(predictions: str | Path, split: str) -> Path:
     return resolve_output(Path("audits") / f"{name}_{tag}")
 
 
+def _score_predictions(cohort: Cohort, pred_dir: Path, ids: list[str], matched: dict[str, Path],
+                       missing: list[str], attributes: Sequence[str], verbose: bool) -> pd.DataFrame:
+    """Per-case metrics of ``ids`` in order: the matched predictions scored, the missing ones as empty."""
+    case_attrs = tuple(dict.fromkeys((*ev.CASE_ATTRIBUTES, *attributes)))
+    scored = ev.score_cases(pred_dir, cohort, list(matched), attributes=case_attrs, progress=verbose)
+    meta = cohort.metadata
+    empty = pd.DataFrame.from_dict({pid: _empty_prediction_metrics(cohort.cases[pid]) for pid in missing},
+                                   orient="index", columns=list(M.PER_CASE_COLUMNS))
+    for a in case_attrs:
+        empty[a] = meta.loc[missing, a].to_numpy(dtype=object) if missing else []
+    per_case = pd.concat([scored, empty]) if missing else scored
+    per_case = per_case.loc[ids]
+    per_case.index.name = "patient_id"
+    per_case["prediction_file"] = [matched[i].name if i in matched else "" for i in ids]
+    per_case["missing"] = [i not in matched for i in ids]
+    return per_case
+
+
+def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, out_dir: str | Path | None,
+                  attributes: Sequence[str], min_support: float | None, max_length: int | None,
+                  fdr: float | None) -> tuple[Path, Path, Path, tuple[str, ...], dict[str, Any]]:
+    """The audit's folders and settings, checked before anything is read or written."""
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"data folder {root} does not exist; pass the MAMA-MIA root (holding images/ and "
+                         "clinical_and_imaging_info.xlsx)")
+    pred_dir = ev._prediction_folder(predictions)
+    out = Path(out_dir).expanduser() if out_dir else default_out_dir(pred_dir, split)
+    for folder, what in ((root, "data"), (pred_dir, "predictions")):
+        if ev._inside(out, folder):
+            raise ValueError(f"output folder {out} lies inside the {what} folder {folder}; inputs are read-only, "
+                             "so pass --out elsewhere")
+    attributes = tuple(attributes)
+    if not attributes:
+        raise ValueError("attributes: give at least one metadata column")
+    defaults = analysis_defaults()
+    analysis = {"min_support": defaults["min_support"] if min_support is None else float(min_support),
+                "max_length": defaults["max_length"] if max_length is None else int(max_length),
+                "fdr": defaults["fdr"] if fdr is None else float(fdr), "min_count": defaults["min_count"]}
+    return root, pred_dir, out, attributes, analysis
+
+
 def audit(
     data_root: str | Path,
     predictions: str | Path,
@@ -304,23 +346,8 @@ def audit(
     from divaware import calibration, subgroups
     from divaware.cohort import load_cohort
 
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"data folder {root} does not exist; pass the MAMA-MIA root (holding images/ and "
-                         "clinical_and_imaging_info.xlsx)")
-    pred_dir = ev._prediction_folder(predictions)
-    out = Path(out_dir).expanduser() if out_dir else default_out_dir(pred_dir, split)
-    for folder, what in ((root, "data"), (pred_dir, "predictions")):
-        if ev._inside(out, folder):
-            raise ValueError(f"output folder {out} lies inside the {what} folder {folder}; inputs are read-only, "
-                             "so pass --out elsewhere")
-    attributes = tuple(attributes)
-    if not attributes:
-        raise ValueError("attributes: give at least one metadata column")
-    defaults = analysis_defaults()
-    analysis = {"min_support": defaults["min_support"] if min_support is None else float(min_support),
-                "max_length": defaults["max_length"] if max_length is None else int(max_length),
-                "fdr": defaults["fdr"] if fdr is None else float(fdr), "min_count": defaults["min_count"]}
+    root, pred_dir, out, attributes, analysis = _audit_inputs(data_root, predictions, split, out_dir, attributes,
+                                                              min_support, max_length, fdr)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
@@ -343,18 +370,7 @@ def audit(
                       f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M._few(missing)}", stacklevel=2)
     check_predictions(matched, cohort)
 
-    case_attrs = tuple(dict.fromkeys((*ev.CASE_ATTRIBUTES, *attributes)))
-    scored = ev.score_cases(pred_dir, cohort, list(matched), attributes=case_attrs, progress=verbose)
-    meta = cohort.metadata
-    empty = pd.DataFrame.from_dict({pid: _empty_prediction_metrics(cohort.cases[pid]) for pid in missing},
-                                   orient="index", columns=list(M.PER_CASE_COLUMNS))
-    for a in case_attrs:
-        empty[a] = meta.loc[missing, a].to_numpy(dtype=object) if missing else []
-    per_case = pd.concat([scored, empty]) if missing else scored
-    per_case = per_case.loc[ids]
-    per_case.index.name = "patient_id"
-    per_case["prediction_file"] = [matched[i].name if i in matched else "" for i in ids]
-    per_case["missing"] = [i not in matched for i in ids]
+    per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose)
 
     per_group = ev._per_group_table(per_case, attributes, n_boot, seed)
     challenge = M.challenge_score(per_case, per_case)
@@ -363,8 +379,7 @@ def audit(
     dice = per_case["dice"].astype(float)
     divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
                                              max_length=analysis["max_length"], min_count=analysis["min_count"])
-    with np.errstate(invalid="ignore"):
-        divergent["flagged"] = (divergent["divergence"] < 0) & (divergent["q"] <= analysis["fdr"])
+    divergent["flagged"] = subgroups.is_significant(divergent, analysis["fdr"])  # the rule divaware acts on
     null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
                                   min_support=analysis["min_support"], max_length=analysis["max_length"],
                                   fdr=analysis["fdr"])
@@ -566,7 +581,8 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
 
     The audit's per-case Dice plays the fairness-validation scores of a refresh
     (``make_strategy("divaware", ...).fit(training cases).refresh(0, audited cases, Dice)``) with the audit's
-    attributes and subgroup analysis (min_support, max_length, fdr); ``strategy_params`` (``tau``, ``w_min``,
+    subgroup analysis (min_support, max_length, fdr) over the method's attributes
+    (:data:`divaware.subgroups.DEFAULT_ATTRIBUTES`, as training); ``strategy_params`` (``tau``, ``w_min``,
     ``w_max``, ...) override the strategy's defaults. ``train``: the training cases to weight (``train``,
     ``all`` or an ids file). As in training, test-split cases may not drive the weights: an audit of the test
     split is refused (audit held-out training cases, e.g. nnU-Net's out-of-fold validation predictions, with
@@ -579,7 +595,11 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
     root = Path(data_root).expanduser() if data_root else result.data_root
     cohort = load_cohort(root, voxel_cache=result.out_dir / "cache" / "voxel_checks.json")
     s = result.settings
-    params = {"attributes": s["attributes"], "min_support": s["min_support"], "max_length": s["max_length"],
+    # the method's attributes, as a default training run uses them (the derived `dense` included), so the
+    # weights equal what divaware's own refresh assigns for these scores
+    from divaware.subgroups import DEFAULT_ATTRIBUTES
+
+    params = {"attributes": list(DEFAULT_ATTRIBUTES), "min_support": s["min_support"], "max_length": s["max_length"],
               "fdr": s["fdr"], "min_count": s["min_count"], "test_ids": cohort.ids("test"), **strategy_params}
     train_ids = _training_ids(cohort, train)
     if not train_ids:
@@ -606,25 +626,25 @@ def run_weights(run_dir: str | Path, epoch: int | None = None, *, data_root: str
     the run's attributes; ``strategy_params`` override them. For a divaware run without smoothing this
     reproduces the weights the run assigned at a refresh after ``epoch``.
     """
-    import yaml
-
     from divaware.cohort import load_cohort
+    from divaware.runfolder import RunFolder
 
-    run = Path(run_dir).expanduser()
-    cfg_path = run / "config.yaml"
-    for f in (cfg_path, run / "splits.csv", run / "val_scores.csv"):
+    run = RunFolder(Path(run_dir).expanduser())
+    for f in (run.config, run.splits, run.val_scores):
         if not f.is_file():
-            raise ValueError(f"{run} is not a validated training run ({f.name} missing); train it, or use "
+            raise ValueError(f"{run.path} is not a validated training run ({f.name} missing); train it, or use "
                              "`divaware weights --audit`")
-    config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    config = run.read_config()
     root = Path(data_root).expanduser() if data_root else Path(str(config.get("data_root", "")))
     cohort = load_cohort(root, check_voxels=False)
-    splits = pd.read_csv(run / "splits.csv", dtype={"patient_id": str})
-    val = pd.read_csv(run / "val_scores.csv", dtype={"patient_id": str})
+    splits = run.read_splits()
+    val = run.read_val_scores()
+    if "kind" in val.columns:  # cheap validation: the refresh uses the full sliding-window scores
+        val = val[val["kind"].fillna("full") == "full"]
     epoch = int(val["epoch"].max()) if epoch is None else int(epoch)
     at = val[val["epoch"] == epoch]
     if at.empty:
-        raise ValueError(f"{run}/val_scores.csv has no scores of epoch {epoch}; validated epochs: "
+        raise ValueError(f"{run.val_scores} has no scores of epoch {epoch}; validated epochs: "
                          f"{sorted(val['epoch'].unique().tolist())}")
     column = "score" if "score" in at.columns else "dice"
     scores = at.set_index("patient_id")[column].astype(float)

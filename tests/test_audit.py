@@ -292,7 +292,8 @@ def test_explorer_inputs_drive_the_subgroup_explorer(planted_audit: A.AuditResul
     inputs = A.explorer_inputs(planted_audit, cohort)
     static = subgroup_explorer(**inputs, attributes=["age_group", "menopause", "breast_density"],
                                min_support=0.05, interactive=False)
-    assert static.iloc[0]["divergence"] < -0.3 and PLANTED in static.iloc[0]["label"]
+    # the explorer's readable table (issue 21): q-sorted, labels as strings
+    assert static.iloc[0]["significant"] and static.iloc[0]["Δ"] < -0.2 and PLANTED in static.iloc[0]["itemset"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         box = subgroup_explorer(**inputs, attributes=["age_group", "menopause", "breast_density"],
