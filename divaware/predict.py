@@ -21,6 +21,7 @@ import torch
 from divaware import data as D
 from divaware.cohort import run_val_ids
 from divaware.model import infer, segment
+from divaware.outputs import ensure_writable, output_error
 from divaware.train import VOXEL_CACHE, TrainConfig, resolve_device
 
 POSTPROCESS = ("largest_component", "breast_box")
@@ -46,9 +47,19 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best",
         path = run_dir / "last.pt"
     if not path.is_file():
         raise ValueError(f"{run_dir} holds no checkpoint ({checkpoint}.pt); train the run first")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = config.build_model()
-    model.load_state_dict(state["model"])
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError("not a divaware checkpoint (no model weights)")
+        model = config.build_model()
+        model.load_state_dict(state["model"])
+    except Exception as err:  # a truncated, empty or foreign file: one line naming it and what to use instead
+        size = path.stat().st_size if path.exists() else 0
+        first = str(err).splitlines()[0] if str(err) else ""
+        other = run_dir / ("last.pt" if path.name == "best.pt" else "best.pt")
+        hint = (f"{other.name} is there: try --checkpoint {other.stem}, or " if other.is_file() else "")
+        raise ValueError(f"{path} is damaged or not this run's checkpoint ({size} bytes; {type(err).__name__}: "
+                         f"{first[:200]}); {hint}train the run again") from None
     return config, model.to(device).eval()
 
 
@@ -99,6 +110,10 @@ def predict(
     ``patient_ids`` restricts the cases. ``cpu_threads``: torch CPU threads for this call (None: the run's
     ``cpu_threads`` setting; 0: torch's default).
     """
+    if cpu_threads is not None and (isinstance(cpu_threads, bool) or int(cpu_threads) != cpu_threads
+                                    or cpu_threads < 0):
+        raise ValueError(f"cpu_threads must be a whole number >= 0 (0: torch's default, None: the run's "
+                         f"setting), got {cpu_threads!r}")
     previous_threads = torch.get_num_threads()
     try:
         return _predict(run_dir, data_root, split, out_dir, checkpoint, sliding_window, roi_size, overlap,
@@ -159,8 +174,7 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     # batch_size=None: no collation, each item arrives as the dict the transforms made (meta intact)
     loader = torch.utils.data.DataLoader(Dataset(records, transforms), batch_size=None, shuffle=False,
                                          num_workers=num_workers)
-    pred_dir = out / PRED_FOLDER
-    pred_dir.mkdir(parents=True, exist_ok=True)
+    pred_dir = ensure_writable(out / PRED_FOLDER, "out_dir")  # read-only/full: one line before any work
 
     import nibabel as nib
 
@@ -186,7 +200,14 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
         header.set_slope_inter(1.0, 0.0)
         img = nib.Nifti1Image(arr, ref.affine, header=header)
         tmp = pred_dir / f".{pid}.tmp.nii.gz"
-        nib.save(img, tmp)
-        tmp.replace(pred_dir / f"{pid}.nii.gz")
+        try:
+            nib.save(img, tmp)
+            tmp.replace(pred_dir / f"{pid}.nii.gz")
+        except OSError as err:
+            tmp.unlink(missing_ok=True)  # never leave a hidden partial file behind
+            mapped = output_error(err, pred_dir / f"{pid}.nii.gz", "out_dir")
+            if mapped is None:
+                raise
+            raise mapped from None
     return out
 

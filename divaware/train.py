@@ -47,6 +47,7 @@ from divaware import data as D
 from divaware import distributed
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.model import MODELS, build_model, infer, network_divisor, segment
+from divaware.outputs import ensure_writable
 
 METRIC_COLUMNS = (
     "epoch", "loss", "loss_mean", "lr", "schedule_epochs", "val_dice", "val_worst_group_dice", "val_worst_group",
@@ -690,7 +691,9 @@ def validate(
                 flush()
             pending.append((pid, images[k], truths[k]))
     flush()
-    return pd.DataFrame(rows).set_index("patient_id")
+    # a rank may hold no validation case (fewer cases than ranks): an empty frame, not a KeyError
+    return pd.DataFrame(rows, columns=["patient_id", "dice", *(["norm_hd"] if score == "challenge" else []),
+                                       "score"]).set_index("patient_id")
 
 
 def _val_batch_cases(config: TrainConfig) -> int:
@@ -856,6 +859,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
     run_dir = config.run_dir()
     cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     refuse_inside_data(config.data_root, out_dir=run_dir, cache_dir=cache_dir)
+    ranks.on_main(ensure_writable, run_dir, "out_dir")  # read-only/forbidden/full: one line, path named
     planned = config.schedule_epochs
     config = ranks.on_main(_resolve_schedule, config, run_dir)  # before rank 0 rewrites config.yaml
     resuming = ranks.on_main(_prepare_run_dir, run_dir, config, resume, overwrite)
@@ -950,6 +954,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, ranks: distribute
     for epoch in epochs_bar:  # 0-based
         t0 = time.perf_counter()
         lr = _set_lr(optimizer, config, epoch)
+        distributed.seed_rank(ranks.rank, config.seed, epoch)  # dropout differs between ranks; rank 0 as before
         loader = ranks.train_loader(train_ds, config.batch_size, seed=_derived_seed(config.seed, "loader", epoch),
                                     rank_seed=_derived_seed(config.seed, "loader", epoch, "rank", ranks.rank),
                                     num_workers=config.num_workers, pin_memory=cuda,
