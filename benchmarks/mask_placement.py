@@ -5,7 +5,8 @@ necrotic core (post = pre over the deepest 55 % of the mask, every post-contrast
 tumour (only the outer one-voxel shell enhances), transposed (axes 0 and 1), and with another case's mask
 pasted on its grid. Two rules are compared: the old absolute one (fewer than half of the mask's voxels
 enhance like the top 5 % of the rest -> excluded) and the new one of :func:`divaware.cohort._placement`
-(absolute *and* relative to the mask's flipped/transposed copies -> reported). Prints and writes
+(relative to the mask's flipped/transposed copies, and absolute only when the mask also holds none of the
+strongest enhancement -> reported). Prints and writes
 ``benchmarks/MASK_PLACEMENT.md``: the share of cases flagged per variant and rule. No timings.
 
     python benchmarks/mask_placement.py [--cases 120] [--out /tmp/mask_placement]
@@ -99,8 +100,8 @@ def main() -> None:
             f"{args.seed}, default preset). true / necrotic_55 / rim: flagging is a false alarm; transposed / "
             "pasted (another case's mask): flagging is a catch. Old rule: excluded when < 50 % of the mask "
             "enhances like the top 5 % of the rest; new rule (`divaware.cohort._placement`): reported when a "
-            "flipped/transposed copy enhances clearly more, or when < 50 % enhances and no more than its "
-            f"copies. Made by `python benchmarks/mask_placement.py --cases {args.cases}`.\n\n{table}\n")
+            "flipped/transposed copy enhances clearly more, or when < 50 % enhances, the mask holds none of "
+            "the strongest enhancement and no more than its copies. Made by `python benchmarks/mask_placement.py --cases {args.cases}`.\n\n{table}\n")
     (HERE / "MASK_PLACEMENT.md").write_text(text)
 
 
