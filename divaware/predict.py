@@ -145,6 +145,8 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     if sliding_window is None:
         sliding_window = spec.patch_size is not None
     roi = None
+    if roi_size is not None and (len(roi_size) != 3 or any(int(r) < 1 for r in roi_size)):
+        raise ValueError(f"roi_size must be 3 window sizes >= 1 voxel, got {list(roi_size)}")
     if sliding_window:
         roi = list(roi_size or spec.patch_size or (128, 128, 128))
     use_amp = dev.type == "cuda" and config.amp in ("auto", "bf16")

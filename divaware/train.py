@@ -546,7 +546,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request raises."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:  # "nonsense", "cuda:x": a one-line error, not a traceback
+        raise ValueError(f"device {name!r} is not a device ({str(err).splitlines()[0][:120]}); use auto, cpu, "
+                         "cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
     return dev

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +135,159 @@ def _breast_box_inverted(root: Path, pid: str) -> None:
     path.write_text(json.dumps(info))
 
 
+def _header_fields(path: Path, *, pixdim: Callable[[list[float]], None] | None = None,
+                   srow: Callable[[list[list[float]]], None] | None = None) -> None:
+    """Rewrite raw NIfTI-1 header fields of a .nii.gz byte for byte (nibabel would 'repair' them on save):
+    ``pixdim`` (8 floats at offset 76) and the sform rows ``srow_x/y/z`` (3 x 4 floats at offset 280)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    if pixdim is not None:
+        values = list(struct.unpack("<8f", raw[76:108]))
+        pixdim(values)
+        raw[76:108] = struct.pack("<8f", *values)
+    if srow is not None:
+        rows = [list(struct.unpack("<4f", raw[280 + 16 * i: 296 + 16 * i])) for i in range(3)]
+        srow(rows)
+        for i, row in enumerate(rows):
+            raw[280 + 16 * i: 296 + 16 * i] = struct.pack("<4f", *row)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _case_files(root: Path, pid: str) -> list[Path]:
+    return [*sorted((root / "images" / pid).glob("*.nii.gz")), _mask(root, pid)]
+
+
+def _every_file(pixdim: Callable[[list[float]], None] | None = None,
+                srow: Callable[[list[list[float]]], None] | None = None) -> Callable[[Path, str], None]:
+    """The same header change in every file of the case (phases and mask): a consistent geometry defect."""
+    def build(root: Path, pid: str) -> None:
+        for path in _case_files(root, pid):
+            _header_fields(path, pixdim=pixdim, srow=srow)
+    return build
+
+
+def _set(index: int, value: float | Callable[[float], float]) -> Callable[[list[float]], None]:
+    def change(values: list[float]) -> None:
+        values[index] = value(values[index]) if callable(value) else value
+    return change
+
+
+def _zero_z_column(rows: list[list[float]]) -> None:
+    for row in rows:
+        row[2] = 0.0
+
+
+def _huge_spacing_pixdim(values: list[float]) -> None:
+    values[1:4] = [1e6, 1e6, 1e6]
+
+
+def _huge_spacing_srow(rows: list[list[float]]) -> None:
+    for i, row in enumerate(rows):
+        row[i] = 1e6 * (1.0 if row[i] >= 0 else -1.0)
+
+
+def _nan_srow(rows: list[list[float]]) -> None:
+    rows[0][0] = float("nan")
+
+
+def _corrupt_crc(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 1)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF  # the stored CRC-32 of the gzip trailer; the header and data stay readable
+    path.write_bytes(bytes(raw))
+
+
+def _mask_is_folder(root: Path, pid: str) -> None:
+    path = _mask(root, pid)
+    path.unlink()
+    path.mkdir()
+    (path / "mask.nii.gz").write_bytes(b"")  # what an unzip into the wrong place leaves
+
+
+def _dangling_link(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 1)
+    path.unlink()
+    path.symlink_to(root / "elsewhere" / path.name)
+
+
+def _phases_swapped(root: Path, pid: str) -> None:
+    a, b = _phase(root, pid, 0), _phase(root, pid, 1)
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+
+
+def _id_bom(root: Path, pid: str) -> None:
+    xlsx = root / "clinical_and_imaging_info.xlsx"
+    frame = pd.read_excel(xlsx, sheet_name="dataset_info")
+    frame.loc[frame["patient_id"] == pid, "patient_id"] = "\ufeff" + pid
+    with pd.ExcelWriter(xlsx, engine="openpyxl") as writer:
+        frame.to_excel(writer, sheet_name="dataset_info", index=False)
+
+
+def _mask_pasted(root: Path, pid: str) -> None:
+    """Another case's mask on this case's grid (same shape), lying off this case's tumour."""
+    own = _mask_array(root, pid) == 1
+    for other in sorted((root / "segmentations" / "expert").glob("*.nii.gz")):
+        theirs = np.asanyarray(nib.load(str(other)).dataobj) == 1
+        if other.name != f"{pid}.nii.gz" and theirs.shape == own.shape and theirs.any() \
+                and np.count_nonzero(theirs & own) == 0:
+            _rewrite(_mask(root, pid), theirs.astype(np.uint8))
+            return
+    raise AssertionError(f"no other mask to paste onto {pid}")
+
+
+def _post_phases(root: Path, pid: str) -> list[Path]:
+    return sorted((root / "images" / pid).glob("*.nii.gz"))[1:]
+
+
+def _no_rise(where: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path, str], None]:
+    """Every post-contrast phase set to the pre-contrast value over ``where(mask)``: tissue that does not enhance."""
+    def build(root: Path, pid: str) -> None:
+        from scipy import ndimage  # noqa: F401 - used by the region functions
+
+        mask = _mask_array(root, pid) == 1
+        region = where(mask)
+        pre = np.asanyarray(nib.load(str(_phase(root, pid, 0))).dataobj)
+        for path in _post_phases(root, pid):
+            arr = np.asanyarray(nib.load(str(path)).dataobj).copy()
+            arr[region] = pre[region]
+            _rewrite(path, arr)
+    return build
+
+
+def _necrotic_core(mask: np.ndarray, fraction: float = 0.55) -> np.ndarray:
+    """The deepest ``fraction`` of the mask (distance to its surface): a necrotic core."""
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(mask)
+    order = np.argsort(-depth[mask], kind="stable")
+    core = np.zeros(int(mask.sum()), dtype=bool)
+    core[order[: int(round(fraction * mask.sum()))]] = True
+    out = np.zeros_like(mask)
+    out[mask] = core
+    return out
+
+
+def _rim_inside(mask: np.ndarray) -> np.ndarray:
+    """Everything but the outer one-voxel shell of the mask (only the rim enhances)."""
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask)
+
+
+def _box_without_tumour(root: Path, pid: str) -> None:
+    """Move the JSON's breast box beside the tumour (x/y/z index the SimpleITK array: z -> NIfTI axis i)."""
+    path = root / "patient_info_files" / f"{pid.lower()}.json"
+    info = json.loads(path.read_text())
+    mask = _mask_array(root, pid) == 1
+    i = np.nonzero(mask.any(axis=(1, 2)))[0]
+    n = mask.shape[0]
+    lo, hi = (int(i[-1]) + 1, n) if n - int(i[-1]) - 1 >= int(i[0]) else (0, int(i[0]))
+    box = info["primary_lesion"]["breast_coordinates"]
+    box["z_min"], box["z_max"] = lo, hi
+    path.write_text(json.dumps(info))
+
+
 # defect id -> (outcome, builder, text the warning/report must contain)
 DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "truncated_image": ("exclude", lambda r, p: _truncate(_phase(r, p, 1)), "truncated or corrupt"),
@@ -145,7 +299,11 @@ DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "mask_0_3": ("exclude", _mask_times(0.3, np.float32), "not binary"),
     "mask_nan": ("exclude", _mask_nan, "not binary"),
     "mask_inverted": ("exclude", _mask_inverted, "inverted"),
-    "mask_transposed": ("exclude", _mask_transposed, "enhancing"),
+    "mask_transposed": ("report", _mask_transposed, "may be misplaced"),
+    "mask_pasted": ("report", _mask_pasted, "may be misplaced"),
+    "necrotic_core": ("report", _no_rise(_necrotic_core), "enhances weakly"),
+    "rim_enhancing": ("report", _no_rise(_rim_inside), "enhances weakly"),
+    "phases_swapped": ("report", _phases_swapped, "look swapped"),
     "mask_affine_flipped": ("exclude", _mask_affine((-1.0, 1.0, 1.0)), "different affine"),
     "mask_spacing_x2": ("exclude", _mask_affine((2.0, 2.0, 2.0)), "different affine"),
     "image_nan": ("exclude", _image_value(np.nan), "NaN/Inf"),
@@ -154,6 +312,19 @@ DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "phase_all_zero": ("exclude", _phase_all_zero, "constant"),
     "blank_patient_id": ("report", _blank_patient_id, "without patient_id"),
     "breast_box_inverted": ("report", _breast_box_inverted, "x_min"),
+    "breast_box_no_tumour": ("report", _box_without_tumour, "holds no tumour voxel"),
+    "spacing_zero": ("exclude", _every_file(_set(3, 0.0), _zero_z_column), "zero, negative or NaN"),
+    "pixdim_zero_sform_intact": ("exclude", _every_file(_set(3, 0.0)), "zero, negative or NaN"),
+    "spacing_negative": ("exclude", _every_file(_set(3, lambda v: -v)), "zero, negative or NaN"),
+    "spacing_nan": ("exclude", _every_file(_set(3, float("nan"))), "zero, negative or NaN"),
+    "spacing_1e6": ("exclude", _every_file(_huge_spacing_pixdim, _huge_spacing_srow), "implausible voxel spacing"),
+    "pixdim_sform_disagree": ("exclude", _every_file(_set(3, lambda v: 2 * v)), "disagrees with its affine"),
+    "affine_nan": ("exclude", lambda r, p: _header_fields(_phase(r, p, 1), srow=_nan_srow), "NaN in affine"),
+    "mask_affine_nan": ("exclude", lambda r, p: _header_fields(_mask(r, p), srow=_nan_srow), "NaN in affine"),
+    "gzip_crc": ("exclude", _corrupt_crc, "CRC check failed"),
+    "mask_is_folder": ("exclude", _mask_is_folder, "is a folder, not a NIfTI file"),
+    "dangling_symlink": ("exclude", _dangling_link, "which does not exist"),
+    "id_bom": ("report", _id_bom, "invisible characters"),
 }
 
 
