@@ -84,7 +84,7 @@ mask_inverted          mask with 0 and 1 swapped (> 50 % of the volume is tumour
 mask_transposed        mask with two axes swapped (a flipped/transposed copy enhances m  report
 mask_pasted            another case's mask on this case's grid, off its tumour           report
 necrotic_core          no contrast rise over the deepest 55 % of the mask (necrotic cor  report
-rim_enhancing          only the outer one-voxel shell of the mask enhances               report
+rim_enhancing          only a thin rim (outer 30 % of the mask voxels) enhances           report
 phases_swapped         phases 0000 and 0001 swapped (the tumour darkens after contrast)  report
 mask_affine_flipped    mask affine with a flipped axis (same voxels)                     exclude
 mask_spacing_x2        mask affine with doubled spacing (same voxels)                    exclude
@@ -97,14 +97,12 @@ breast_box_inverted    patient-info breast box with x_min > x_max               
 breast_box_no_tumour   patient-info breast box holding no tumour voxel                   report
 spacing_zero           pixdim z and the sform's z column 0 in every file                 exclude
 pixdim_zero_sform_intact  pixdim z 0, sform intact (nibabel would read 1 mm)                exclude
-spacing_negative       negative pixdim z                                                 exclude
 spacing_nan            NaN pixdim z                                                      exclude
 spacing_1e6            a consistent 1e6 mm spacing (pixdim and sform)                    exclude
 pixdim_sform_disagree  pixdim z twice the sform's z spacing                              exclude
 affine_nan             NaN in the sform of phase 0001                                    exclude
 mask_affine_nan        NaN in the sform of the mask                                      exclude
 gzip_crc               phase 0001 with a corrupted gzip CRC-32                           exclude
-mask_is_folder         a folder where the mask file should be                            exclude
 dangling_symlink       phase 0001 a symbolic link to a missing file                      exclude
 id_bom                 byte-order mark before a spreadsheet patient_id                   report
 =====================  ================================================================  ========
