@@ -404,7 +404,7 @@ def _is_user_error(err: BaseException) -> bool:
 
     if isinstance(err, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return True
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return True
     # by name: importing divaware.train here would load torch for every command
     return type(err).__name__ in ("TrainingDivergedError", "DiskFullError")

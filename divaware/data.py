@@ -142,10 +142,12 @@ def make_records(
 ) -> list[dict[str, Any]]:
     """One MONAI data dict per case: phase paths, mask path (when present), ``patient_id`` and breast box.
 
-    Raises naming the case when it lacks a needed phase, a mask (``require_mask``) or, with
-    ``crop_to_breast``, a usable breast box.
+    Raises naming the case when it lacks a needed phase or a mask (``require_mask``). With
+    ``crop_to_breast``, a case whose JSON has no usable breast box, or whose box holds none of its tumour,
+    uses the whole volume (one warning names them).
     """
     records: list[dict[str, Any]] = []
+    whole: list[str] = []  # crop_to_breast cases that fall back to the whole volume, with the reason
     for pid in patient_ids:
         if pid not in cohort.cases:
             raise ValueError(f"case {pid!r} is not in the cohort at {cohort.root} (excluded or misspelt?)")
@@ -162,15 +164,42 @@ def make_records(
         elif require_mask:
             raise ValueError(f"case {pid} has no expert segmentation; it cannot be used for training/validation")
         if spec.crop_to_breast:
-            box = breast_box(case.info, margin=spec.breast_margin)
-            if box is None:
-                raise ValueError(
-                    f"case {pid}: patient_info JSON has no usable primary_lesion.breast_coordinates; "
-                    "set crop_to_breast: false or fix the JSON"
-                )
+            box, why = _crop_box(cohort, pid, spec.breast_margin)
+            if why:
+                whole.append(f"{pid} ({why})")
             rec[BOX] = list(box)
         records.append(rec)
+    if whole:
+        import warnings
+
+        # one bad JSON must not stop a whole run, nor may a box beside the tumour train on an empty label
+        warnings.warn(f"crop_to_breast: {len(whole)} case(s) use the whole volume instead of the breast box: "
+                      f"{'; '.join(whole[:10])}{' ...' if len(whole) > 10 else ''}; fix their patient_info JSON",
+                      stacklevel=2)
     return records
+
+
+def _crop_box(cohort: Cohort, pid: str, margin: int) -> tuple[tuple[int, ...], str]:
+    """(box to crop case ``pid`` to, why it is the whole volume or ''): the JSON's breast box, or the whole
+    volume when the JSON has no usable box or the box holds none of the expert mask's tumour."""
+    from divaware.cohort import box_holds_tumour
+
+    case = cohort.cases[pid]
+    geo = cohort.geometry.loc[pid] if pid in cohort.geometry.index else None
+    if geo is not None and all(k in geo.index for k in ("nx", "ny", "nz")):
+        shape = (int(geo["nx"]), int(geo["ny"]), int(geo["nz"]))
+    else:
+        import nibabel as nib
+
+        shape = tuple(int(v) for v in nib.load(str(case.image_paths[0])).shape[:3])
+    whole = (0, shape[0], 0, shape[1], 0, shape[2])
+    box = breast_box(case.info, margin=margin)
+    if box is None:
+        return whole, "no usable primary_lesion.breast_coordinates in its patient_info JSON"
+    tumour = geo.get("tumour_box") if geo is not None else None
+    if isinstance(tumour, (list, tuple)) and len(tumour) == 6 and not box_holds_tumour(box, tumour):
+        return whole, f"breast box {list(box)} holds no tumour voxel"
+    return box, ""
 
 
 # --------------------------------------------------------------------------------------------------

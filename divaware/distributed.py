@@ -68,6 +68,16 @@ def global_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def seed_rank(rank: int, seed: int, epoch: int) -> None:
+    """Give rank ``rank`` > 0 its own global torch generator stream for ``epoch`` (dropout and any other
+    draw from it), seeded by (seed, epoch, rank) so a resumed run replays it; rank 0, and so a one-process
+    run, keeps the stream it has always had. Without this every rank draws identical dropout masks."""
+    if rank <= 0:
+        return
+    digest = hashlib.sha256(repr((int(seed), "rank stream", int(epoch), int(rank))).encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
 def rank_slices(size: int, world: int) -> list[tuple[int, int]]:
     """Contiguous ``[start, stop)`` shares of a batch of ``size`` over ``world`` ranks, as even as possible
     (the first ``size % world`` ranks hold one more); a share may be empty when ``size < world``."""

@@ -41,6 +41,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -214,7 +215,11 @@ def _load_mask(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     # A trailing singleton (X, Y, Z, 1) is still one 3D mask; drop it so shapes compare as the voxel grid.
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
+    from divaware.cohort import voxel_spacing
+
+    # the affine's spacing, as MONAI's loader uses it in training and prediction (load_cohort refuses files
+    # whose pixdim disagrees with it), so volumes and HD95 in mm are measured as the network saw the case
+    zooms = voxel_spacing(img.affine)[: arr.ndim]
     return arr, zooms, np.asarray(img.affine)
 
 
@@ -250,7 +255,8 @@ def score_cases(
     Returns a per-case table indexed by ``patient_id`` (in ``patient_ids`` order): the columns of
     :func:`divaware.metrics.case_metrics`, then the metadata ``attributes``. The prediction of a case is
     ``<predictions>/<patient_id>.nii.gz`` (or ``.nii``; case-insensitive). Spacing for ``hd95_mm`` and the
-    volumes comes from the expert mask's NIfTI header (zooms, in the array's axis order). Raises, naming
+    volumes comes from the expert mask's affine (:func:`divaware.cohort.voxel_spacing`, in the array's axis
+    order), the spacing training and prediction use. Raises, naming
     the case, when a case has no mask, no prediction, or a prediction whose shape differs from the mask's.
     """
     from tqdm.auto import tqdm
@@ -434,16 +440,43 @@ def _prediction_settings(predict_kwargs: Mapping[str, Any]) -> tuple[dict[str, A
     return _jsonable(settings), operational
 
 
+def input_fingerprint(cohort: Cohort, pid: str) -> str:
+    """A fingerprint of what a case's prediction is made from: its phase images (path, size, modification
+    time and, for gzip files, the stored CRC-32 and length of the content) and its patient-info JSON (the
+    breast box). An image rewritten in place changes it, so its old prediction is never reused."""
+    case = cohort.cases[pid]
+    h = hashlib.sha256()
+    for path in case.image_paths:
+        st = path.stat()
+        h.update(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
+        if path.name.lower().endswith(".gz") and st.st_size >= 8:
+            with path.open("rb") as f:  # the gzip trailer: CRC-32 and length of the uncompressed content
+                f.seek(-8, os.SEEK_END)
+                h.update(f.read(8))
+    h.update(json.dumps(case.info, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
 def _ensure_predictions(run_dir: Path, data_root: Path, out: Path, ids: Sequence[str], checkpoint: str,
-                        repredict: bool, verbose: bool, predict_kwargs: Mapping[str, Any]) -> Path:
-    """Predict the cases of ``ids`` into ``out/pred_segmentations`` unless up-to-date predictions are there."""
+                        repredict: bool, verbose: bool, predict_kwargs: Mapping[str, Any],
+                        cohort: Cohort | None = None) -> Path:
+    """Predict the cases of ``ids`` into ``out/pred_segmentations`` unless up-to-date predictions are there.
+
+    Up to date: made with the same checkpoint file (SHA-256), settings and data folder, and, per case, from
+    inputs with the same :func:`input_fingerprint` (a case whose images changed in place is predicted again).
+    """
     settings, operational = _prediction_settings(predict_kwargs)
     ckpt = _checkpoint_file(run_dir, checkpoint)
-    record = {"checkpoint": checkpoint, "checkpoint_file": ckpt.name, "checkpoint_sha256": _sha256(ckpt),
-              "data_root": str(data_root.resolve()), "settings": settings}
+    record: dict[str, Any] = {"checkpoint": checkpoint, "checkpoint_file": ckpt.name,
+                              "checkpoint_sha256": _sha256(ckpt), "data_root": str(data_root.resolve()),
+                              "settings": settings}
     pred_dir = out / PRED_FOLDER
     manifest = out / FILES["predictions"]
-    previous = _read_json(manifest) if manifest.is_file() else None
+    try:
+        previous = _read_json(manifest) if manifest.is_file() else None
+    except (OSError, ValueError):
+        previous = None  # damaged: predict everything again
+    previous_inputs = dict((previous or {}).pop("inputs", None) or {})
     if pred_dir.is_dir() and (repredict or previous != _jsonable(record)):
         if previous is not None and not repredict:
             changed = sorted(k for k in record if _jsonable(record)[k] != previous.get(k))
@@ -451,10 +484,18 @@ def _ensure_predictions(run_dir: Path, data_root: Path, out: Path, ids: Sequence
                           "predicting again (pass tag= to keep evaluations side by side)", stacklevel=3)
         for p in pred_dir.glob("*.nii*"):
             p.unlink()  # stale: made by another checkpoint/settings; only our own folder is touched
+        previous_inputs = {}
+    inputs = {i: input_fingerprint(cohort, i) for i in ids} if cohort is not None else {}
+    have = _prediction_files(pred_dir) if pred_dir.is_dir() else {}
+    stale = [i for i in ids if i.lower() in have and cohort is not None and previous_inputs.get(i) != inputs[i]]
+    if stale:
+        warnings.warn(f"{pred_dir}: the images or patient-info JSON of {len(stale)} case(s) changed since they were "
+                      f"predicted (or were not recorded): {M._few(stale)}; predicting them again", stacklevel=3)
+        for i in stale:
+            have.pop(i.lower()).unlink()
     out.mkdir(parents=True, exist_ok=True)
     # Written before predicting: an interrupted evaluation resumes with the cases still missing.
-    _write_json(manifest, record)
-    have = _prediction_files(pred_dir) if pred_dir.is_dir() else {}
+    _write_json(manifest, {**record, "inputs": {**previous_inputs, **inputs}})
     todo = [i for i in ids if i.lower() not in have]
     if todo:
         from divaware.cohort import CohortWarning
@@ -549,6 +590,9 @@ def evaluate(
     if _inside(out, root):
         raise ValueError(f"run folder {run_dir} lies inside the data folder {root}; input data is read-only, "
                          "so evaluate a run kept elsewhere")
+    from divaware.outputs import ensure_writable
+
+    ensure_writable(out, "run folder")  # read-only or full: one line now, not after predicting
 
     from divaware.cohort import load_cohort
 
@@ -559,7 +603,8 @@ def evaluate(
     ids = _evaluation_ids(cohort, run_dir, root, split, patient_ids)
 
     if predictions is None:
-        pred_dir = _ensure_predictions(run_dir, root, out, ids, checkpoint, repredict, verbose, predict_kwargs)
+        pred_dir = _ensure_predictions(run_dir, root, out, ids, checkpoint, repredict, verbose, predict_kwargs,
+                                       cohort)
     else:
         pred_dir = _prediction_folder(predictions)
 

@@ -6,9 +6,13 @@ with the task's keyword arguments and writes its JSON result next to the task. W
 
 * a GPU: with ``devices`` (``["0", "1"]``), each child sees one of them as its only device
   (``CUDA_VISIBLE_DEVICES``), the one with the fewest running children at its start (round robin);
-* a CPU share otherwise: ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = cores // jobs (at least 1), which torch
-  (and the Jupyter kernel a notebook job starts, which inherits the environment) uses as its thread count,
-  so N jobs do not each spin up a thread per core against each other.
+* a CPU share always (GPU jobs too): ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` = usable cores // jobs (at
+  least 1; usable = the CPU affinity, not ``os.cpu_count()``), which torch (and the Jupyter kernel a
+  notebook job starts, which inherits the environment) uses as its thread count, so N jobs do not each spin
+  up a thread per core against each other. With more jobs than GPUs, several share one GPU (said at start).
+
+SIGTERM, Ctrl-C or an error in the runner stops its children (each in its own process group, so the
+kernels and ranks they start go too) before it exits.
 
 A failing child (non-zero exit) is recorded with the end of its log and the others go on; its log stays in
 ``log_dir``. Nothing here knows about sweeps: :func:`divaware.pipeline.sweep` builds the tasks.
@@ -16,13 +20,16 @@ A failing child (non-zero exit) is recorded with the end of its log and the othe
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,18 +60,24 @@ class Outcome:
 
 
 def thread_share(jobs: int, cores: int | None = None) -> int:
-    """CPU threads per job when ``jobs`` run at once on ``cores`` cores (at least 1)."""
-    cores = cores or os.cpu_count() or 1
+    """CPU threads per job when ``jobs`` run at once on ``cores`` cores (at least 1); ``cores`` defaults to the
+    cores this process may use (CPU affinity, :func:`divaware.runtime.usable_cores`), not the machine's."""
+    from divaware.runtime import usable_cores
+
+    cores = cores or usable_cores()
     return max(1, cores // max(1, jobs))
 
 
 def run_parallel(tasks: Sequence[Task], jobs: int, work_dir: str | Path, devices: Sequence[str] | None = None,
-                 threads: int | None = None, poll_s: float = 0.2, echo: bool = True) -> list[Outcome]:
+                 threads: int | None = None, poll_s: float = 0.2, echo: bool = True,
+                 on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Run ``tasks`` with up to ``jobs`` at once; returns one :class:`Outcome` per task, in task order.
 
     ``work_dir`` receives ``<name>.task.json``, ``<name>.result.json`` and ``<name>.log`` per task.
-    ``devices``: GPU indices to spread the children over (None: CPU, with ``threads`` threads each,
-    default :func:`thread_share`).
+    ``devices``: GPU indices to spread the children over (None: CPU). Every child gets ``threads`` CPU threads
+    (default :func:`thread_share` of the usable cores), GPU jobs too: N jobs on fewer GPUs share each GPU and
+    must not each spin up a thread per core. ``on_done`` is called with each outcome as soon as it is known.
+    SIGTERM, Ctrl-C or an error in the runner stops every running child (and the processes it started).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -75,9 +88,61 @@ def run_parallel(tasks: Sequence[Task], jobs: int, work_dir: str | Path, devices
     work.mkdir(parents=True, exist_ok=True)
     devices = [str(d) for d in devices] if devices else []
     threads = threads or thread_share(jobs)
+    if devices and jobs > len(devices):
+        # several jobs per GPU share its memory and compute; each still needs CPU threads of its own
+        print(f"[divaware parallel] {jobs} jobs on {len(devices)} GPU(s): up to {-(-jobs // len(devices))} per GPU "
+              f"(they share its memory and time), {threads} CPU thread(s) each", flush=True)
     pending = list(tasks)
     running: dict[str, tuple[subprocess.Popen, Any, float, str]] = {}
     outcomes: dict[str, Outcome] = {}
+    with _children_stopped_on_exit(running):
+        _loop(pending, running, outcomes, jobs, work, devices, threads, poll_s, echo, on_done)
+    return [outcomes[n] for n in names]
+
+
+class _Terminated(SystemExit):
+    """Raised in the runner by SIGTERM, so that its children are stopped before it exits."""
+
+
+@contextlib.contextmanager
+def _children_stopped_on_exit(running: dict[str, Any]) -> Iterator[None]:
+    """Stop every running child (and its own children: each runs in its own process group) when the runner
+    leaves by an exception, Ctrl-C or SIGTERM; a rerun then never trains twice into one folder."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Terminated(128 + signum)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except BaseException:
+        for proc, log, _start, _device in running.values():
+            _stop(proc)
+            log.close()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _loop(pending: list[Task], running: dict[str, Any], outcomes: dict[str, Outcome], jobs: int, work: Path,
+          devices: list[str], threads: int, poll_s: float, echo: bool,
+          on_done: Callable[[Outcome], None] | None) -> None:
     while pending or running:
         while pending and len(running) < jobs:
             task = pending.pop(0)
@@ -98,7 +163,8 @@ def run_parallel(tasks: Sequence[Task], jobs: int, work_dir: str | Path, devices
                 o = outcomes[name]
                 state = "done" if o.ok else f"FAILED (see {o.log})"
                 print(f"[divaware parallel] {name} {state} in {o.seconds:.0f} s", flush=True)
-    return [outcomes[n] for n in names]
+            if on_done is not None:
+                on_done(outcomes[name])  # e.g. record the result at once: an interrupted sweep resumes
 
 
 def _start(task: Task, work: Path, device: str, threads: int) -> tuple[subprocess.Popen, Any, float]:
@@ -108,11 +174,11 @@ def _start(task: Task, work: Path, device: str, threads: int) -> tuple[subproces
     env = dict(os.environ)
     if device:
         env["CUDA_VISIBLE_DEVICES"] = device
-    else:
-        env.update({k: str(threads) for k in THREAD_VARIABLES})
+    env.update({k: str(threads) for k in THREAD_VARIABLES})
     log = open(work / f"{task.name}.log", "w")  # noqa: SIM115 - closed when the child ends
+    # its own process group (session): the runner stops it together with the kernels/ranks it starts
     proc = subprocess.Popen([sys.executable, "-m", "divaware.parallel", str(spec)], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     return proc, log, time.perf_counter()
 
 
@@ -135,7 +201,7 @@ def call(function: str, kwargs: Mapping[str, Any]) -> Any:
 def _main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and "CUDA_VISIBLE_DEVICES" not in os.environ:
+    if threads:
         import torch
 
         torch.set_num_threads(int(threads))

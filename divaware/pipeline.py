@@ -364,8 +364,20 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
             "source": str(source), "notebook_out": str(out / "notebooks" / f"03_training_{name}.ipynb"),
             "params": params, "grid_params": grid_params, "name": name, "out": str(out), "split": split,
             "n_boot": n_boot, "log_output": log_output}))
+    by_name = {t.name: t for t in tasks}
+
+    def record(o: parallel.Outcome) -> None:
+        # each finished run's result file is written the moment it finishes (atomically), so an interrupted
+        # sweep resumes from every run finished so far instead of executing them again
+        if o.ok:
+            rows[o.name] = o.result
+            target = results / f"{o.name}.json"
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"params": by_name[o.name].kwargs["params"], "row": o.result}))
+            os.replace(tmp, target)
+
     if jobs > 1 or devices:
-        outcomes = parallel.run_parallel(tasks, jobs, out / "logs", devices=devices)
+        outcomes = parallel.run_parallel(tasks, jobs, out / "logs", devices=devices, on_done=record)
     else:  # in this process, one after another, as always
         outcomes = []
         for i, task in enumerate(tasks, 1):
@@ -377,10 +389,7 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
             except Exception as err:  # reported below; the other runs go on
                 outcomes.append(parallel.Outcome(task.name, False, error=f"{type(err).__name__}: {err}",
                                                  seconds=time.perf_counter() - start))
-    for o, task in zip(outcomes, tasks, strict=True):
-        if o.ok:
-            rows[o.name] = o.result
-            (results / f"{o.name}.json").write_text(json.dumps({"params": task.kwargs["params"], "row": o.result}))
+            record(outcomes[-1])
     failed = [o for o in outcomes if not o.ok]
     names = [_run_name(r) for r in runs if _run_name(r) in rows]
     if names:

@@ -21,6 +21,7 @@ import torch
 from divaware import data as D
 from divaware.cohort import run_val_ids
 from divaware.model import infer, segment
+from divaware.outputs import ensure_writable
 from divaware.runfolder import RunFolder, atomic_write
 from divaware.train import TrainConfig, resolve_device
 
@@ -37,14 +38,28 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best",
     run = RunFolder(run_dir)
     if not run.is_run():
         raise ValueError(f"{run.path} is not a training run folder (no {run.CONFIG})")
+    if checkpoint not in ("best", "last"):
+        raise ValueError(f"checkpoint must be 'best' or 'last', got {checkpoint!r}")
     path = run.checkpoint(checkpoint)
     config = TrainConfig.from_yaml(run.config)
     if run.checkpoint_to_use(checkpoint) != path:
         warnings.warn(f"{path} not found; using {run.LAST}", stacklevel=2)
         path = run.last
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model = config.build_model()
-    model.load_state_dict(state["model"])
+    if not path.is_file():
+        raise ValueError(f"{run.path} holds no checkpoint ({path.name}); train the run first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError("not a divaware checkpoint (no model weights)")
+        model = config.build_model()
+        model.load_state_dict(state["model"])
+    except Exception as err:  # a truncated, empty or foreign file: one line naming it and what to use instead
+        size = path.stat().st_size if path.exists() else 0
+        first = str(err).splitlines()[0] if str(err) else ""
+        other = run.last if path == run.best else run.best
+        hint = (f"{other.name} is there: try --checkpoint {other.stem}, or " if other.is_file() else "")
+        raise ValueError(f"{path} is damaged or not this run's checkpoint ({size} bytes; {type(err).__name__}: "
+                         f"{first[:200]}); {hint}train the run again") from None
     return config, model.to(device).eval()
 
 
@@ -95,6 +110,10 @@ def predict(
     ``patient_ids`` restricts the cases. ``cpu_threads``: torch CPU threads for this call (None: the run's
     ``cpu_threads`` setting; 0: torch's default).
     """
+    if cpu_threads is not None and (isinstance(cpu_threads, bool) or int(cpu_threads) != cpu_threads
+                                    or cpu_threads < 0):
+        raise ValueError(f"cpu_threads must be a whole number >= 0 (0: torch's default, None: the run's "
+                         f"setting), got {cpu_threads!r}")
     previous_threads = torch.get_num_threads()
     try:
         return _predict(run_dir, data_root, split, out_dir, checkpoint, sliding_window, roi_size, overlap,
@@ -126,6 +145,8 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     if sliding_window is None:
         sliding_window = spec.patch_size is not None
     roi = None
+    if roi_size is not None and (len(roi_size) != 3 or any(int(r) < 1 for r in roi_size)):
+        raise ValueError(f"roi_size must be 3 window sizes >= 1 voxel, got {list(roi_size)}")
     if sliding_window:
         roi = list(roi_size or spec.patch_size or (128, 128, 128))
     use_amp = dev.type == "cuda" and config.amp in ("auto", "bf16")
@@ -155,8 +176,7 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     # batch_size=None: no collation, each item arrives as the dict the transforms made (meta intact)
     loader = torch.utils.data.DataLoader(Dataset(records, transforms), batch_size=None, shuffle=False,
                                          num_workers=num_workers)
-    pred_dir = out / PRED_FOLDER
-    pred_dir.mkdir(parents=True, exist_ok=True)
+    pred_dir = ensure_writable(out / PRED_FOLDER, "out_dir")  # read-only/full: one line before any work
 
     import nibabel as nib
 

@@ -39,6 +39,8 @@ from typing import Any
 
 import pandas as pd
 
+from divaware.outputs import human_bytes, output_error
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 VOXEL_CACHE = "voxel_checks.json"
 """Per-file voxel-check results, in the run's cache folder."""
@@ -79,6 +81,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], size_hint: Cal
         tmp.unlink(missing_ok=True)
         if isinstance(err, (OSError, RuntimeError)) and _is_disk_full(err, path):
             raise DiskFullError(_disk_full_message(path, size_hint() if size_hint else 0)) from None
+        mapped = output_error(err, path) if isinstance(err, OSError) else None  # read-only, forbidden
+        if mapped is not None:
+            raise mapped from None
         raise
     return path
 
@@ -136,14 +141,15 @@ def _state_bytes(obj: Any) -> int:
 def _disk_full_message(path: Path, needed: int) -> str:
     try:
         usage = shutil.disk_usage(path.parent)
-        free = f"{usage.free / 1024**2:.0f} MiB free of {usage.total / 1024**3:.1f} GiB"
+        free = f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
     except OSError:
         free = "free space unknown"
     mount = path.parent.resolve()
     while not os.path.ismount(mount) and mount != mount.parent:
         mount = mount.parent
     return (f"disk full writing {path} (on the disk mounted at {mount}: {free}; this file needs about "
-            f"{needed / 1024**2:.0f} MiB); free space there or move out_dir, then resume")
+            f"{human_bytes(needed)}); free space there or choose another output folder, then run again (the "
+            "partial file was removed)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from divaware.cohort import split_train_val, val_case_count  # noqa: F401 (re-ex
 from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
 from divaware.metrics import worst_group
 from divaware.model import MODELS, build_model, check_model_kwargs, infer, network_divisor, segment
+from divaware.outputs import ensure_writable
 
 # VOXEL_CACHE, DiskFullError, split_train_val and worst_group are re-exported: callers import them from here
 from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401
@@ -514,7 +515,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; an unavailable CUDA request raises."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError) as err:  # "nonsense", "cuda:x": a one-line error, not a traceback
+        raise ValueError(f"device {name!r} is not a device ({str(err).splitlines()[0][:120]}); use auto, cpu, "
+                         "cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
     return dev
@@ -602,7 +607,9 @@ def validate(
                 flush()
             pending.append((pid, images[k], truths[k]))
     flush()
-    return pd.DataFrame(rows).set_index("patient_id")
+    # a rank may hold no validation case (fewer cases than ranks): an empty frame, not a KeyError
+    return pd.DataFrame(rows, columns=["patient_id", "dice", *(["norm_hd"] if score == "challenge" else []),
+                                       "score"]).set_index("patient_id")
 
 
 def _val_batch_cases(config: TrainConfig) -> int:
@@ -826,6 +833,7 @@ class Trainer:
         run = self.run = RunFolder(config.run_dir())
         self.cache_dir = run.cache_dir(config.cache_dir)
         refuse_inside_data(config.data_root, out_dir=run.path, cache_dir=self.cache_dir)
+        ranks.on_main(ensure_writable, run.path, "out_dir")  # read-only/forbidden/full: one line, path named
         ranks.on_main(run.acquire)  # one process owns the folder (rank 0 for all ranks under torchrun)
         self._locked = True
         planned = config.schedule_epochs
@@ -953,6 +961,7 @@ class Trainer:
 
         config, ranks = self.config, self.ranks
         lr = _set_lr(self.optimizer, config, epoch)
+        distributed.seed_rank(ranks.rank, config.seed, epoch)  # dropout differs between ranks; rank 0 as before
         loader = ranks.train_loader(self.train_ds, config.batch_size,
                                     seed=_derived_seed(config.seed, "loader", epoch),
                                     rank_seed=_derived_seed(config.seed, "loader", epoch, "rank", ranks.rank),

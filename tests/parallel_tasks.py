@@ -17,3 +17,12 @@ def report(x: int, pause: float = 0.0) -> dict:
 
 def fail(why: str) -> None:
     raise RuntimeError(f"planned failure: {why}")
+
+
+def sleeper(pidfile: str, pause: float = 120.0) -> dict:
+    """Write this process's id to ``pidfile``, then sleep (a long job for the SIGTERM test)."""
+    from pathlib import Path
+
+    Path(pidfile).write_text(str(os.getpid()))
+    time.sleep(pause)
+    return {"pid": os.getpid()}

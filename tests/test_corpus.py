@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +135,148 @@ def _breast_box_inverted(root: Path, pid: str) -> None:
     path.write_text(json.dumps(info))
 
 
+def _header_fields(path: Path, *, pixdim: Callable[[list[float]], None] | None = None,
+                   srow: Callable[[list[list[float]]], None] | None = None) -> None:
+    """Rewrite raw NIfTI-1 header fields of a .nii.gz byte for byte (nibabel would 'repair' them on save):
+    ``pixdim`` (8 floats at offset 76) and the sform rows ``srow_x/y/z`` (3 x 4 floats at offset 280)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    if pixdim is not None:
+        values = list(struct.unpack("<8f", raw[76:108]))
+        pixdim(values)
+        raw[76:108] = struct.pack("<8f", *values)
+    if srow is not None:
+        rows = [list(struct.unpack("<4f", raw[280 + 16 * i: 296 + 16 * i])) for i in range(3)]
+        srow(rows)
+        for i, row in enumerate(rows):
+            raw[280 + 16 * i: 296 + 16 * i] = struct.pack("<4f", *row)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _case_files(root: Path, pid: str) -> list[Path]:
+    return [*sorted((root / "images" / pid).glob("*.nii.gz")), _mask(root, pid)]
+
+
+def _every_file(pixdim: Callable[[list[float]], None] | None = None,
+                srow: Callable[[list[list[float]]], None] | None = None) -> Callable[[Path, str], None]:
+    """The same header change in every file of the case (phases and mask): a consistent geometry defect."""
+    def build(root: Path, pid: str) -> None:
+        for path in _case_files(root, pid):
+            _header_fields(path, pixdim=pixdim, srow=srow)
+    return build
+
+
+def _set(index: int, value: float | Callable[[float], float]) -> Callable[[list[float]], None]:
+    def change(values: list[float]) -> None:
+        values[index] = value(values[index]) if callable(value) else value
+    return change
+
+
+def _zero_z_column(rows: list[list[float]]) -> None:
+    for row in rows:
+        row[2] = 0.0
+
+
+def _huge_spacing_pixdim(values: list[float]) -> None:
+    values[1:4] = [1e6, 1e6, 1e6]
+
+
+def _huge_spacing_srow(rows: list[list[float]]) -> None:
+    for i, row in enumerate(rows):
+        row[i] = 1e6 * (1.0 if row[i] >= 0 else -1.0)
+
+
+def _nan_srow(rows: list[list[float]]) -> None:
+    rows[0][0] = float("nan")
+
+
+def _corrupt_crc(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 1)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF  # the stored CRC-32 of the gzip trailer; the header and data stay readable
+    path.write_bytes(bytes(raw))
+
+
+def _dangling_link(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 1)
+    path.unlink()
+    path.symlink_to(root / "elsewhere" / path.name)
+
+
+def _phases_swapped(root: Path, pid: str) -> None:
+    a, b = _phase(root, pid, 0), _phase(root, pid, 1)
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+
+
+def _id_bom(root: Path, pid: str) -> None:
+    xlsx = root / "clinical_and_imaging_info.xlsx"
+    frame = pd.read_excel(xlsx, sheet_name="dataset_info")
+    frame.loc[frame["patient_id"] == pid, "patient_id"] = "\ufeff" + pid
+    with pd.ExcelWriter(xlsx, engine="openpyxl") as writer:
+        frame.to_excel(writer, sheet_name="dataset_info", index=False)
+
+
+def _mask_pasted(root: Path, pid: str) -> None:
+    """Another case's mask on this case's grid (same shape), lying off this case's tumour."""
+    own = _mask_array(root, pid) == 1
+    for other in sorted((root / "segmentations" / "expert").glob("*.nii.gz")):
+        theirs = np.asanyarray(nib.load(str(other)).dataobj) == 1
+        if other.name != f"{pid}.nii.gz" and theirs.shape == own.shape and theirs.any() \
+                and np.count_nonzero(theirs & own) == 0:
+            _rewrite(_mask(root, pid), theirs.astype(np.uint8))
+            return
+    raise AssertionError(f"no other mask to paste onto {pid}")
+
+
+def _post_phases(root: Path, pid: str) -> list[Path]:
+    return sorted((root / "images" / pid).glob("*.nii.gz"))[1:]
+
+
+def _no_rise(where: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path, str], None]:
+    """Every post-contrast phase set to the pre-contrast value over ``where(mask)``: tissue that does not enhance."""
+    def build(root: Path, pid: str) -> None:
+        mask = _mask_array(root, pid) == 1
+        region = where(mask)
+        pre = np.asanyarray(nib.load(str(_phase(root, pid, 0))).dataobj)
+        for path in _post_phases(root, pid):
+            arr = np.asanyarray(nib.load(str(path)).dataobj).copy()
+            arr[region] = pre[region]
+            _rewrite(path, arr)
+    return build
+
+
+def _necrotic_core(mask: np.ndarray, fraction: float = 0.55) -> np.ndarray:
+    """The deepest ``fraction`` of the mask (distance to its surface): a necrotic core."""
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(mask)
+    order = np.argsort(-depth[mask], kind="stable")
+    core = np.zeros(int(mask.sum()), dtype=bool)
+    core[order[: int(round(fraction * mask.sum()))]] = True
+    out = np.zeros_like(mask)
+    out[mask] = core
+    return out
+
+
+def _rim_inside(mask: np.ndarray) -> np.ndarray:
+    """The deepest 70 % of the mask: only a thin outer rim (30 % of its voxels) enhances."""
+    return _necrotic_core(mask, 0.7)
+
+
+def _box_without_tumour(root: Path, pid: str) -> None:
+    """Move the JSON's breast box beside the tumour (x/y/z index the SimpleITK array: z -> NIfTI axis i)."""
+    path = root / "patient_info_files" / f"{pid.lower()}.json"
+    info = json.loads(path.read_text())
+    mask = _mask_array(root, pid) == 1
+    i = np.nonzero(mask.any(axis=(1, 2)))[0]
+    n = mask.shape[0]
+    lo, hi = (int(i[-1]) + 1, n) if n - int(i[-1]) - 1 >= int(i[0]) else (0, int(i[0]))
+    box = info["primary_lesion"]["breast_coordinates"]
+    box["z_min"], box["z_max"] = lo, hi
+    path.write_text(json.dumps(info))
+
+
 # defect id -> (outcome, builder, text the warning/report must contain)
 DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "truncated_image": ("exclude", lambda r, p: _truncate(_phase(r, p, 1)), "truncated or corrupt"),
@@ -145,7 +288,11 @@ DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "mask_0_3": ("exclude", _mask_times(0.3, np.float32), "not binary"),
     "mask_nan": ("exclude", _mask_nan, "not binary"),
     "mask_inverted": ("exclude", _mask_inverted, "inverted"),
-    "mask_transposed": ("exclude", _mask_transposed, "enhancing"),
+    "mask_transposed": ("report", _mask_transposed, "may be misplaced"),
+    "mask_pasted": ("report", _mask_pasted, "may be misplaced"),
+    "necrotic_core": ("report", _no_rise(_necrotic_core), "enhances weakly"),
+    "rim_enhancing": ("report", _no_rise(_rim_inside), "enhances weakly"),
+    "phases_swapped": ("report", _phases_swapped, "look swapped"),
     "mask_affine_flipped": ("exclude", _mask_affine((-1.0, 1.0, 1.0)), "different affine"),
     "mask_spacing_x2": ("exclude", _mask_affine((2.0, 2.0, 2.0)), "different affine"),
     "image_nan": ("exclude", _image_value(np.nan), "NaN/Inf"),
@@ -154,6 +301,17 @@ DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "phase_all_zero": ("exclude", _phase_all_zero, "constant"),
     "blank_patient_id": ("report", _blank_patient_id, "without patient_id"),
     "breast_box_inverted": ("report", _breast_box_inverted, "x_min"),
+    "breast_box_no_tumour": ("report", _box_without_tumour, "holds no tumour voxel"),
+    "spacing_zero": ("exclude", _every_file(_set(3, 0.0), _zero_z_column), "zero spacing"),
+    "pixdim_zero_sform_intact": ("exclude", _every_file(_set(3, 0.0)), "disagrees with its affine"),
+    "spacing_nan": ("exclude", _every_file(_set(3, float("nan"))), "zero, negative or NaN"),
+    "spacing_1e6": ("exclude", _every_file(_huge_spacing_pixdim, _huge_spacing_srow), "implausible voxel spacing"),
+    "pixdim_sform_disagree": ("exclude", _every_file(_set(3, lambda v: 2 * v)), "disagrees with its affine"),
+    "affine_nan": ("exclude", lambda r, p: _header_fields(_phase(r, p, 1), srow=_nan_srow), "NaN in affine"),
+    "mask_affine_nan": ("exclude", lambda r, p: _header_fields(_mask(r, p), srow=_nan_srow), "NaN in affine"),
+    "gzip_crc": ("exclude", _corrupt_crc, "CRC check failed"),
+    "dangling_symlink": ("exclude", _dangling_link, "which does not exist"),
+    "id_bom": ("report", _id_bom, "invisible characters"),
 }
 
 
@@ -346,3 +504,278 @@ def test_docstring_and_readme_tables_match_the_corpus() -> None:
     registry = {k: v[0] for k, v in DEFECTS.items()}
     assert _docstring_table() == registry
     assert _readme_table() == registry
+
+
+# --------------------------------------------------------------------------------------------------
+# beyond one case's files: spacing source, stale predictions, crop fallback, legitimate variants
+# --------------------------------------------------------------------------------------------------
+
+
+def test_one_spacing_source_or_refused(tiny_root: Path, tmp_path: Path) -> None:
+    """pixdim z = 0 with an intact sform: nibabel's zooms say 1 mm, MONAI's loader (training) the sform's
+    spacing. The case must be refused, and every kept case measured with one spacing everywhere."""
+    from monai.transforms import LoadImage
+
+    from divaware.evaluate import _load_mask
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    victim = load_cohort(root).ids("test")[0]
+    DEFECTS["pixdim_zero_sform_intact"][1](root, victim)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = load_cohort(root)
+    loader = LoadImage(reader="NibabelReader", image_only=True)
+    for pid in c.ids("test"):
+        case = c.cases[pid]
+        monai_spacing = np.linalg.norm(np.asarray(loader(str(case.image_paths[0])).affine)[:3, :3], axis=0)
+        scored_spacing = _load_mask(Path(case.mask_path))[1]
+        cohort_spacing = c.geometry.loc[pid, ["spacing_x", "spacing_y", "spacing_z"]].to_numpy(dtype=float)
+        np.testing.assert_allclose(scored_spacing, monai_spacing, rtol=1e-5, err_msg=pid)
+        np.testing.assert_allclose(cohort_spacing, monai_spacing, rtol=1e-5, err_msg=pid)
+    assert victim not in c.cases and "disagrees with its affine" in " ".join(c.excluded[victim])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A private copy of the tiny cohort and a one-epoch run trained on it."""
+    from divaware.train import train
+
+    work = tmp_path_factory.mktemp("trained")
+    root = work / "data"
+    shutil.copytree(tiny_root, root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_train_config(root, work / "run"))
+    return root, work / "run"
+
+
+def test_evaluate_never_reuses_stale_predictions(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch
+
+    from divaware.evaluate import evaluate
+
+    root0, run0 = trained
+    root, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(root0, root)
+    shutil.copytree(run0, run)
+    cfg = run / "config.yaml"
+    cfg.write_text(cfg.read_text().replace(str(root0), str(root)))
+    kw = {"split": "test", "n_boot": 10, "min_support": 0.3, "verbose": False, "cpu_threads": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = evaluate(run, root, **kw)
+    preds = first.predictions
+    stamps = {p.name: p.stat().st_mtime_ns for p in preds.glob("*.nii.gz")}
+    changed = first.per_case.index[0]
+    path = _phase(root, changed, 1)  # the image changes in place: same path, new content
+    arr = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    _rewrite(path, arr * 1.5)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        evaluate(run, root, **kw)
+    assert re.search(rf"changed since they were predicted.*{changed}", _messages(rec)), _messages(rec)
+    after = {p.name: p.stat().st_mtime_ns for p in preds.glob("*.nii.gz")}
+    assert after[f"{changed}.nii.gz"] != stamps[f"{changed}.nii.gz"]  # predicted again
+    assert all(after[n] == t for n, t in stamps.items() if n != f"{changed}.nii.gz")  # the rest reused
+    # another best.pt (same path): every case is predicted again
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    state["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, run / "best.pt")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        evaluate(run, root, **kw)
+    assert "checkpoint_sha256 changed" in _messages(rec)
+    assert all(p.stat().st_mtime_ns != after[p.name] for p in preds.glob("*.nii.gz"))
+
+
+def test_crop_to_breast_keeps_going_without_a_usable_box(tiny_root: Path, tmp_path: Path) -> None:
+    """A bad patient JSON and a breast box beside the tumour: the run trains, both cases on the whole volume."""
+    from divaware import data as D
+    from divaware.train import train
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    c = load_cohort(root)
+    bad_json, no_tumour = c.ids("train")[1], c.ids("train")[2]
+    (root / "patient_info_files" / f"{bad_json.lower()}.json").write_text("{not json")
+    _box_without_tumour(root, no_tumour)
+    cfg = _train_config(root, tmp_path / "run")
+    cfg.crop_to_breast = True
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        train(cfg)
+        cohort = load_cohort(root)
+    text = _messages(rec)
+    assert re.search(rf"whole volume.*{bad_json} \(no usable", text) and re.search(rf"{no_tumour} \(breast box", text)
+    assert f"{no_tumour}: patient_info_files/{no_tumour.lower()}.json: breast box" in "\n".join(cohort.problems)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        records = D.make_records(cohort, [bad_json, no_tumour, c.ids("train")[3]], cfg.data_spec())
+    shape = tuple(int(v) for v in cohort.geometry.loc[no_tumour, ["nx", "ny", "nz"]])
+    assert records[1][D.BOX] == [0, shape[0], 0, shape[1], 0, shape[2]]  # the label keeps its tumour
+    assert records[2][D.BOX] != [0, shape[0], 0, shape[1], 0, shape[2]]  # a good box is used as before
+
+
+def test_mask_with_a_trailing_singleton_axis_is_accepted(tiny_root: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A (X, Y, Z, 1) mask is one 3-D mask: kept, trained on, predicted and scored in every command."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    train_pid, test_pid = _victims(root)
+    for pid in (train_pid, test_pid):
+        _rewrite(_mask(root, pid), _mask_array(root, pid).astype(np.uint8)[..., None])
+    r = run_all_commands(root, tmp_path / "work", capsys)
+    assert train_pid in r["cohort"].cases and test_pid in r["cohort"].cases
+    assert "has shape" not in r["check_out"] and "problems: 0" in r["check_out"]
+    assert train_pid in set(r["splits"]["patient_id"]) and test_pid in r["scored"]
+
+
+# --------------------------------------------------------------------------------------------------
+# faults outside the data: one line, the path named, nothing half-written
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_line(rc: int, err: str, *words: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("divaware ")]  # not the progress bars
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_damaged_best_pt_is_one_line_in_predict_and_evaluate(trained: tuple[Path, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    root, run0 = trained
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    (run / "best.pt").write_bytes((run / "best.pt").read_bytes()[:300])
+    rc = cli_main(["predict", "--run", str(run), "--data", str(root), "--out", str(tmp_path / "p"), "--cpu-threads", "1"])
+    _one_line(rc, capsys.readouterr().err, "best.pt is damaged", "--checkpoint last")
+    rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--n-boot", "5"])
+    _one_line(rc, capsys.readouterr().err, "best.pt is damaged")
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--cpu-threads", "-3"], "cpu_threads must be a whole number >= 0"),
+    (["--device", "nonsense"], "'nonsense' is not a device"),
+    (["--device", "cuda:x"], "'cuda:x' is not a device"),
+    (["--sliding-window", "--roi", "0", "0", "0"], "roi_size must be 3 window sizes >= 1"),
+])
+def test_bad_predict_arguments_are_one_line(trained: tuple[Path, Path], tmp_path: Path, argv: list[str],
+                                            words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    root, run = trained
+    rc = cli_main(["predict", "--run", str(run), "--data", str(root), "--out", str(tmp_path / "p"), *argv])
+    _one_line(rc, capsys.readouterr().err, words)
+
+
+def test_evaluate_bad_device_is_one_line(trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str],
+                                         tmp_path: Path) -> None:
+    root, run0 = trained
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--device", "nonsense", "--n-boot", "5"])
+    _one_line(rc, capsys.readouterr().err, "'nonsense' is not a device")
+
+
+def _read_only_under(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make every mkdir/file creation under ``folder`` fail with EROFS, as on a read-only mount."""
+    import errno
+    import os
+
+    real_mkdir, real_open = Path.mkdir, os.open
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if Path(self).absolute().is_relative_to(folder):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def os_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if Path(os.fsdecode(path)).absolute().is_relative_to(folder) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_read_only_out_dir_is_one_line(trained: tuple[Path, Path], tmp_path: Path, command: str,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    root, run = trained
+    ro = tmp_path / "ro"
+    if command == "train":
+        cfg = tmp_path / "cfg.yaml"
+        c = _train_config(root, ro / "run")
+        c.to_yaml(cfg)
+        argv = ["train", "--config", str(cfg)]
+    else:
+        argv = ["predict", "--run", str(run), "--data", str(root), "--out", str(ro / "pred"), "--cpu-threads", "1"]
+    _read_only_under(monkeypatch, ro)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli_main(argv)
+    _one_line(rc, capsys.readouterr().err, "read-only file system", str(ro))
+
+
+def _small_full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil as sh
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda path: usage(10 * 1024**2, 10 * 1024**2, 0))
+
+
+def test_full_disk_in_predict_names_the_file_and_leaves_no_partial(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    root, run = trained
+    real_save = nib.save
+
+    def save(img: object, path: object) -> None:
+        Path(path).write_bytes(b"\x1f\x8b partial")  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", save)
+    _small_full_disk(monkeypatch)
+    out = tmp_path / "pred"
+    rc = cli_main(["predict", "--run", str(run), "--data", str(root), "--out", str(out), "--cpu-threads", "1"])
+    err = capsys.readouterr().err
+    _one_line(rc, err, "disk full writing", str(out / "pred_segmentations"), "0 B free of 10.0 MiB")
+    assert not [p.name for p in (out / "pred_segmentations").iterdir()]  # the hidden partial file was removed
+    monkeypatch.setattr(nib, "save", real_save)
+
+
+def test_full_disk_in_evaluate_names_the_file_and_leaves_no_partial(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+    import io
+
+    import divaware.evaluate as E
+    from divaware.predict import predict
+
+    root, run0 = trained
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pred = predict(run, root, split="test", out_dir=tmp_path / "pred", progress=False, cpu_threads=1)
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = E.os.fdopen
+
+    def fdopen(fd: int, *args: object, **kwargs: object) -> io.StringIO:
+        real_fdopen(fd).close()
+        return Full()
+
+    monkeypatch.setattr(E.os, "fdopen", fdopen)
+    _small_full_disk(monkeypatch)
+    rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--predictions", str(pred), "--n-boot", "5"])
+    err = capsys.readouterr().err
+    _one_line(rc, err, "disk full writing", str(run / "evaluation_test"), "0 B free of 10.0 MiB")
+    assert not list((run / "evaluation_test").glob(".*.tmp"))

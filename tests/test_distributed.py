@@ -98,3 +98,33 @@ def test_group_dro_q_is_identical_on_every_rank(tmp_path: Path) -> None:
         ref.batch_weights(ids, losses)
     assert r0["q"] == pytest.approx(ref.q.to_dict(), rel=1e-12)
     assert max(r0["q"].values()) > 1.2 / 3  # q moved towards the high-loss group: the test can see a change
+
+
+def test_fewer_validation_cases_than_ranks(synthetic_root: Path, tmp_path: Path) -> None:
+    """One validation case on two ranks: rank 1 validates nothing and must not crash (e.g. 30 cases on 8 GPUs)."""
+    config = tiny_config(synthetic_root, tmp_path / "two", epochs=1, augment=False, strategy="erm", strategy_params={},
+                         val_fraction=0.03)
+    many = train_on_ranks(config, tmp_path)
+    val = pd.read_csv(many / "val_scores.csv")
+    assert len(set(val["patient_id"])) == 1  # fewer validation cases than ranks
+    assert np.isfinite(pd.read_csv(many / "metrics.csv")["val_dice"]).all()
+
+
+def test_empty_validation_share_gives_an_empty_frame() -> None:
+    frame = T.validate(torch.nn.Identity(), [], torch.device("cpu"), 16, None, 0.5, False)
+    assert frame.empty and frame.index.name == "patient_id" and list(frame.columns) == ["dice", "score"]
+
+
+def test_every_rank_draws_its_own_dropout_stream() -> None:
+    """Rank 0 (and so a one-process run) keeps its stream; other ranks get their own, replayable on resume."""
+    draws = {}
+    for rank in (0, 1, 2):
+        torch.manual_seed(123)
+        dist_mod.seed_rank(rank, seed=5, epoch=3)
+        draws[rank] = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(draws[0], torch.rand(4))  # rank 0 untouched: identical to a run without ranks
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[1], draws[2])
+    torch.manual_seed(999)
+    dist_mod.seed_rank(1, seed=5, epoch=3)
+    assert torch.equal(torch.rand(4), draws[1])  # a function of (seed, epoch, rank) only
