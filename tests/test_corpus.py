@@ -751,7 +751,6 @@ def test_full_disk_in_evaluate_names_the_file_and_leaves_no_partial(
         trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     import errno
-    import io
 
     import divaware.evaluate as E
     from divaware.predict import predict
@@ -763,17 +762,15 @@ def test_full_disk_in_evaluate_names_the_file_and_leaves_no_partial(
         warnings.simplefilter("ignore")
         pred = predict(run, root, split="test", out_dir=tmp_path / "pred", progress=False, cpu_threads=1)
 
-    class Full(io.StringIO):
-        def write(self, text: str) -> int:
+    from divaware import runfolder as R
+
+    def full_write(path: Path, text: str) -> Path:  # the evaluation's atomic writes hit a full disk
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
+        return R.atomic_write(path, write)
 
-    real_fdopen = E.os.fdopen
-
-    def fdopen(fd: int, *args: object, **kwargs: object) -> io.StringIO:
-        real_fdopen(fd).close()
-        return Full()
-
-    monkeypatch.setattr(E.os, "fdopen", fdopen)
+    monkeypatch.setattr(E, "write_text", full_write)
     _small_full_disk(monkeypatch)
     rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--predictions", str(pred), "--n-boot", "5"])
     err = capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,6 +22,9 @@ REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiment_report
 
 
 def _report_module():
+    # the benchmark scripts import their shared helpers as `_common` (run as scripts, their folder is on sys.path)
+    if str(REPORT.parent) not in sys.path:
+        sys.path.insert(0, str(REPORT.parent))
     spec = importlib.util.spec_from_file_location("experiment_report", REPORT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

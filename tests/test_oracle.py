@@ -12,7 +12,7 @@ from planted import planted_cohort
 
 from divaware.synthetic import read_truth
 from divaware.train import TrainConfig, _strategy_kwargs
-from divaware.weighting import make_strategy, normalise_weights
+from divaware.weighting import REFRESH_SCHEDULE, make_strategy, normalise_weights
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_oracle_reads_the_synthetic_truth_and_refuses_other_folders(synthetic_ro
     assert (w[truth["hard_subgroup"]] > 1).all() and (w[~truth["hard_subgroup"]] < 1).all()
     # training hands the (resolved) data root to the oracle
     kwargs = _strategy_kwargs(TrainConfig(strategy="oracle", data_root=str(synthetic_root)), [])
-    assert kwargs == {"data_root": str(synthetic_root), "warmup_epochs": 5}
+    assert kwargs == {"data_root": str(synthetic_root), "warmup_epochs": REFRESH_SCHEDULE["warmup_epochs"]}
     (tmp_path / "images").mkdir()
     with pytest.raises(ValueError, match=r"synthetic_truth\.csv not found.*divaware synth.*another strategy"):
         make_strategy("oracle", data_root=str(tmp_path))

@@ -76,7 +76,7 @@ def test_disk_full_names_the_disk_and_the_space(tmp_path: Path, monkeypatch: pyt
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(DiskFullError, match=r"disk full writing .*last\.pt \(on the disk mounted at .* MiB free"):
+    with pytest.raises(DiskFullError, match=r"disk full writing .*last\.pt \(on the disk mounted at .*: .* free of .*; this file needs about"):
         _atomic_save({"w": torch.zeros(1000)}, tmp_path / "last.pt")
     assert not list(tmp_path.iterdir())  # no partial file left
 
