@@ -40,7 +40,9 @@ from browser import (  # noqa: E402
 # where in the window)
 SHOTS = {
     "01_data_exploration": ("01_data_exploration", ".widget-vbox:has(.widget-slider)", 0, "start"),
-    "02_subgroup_divergence": ("02_subgroup_divergence", ".divaware-explorer-itemset", 0, "start"),
+    # the viewer at the bottom of the window: its title names the itemset and the case's Dice, and the case
+    # dropdown and the worst-first member table sit above it
+    "02_subgroup_divergence": ("02_subgroup_divergence", ".divaware-explorer-viewer", 0, "end"),
     "03_training_divaware": ("03_training", ".jp-RenderedImage img", -1, "end"),
     "04_fairness_evaluation": ("04_fairness_evaluation", ".widget-vbox:has(.widget-slider)", -1, "end"),
 }
@@ -67,7 +69,10 @@ def main() -> None:
     parser.add_argument("--run", default=str(REPO / "runs" / "default"),
                         help="a finished `divaware run` folder (default: runs/default, README command 1's)")
     parser.add_argument("--out", default=str(REPO / "figures"))
+    parser.add_argument("--only", nargs="+", choices=list(SHOTS), default=list(SHOTS),
+                        help="take only these screenshots (default: all four)")
     args = parser.parse_args()
+    shots = {label: SHOTS[label] for label in args.only}
     run, out = Path(args.run).resolve(), Path(args.out)
     timings = run / "timings.json"
     if not timings.is_file() or not json.loads(timings.read_text()).get("complete"):
@@ -78,13 +83,13 @@ def main() -> None:
         tmp = Path(tmp)
         shutil.copytree(run / "runs", tmp / "runs")  # 03 and 04 write into their run folders: use a copy
         root = tmp / "lab"
-        for label, (name, *_rest) in SHOTS.items():
+        for label, (name, *_rest) in shots.items():
             parameterised_copy(REPO / "notebooks" / f"{name}.ipynb", root / f"{label}.ipynb",
                                shot_parameters(run, label, tmp))
         env = {"DIVAWARE_RUNS": str(tmp / "outputs"), "OMP_NUM_THREADS": "1"}
         with lab_and_browser(root, tmp / "jupyter", env=env, viewport=(1300, 1150)) as (lab, page):
             first = True
-            for label, (name, focus, which, block) in SHOTS.items():
+            for label, (name, focus, which, block) in shots.items():
                 t0 = time.perf_counter()
                 open_notebook(lab, page, f"{label}.ipynb")
                 run_all(page)
