@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -238,17 +237,12 @@ class AuditResult:
 
     def summary(self) -> str:
         c, s = self.challenge, self.settings
-
-        def f(key: str, digits: int = 3) -> str:
-            v = c.get(key)
-            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
         null = self.null.iloc[1:]
         lines = [
             f"audit of {self.predictions} on {self.split}: {len(self.per_case)} cases "
             f"({len(self.missing)} without a prediction, scored as empty)",
-            f"  mean Dice {f('mean_dice')}   mean HD95 {f('mean_hd95_mm', 1)} mm   mean NormHD {f('mean_norm_hd')}",
-            f"  challenge: P {f('P')}   F {f('F')}   ranking {f('ranking')}",
+            ev.metric_line(c),
+            f"  challenge: P {ev.score_text(c, 'P')}   F {ev.score_text(c, 'F')}   ranking {ev.score_text(c, 'ranking')}",
             f"  divergent subgroups with q <= {s.get('fdr')}: {len(self.flagged)}"
             + (f" (worst: {self.flagged.iloc[0]['label']}, n={int(self.flagged.iloc[0]['count'])}, "
                f"Δ {self.flagged.iloc[0]['divergence']:+.3f})" if len(self.flagged) else ""),

@@ -325,6 +325,18 @@ def score_cases(
 # --------------------------------------------------------------------------------------------------
 
 
+def score_text(challenge: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """One number of a :func:`divaware.metrics.challenge_score` result for a summary line ("n/a" if missing)."""
+    v = challenge.get(key)
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def metric_line(challenge: Mapping[str, Any]) -> str:
+    """The summary line of mean Dice, HD95 (mm) and NormHD, shared by evaluations and audits."""
+    return (f"  mean Dice {score_text(challenge, 'mean_dice')}   mean HD95 {score_text(challenge, 'mean_hd95_mm', 1)} mm"
+            f"   mean NormHD {score_text(challenge, 'mean_norm_hd')}")
+
+
 @dataclass
 class EvaluationResult:
     """One evaluation of a run on a split: the tables, the scores and where they were written."""
@@ -373,16 +385,11 @@ class EvaluationResult:
     def summary(self) -> str:
         """A few lines for the console and notebooks."""
         c = self.challenge
-
-        def f(key: str, digits: int = 3) -> str:
-            v = c.get(key)
-            return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-
-        fa = ", ".join(f"{k[2:]} {f(k)}" for k in ("F_age", "F_menopause", "F_density"))
+        fa = ", ".join(f"{k[2:]} {score_text(c, k)}" for k in ("F_age", "F_menopause", "F_density"))
         lines = [
             f"evaluation of {self.run_dir} on {self.split} (checkpoint {self.checkpoint}): {len(self.per_case)} cases",
-            f"  mean Dice {f('mean_dice')}   mean HD95 {f('mean_hd95_mm', 1)} mm   mean NormHD {f('mean_norm_hd')}",
-            f"  challenge: P {f('P')}   F {f('F')} ({fa})   ranking {f('ranking')}",
+            metric_line(c),
+            f"  challenge: P {score_text(c, 'P')}   F {score_text(c, 'F')} ({fa})   ranking {score_text(c, 'ranking')}",
         ]
         w = self.worst_group()
         if w is not None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import pandas as pd
 
-from divaware.outputs import human_bytes, output_error
+from divaware.outputs import human_bytes, mount_point, output_error
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 VOXEL_CACHE = "voxel_checks.json"
@@ -144,10 +144,7 @@ def _disk_full_message(path: Path, needed: int) -> str:
         free = f"{human_bytes(usage.free)} free of {human_bytes(usage.total)}"
     except OSError:
         free = "free space unknown"
-    mount = path.parent.resolve()
-    while not os.path.ismount(mount) and mount != mount.parent:
-        mount = mount.parent
-    return (f"disk full writing {path} (on the disk mounted at {mount}: {free}; this file needs about "
+    return (f"disk full writing {path} (on the disk mounted at {mount_point(path)}: {free}; this file needs about "
             f"{human_bytes(needed)}); free space there or choose another output folder, then run again (the "
             "partial file was removed)")
 

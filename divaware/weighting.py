@@ -201,6 +201,12 @@ def _losses_array(losses: Any, n: int, ids: Sequence[str]) -> np.ndarray:
     return arr
 
 
+def _group_index(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The intersectional groups of ``table``'s cases: sorted group names, each case's group index, group sizes."""
+    names, inverse, sizes = np.unique(_group_labels(table).astype(str), return_inverse=True, return_counts=True)
+    return names, np.asarray(inverse).reshape(-1), sizes
+
+
 def _group_labels(table: pd.DataFrame) -> np.ndarray:
     """Intersectional group of each case: all its attribute values, e.g. ``age_group=0-40 ∧ ...``."""
     cols = list(table.columns)
@@ -526,9 +532,7 @@ class GroupDROWeighting(WeightingStrategy):
         self._steps = 0
 
     def _fit_structures(self) -> None:
-        labels = _group_labels(self._table).astype(str)
-        self._group_names, inverse, self._group_sizes = np.unique(labels, return_inverse=True, return_counts=True)
-        self._gidx = np.asarray(inverse).reshape(-1)
+        self._group_names, self._gidx, self._group_sizes = _group_index(self._table)
 
     def _fit(self) -> None:
         self._fit_structures()
@@ -641,9 +645,7 @@ class FEBSWeighting(WeightingStrategy):
         self._params.update(gamma=self.gamma, momentum=self.momentum, w_min=w_min, w_max=w_max)
 
     def _fit_structures(self) -> None:
-        labels = _group_labels(self._table).astype(str)
-        self._group_names, inverse, self._group_sizes = np.unique(labels, return_inverse=True, return_counts=True)
-        self._gidx = np.asarray(inverse).reshape(-1)
+        self._group_names, self._gidx, self._group_sizes = _group_index(self._table)
 
     def _fit(self) -> None:
         self._fit_structures()
