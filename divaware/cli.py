@@ -259,6 +259,23 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_sweep)
 
 
+def _sweep_devices(text: str | None, jobs: int) -> list[str] | None:
+    """GPU indices of ``--devices``, each checked against this machine's GPUs (on a CPU-only machine they
+    would be silently ignored: every job would train on the CPU); None: all GPUs with --jobs > 1, else CPU."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if not text:
+        return ([str(i) for i in range(n)] or None) if jobs > 1 else None
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in devices if not d.isdigit() or int(d) >= n]
+    if bad:
+        have = f"GPUs 0..{n - 1}" if n else "no GPU that torch can use"
+        raise ValueError(f"--devices {text}: {', '.join(bad)} is not a GPU of this machine (it has {have}); "
+                         "drop --devices to train on the CPU")
+    return devices
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from divaware import pipeline
 
@@ -272,11 +289,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             config["sweep"] = {**(config.get("sweep") or {}), key: getattr(args, key)}
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
-    if devices is None and args.jobs > 1:
-        import torch
-
-        devices = [str(i) for i in range(torch.cuda.device_count())] or None
+    devices = _sweep_devices(args.devices, args.jobs)
     try:
         out = pipeline.sweep(config, args.out, n_boot=args.n_boot, jobs=args.jobs, devices=devices)
     except (pipeline.NotebookFailed, pipeline.SweepFailed) as err:

@@ -1248,7 +1248,9 @@ def _check_voxels(paths: Sequence[Path], mask_path: Path | None, headers: Sequen
 
 
 class _VoxelCache:
-    """Voxel-check results per case, keyed by its files' (path, size, mtime): later loads read no voxels."""
+    """Voxel-check results per case, keyed by its files' paths and content digests (:mod:`divaware.digests`,
+    remembered in ``digests/`` beside the cache): later loads read no voxels, and a file edited in place
+    (even with its size and mtime kept) is checked again."""
 
     def __init__(self, path: Path, root: Path) -> None:
         if path.resolve().is_relative_to(root.resolve()):
@@ -1264,13 +1266,10 @@ class _VoxelCache:
         except (OSError, ValueError, AttributeError):
             pass  # absent or damaged: check again and rewrite it
 
-    @staticmethod
-    def stamp(files: Sequence[Path]) -> list[Any]:
-        out = []
-        for p in files:
-            st = p.stat()
-            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-        return out
+    def stamp(self, files: Sequence[Path]) -> list[Any]:
+        from divaware.digests import file_digest
+
+        return [[str(p.resolve()), file_digest(p, self.path.parent / "digests")] for p in files]
 
     def get(self, pid: str, stamp: list[Any]) -> dict[str, Any] | None:
         entry = self.entries.get(pid)
@@ -1292,7 +1291,7 @@ class _VoxelCache:
 def _cached_voxel_check(pid: str, paths: Sequence[Path], mask_path: Path | None, headers: Sequence[_Header],
                         mask_header: _Header | None, index: _Index, cache: _VoxelCache | None) -> dict[str, Any]:
     files = [*paths, *([mask_path] if mask_path is not None else [])]
-    stamp = _VoxelCache.stamp(files) if cache is not None else []
+    stamp = cache.stamp(files) if cache is not None else []
     if cache is not None:
         hit = cache.get(pid, stamp)
         if hit is not None:

@@ -144,3 +144,165 @@ def test_damaged_last_pt_and_interrupted_run_folder(synthetic_root: Path, tmp_pa
                 p.unlink()
         train(_tiny(synthetic_root, run), resume=True)
     assert (run / "config.yaml").is_file() and (run / "last.pt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# silent wrong results: caches keyed by content, a store verified on use, one prediction folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _same_size_rewrite(path: Path, arr: np.ndarray) -> None:
+    """Rewrite a .nii.gz with ``arr`` as an uncompressed (level-0) gzip stream, whose length depends only on
+    the voxel count: the edited file keeps its size, and its mtime is set back, as `touch -d` would."""
+    import gzip
+    import os
+
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    out = nib.Nifti1Image(arr.astype(img.get_data_dtype()), img.affine, img.header)
+    stat = path.stat()
+    path.write_bytes(gzip.compress(out.to_bytes(), compresslevel=0, mtime=0))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_voxel_checks_see_a_file_edited_with_its_size_and_mtime_kept(cohort_copy: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from divaware.cohort import load_cohort
+
+    cache = tmp_path / "cache" / "voxel_checks.json"
+    pid = load_cohort(cohort_copy, check_voxels=False).ids("train")[0]
+    mask = cohort_copy / "segmentations" / "expert" / f"{pid}.nii.gz"
+    _same_size_rewrite(mask, np.asanyarray(nib.load(str(mask)).dataobj))  # same voxels, a level-0 stream
+    assert pid in load_cohort(cohort_copy, voxel_cache=cache).cases
+    size = mask.stat().st_size
+    _same_size_rewrite(mask, np.zeros(nib.load(str(mask)).shape))  # the tumour erased
+    assert mask.stat().st_size == size
+    with pytest.warns(UserWarning, match=f"{pid}.nii.gz is empty"):
+        cohort = load_cohort(cohort_copy, voxel_cache=cache)
+    assert cohort.geometry.loc[pid, "mask_voxels"] == 0  # the new voxels, not the cached check of the old
+
+
+def test_store_entry_follows_a_file_edited_with_its_size_and_mtime_kept(cohort_copy: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from divaware import data as D
+    from divaware import preprocess as P
+    from divaware.cohort import load_cohort
+
+    cohort = load_cohort(cohort_copy, check_voxels=False)
+    spec = D.DataSpec(patch_size=(16, 16, 16))
+    rec = D.make_records(cohort, cohort.ids("train")[:1], spec)[0]
+    mask = Path(rec[D.LABEL])
+    arr = np.asanyarray(nib.load(str(mask)).dataobj)
+    _same_size_rewrite(mask, arr)
+    first = P.fill([rec], spec, tmp_path / "store")[0]
+    _same_size_rewrite(mask, np.roll(arr, 8, axis=0))  # the mask shifted by 8 voxels
+    second = P.fill([rec], spec, tmp_path / "store")[0]
+    assert second != first
+
+    def full_label(folder: Path) -> np.ndarray:
+        entry = P.Entry.open(folder)
+        return entry.read([-c for c in entry.meta["crop_start"]], entry.meta["full_shape"])[1]
+
+    old_label, new_label = full_label(first), full_label(second)
+    # the shifted mask, read anew (as many tumour voxels, elsewhere), not the stored old one
+    assert new_label.sum() == old_label.sum() == np.count_nonzero(arr)
+    assert not np.array_equal(new_label, old_label)
+
+
+def _corrupt_middle(path: Path) -> None:
+    import os
+
+    stat = path.stat()
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid: mid + 4096] = np.random.default_rng(0).integers(0, 256, min(4096, len(raw) - mid), np.uint8).tobytes()
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(("damage", "words"), [
+    ("random_bytes", "image.npy's checksum differs"),
+    ("half_image", "image.npy has"),
+    ("bad_meta", "meta.json cannot be read"),
+    ("swapped", "it holds case"),
+])
+def test_damaged_store_entry_is_named_and_rebuilt(synthetic_root: Path, tmp_path: Path, damage: str,
+                                                 words: str) -> None:
+    from divaware import data as D
+    from divaware import preprocess as P
+    from divaware.cohort import load_cohort
+
+    cohort = load_cohort(synthetic_root, check_voxels=False)
+    spec = D.DataSpec(patch_size=(16, 16, 16))
+    records = D.make_records(cohort, cohort.ids("train")[:2], spec)
+    store = tmp_path / "store"
+    folders = P.fill(records, spec, store)
+    image = np.load(folders[0] / "image.npy").copy()
+    if damage == "random_bytes":
+        _corrupt_middle(folders[0] / "image.npy")
+    elif damage == "half_image":
+        _halve(folders[0] / "image.npy")
+    elif damage == "bad_meta":
+        (folders[0] / "meta.json").write_text('{"shape": [1, 2')
+    else:  # the two entry folders swap places
+        tmp = folders[0].with_name("swap")
+        folders[0].rename(tmp)
+        folders[1].rename(folders[0])
+        tmp.rename(folders[1])
+    with pytest.warns(UserWarning, match=f"preprocessed entry .*{folders[0].name} is damaged: {words}"):
+        again = P.fill(records, spec, store)
+    assert again == folders
+    np.testing.assert_array_equal(np.load(again[0] / "image.npy"), image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # intact now: verified silently
+        P.fill(records, spec, store)
+
+
+def test_store_inside_the_data_is_refused_before_anything_is_written_there(cohort_copy: Path) -> None:
+    from divaware import preprocess as P
+    from divaware.cohort import CohortError
+
+    before = sorted(p.relative_to(cohort_copy) for p in cohort_copy.rglob("*"))
+    with pytest.raises(CohortError, match="lies inside the data folder"):
+        P.load_cohort_once(cohort_copy, cohort_copy / "store")
+    assert sorted(p.relative_to(cohort_copy) for p in cohort_copy.rglob("*")) == before
+
+
+def test_prediction_folder_with_a_leftover_pred_segmentations_is_refused(synthetic_root: Path,
+                                                                         tmp_path: Path) -> None:
+    import shutil
+
+    from divaware.audit import audit, demo_predictions
+    from divaware.evaluate import _prediction_folder
+
+    preds, _ = demo_predictions(synthetic_root, tmp_path / "preds", erode=0)
+    leftover = preds / "pred_segmentations"
+    leftover.mkdir()
+    for f in sorted(preds.glob("*.nii.gz"))[:3]:
+        shutil.copy(f, leftover / f.name)
+    with pytest.raises(ValueError, match="holds both .* prediction file.*pred_segmentations/ subfolder"):
+        audit(synthetic_root, preds, out_dir=tmp_path / "audit", verbose=False)
+    assert not (tmp_path / "audit").exists()
+    assert _prediction_folder(leftover) == leftover  # the subfolder, named explicitly, is what is scored
+    empty = tmp_path / "empty_sub"
+    (empty / "pred_segmentations").mkdir(parents=True)
+    shutil.copy(next(preds.glob("*.nii.gz")), empty)
+    assert _prediction_folder(empty) == empty  # an empty subfolder is no rival to the files beside it
+
+
+def test_sweep_devices_that_are_no_gpu_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs")
+    config = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    rc = cli_main(["sweep", "--config", str(config), "--out", str(tmp_path / "sweep"), "--devices", "0,1",
+                   "--jobs", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not a GPU of this machine" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "sweep").exists()
