@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -339,7 +341,11 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    help="report folder (default: runs/audits/<predictions folder>_<split>; never inside the "
                         "data or predictions folder)")
     p.add_argument("--attributes", nargs="+", default=None,
-                   help="metadata columns of the groups and subgroups (default: age_group menopause breast_density)")
+                   help="metadata columns of the groups and subgroups (default: age_group menopause breast_density); "
+                        "'acquisition' stands for dataset manufacturer field_strength, and a leading + adds to the "
+                        "defaults: --attributes +acquisition")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the predictions are probability maps: tumour where p >= this (e.g. 0.5)")
     p.add_argument("--min-support", type=float, default=None, help="smallest subgroup (default: divaware's)")
     p.add_argument("--fdr", type=float, default=None, help="false-discovery rate of the flags (default: divaware's)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the group CIs")
@@ -356,7 +362,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     audit(args.data, args.predictions, split=args.split, out_dir=args.out,
           attributes=tuple(args.attributes or DEFAULT_ATTRIBUTES), min_support=args.min_support, fdr=args.fdr,
           n_boot=args.n_boot, seed=args.seed, n_permutations=args.permutations, figures=not args.no_figures,
-          verbose=True)
+          verbose=True, threshold=args.threshold)
     return 0
 
 
@@ -402,13 +408,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if argv is None:  # the console script (a caller passing argv, e.g. a test, keeps its own display)
+                warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's own decision: one line, not a traceback of wherever the process was
+        print(f"divaware {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except Exception as err:
         if not _is_user_error(err):
             raise
         # CohortError, configuration errors, a diverged training, a full disk: the message says what to do.
         print(f"divaware {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """Warnings on the console as one readable line (``divaware audit: warning: ...``), not Python's
+    ``file:line: UserWarning`` with the source line beneath."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        text = " ".join(str(message).split())
+        kind = "" if issubclass(category, UserWarning) else f" ({category.__name__})"
+        print(f"divaware {command}: warning{kind}: {text}", file=file or sys.stderr)
+
+    return show
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -420,7 +446,7 @@ def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return True
     # by name: importing divaware.train here would load torch for every command
-    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError")
+    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError", "RunFolderBusy")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -263,8 +263,11 @@ def score_cases(
     *,
     attributes: Sequence[str] = CASE_ATTRIBUTES,
     progress: bool = False,
+    threshold: float | None = None,
 ) -> pd.DataFrame:
     """Per-case metrics of the prediction files in ``predictions`` against the cohort's expert masks.
+
+    ``threshold``: the files are probability maps, tumour where the value is >= ``threshold``.
 
     Returns a per-case table indexed by ``patient_id`` (in ``patient_ids`` order): the columns of
     :func:`divaware.metrics.case_metrics`, then the metadata ``attributes``. The prediction of a case is
@@ -304,6 +307,8 @@ def score_cases(
         except Exception as err:
             raise ValueError(f"case {pid}: cannot read the prediction {files[pid.lower()]} ({type(err).__name__}: "
                              f"{err}); predict it again (repredict=True / --repredict)") from None
+        if threshold is not None:  # probability maps: tumour where p >= threshold (audit --threshold)
+            pred = (np.nan_to_num(pred.astype(np.float32), nan=0.0) >= threshold).astype(np.uint8)
         pred, other = _prediction_labels(pred)
         if other:
             relabelled.append(f"{pid} ({other})")
@@ -346,9 +351,12 @@ def score_text(challenge: Mapping[str, Any], key: str, digits: int = 3) -> str:
 
 
 def metric_line(challenge: Mapping[str, Any]) -> str:
-    """The summary line of mean Dice, HD95 (mm) and NormHD, shared by evaluations and audits."""
+    """The summary line of mean Dice, HD95 (mm) and NormHD, shared by evaluations and audits. The HD95 mean
+    covers the cases with a finite distance only (an empty prediction has none): it says how many."""
+    n_hd, n = challenge.get("n_hd95_mm"), challenge.get("n_cases")
+    over = f" (over the {n_hd} of {n} cases with a finite HD95)" if n_hd is not None and n_hd != n else ""
     return (f"  mean Dice {score_text(challenge, 'mean_dice')}   mean HD95 {score_text(challenge, 'mean_hd95_mm', 1)} mm"
-            f"   mean NormHD {score_text(challenge, 'mean_norm_hd')}")
+            f"{over}   mean NormHD {score_text(challenge, 'mean_norm_hd')}")
 
 
 @dataclass

@@ -655,6 +655,23 @@ def test_damaged_best_pt_is_one_line_in_predict_and_evaluate(trained: tuple[Path
     _one_line(rc, capsys.readouterr().err, "best.pt is damaged")
 
 
+def test_evaluate_without_best_pt_says_last_pt_was_used(trained: tuple[Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from divaware.evaluate import load_evaluation
+
+    root, run0 = trained
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    (run / "best.pt").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--n-boot", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "(checkpoint best)" not in out
+    assert "(checkpoint best asked, best.pt absent: last.pt used)" in out, out
+    assert load_evaluation(run).settings["checkpoint_file"] == "last.pt"
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["--cpu-threads", "-3"], "cpu_threads must be a whole number >= 0"),
     (["--device", "nonsense"], "'nonsense' is not a device"),

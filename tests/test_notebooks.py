@@ -98,6 +98,8 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     r02 = json.loads((out / "02_subgroup_divergence" / "results.json").read_text())
     itemsets = pd.read_csv(out / "02_subgroup_divergence" / "divergent_itemsets.csv")
     assert r02["top_itemset"] == itemsets.iloc[0]["label"]
+    # items as sorted JSON lists, not frozenset text whose order changes between identical runs
+    assert all(json.loads(i) == sorted(json.loads(i)) for i in itemsets["items"])
     assert r02["top_divergence"] == pytest.approx(itemsets["divergence"].min())
     for name, w in r02["weights"].items():
         assert w["mean"] == pytest.approx(1.0), name

@@ -306,3 +306,60 @@ def test_sweep_devices_that_are_no_gpu_are_refused(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert rc == 2 and "is not a GPU of this machine" in err and err.count("\n") == 1, err
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(("yaml_line", "words"), [
+    ("channels: 8", "field 'channels' = 8: 8 is not a list"),
+    ("lr: null", "field 'lr' is null"),
+    ("seed: 1e20", "field 'seed'"),
+    ("seed: 100000000000000000000", "field 'seed': 100000000000000000000 is too large"),
+    ("batch_size: [2]", "field 'batch_size'"),
+])
+def test_each_config_type_error_names_its_field(tmp_path: Path, yaml_line: str, words: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data_root: {tmp_path / 'nowhere'}\nout_dir: {tmp_path / 'run'}\n{yaml_line}\n")
+    assert cli_main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "wrong type" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "train"])
+def test_ctrl_c_and_a_busy_run_folder_are_one_line(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from divaware import pipeline
+    from divaware import train as T
+    from divaware.runfolder import RunFolderBusy
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    argv = {"run": ["run", "--config", str(config), "--out", str(tmp_path / "s")],
+            "sweep": ["sweep", "--config", str(config), "--out", str(tmp_path / "s")],
+            "train": ["train", "--config", str(Path(config).with_name("train_default.yaml"))]}[command]
+    target = {"run": (pipeline, "run_series"), "sweep": (pipeline, "sweep"), "train": (T, "train")}[command]
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*target, interrupted)
+    assert cli_main(argv) == 130
+    err = capsys.readouterr().err
+    assert err == f"divaware {command}: interrupted (Ctrl-C)\n", err
+
+    def busy(*args: object, **kwargs: object) -> None:
+        raise RunFolderBusy("run folder x is in use by pid 1 on host h since now; wait for it to finish")
+
+    monkeypatch.setattr(*target, busy)
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is in use by pid 1" in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_run_with_an_unknown_method_is_refused_before_any_notebook(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "series.yaml"
+    config.write_text("methods: [erm, divaware_typo]\n")
+    assert cli_main(["run", "--config", str(config), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) ['divaware_typo']" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()
