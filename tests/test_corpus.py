@@ -677,6 +677,8 @@ def test_evaluate_without_best_pt_says_last_pt_was_used(trained: tuple[Path, Pat
     (["--device", "nonsense"], "'nonsense' is not a device"),
     (["--device", "cuda:x"], "'cuda:x' is not a device"),
     (["--sliding-window", "--roi", "0", "0", "0"], "roi_size must be 3 window sizes >= 1"),
+    # grew to 21 GB and was killed by the out-of-memory killer: refused by the memory estimate first
+    (["--sliding-window", "--roi", "999", "999", "999"], "a sliding window of 999x999x999 needs about"),
 ])
 def test_bad_predict_arguments_are_one_line(trained: tuple[Path, Path], tmp_path: Path, argv: list[str],
                                             words: str, capsys: pytest.CaptureFixture[str]) -> None:

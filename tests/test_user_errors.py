@@ -363,3 +363,17 @@ def test_run_with_an_unknown_method_is_refused_before_any_notebook(tmp_path: Pat
     err = capsys.readouterr().err
     assert "unknown method(s) ['divaware_typo']" in err and err.count("\n") == 1, err
     assert not (tmp_path / "s").exists()
+
+
+def test_inference_memory_estimate_covers_what_inference_takes() -> None:
+    """The estimate is generous (about twice the measured peak, see inference_memory_bytes) but not absurd:
+    for a training-sized window it stays within 10x of the feature maps' own size."""
+    from divaware.model import inference_memory_bytes
+
+    small = inference_memory_bytes((3, 48, 48, 32), (32, 32, 32), [4, 8, 16], 3)
+    assert 1e6 < small < 1e8
+    # a window larger than the volume pads the volume up to it: the buffers grow with the window
+    big = inference_memory_bytes((3, 48, 48, 32), (999, 999, 999), [4, 8, 16], 3)
+    assert big > 100 * 2**30
+    whole = inference_memory_bytes((3, 48, 48, 32), None, [4, 8, 16], 3)
+    assert whole < small * 2
