@@ -455,7 +455,9 @@ def audit(
                                                               min_support, max_length, fdr)
     _check_numbers(analysis, n_boot, n_permutations, threshold)
 
-    out.mkdir(parents=True, exist_ok=True)
+    from divaware.outputs import ensure_writable, output_error
+
+    ensure_writable(out, "audit folder (--out)")  # read-only or full: one line now, not after scoring
     _remove_stale(out)
     cohort = load_cohort(root, voxel_cache=out / "cache" / "voxel_checks.json")
     missing_cols = [a for a in attributes if a not in cohort.metadata.columns]
@@ -519,7 +521,13 @@ def audit(
     ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(divergent))
     ev._write_atomic(out / FILES["null"], null.to_csv(index=False))
     if figures:
-        settings["figures"] = [p.name for p in write_figures(result, cohort)]
+        try:
+            settings["figures"] = [p.name for p in write_figures(result, cohort)]
+        except OSError as err:  # a disk that fills while the figures are saved: one line naming it
+            mapped = output_error(err, out / FIGURES, "audit folder (--out)")
+            if mapped is None:
+                raise
+            raise mapped from None
     ev._write_json(out / FILES["manifest"], settings)
     if verbose:
         print(result.summary())

@@ -1282,9 +1282,15 @@ class _VoxelCache:
     def save(self) -> None:
         if not self.dirty:
             return
+        from divaware.outputs import OutputError, ensure_writable
         from divaware.runfolder import write_text
 
-        write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
+        try:
+            ensure_writable(self.path.parent, "voxel-check cache")
+        except OutputError as err:  # a read-only (or full) store still serves what it holds
+            warnings.warn(f"voxel checks not cached, so repeated next time: {err}", stacklevel=4)
+        else:
+            write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
         self.dirty = False
 
 

@@ -109,9 +109,19 @@ def entry_dir(root: Path, record: Mapping[str, Any], spec: D.DataSpec, precision
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (``fcntl.flock``) held for the block; other processes wait for it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    """An exclusive advisory lock (``fcntl.flock``) held for the block; other processes wait for it.
+
+    On a read-only store (a filled store shared read-only) no lock can be created, and none is needed:
+    no process can write there either, so the block runs unlocked and only reads."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - closed below, after the block
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -147,43 +157,56 @@ def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path, preci
     meta: dict[str, Any] = {"precision": precision, "quant": quant, "patient_id": str(record[D.PID]), "shape": list(image.shape[1:]),
                             "channels": int(image.shape[0]), "full_shape": [int(s) for s in full_shape],
                             "crop_start": lo, "has_label": with_label, "version": STORE_VERSION}
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
     try:
-        np.save(tmp / "image.npy", image)
-        if label is not None:
-            lab = label[sl]
-            np.save(tmp / "label.npy", np.packbits(lab, axis=-1))
-            fg = np.argwhere(lab)
-            meta["fg_voxels"] = int(len(fg))
-            meta["fg_box"] = ([int(v) for v in fg.min(axis=0)] + [int(v) + 1 for v in fg.max(axis=0)]
-                              if len(fg) else None)
-            if len(fg) > MAX_FG_POINTS:
-                seed = int(hashlib.sha1(final.name.encode()).hexdigest()[:8], 16)
-                keep = np.sort(np.random.default_rng(seed).choice(len(fg), MAX_FG_POINTS, replace=False))
-                fg = fg[keep]
-            np.save(tmp / "fg.npy", fg.astype(np.int16 if max(image.shape[1:]) < 2**15 else np.int32))
-        from divaware.digests import bytes_digest
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _save_entry(tmp, final, image, label, sl, meta)
+    except OSError as err:  # a full or read-only store: one line naming it, not numpy's traceback
+        from divaware.outputs import output_error
 
-        # a checksum per file, verified whenever the entry is used again (_entry_problem); the entry's own
-        # name, so an entry folder moved or swapped into another case's place is noticed too
-        meta["entry"] = final.name
-        meta["files"] = {f.name: {"size": f.stat().st_size, "blake2b": bytes_digest(f)}
-                         for f in sorted(tmp.glob("*.npy"))}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, final)
-        except OSError as err:  # another process finished it first: theirs is as good as ours
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (final / "meta.json").is_file():
-                raise
-        else:
-            from divaware.digests import remember
-
-            for name, f in meta["files"].items():  # the next verification reads no byte of a fresh entry
-                remember(final / name, f["blake2b"], final.parent.parent / DIGESTS)
+        mapped = output_error(err, final, f"preprocessed store (${STORE_ENV})")
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_entry(tmp: Path, final: Path, image: np.ndarray, label: np.ndarray | None, sl: tuple[slice, ...],
+                meta: dict[str, Any]) -> None:
+    """Write the arrays and meta.json into ``tmp`` and rename it to ``final`` (see :func:`_write_entry`)."""
+    tmp.mkdir()
+    np.save(tmp / "image.npy", image)
+    if label is not None:
+        lab = label[sl]
+        np.save(tmp / "label.npy", np.packbits(lab, axis=-1))
+        fg = np.argwhere(lab)
+        meta["fg_voxels"] = int(len(fg))
+        meta["fg_box"] = ([int(v) for v in fg.min(axis=0)] + [int(v) + 1 for v in fg.max(axis=0)]
+                          if len(fg) else None)
+        if len(fg) > MAX_FG_POINTS:
+            seed = int(hashlib.sha1(final.name.encode()).hexdigest()[:8], 16)
+            keep = np.sort(np.random.default_rng(seed).choice(len(fg), MAX_FG_POINTS, replace=False))
+            fg = fg[keep]
+        np.save(tmp / "fg.npy", fg.astype(np.int16 if max(image.shape[1:]) < 2**15 else np.int32))
+    from divaware.digests import bytes_digest
+
+    # a checksum per file, verified whenever the entry is used again (_entry_problem); the entry's own
+    # name, so an entry folder moved or swapped into another case's place is noticed too
+    meta["entry"] = final.name
+    meta["files"] = {f.name: {"size": f.stat().st_size, "blake2b": bytes_digest(f)}
+                     for f in sorted(tmp.glob("*.npy"))}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.rename(tmp, final)
+    except OSError as err:  # another process finished it first: theirs is as good as ours
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (final / "meta.json").is_file():
+            raise
+    else:
+        from divaware.digests import remember
+
+        for name, f in meta["files"].items():  # the next verification reads no byte of a fresh entry
+            remember(final / name, f["blake2b"], final.parent.parent / DIGESTS)
 
 
 def _entry_problem(final: Path, pid: str, memo: Path | None) -> str | None:

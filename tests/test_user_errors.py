@@ -377,3 +377,72 @@ def test_inference_memory_estimate_covers_what_inference_takes() -> None:
     assert big > 100 * 2**30
     whole = inference_memory_bytes((3, 48, 48, 32), None, [4, 8, 16], 3)
     assert whole < small * 2
+
+
+def _store_records(synthetic_root: Path, n: int = 2) -> tuple[list[dict], object]:
+    from divaware import data as D
+    from divaware.cohort import load_cohort
+
+    cohort = load_cohort(synthetic_root, check_voxels=False)
+    spec = D.DataSpec(patch_size=(16, 16, 16))
+    return D.make_records(cohort, cohort.ids("train")[:n], spec), spec
+
+
+def test_full_disk_while_filling_the_store_is_one_line(synthetic_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from divaware import preprocess as P
+    from divaware.outputs import OutputError
+
+    records, spec = _store_records(synthetic_root)
+    real_save = np.save
+
+    def save(path: object, arr: object, *args: object, **kwargs: object) -> None:
+        real_save(path, arr, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(P.np, "save", save)
+    with pytest.raises(OutputError, match="disk full writing .*preprocessed store") as info:
+        P.fill(records, spec, tmp_path / "store")
+    assert "\n" not in str(info.value)
+    assert not list((tmp_path / "store").rglob("*.tmp")) and not list((tmp_path / "store").rglob("meta.json"))
+
+
+def test_a_filled_read_only_store_serves_reads(synthetic_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from divaware import preprocess as P
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_corpus import _read_only_under
+
+    records, spec = _store_records(synthetic_root)
+    store = tmp_path / "store"
+    folders = P.fill(records, spec, store)
+    P.load_cohort_once(synthetic_root, store)  # voxel checks cached in the store
+    _read_only_under(monkeypatch, store.absolute())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert P.fill(records, spec, store) == folders
+        cohort = P.load_cohort_once(synthetic_root, store)
+    said = [str(w.message) for w in seen if "store" in str(w.message) or "cache" in str(w.message)]
+    assert not said, said  # nothing to say: everything needed is there
+    assert set(r["patient_id"] for r in records) <= set(cohort.cases)
+    image, label = P.Entry.open(folders[0]).read([0, 0, 0], [8, 8, 8])
+    assert image.shape[1:] == (8, 8, 8) and label is not None
+
+
+def test_audit_on_a_full_disk_is_one_line(synthetic_root: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from divaware import audit as A
+    from divaware.outputs import OutputError
+
+    preds, _ = A.demo_predictions(synthetic_root, tmp_path / "preds", erode=0)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "figures" / "x.png"))
+
+    monkeypatch.setattr(A, "write_figures", full)
+    with pytest.raises(OutputError, match="disk full writing .*figures.*audit folder"):
+        A.audit(synthetic_root, preds, out_dir=tmp_path / "out", n_boot=10, n_permutations=1, verbose=False)
+    assert not (tmp_path / "out" / "audit.json").exists()
