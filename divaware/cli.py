@@ -138,7 +138,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="validate a MAMA-MIA folder and print a report (exit 1 if problems)")
+    p = sub.add_parser("check", help="validate a MAMA-MIA folder and print a report (exit 0: no problem, 1: problems "
+                                     "found, 2: the folder cannot be checked)")
     p.add_argument("root", help="MAMA-MIA root folder (holds images/, segmentations/, the xlsx and split csv)")
     p.add_argument("--headers-only", action="store_true",
                    help="skip reading voxels (binary masks, truncated files): much faster on the real data")

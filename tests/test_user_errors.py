@@ -446,3 +446,51 @@ def test_audit_on_a_full_disk_is_one_line(synthetic_root: Path, tmp_path: Path,
     with pytest.raises(OutputError, match="disk full writing .*figures.*audit folder"):
         A.audit(synthetic_root, preds, out_dir=tmp_path / "out", n_boot=10, n_permutations=1, verbose=False)
     assert not (tmp_path / "out" / "audit.json").exists()
+
+
+def _readme_commands() -> dict[str, str]:
+    """The first cell of each row of the README's command table, by command."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `divaware "):
+            cell = line.split("` |", 1)[0][3:]
+            rows[cell.split()[1]] = cell.replace("\\|", "|")
+    return rows
+
+
+def test_readme_command_table_lists_every_option_of_every_command() -> None:
+    import argparse
+    import re
+
+    from divaware.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    rows = _readme_commands()
+    assert sorted(rows) == sorted(sub.choices)
+    for name, parser in sub.choices.items():
+        cell = rows[name]
+        listed = set(re.findall(r"(--[a-z][a-z0-9-]*)", cell))
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        assert listed == options, (name, sorted(options - listed), sorted(listed - options))
+        for action in parser._actions:
+            if action.choices and action.option_strings:
+                shown = re.search(re.escape(action.option_strings[0]) + r" ([^\s\]]+)", cell)
+                assert shown and set(shown.group(1).split("|")) >= set(map(str, action.choices)), (name, action.dest)
+
+
+def test_check_exit_codes_are_the_documented_ones(synthetic_root: Path, cohort_copy: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    row = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    documented = "exit 0: no problem, 1: problems found (listed), 2: the folder cannot be checked"
+    assert documented in row
+    missing = cli_main(["check", str(tmp_path / "nowhere")])
+    (cohort_copy / "images" / sorted(p.name for p in (cohort_copy / "images").iterdir())[0]).rename(
+        tmp_path / "moved")  # one case's images gone: a problem, listed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problems = cli_main(["check", str(cohort_copy), "--headers-only"])
+        strict = cli_main(["check", str(cohort_copy), "--headers-only", "--strict"])
+    capsys.readouterr()
+    assert (missing, problems, strict) == (2, 1, 2)
