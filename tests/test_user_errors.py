@@ -494,3 +494,28 @@ def test_check_exit_codes_are_the_documented_ones(synthetic_root: Path, cohort_c
         strict = cli_main(["check", str(cohort_copy), "--headers-only", "--strict"])
     capsys.readouterr()
     assert (missing, problems, strict) == (2, 1, 2)
+
+
+def test_resume_after_editing_config_yaml_names_the_field(synthetic_root: Path, cohort_copy: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    run = tmp_path / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_tiny(synthetic_root, run))
+    original = (run / "config.yaml").read_text()
+    for field, value in (("channels", [4, 8, 32]), ("data_root", str(cohort_copy))):
+        edited = yaml.safe_load(original)
+        edited[field] = value
+        (run / "config.yaml").write_text(yaml.safe_dump(edited))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rc = cli_main(["train", "--config", str(run / "config.yaml"), "--resume", "--epochs", "2"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"{field}: " in err and "in last.pt" in err and "Traceback" not in err, err
+        assert err.count("\n") == 1, err
+    (run / "config.yaml").write_text(original)  # restored: resumes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli_main(["train", "--config", str(run / "config.yaml"), "--resume", "--epochs", "2"]) == 0
