@@ -46,6 +46,15 @@ def test_committed_notebook_is_clean(name: str) -> None:
     assert assigned == list(params)
 
 
+def test_notebook_text_cites_no_internal_issue_numbers() -> None:
+    import re
+
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            found = re.findall(r"\bissues? #?\d+", cell.source, flags=re.IGNORECASE)
+            assert not found, (path.name, found)
+
+
 def test_help_notebook_lists_every_parameter() -> None:
     path = NOTEBOOKS / "03_training.ipynb"
     shown = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(path)],
@@ -90,6 +99,9 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r01["group_sizes"]["breast_density"] == meta["breast_density"].value_counts().to_dict()
     # the three disparity mechanisms on one hard patient: intrinsic hides part of the tumour's enhancement,
     # representation adds rising look-alikes outside the mask
+    mechanisms = r01["disparity_mechanisms"]  # each mechanism's own cue in the table
+    assert mechanisms["lookalike"]["look-alike lesions per hard case"] >= 4  # the text's 4-10 lesions
+    assert mechanisms["default"]["look-alike lesions per hard case"] == 0
     shown = r01["disparity_illustration"]
     enhancement = {d: shown[d]["tumour enhancement, phase 1"] for d in ("default", "representation", "intrinsic")}
     assert enhancement["intrinsic"] < 0.9 * min(enhancement["default"], enhancement["representation"])
