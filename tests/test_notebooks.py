@@ -219,3 +219,15 @@ def test_series_kernels_do_not_warn_about_tcp(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "without encryption" not in run.stderr
     assert nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].execution_count == 1
+
+
+def test_training_notebook_below_the_warm_up_draws_no_empty_weights_plot(synthetic_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    executed = tmp_path / "03.ipynb"
+    pipeline.execute_notebook(NOTEBOOKS / "03_training.ipynb", executed, {
+        "data_root": str(synthetic_root), "out_dir": str(run), "method": "divaware", "epochs": 1,
+        "channels": [4, 8], "num_res_units": 0, "cpu_threads": 1})
+    assert not (run / "weights.png").exists()
+    text = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells
+                   for o in c.get("outputs", []))
+    assert "no refresh happened in 1 epoch(s) (the first comes after a warm-up of 6 epochs)" in text
