@@ -519,3 +519,18 @@ def test_resume_after_editing_config_yaml_names_the_field(synthetic_root: Path, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli_main(["train", "--config", str(run / "config.yaml"), "--resume", "--epochs", "2"]) == 0
+
+
+def test_speed_claim_is_measured_once_and_quoted_once() -> None:
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    bench = (repo / "benchmarks" / "MAIN_JOB_SPEED.md").read_text(encoding="utf-8")
+    row = next(line for line in bench.splitlines() if line.startswith("| training step, UNet 16-128"))
+    measured = row.rstrip(" |").rsplit("|", 1)[1].strip()
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    assert f"{measured}× faster per training step" in readme
+    places = [repo / "README.md", repo / "configs" / "default.yaml", *sorted((repo / "notebooks").glob("*.ipynb"))]
+    for path in places:  # no other figure for the same change (it once read 3x, 3x x 1.9 and 4.59 in 3 places)
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"about 3\s*[x×]", text), path.name
