@@ -907,8 +907,7 @@ class Trainer:
         self.val_groups = attribute_table(cohort.metadata.loc[self.val_ids], list(config.attributes))
         spec = self.spec = config.data_spec()
         ds_args = {"cache": config.cache, "cache_dir": self.cache_dir, "spec": spec,
-                   "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
-                   "progress": config.progress}  # caching takes a while before the first epoch: show it
+                   "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers}
         train_recs = D.make_records(cohort, self.train_ids, spec)
         # each rank validates its own share of the cases; the scores are gathered in validate()
         val_recs = D.make_records(cohort, ranks.shard(self.val_ids), spec)

@@ -534,3 +534,13 @@ def test_speed_claim_is_measured_once_and_quoted_once() -> None:
     for path in places:  # no other figure for the same change (it once read 3x, 3x x 1.9 and 4.59 in 3 places)
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"about 3\s*[x×]", text), path.name
+
+
+def test_no_monai_loading_bar_on_stderr(synthetic_root: Path, tmp_path: Path,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_tiny(synthetic_root, tmp_path / "run", progress=True))  # notebook 03 with interactive=True
+    err = capfd.readouterr().err
+    assert "Loading dataset" not in err  # MONAI's plain-text bars read as errors in Jupyter
