@@ -99,6 +99,9 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r01["group_sizes"]["breast_density"] == meta["breast_density"].value_counts().to_dict()
     # the three disparity mechanisms on one hard patient: intrinsic hides part of the tumour's enhancement,
     # representation adds rising look-alikes outside the mask
+    executed = nbformat.read(out / "notebooks" / "04_fairness_evaluation.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "runs: erm, divaware" in printed  # the reference first, not the folders' alphabetical order
     mechanisms = r01["disparity_mechanisms"]  # each mechanism's own cue in the table
     assert mechanisms["lookalike"]["look-alike lesions per hard case"] >= 4  # the text's 4-10 lesions
     assert mechanisms["default"]["look-alike lesions per hard case"] == 0

@@ -260,3 +260,25 @@ def test_lab_settings_are_installed_at_run_time_for_an_editable_install(tmp_path
     assert json.loads(target.read_text()) == widgets.LAB_SETTINGS
     mtime = target.stat().st_mtime_ns
     assert widgets.install_lab_settings(tmp_path / "lab") == target and target.stat().st_mtime_ns == mtime
+
+
+def test_viewer_opens_where_truth_and_prediction_both_show_with_a_legend() -> None:
+    from matplotlib.figure import Figure
+
+    truth = np.zeros((20, 20, 12), bool)
+    truth[5:9, 5:9, 2:6] = True  # the tumour, slices 2-5
+    pred = np.zeros_like(truth)
+    pred[5:8, 5:8, 3:6] = True  # found it, a bit small: slices 3-5
+    pred[12:19, 12:19, 9] = True  # and a large false positive on slice 9, where there is no tumour
+    assert widgets.disagreement_slice(truth, pred) == 9  # the old opening: only red on screen
+    k = widgets.opening_slice(truth, pred)
+    assert k in (3, 4, 5) and truth[:, :, k].any() and pred[:, :, k].any()
+    assert widgets.opening_slice(truth, np.zeros_like(truth)) == 2  # empty prediction: the truth's slices
+    image = np.random.default_rng(0).normal(size=truth.shape)
+    ax = Figure().subplots()
+    widgets._draw_slice(ax, image, 0, truth, pred, "case")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["truth", "prediction"]
+    assert "prediction empty on this slice" in [t.get_text() for t in ax.texts]
+    ax = Figure().subplots()
+    widgets._draw_slice(ax, image, 4, truth, pred, "case")
+    assert not ax.texts  # both drawn: nothing to explain
