@@ -234,3 +234,13 @@ def test_training_notebook_below_the_warm_up_draws_no_empty_weights_plot(synthet
     text = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells
                    for o in c.get("outputs", []))
     assert "no refresh happened in 1 epoch(s) (the first comes after a warm-up of 6 epochs)" in text
+
+
+def test_fairness_notebook_defines_what_it_shows() -> None:
+    text = " ".join(c.source for c in nbformat.read(NOTEBOOKS / "04_fairness_evaluation.ipynb", as_version=4).cells
+                    if c.cell_type == "markdown")
+    text = " ".join(text.split())
+    for term in ("`es_dice`, the equity-scaled Dice", "`std` is the standard deviation of the group means",
+                 "`P` (performance) = ½ (mean Dice + 1 − mean NormHD)", "`F` (fairness) = the mean over age",
+                 "`gap` (highest minus lowest group mean Dice)"):
+        assert term in text, term
