@@ -144,15 +144,25 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return Figure(figsize=figsize, layout="constrained")
 
 
+SUBTRACTION = "0001 − 0000"
+"""The subtraction image's name: first post-contrast minus pre-contrast, what radiologists read DCE-MRI by
+(a tumour that is darker than dense parenchyma at phase 1 is the brightest thing here)."""
+
+
+def _subtraction(case: Case) -> np.ndarray:
+    return load_canonical(case.image_paths[1]).astype(np.float32) - load_canonical(case.image_paths[0])
+
+
 def case_figure(case: Case, prediction: str | Path | None = None, slice_index: int | None = None,
                 phases: Sequence[int] | None = None, label: str | None = None,
-                scores: Mapping[str, float] | None = None) -> Figure:
+                scores: Mapping[str, float] | None = None, subtraction: bool = False) -> Figure:
     """All (or the chosen) phases of one case at one axial slice, truth in green, prediction dashed red.
 
     ``label`` (e.g. "young, dense breasts") and the case's ``scores`` (Dice, HD95) are added to the title so a
     reader knows which case this is and how it scored. Without ``slice_index`` the slice is
     :func:`opening_slice` (truth and prediction both shown, disagreeing most), else the tumour's centre. A
-    legend names the contours; a prediction with nothing on the slice says so.
+    legend names the contours; a prediction with nothing on the slice says so. ``subtraction``: one more
+    panel, phase 0001 − 0000 (:data:`SUBTRACTION`), in its own grey window.
     """
     phases = list(range(len(case.image_paths))) if phases is None else list(phases)
     images = [load_canonical(case.image_paths[p]) for p in phases]
@@ -163,10 +173,13 @@ def case_figure(case: Case, prediction: str | Path | None = None, slice_index: i
         k = _slice_of(mask, images[0]) if found is None else found
     else:
         k = int(slice_index)
-    fig = _new_figure((2.6 * len(images), 3.0))
-    axes = fig.subplots(1, len(images), squeeze=False)
-    for ax, p, image in zip(axes[0], phases, images, strict=True):
+    sub = _subtraction(case) if subtraction and len(case.image_paths) > 1 else None
+    fig = _new_figure((2.6 * (len(images) + (sub is not None)), 3.0))
+    axes = fig.subplots(1, len(images) + (sub is not None), squeeze=False)
+    for ax, p, image in zip(axes[0], phases, images, strict=False):
         _draw_slice(ax, image, k, mask, pred, f"{case.patient_id} phase {p:04d}, z={k}", _window(images, k))
+    if sub is not None:
+        _draw_slice(axes[0][-1], sub, k, mask, pred, f"{case.patient_id} {SUBTRACTION}, z={k}", _window([sub], k))
     heading = " · ".join(x for x in (label, _score_text(scores)) if x)
     if heading:
         fig.suptitle(f"{case.patient_id}: {heading}", fontsize=10)
@@ -183,7 +196,8 @@ def _as_predictions(prediction: str | Path | Mapping[str, str | Path] | None) ->
 
 def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] | None = None,
                  interactive: bool = True, label: str | None = None,
-                 scores: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None) -> Any:
+                 scores: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None,
+                 subtraction: bool = False) -> Any:
     """Phase / slice / overlay viewer of one case; a static :func:`case_figure` when not interactive.
 
     ``prediction`` is one prediction file or a mapping model name -> file; with several, a *model* control
@@ -196,7 +210,8 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
     component and to the centre of the prediction's largest component. Each redraw displays a PNG inside the
     widget's output area, so the picture is an ordinary ``image/png`` output: it renders as an image in
     JupyterLab and is kept in the widget state saved with the notebook (see :func:`install_lab_settings`),
-    so a notebook reopened without a kernel still shows the last view.
+    so a notebook reopened without a kernel still shows the last view. ``subtraction``: the *phase* control
+    also offers phase 0001 − 0000 (:data:`SUBTRACTION`, in its own grey window; a static figure gets a panel).
     """
     predictions = _as_predictions(prediction)
     per_model: dict[str, Mapping[str, float]] = {}
@@ -206,20 +221,24 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
     if not interactive:
         first = next(iter(predictions), None)
         return case_figure(case, predictions.get(first) if first else None, label=label,
-                           scores=per_model.get(first or "", None) if per_model else None)
+                           scores=per_model.get(first or "", None) if per_model else None, subtraction=subtraction)
     import ipywidgets as w
 
     from divaware.plots import show
 
     install_lab_settings()
     images = [load_canonical(p) for p in case.image_paths]
+    n_phases = len(images)
+    options = [(f"{i:04d}", i) for i in range(n_phases)]
+    if subtraction and n_phases > 1:
+        images.append(images[1].astype(np.float32) - images[0])
+        options.append((SUBTRACTION, n_phases))
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     preds = {name: load_canonical(path) > 0.5 for name, path in predictions.items()}
     depth = images[0].shape[-1]
     first_pred = next(iter(preds.values()), None)
     start = opening_slice(mask, first_pred)
-    phase = w.Dropdown(options=[(f"{i:04d}", i) for i in range(len(images))], value=min(1, len(images) - 1),
-                       description="phase")
+    phase = w.Dropdown(options=options, value=min(1, n_phases - 1), description="phase")
     k = w.IntSlider(value=_slice_of(mask, images[0]) if start is None else start, min=0, max=depth - 1,
                     description="slice")
     overlay = w.Checkbox(value=True, description="overlay")
@@ -255,10 +274,12 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
         pred = preds.get(model.value) if preds else None
         who = f" · {model.value}" if preds else ""
         score = _score_text(per_model.get(model.value if preds else "", {})) if per_model else ""
+        shown = SUBTRACTION if phase.value == n_phases else f"phase {phase.value:04d}"
+        # the phases share one grey window (uptake shows as brightening); the subtraction has its own
+        window = _window([images[-1]], k.value) if phase.value == n_phases else _window(images[:n_phases], k.value)
         _draw_slice(ax, images[phase.value], k.value, mask if overlay.value else None,
                     pred if overlay.value else None,
-                    f"{heading} · phase {phase.value:04d}{who}" + (f" · {score}" if score else ""),
-                    _window(images, k.value))
+                    f"{heading} · {shown}{who}" + (f" · {score}" if score else ""), window)
         with out:
             out.clear_output(wait=True)
             show(fig)
