@@ -544,3 +544,18 @@ def test_no_monai_loading_bar_on_stderr(synthetic_root: Path, tmp_path: Path,
         train(_tiny(synthetic_root, tmp_path / "run", progress=True))  # notebook 03 with interactive=True
     err = capfd.readouterr().err
     assert "Loading dataset" not in err  # MONAI's plain-text bars read as errors in Jupyter
+
+
+def test_readme_audit_demo_is_the_recorded_run() -> None:
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tools"))
+    import readme_audit_demo as demo
+
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    block = demo.readme_block(readme)
+    assert block == demo.readme_block((repo / "benchmarks" / "AUDIT_DEMO.md").read_text(encoding="utf-8"))
+    commands = [line for line in block.splitlines() if not line.startswith(("#", "```"))]
+    assert commands == demo.COMMANDS  # the commands that ran are the ones shown
+    assert f"flags something on this many cases; here {demo.null_share(block)} %" in " ".join(readme.split())
