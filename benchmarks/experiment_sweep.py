@@ -72,11 +72,12 @@ def start(job: tuple[str, str, int], args: argparse.Namespace, code: Path) -> su
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     cmd = ["nice", "-n", str(args.nice), sys.executable, "-m", "divaware", "experiment",
-           "--config", str(ROOT / "configs" / f"experiment_{mech}.yaml"), "--out", str(Path(args.runs) / mech),
+           "--config", str(code / "configs" / f"experiment_{mech}.yaml"), "--out", str(Path(args.runs) / mech),
            "--record", str(Path(args.records) / mech), "--strategies", strategy, "--seeds", str(seed),
            "--no-challenge-test", "--n-boot", "200"]
     print(f"[sweep] {time.strftime('%H:%M:%S')} start {mech}/{strategy}_seed{seed} (code {code})", flush=True)
-    return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+    # run from the code's folder: python puts the working directory first on sys.path
+    return subprocess.Popen(cmd, stdout=log.open("a"), stderr=subprocess.STDOUT, env=env, cwd=str(code))
 
 
 def git(*argv: str) -> subprocess.CompletedProcess:
