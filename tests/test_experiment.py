@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from divaware import evaluate as ev
 from divaware.experiment import check_experiment, load_experiment, run_config
 from divaware.synthetic import read_truth
 
