@@ -358,7 +358,8 @@ def figure(mech: dict[str, Any], cmp: dict[str, Any], last: dict[str, Any], path
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("Δ hard-group Dice vs ERM (paired over held-out cases, 95 % bootstrap CI)")
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing to compare before a strategy besides ERM is recorded
+        ax.legend(loc="lower right")
     ax.set_title(f"{mech['mechanism']}: {cmp['n_hard']} truly hard of {cmp['n_cases']} held-out cases")
     save_figure(fig, path)
 
