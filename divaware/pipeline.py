@@ -22,9 +22,12 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from divaware import executors
 
 # Arguments of every kernel the series starts (see execute_notebook).
 KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
@@ -118,7 +121,7 @@ def load_series_config(path: str | Path | None) -> dict[str, Any]:
                          f"{getattr(err, 'problem', None) or err}); fix the syntax") from None
     if not isinstance(config, dict):
         raise ValueError(f"series configuration {path} must hold a mapping (data_root, methods, ...)")
-    known = {"data_root", "methods", "baseline", "common", "notebooks", "training", "sweep"}
+    known = {"data_root", "methods", "baseline", "common", "notebooks", "training", "sweep", "executor", "slurm"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected some of {sorted(known)}")
@@ -319,22 +322,25 @@ def sweep_run(source: str, notebook_out: str, params: dict[str, Any], grid_param
 
 
 def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test", n_boot: int = 1000,
-          log_output: bool = False, jobs: int = 1, devices: list[str] | None = None) -> Path:
+          log_output: bool = False, jobs: int = 1, devices: list[str] | None = None,
+          executor: executors.Executor | None = None) -> Path:
     """Train every (method, seed, grid value) with ``03_training`` and evaluate it on ``split``.
 
     Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; a run whose result is recorded in
     ``<out>/results/<run>.json`` with the same parameters is skipped, and an unfinished run folder is resumed
     (the notebook resumes training and evaluation reuses its predictions), so an interrupted sweep continues
     where it stopped. ``jobs`` > 1 (or ``devices``) runs that many at once, one process each (see
-    :mod:`divaware.parallel`: GPUs from ``devices`` round robin, else a share of the CPU threads each). A
-    failing run is reported (``<out>/sweep_failed.csv``, :class:`SweepFailed` at the end) and the others go on.
+    :mod:`divaware.parallel`: GPUs from ``devices`` round robin, else a share of the CPU threads each);
+    ``executor`` (a :class:`divaware.executors.Executor`, e.g. a SLURM one) replaces that local choice. Each
+    run's job id, state and log are kept in ``<out>/jobs.json`` (``divaware sweep --status``). A failing run
+    is reported (``<out>/sweep_failed.csv``, :class:`SweepFailed` at the end) and the others go on.
     Writes ``<out>/sweep.csv`` (one row per finished run) and ``<out>/sweep_summary.csv`` (mean, std and n
     over seeds per method and grid value), and returns ``<out>``.
     """
     import pandas as pd
 
     from divaware import evaluate as ev
-    from divaware import parallel, runtime
+    from divaware import executors, parallel, runtime
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -376,20 +382,14 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
             tmp.write_text(json.dumps({"params": by_name[o.name].kwargs["params"], "row": o.result}))
             os.replace(tmp, target)
 
-    if jobs > 1 or devices:
-        outcomes = parallel.run_parallel(tasks, jobs, out / "logs", devices=devices, on_done=record)
-    else:  # in this process, one after another, as always
-        outcomes = []
-        for i, task in enumerate(tasks, 1):
-            print(f"[divaware sweep] {i}/{len(tasks)} {task.name} ...", flush=True)
-            start = time.perf_counter()
-            try:
-                outcomes.append(parallel.Outcome(task.name, True, parallel.call(task.function, task.kwargs),
-                                                 seconds=time.perf_counter() - start))
-            except Exception as err:  # reported below; the other runs go on
-                outcomes.append(parallel.Outcome(task.name, False, error=f"{type(err).__name__}: {err}",
-                                                 seconds=time.perf_counter() - start))
-            record(outcomes[-1])
+    if executor is None:
+        executor = executors.LocalExecutor(jobs=jobs, devices=devices)
+    book = executors.JobBook(out / executors.BOOK)
+    for name in rows:  # finished before: in the book too, so --status lists the whole sweep
+        book.jobs.setdefault(name, {"executor": executor.name, "job_id": None, "log": ""})
+        book.jobs[name].update(state="DONE", error="")
+    book.save()
+    outcomes = executor.run(tasks, executors.work_folder(out, executor), book.path, on_done=record)
     failed = [o for o in outcomes if not o.ok]
     names = [_run_name(r) for r in runs if _run_name(r) in rows]
     if names:
