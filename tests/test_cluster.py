@@ -94,63 +94,64 @@ def _rows(out: Path) -> dict[str, dict]:
     return rows
 
 
-def test_slurm_sweep_gives_the_local_sweeps_results(cluster, synthetic_root: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
-    config = _config(synthetic_root, ["erm", "inverse_frequency"], [0, 1])
-    local = pipeline.sweep(config, tmp_path / "local", n_boot=20, jobs=2)
-    remote = pipeline.sweep(config, tmp_path / "slurm", n_boot=20, executor=slurm())
-    assert len(_rows(remote)) == 4 and _rows(remote) == _rows(local)
-    for run in _rows(local):
-        a = pd.read_csv(local / "runs" / run / "evaluation_test" / "per_case.csv")
-        b = pd.read_csv(remote / "runs" / run / "evaluation_test" / "per_case.csv")
-        pd.testing.assert_frame_equal(a, b)
-    book = json.loads((remote / "jobs.json").read_text())["jobs"]
-    assert {r["state"] for r in book.values()} == {"DONE"} and len({r["job_id"] for r in book.values()}) == 4
-    assert all(Path(r["log"]).is_file() for r in book.values())
-    assert cli.main(["sweep", "--status", str(remote)]) == 0
-    assert "4 done" in capsys.readouterr().out
-    # re-running the finished sweep submits nothing
-    stamp = (remote / "jobs.json").stat().st_mtime_ns
-    pipeline.sweep(config, remote, n_boot=20, executor=slurm())
-    assert {r["job_id"] for r in json.loads((remote / "jobs.json").read_text())["jobs"].values()} == \
-        {r["job_id"] for r in book.values()} and (remote / "jobs.json").stat().st_mtime_ns >= stamp
-
-
-def test_scancelled_job_is_resubmitted_and_resumes_from_its_checkpoint(cluster, synthetic_root: Path,
-                                                                      tmp_path: Path) -> None:
-    config = _config(synthetic_root, ["erm"], [0], epochs=6)
-    out = tmp_path / "sweep"
+def _sweep_in_background(config: dict, out: Path) -> tuple[threading.Thread, list[BaseException]]:
     errors: list[BaseException] = []
 
-    def first() -> None:
+    def target() -> None:
         try:
             pipeline.sweep(config, out, n_boot=20, executor=slurm())
-        except BaseException as err:  # the cancelled job makes the sweep fail: expected
+        except BaseException as err:  # the cancelled job makes this sweep fail: checked by the caller
             errors.append(err)
 
-    waiting = threading.Thread(target=first)
-    waiting.start()
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, errors
+
+
+def test_slurm_sweep_resumes_a_killed_job_and_gives_the_local_sweeps_results(
+        cluster, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Four tiny trainings through SLURM, one of them killed with scancel after its first epoch: the re-run
+    resubmits only that one, which resumes from its checkpoint, and every result equals the local sweep's."""
+    epochs = 3
+    config = _config(synthetic_root, ["erm", "inverse_frequency"], [0, 1], epochs=epochs)
+    out = tmp_path / "on_slurm"
+    waiting, errors = _sweep_in_background(config, out)
     run = out / "runs" / "erm_seed0"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while not (run / "last.pt").is_file() and time.monotonic() < deadline and waiting.is_alive():
         time.sleep(0.05)
     assert (run / "last.pt").is_file(), "training never wrote a checkpoint"
-    job = json.loads((out / "jobs.json").read_text())["jobs"]["erm_seed0"]["job_id"]
-    subprocess.run(["scancel", job], check=True)
-    waiting.join(timeout=120)
-    assert errors and isinstance(errors[0], pipeline.SweepFailed) and "ended without a result" in str(errors[0])
-    killed_at = int(torch.load(run / "last.pt", weights_only=False)["epoch"])
+    book = json.loads((out / "jobs.json").read_text())["jobs"]
+    killed = book["erm_seed0"]["job_id"]
+    subprocess.run(["scancel", killed], check=True)
+    waiting.join(timeout=900)
+    assert len(errors) == 1 and isinstance(errors[0], pipeline.SweepFailed), errors
+    assert "erm_seed0" in str(errors[0]) and "ended without a result" in str(errors[0])
     before = pd.read_csv(run / "metrics.csv")
-    assert 1 <= len(before) < 6, "the job was not killed mid-training"
+    assert 1 <= len(before) < epochs, "the job was not killed mid-training"
+    assert int(torch.load(run / "last.pt", weights_only=False)["epoch"]) == len(before)
+    assert len(list((out / "results").glob("*.json"))) == 3  # the other three finished
 
-    pipeline.sweep(config, out, n_boot=20, executor=slurm())
-    book = json.loads((out / "jobs.json").read_text())["jobs"]["erm_seed0"]
-    assert book["state"] == "DONE" and book["job_id"] != job  # resubmitted
+    capsys.readouterr()
+    pipeline.sweep(config, out, n_boot=20, executor=slurm())  # the re-run: only the killed run is resubmitted
+    book_after = json.loads((out / "jobs.json").read_text())["jobs"]
+    assert book_after["erm_seed0"]["job_id"] != killed and "submitted 1 job(s)" in capsys.readouterr().out
+    assert all(book_after[n]["job_id"] == book[n]["job_id"] for n in book if n != "erm_seed0")
+    assert {r["state"] for r in book_after.values()} == {"DONE"}
     after = pd.read_csv(run / "metrics.csv")
-    assert after["epoch"].tolist() == list(range(1, 7)) or after["epoch"].tolist() == list(range(6))
+    assert after["epoch"].tolist() == list(range(1, epochs + 1))
     # the epochs trained before the kill were not trained again: their rows (wall times included) are kept
-    pd.testing.assert_frame_equal(after.iloc[: len(before)].reset_index(drop=True), before)
-    assert killed_at >= 0 and json.loads((out / "results" / "erm_seed0.json").read_text())["row"]["run"] == "erm_seed0"
+    pd.testing.assert_frame_equal(after.iloc[: len(before)], before)
+
+    local = pipeline.sweep(config, tmp_path / "local", n_boot=20, jobs=2)
+    assert len(_rows(out)) == 4 and _rows(out) == _rows(local)  # same seeds, same scores: resumed exactly
+    for name in _rows(local):
+        a = pd.read_csv(local / "runs" / name / "evaluation_test" / "per_case.csv")
+        b = pd.read_csv(out / "runs" / name / "evaluation_test" / "per_case.csv")
+        pd.testing.assert_frame_equal(a, b)
+    assert all(Path(r["log"]).is_file() for r in book_after.values())
+    assert cli.main(["sweep", "--status", str(out)]) == 0
+    assert "4 done" in capsys.readouterr().out
 
 
 def test_status_shows_a_failed_job_with_its_log_tail(cluster, synthetic_root: Path, tmp_path: Path,
