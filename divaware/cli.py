@@ -301,8 +301,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                        description="Train every (strategy, seed) of an experiment config (configs/experiment_*.yaml), "
                                    "evaluate each run on the held-out synthetic cohort and on the challenge test "
                                    "split. Resumes: re-run to continue; split the work with --seeds/--strategies.")
-    p.add_argument("--config", required=True, help="experiment YAML (see divaware.experiment)")
-    p.add_argument("--out", required=True, help="experiment folder, e.g. runs/experiment/representation")
+    p.add_argument("--config", default=None, help="experiment YAML (see divaware.experiment)")
+    p.add_argument("--out", default=None, help="experiment folder, e.g. runs/experiment/representation")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (one process per seed)")
     p.add_argument("--strategies", nargs="+", default=None,
                    help="only these strategies and/or arms (e.g. counterfactual erm balanced oracle: the ladder)")
@@ -314,19 +314,32 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-challenge-test", action="store_true",
                    help="evaluate on the held-out cohort only (skip the training cohort's challenge test split)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each (default 1)")
+    p.add_argument("--status", metavar="OUT", default=None,
+                   help="print the state of every job of the experiment in OUT (pending, running, done, failed with "
+                        "the end of its log) and exit")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_experiment)
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from divaware.experiment import load_experiment, run_experiment
 
+    if args.status:
+        from divaware.executors import status_table
+
+        print(status_table(args.status))
+        return 0
+    if not args.config or not args.out:
+        raise ValueError("divaware experiment needs --config and --out (or --status OUT)")
     config = load_experiment(args.config)
     if args.epochs is not None:
         config["training"] = {**config["training"], "epochs": args.epochs}
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    executor = _executor(args, config, jobs=args.jobs) if _executor_kind(args, config) == "slurm" else None
     out = run_experiment(config, args.out, strategies=args.strategies, seeds=args.seeds, n_boot=args.n_boot,
-                         record=args.record, challenge_test=not args.no_challenge_test, jobs=args.jobs)
+                         record=args.record, challenge_test=not args.no_challenge_test, jobs=args.jobs,
+                         executor=executor)
     where = args.record or "--record FOLDER (the report reads recorded runs)"
     print(f"experiment folder: {out}; report: python benchmarks/experiment_report.py {where}")
     return 0

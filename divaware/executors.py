@@ -291,6 +291,14 @@ class SlurmTask(submitit.helpers.Checkpointable):
         return parallel.call(self.function, self.kwargs)
 
 
+def job_rank() -> int:
+    """This process's DDP rank in a multi-task job (``RANK`` as exported by :class:`SlurmTask` or torchrun); 0
+    otherwise. Tasks train on every rank and evaluate or write their results on rank 0 only."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def _job_cpus() -> int | None:
     """CPUs SLURM allocated to this task: ``--cpus-per-task``, else the node's allocation over its tasks."""
     if os.environ.get("SLURM_CPUS_PER_TASK"):

@@ -312,8 +312,14 @@ def sweep_run(source: str, notebook_out: str, params: dict[str, Any], grid_param
               ) -> dict[str, Any]:
     """Train one sweep run (``03_training``) and evaluate it on ``split``; returns its sweep.csv row."""
     from divaware import evaluate as ev
+    from divaware.executors import job_rank
 
+    rank = job_rank()
+    if rank > 0:  # another DDP rank of a multi-GPU job: its notebook's train() joins rank 0's group
+        notebook_out = str(Path(notebook_out).with_suffix(f".rank{rank}.ipynb"))
     seconds = execute_notebook(Path(source), Path(notebook_out), params, cwd=Path(out), log_output=log_output)
+    if rank > 0:  # rank 0 evaluates the run and reports its row
+        return {"run": name, "rank": rank}
     result = ev.evaluate(Path(out) / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
                          verbose=False)
     c = result.challenge

@@ -17,7 +17,7 @@ import torch
 from slurm_cluster import missing_reason, start_cluster, write_conf
 from test_notebooks import TINY_TRAINING
 
-from divaware import cli, executors, pipeline
+from divaware import cli, executors, parallel, pipeline
 
 REASON = missing_reason()
 needs_slurm = pytest.mark.skipif(REASON is not None, reason=REASON or "")
@@ -126,7 +126,8 @@ def test_slurm_sweep_resumes_a_killed_job_and_gives_the_local_sweeps_results(
     subprocess.run(["scancel", killed], check=True)
     waiting.join(timeout=900)
     assert len(errors) == 1 and isinstance(errors[0], pipeline.SweepFailed), errors
-    assert "erm_seed0" in str(errors[0]) and "ended without a result" in str(errors[0])
+    # scancel's SIGTERM kills the notebook's kernel: the job ends with DeadKernelError, or without a result
+    assert str(errors[0]).startswith("1 of 4 sweep run(s) failed: erm_seed0 (job")
     before = pd.read_csv(run / "metrics.csv")
     assert 1 <= len(before) < epochs, "the job was not killed mid-training"
     assert int(torch.load(run / "last.pt", weights_only=False)["epoch"]) == len(before)
@@ -144,6 +145,7 @@ def test_slurm_sweep_resumes_a_killed_job_and_gives_the_local_sweeps_results(
     pd.testing.assert_frame_equal(after.iloc[: len(before)], before)
 
     local = pipeline.sweep(config, tmp_path / "local", n_boot=20, jobs=2)
+    assert {r["state"] for r in executors.status_rows(local)} == {"DONE"}  # the local executor keeps a book too
     assert len(_rows(out)) == 4 and _rows(out) == _rows(local)  # same seeds, same scores: resumed exactly
     for name in _rows(local):
         a = pd.read_csv(local / "runs" / name / "evaluation_test" / "per_case.csv")
@@ -165,3 +167,54 @@ def test_status_shows_a_failed_job_with_its_log_tail(cluster, synthetic_root: Pa
     assert "1 failed" in table
     failure = [line for line in table.splitlines() if line.startswith("FAILED no_such_method_seed0")]
     assert failure and "no_such_method" in failure[0].split(":", 1)[1], table
+
+
+def _files(folder: Path) -> set[str]:
+    # every file a run leaves, minus what only a local or a SLURM run writes (logs, the job book, the lock)
+    skip = ("logs", "slurm", "jobs.json", "run.lock")
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")
+            if p.is_file() and not any(part in skip for part in p.relative_to(folder).parts)}
+
+
+def test_experiment_on_slurm_has_the_local_layout_and_records(cluster, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """One job per (strategy or arm, seed); the same folders and recorded results as the local run, which
+    benchmarks/experiment_report.py reads alike."""
+    from test_experiment import _report_module
+
+    from divaware import experiment as ex
+
+    monkeypatch.setenv("DIVAWARE_CACHE", str(tmp_path / "cache"))
+    config = {"disparity": "representation", "strategies": ["erm"], "arms": ["balanced"], "seeds": [0],
+              "heldout": {"cases": 8, "seed": 7},
+              "training": {"synthetic_cases": 24, "epochs": 1, "channels": [4, 8], "strides": [2],
+                           "num_res_units": 0, "cpu_threads": 1, "progress": False, "min_val_cases": 4}}
+    kwargs = {"challenge_test": False, "n_boot": 20}
+    local = ex.run_experiment(config, tmp_path / "local", record=tmp_path / "rec_local" / "representation",
+                              **kwargs)
+    remote = ex.run_experiment(config, tmp_path / "on_slurm", record=tmp_path / "rec_slurm" / "representation",
+                               executor=slurm(), **kwargs)
+    book = json.loads((remote / "jobs.json").read_text())["jobs"]
+    assert sorted(book) == ["representation/balanced_seed0", "representation/erm_seed0"]
+    assert {r["state"] for r in book.values()} == {"DONE"} and len({r["job_id"] for r in book.values()}) == 2
+    assert _files(remote) == _files(local) and "runs/balanced_seed0/best.pt" in _files(local)
+    assert _files(tmp_path / "rec_slurm") == _files(tmp_path / "rec_local")
+    report = _report_module()
+    a, b = (report.load(tmp_path / f"rec_{w}" / "representation") for w in ("local", "slurm"))
+    assert sorted(a["runs"]) == sorted(b["runs"]) == ["balanced_seed0", "erm_seed0"]
+    for name in a["heldout"]:
+        pd.testing.assert_frame_equal(a["heldout"][name], b["heldout"][name])
+
+
+def test_a_job_with_two_ranks_joins_one_ddp_group_from_slurms_environment(cluster, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ranks-per-job 2: one job, two SLURM tasks, which divaware.distributed.setup joins into one group."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", tests)  # the job imports the probe from this folder
+    task = parallel.Task("probe", "parallel_tasks:ranks_probe", {})
+    (outcome,) = slurm(ranks_per_job=2).run([task], tmp_path / "slurm", tmp_path / "jobs.json")
+    assert outcome.ok, outcome.error
+    result = outcome.result  # rank 0's
+    assert result["world"] == 2 and result["rank"] == 0 and result["threads"] == "1"
+    assert [g[0] for g in result["gathered"]] == [0, 1] and [g[2] for g in result["gathered"]] == ["0", "1"]
+    assert result["gathered"][0][1] != result["gathered"][1][1]  # two processes
