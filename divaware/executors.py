@@ -243,8 +243,12 @@ def check_scheduler() -> None:
     if missing:
         raise SchedulerError(f"--executor slurm needs SLURM's client commands; {', '.join(missing)} not found on "
                              "PATH (install slurm-client or load the cluster's slurm module)")
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
-    if ping.returncode != 0 or "UP" not in ping.stdout:
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"the SLURM controller did not answer `scontrol ping` within 60 s; check that slurmctld "
+                             f"runs and that SLURM_CONF={conf} names this cluster's slurm.conf") from None
+    if "UP" not in ping.stdout:  # a backup controller that is down still leaves the primary UP
         said = " ".join((ping.stdout + " " + ping.stderr).split())[:300]
         raise SchedulerError(f"the SLURM controller does not answer ({said}); check that slurmctld runs and "
                              f"that SLURM_CONF={conf} names this cluster's slurm.conf")
@@ -288,6 +292,11 @@ class SlurmTask(submitit.helpers.Checkpointable):
             from submitit.helpers import TorchDistributedEnvironment
 
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            if len(visible) == 1:
+                # --gpus-per-task binds one GPU to each task, which then sees it as cuda:0; LOCAL_RANK is only
+                # the device index in divaware.distributed.setup (ranks come from RANK)
+                os.environ["LOCAL_RANK"] = "0"
         return parallel.call(self.function, self.kwargs)
 
 
