@@ -69,7 +69,7 @@ def main() -> None:
             for name, v in (("submission to start", start), ("submission to result collected", total))]
     text = _common.markdown_table(rows) + (
         "\n\nMeasured by `python benchmarks/slurm_overhead.py` on the one-node test cluster (slurmctld and slurmd "
-        f"on this machine: {_common.usable_cores()} cores, idle between jobs; one trivial job at a time).")
+        f"on this machine: {_common.usable_cores()} cores; one trivial job at a time, no other job queued).")
     _common.rewrite_section(README, "slurm-overhead", _common.labelled(text, label))
     print(text)
 

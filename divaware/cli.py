@@ -215,6 +215,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 03")
     p.add_argument("--figures", default=None,
                    help="also copy the series' main figures into this folder (the README gallery uses figures/)")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -228,7 +229,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config["data_root"] = args.data
     start = time.perf_counter()
     try:
-        timings = pipeline.run_series(config, args.out, only=args.only)
+        executor = _executor(args, config) if _executor_kind(args, config) == "slurm" else None
+        timings = pipeline.run_series(config, args.out, only=args.only, executor=executor)
     except pipeline.NotebookFailed as err:
         print(f"divaware run: {err}", file=sys.stderr)
         return 1

@@ -183,11 +183,13 @@ def series_jobs(config: Mapping[str, Any], out: Path, src: Path) -> list[tuple[s
 
 def run_series(
     config: Mapping[str, Any], out_dir: str | Path, *, only: list[str] | None = None,
-    log_output: bool = False,
+    log_output: bool = False, executor: executors.Executor | None = None,
 ) -> dict[str, float]:
     """Execute the notebook series into ``out_dir``; return wall seconds per executed notebook.
 
-    ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``).
+    ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``). ``executor`` (e.g. a
+    :class:`divaware.executors.SlurmExecutor`) runs the trainings (``03`` once per method) as one batch of
+    tasks, at the place of the first one, and the other notebooks here; ``None``: everything here, in order.
     """
     from divaware import runtime
 
@@ -208,12 +210,17 @@ def run_series(
     record = start_timings(only)
     timings: dict[str, float] = {}
     jobs = series_jobs(config, out, src)
-    for label, source, params in jobs:
-        if only and not any(label.startswith(o) for o in only):
-            continue
+    selected = [job for job in jobs if not only or any(job[0].startswith(o) for o in only)]
+    # 03 does not read what 02 writes, so the trainings may all run where the first one stands in the order
+    trainings = [job for job in selected if job[0].startswith("03_training")] if executor is not None else []
+    for label, source, params in selected:
         params_file = out / "params" / f"{label}.yaml"
         params_file.parent.mkdir(parents=True, exist_ok=True)
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        if trainings and label.startswith("03_training"):
+            if label == trainings[0][0]:
+                _run_trainings(trainings, executor, out, record, timings, log_output)
+            continue
         print(f"[divaware run] {label} ...", flush=True)
         with runtime.PeakMemory() as memory:
             seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
@@ -223,6 +230,32 @@ def run_series(
         print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
     write_timings(out, record, [label for label, _, _ in jobs])
     return timings
+
+
+def series_notebook(source: str, output: str, params: dict[str, Any], cwd: str, log_output: bool = False
+                    ) -> dict[str, Any]:
+    """One notebook of the series as a task (JSON arguments, for :mod:`divaware.executors`): its wall seconds."""
+    return {"seconds": execute_notebook(Path(source), Path(output), params, cwd=Path(cwd), log_output=log_output)}
+
+
+def _run_trainings(trainings: list[tuple[str, Path, dict[str, Any]]], executor: executors.Executor, out: Path,
+                   record: dict[str, Any], timings: dict[str, float], log_output: bool) -> None:
+    """The series' trainings as one batch of tasks on ``executor``; a failed one stops the series."""
+    from divaware import executors as ex
+    from divaware.parallel import Task
+
+    tasks = [Task(label, "divaware.pipeline:series_notebook", {
+        "source": str(source), "output": str(out / "notebooks" / f"{label}.ipynb"), "params": params,
+        "cwd": str(out), "log_output": log_output}) for label, source, params in trainings]
+    print(f"[divaware run] {', '.join(t.name for t in tasks)} on the {executor.name} executor ...", flush=True)
+    outcomes = executor.run(tasks, ex.work_folder(out, executor), out / ex.BOOK)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise NotebookFailed("; ".join(f"{o.name} failed ({o.error[-500:]}); log {o.log}" for o in failed))
+    for o in outcomes:
+        timings[o.name] = round(float(o.result["seconds"]), 1)
+        # peak memory is the job's, on another machine: not measured here
+        record["notebooks"][o.name] = {"seconds": timings[o.name], "peak_memory_gb": None, "executor": executor.name}
 
 
 TIMINGS_FORMAT = 2
@@ -266,7 +299,8 @@ def write_timings(out: Path, record: dict[str, Any], labels: list[str]) -> Path:
     record["complete"] = all(label in notebooks for label in labels) and (not record.get("only") or bool(previous))
     record["total_seconds"] = round(total if not record.get("only") else
                                     sum(v["seconds"] for v in record["notebooks"].values()), 1)
-    record["peak_memory_gb"] = max((v["peak_memory_gb"] for v in record["notebooks"].values()), default=0.0)
+    record["peak_memory_gb"] = max((v["peak_memory_gb"] for v in record["notebooks"].values()
+                                    if v.get("peak_memory_gb") is not None), default=0.0)
     record["finished_utc"] = runtime.utc_now()
     record["load_average_end"] = runtime.load_average()
     training = {}

@@ -218,3 +218,18 @@ def test_a_job_with_two_ranks_joins_one_ddp_group_from_slurms_environment(cluste
     assert result["world"] == 2 and result["rank"] == 0 and result["threads"] == "1"
     assert [g[0] for g in result["gathered"]] == [0, 1] and [g[2] for g in result["gathered"]] == ["0", "1"]
     assert result["gathered"][0][1] != result["gathered"][1][1]  # two processes
+
+
+def test_series_trainings_run_as_slurm_jobs(cluster, synthetic_root: Path, tmp_path: Path) -> None:
+    """`divaware run --executor slurm`: notebook 03 once per method, as one SLURM job each."""
+    config = {"data_root": str(synthetic_root), "methods": ["erm", "inverse_frequency"],
+              "training": {**TINY_TRAINING, "epochs": 1}}
+    timings = pipeline.run_series(config, tmp_path / "series", only=["03"], executor=slurm())
+    assert sorted(timings) == ["03_training_erm", "03_training_inverse_frequency"]
+    book = json.loads((tmp_path / "series" / "jobs.json").read_text())["jobs"]
+    assert {r["state"] for r in book.values()} == {"DONE"} and len({r["job_id"] for r in book.values()}) == 2
+    for method in config["methods"]:
+        results = json.loads((tmp_path / "series" / "runs" / method / "results.json").read_text())
+        assert results and (tmp_path / "series" / "runs" / method / "best.pt").is_file()
+    recorded = json.loads((tmp_path / "series" / "timings.json").read_text())["notebooks"]
+    assert recorded["03_training_erm"]["executor"] == "slurm" and recorded["03_training_erm"]["peak_memory_gb"] is None
