@@ -397,7 +397,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
                    help="with --audit: the training cases to weight: train, all or an ids file (default: train)")
     p.add_argument("--epoch", type=int, default=None, help="with --run: validated epoch (default: the last)")
     p.add_argument("--data", default=None, help="MAMA-MIA root (default: the one the audit or run recorded)")
-    p.add_argument("--tau", type=float, default=None, help="tilt temperature (default: divaware's 0.05)")
+    p.add_argument("--tau", type=float, default=None, help="scale: a flagged subgroup whose effect gap is tau gets weight 2 (default: divaware's 1)")
     p.add_argument("--w-min", type=float, default=None, help="lower clip (default: divaware's 0.2)")
     p.add_argument("--w-max", type=float, default=None, help="upper clip (default: divaware's 5)")
     p.set_defaults(func=_cmd_weights)
