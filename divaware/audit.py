@@ -22,7 +22,12 @@ and ``divaware audit`` never import it), then runs the same fairness analysis as
 
 Matching follows the organisers' convention: the prediction of a case is ``<patient_id>.nii.gz`` (or
 ``.nii``), case-insensitive (``duke_001.nii.gz`` and ``DUKE_001.nii.gz`` both match ``DUKE_001``); a folder
-holding ``pred_segmentations/`` (the challenge's submission layout) is read from there. nnU-Net v2 names
+holding ``pred_segmentations/`` (the challenge's submission layout) is read from there, and one holding both
+prediction files and such a subfolder is refused (which of the two is the model's is not ours to guess).
+Many missing cases beside files that match no case is a naming mismatch, refused with the look-alike names;
+a folder with no prediction at all is described (``.npy`` files, ``.NII.GZ``, ``_0000`` inputs, subfolders).
+Probability maps are refused with the ``>= 0.5`` hint unless ``threshold`` (``--threshold``) is given.
+``attributes`` may name ``acquisition`` (:data:`ACQUISITION`) or add to the defaults with ``+``. nnU-Net v2 names
 its predictions ``<case_identifier>.nii.gz`` (no ``_0000`` channel suffix, that is for inputs) and writes
 ``dataset.json``/``plans.json``/``*.npz`` beside them, which are ignored; with the patient id as case
 identifier (as :func:`divaware.nnunet.to_nnunet_raw` writes) its output folder is audited as it is.
