@@ -895,9 +895,12 @@ class Trainer:
         assert run is not None
         # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
         if config.cache in ("auto", "preprocessed"):  # voxel checks once per data folder, shared by runs and ranks
-            cohort = self.cohort = P.load_cohort_once(config.data_root, config.cache_dir or None)
+            # only the phases this run reads are checked: a defect in another excludes no case
+            cohort = self.cohort = P.load_cohort_once(config.data_root, config.cache_dir or None,
+                                                      phases=config.phases)
         else:
-            cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir))
+            cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir),
+                                               phases=config.phases)
         check_patch_fits(config, cohort.geometry)
         self.train_ids, self.val_ids, test_ids = self._split(cohort)
         ranks.on_main(config.to_yaml, run.config)

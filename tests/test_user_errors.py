@@ -559,3 +559,27 @@ def test_readme_audit_demo_is_the_recorded_run() -> None:
     commands = [line for line in block.splitlines() if not line.startswith(("#", "```"))]
     assert commands == demo.COMMANDS  # the commands that ran are the ones shown
     assert f"flags something on this many cases; here {demo.null_share(block)} %" in " ".join(readme.split())
+
+
+def test_a_defect_in_a_phase_the_run_never_reads_excludes_no_case(cohort_copy: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from divaware.cohort import load_cohort
+
+    pid = next(p.name for p in sorted((cohort_copy / "images").iterdir())
+               if (p / f"{p.name.lower()}_0003.nii.gz").is_file() and p.name in
+               load_cohort(cohort_copy, check_voxels=False).ids("train"))
+    path = cohort_copy / "images" / pid / f"{pid.lower()}_0003.nii.gz"
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), str(path))  # a blank phase 0003
+    with pytest.warns(UserWarning, match=f"{pid}.*constant"):
+        assert pid not in load_cohort(cohort_copy).cases  # every phase checked: excluded
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cohort = load_cohort(cohort_copy, phases=[0, 1, 2])
+    assert pid in cohort.cases and len(cohort.cases[pid].image_paths) == 3
+    assert not [w for w in seen if pid in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = train(_tiny(cohort_copy, tmp_path / "run", cache="memory"))  # phases [0, 1, 2]: the case trains
+    assert pid in (run / "splits.csv").read_text()
