@@ -403,6 +403,19 @@ def _remove_stale(out: Path) -> None:
             f.unlink(missing_ok=True)
 
 
+def _check_matching(pred_dir: Path, ids: Sequence[str], missing: Sequence[str], unmatched: Sequence[str]) -> None:
+    """A naming mismatch is an error (:func:`naming_mismatch`); missing cases and unmatched files are named."""
+    mismatch = naming_mismatch(ids, missing, unmatched)
+    if mismatch:
+        raise ValueError(f"{pred_dir}: {mismatch}")
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
+                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M._few(missing)}", stacklevel=3)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} prediction file(s) in {pred_dir} match no case of the cohort and are not "
+                      f"scored: {M._few(unmatched)}", stacklevel=3)
+
+
 def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, out_dir: str | Path | None,
                   attributes: Sequence[str], min_support: float | None, max_length: int | None,
                   fdr: float | None) -> tuple[Path, Path, Path, tuple[str, ...], dict[str, Any]]:
@@ -460,7 +473,7 @@ def audit(
                                                               min_support, max_length, fdr)
     _check_numbers(analysis, n_boot, n_permutations, threshold)
 
-    from divaware.outputs import ensure_writable, output_error
+    from divaware.outputs import ensure_writable
 
     ensure_writable(out, "audit folder (--out)")  # read-only or full: one line now, not after scoring
     _remove_stale(out)
@@ -478,15 +491,7 @@ def audit(
     if not matched:
         raise ValueError(f"{pred_dir} holds no prediction for any of the {len(ids)} cases of split {split_name!r} "
                          f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz); {describe_folder(pred_dir)}")
-    mismatch = naming_mismatch(ids, missing, unmatched)
-    if mismatch:
-        raise ValueError(f"{pred_dir}: {mismatch}")
-    if missing:
-        warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
-                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M._few(missing)}", stacklevel=2)
-    if unmatched:
-        warnings.warn(f"{len(unmatched)} prediction file(s) in {pred_dir} match no case of the cohort and are not "
-                      f"scored: {M._few(unmatched)}", stacklevel=2)
+    _check_matching(pred_dir, ids, missing, unmatched)
     check_predictions(matched, cohort, threshold)
 
     per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose, threshold)
@@ -519,12 +524,23 @@ def audit(
     result = AuditResult(out_dir=out, data_root=root, predictions=pred_dir, split=split_name, per_case=per_case,
                          per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
                          null=null, settings=settings)
-    ev._write_atomic(out / FILES["per_case"], per_case.to_csv())
-    ev._write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
-    ev._write_json(out / FILES["challenge"], challenge)
-    ev._write_json(out / FILES["fairness"], fairness)
-    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(divergent))
-    ev._write_atomic(out / FILES["null"], null.to_csv(index=False))
+    _write_report(result, cohort, figures)
+    if verbose:
+        print(result.summary())
+    return result
+
+
+def _write_report(result: AuditResult, cohort: Cohort, figures: bool) -> None:
+    """The audit's files, ``audit.json`` last (its presence marks a complete audit)."""
+    from divaware.outputs import output_error
+
+    out, settings = result.out_dir, result.settings
+    ev._write_atomic(out / FILES["per_case"], result.per_case.to_csv())
+    ev._write_atomic(out / FILES["per_group"], result.per_group.to_csv(index=False))
+    ev._write_json(out / FILES["challenge"], result.challenge)
+    ev._write_json(out / FILES["fairness"], result.fairness)
+    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(result.divergent))
+    ev._write_atomic(out / FILES["null"], result.null.to_csv(index=False))
     if figures:
         try:
             settings["figures"] = [p.name for p in write_figures(result, cohort)]
@@ -534,9 +550,6 @@ def audit(
                 raise
             raise mapped from None
     ev._write_json(out / FILES["manifest"], settings)
-    if verbose:
-        print(result.summary())
-    return result
 
 
 def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> list[Path]:

@@ -153,6 +153,16 @@ def _subtraction(case: Case) -> np.ndarray:
     return load_canonical(case.image_paths[1]).astype(np.float32) - load_canonical(case.image_paths[0])
 
 
+def _viewer_images(case: Case, subtraction: bool) -> tuple[list[np.ndarray], list[tuple[str, int]]]:
+    """The viewer's images and phase-control options: every phase, then the subtraction when asked."""
+    images = [load_canonical(p) for p in case.image_paths]
+    options = [(f"{i:04d}", i) for i in range(len(images))]
+    if subtraction and len(images) > 1:
+        options.append((SUBTRACTION, len(images)))
+        images.append(images[1].astype(np.float32) - images[0])
+    return images, options
+
+
 def case_figure(case: Case, prediction: str | Path | None = None, slice_index: int | None = None,
                 phases: Sequence[int] | None = None, label: str | None = None,
                 scores: Mapping[str, float] | None = None, subtraction: bool = False) -> Figure:
@@ -227,12 +237,8 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
     from divaware.plots import show
 
     install_lab_settings()
-    images = [load_canonical(p) for p in case.image_paths]
-    n_phases = len(images)
-    options = [(f"{i:04d}", i) for i in range(n_phases)]
-    if subtraction and n_phases > 1:
-        images.append(images[1].astype(np.float32) - images[0])
-        options.append((SUBTRACTION, n_phases))
+    images, options = _viewer_images(case, subtraction)
+    n_phases = len(case.image_paths)
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     preds = {name: load_canonical(path) > 0.5 for name, path in predictions.items()}
     depth = images[0].shape[-1]
