@@ -546,15 +546,22 @@ def _training_ids(cohort: Cohort, train: str) -> list[str]:
 
 def _divaware_weights(train_meta: pd.DataFrame, val_meta: pd.DataFrame, scores: pd.Series,
                       params: dict[str, Any]) -> pd.DataFrame:
-    """One refresh of the ``divaware`` strategy itself: weights (mean 1, clipped) of the training cases."""
-    from divaware.weighting import make_strategy
+    """One refresh of the ``divaware`` strategy itself (:func:`divaware.weighting.refresh_weights`)."""
+    from divaware.weighting import refresh_weights
 
-    strategy = make_strategy("divaware", **{"warmup_epochs": 0, **params})
-    strategy.fit(train_meta)
-    weights = strategy.refresh(0, val_meta, scores)
-    table = strategy.case_divergence.join(weights)
-    table.index.name = "patient_id"
-    return table[["weight", "divergence", "worst_itemset"]]
+    return refresh_weights(train_meta, val_meta, scores, **params)
+
+
+def _refuse_silent_weights(table: pd.DataFrame, flagged: Sequence[str], attributes: Sequence[str],
+                           audit_attributes: Sequence[str]) -> None:
+    """A set of attributes under which nothing is flagged, where the audit flagged something, would give every
+    case weight 1 without a word: refuse it, naming the audit's flags and the attributes that find them."""
+    if not len(flagged) or (table["worst_itemset"] != "").any():
+        return
+    raise ValueError(f"with attributes {list(attributes)} the divaware rule flags no subgroup, so every weight "
+                     f"would be 1, but the audit flagged {len(flagged)} ({M._few(list(flagged))}) on its attributes "
+                     f"{list(audit_attributes)}: pass --attributes {' '.join(audit_attributes)} (the default), or "
+                     "attributes that include the flagged subgroups'")
 
 
 def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) -> Path:
@@ -570,30 +577,36 @@ def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) 
 
 
 def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str | Path | None = None,
-                  **strategy_params: Any) -> pd.DataFrame:
+                  attributes: Sequence[str] | None = None, **strategy_params: Any) -> pd.DataFrame:
     """Per-case training weights from an audit: the ``divaware`` rule, by the ``divaware`` strategy itself.
 
     The audit's per-case Dice plays the fairness-validation scores of a refresh
-    (``make_strategy("divaware", ...).fit(training cases).refresh(0, audited cases, Dice)``) with the audit's
-    subgroup analysis (min_support, max_length, fdr) over the method's attributes
-    (:data:`divaware.subgroups.DEFAULT_ATTRIBUTES`, as training); ``strategy_params`` (``tau``, ``w_min``,
-    ``w_max``, ...) override the strategy's defaults. ``train``: the training cases to weight (``train``,
-    ``all`` or an ids file). As in training, test-split cases may not drive the weights: an audit of the test
-    split is refused (audit held-out training cases, e.g. nnU-Net's out-of-fold validation predictions, with
-    ``--split train`` or an ids file). Returns ``weight`` (mean 1 over the training cases, clipped to
-    [w_min, w_max]), ``divergence`` and ``worst_itemset``, indexed by patient_id.
+    (:func:`divaware.weighting.refresh_weights`: ``fit(training cases).refresh(audited cases, Dice)``) with
+    the audit's subgroup analysis (min_support, max_length, fdr) over ``attributes`` (default: the audit's
+    own, :func:`divaware.subgroups.method_attributes` of them: with ``breast_density``, the derived ``dense``
+    that training adds too, so a default audit gives the weights a default training refresh gives).
+    ``strategy_params`` (``tau``, ``w_min``, ``w_max``, ...) override the strategy's defaults. ``train``: the
+    training cases to weight (``train``, ``all`` or an ids file). As in training, test-split cases may not
+    drive the weights: an audit of the test split is refused (audit held-out training cases, e.g. nnU-Net's
+    out-of-fold validation predictions, with ``--split train`` or an ids file). Attributes under which nothing
+    is flagged, where the audit flagged something, are refused (every weight would silently be 1).
+    Returns ``weight`` (mean 1 over the training cases), ``divergence``, ``gap``, ``worst_itemset`` and
+    ``clip``, indexed by patient_id; ``attrs["line"]`` summarises them.
     """
     from divaware.cohort import load_cohort
+    from divaware.subgroups import method_attributes
 
     result = load_audit(audit_dir)
     root = Path(data_root).expanduser() if data_root else result.data_root
     cohort = load_cohort(root, voxel_cache=result.out_dir / "cache" / "voxel_checks.json")
     s = result.settings
-    # the method's attributes, as a default training run uses them (the derived `dense` included), so the
-    # weights equal what divaware's own refresh assigns for these scores
-    from divaware.subgroups import DEFAULT_ATTRIBUTES
-
-    params = {"attributes": list(DEFAULT_ATTRIBUTES), "min_support": s["min_support"], "max_length": s["max_length"],
+    audited = list(s.get("attributes") or ev.DEFAULT_ATTRIBUTES)
+    chosen = method_attributes(audited if attributes is None else attributes)
+    unknown = [a for a in chosen if a not in cohort.metadata.columns and a not in method_attributes(cohort.metadata.columns)]
+    if unknown:
+        raise ValueError(f"attribute(s) {unknown} are not metadata columns of {root}; it has "
+                         f"{sorted(map(str, cohort.metadata.columns))}")
+    params = {"attributes": list(chosen), "min_support": s["min_support"], "max_length": s["max_length"],
               "fdr": s["fdr"], "min_count": s["min_count"], "test_ids": cohort.ids("test"), **strategy_params}
     train_ids = _training_ids(cohort, train)
     if not train_ids:
@@ -606,6 +619,7 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
                          "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
     meta = cohort.metadata
     table = _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    _refuse_silent_weights(table, s.get("flagged") or [], chosen, audited)
     table.attrs["data_root"] = str(root)
     return table
 

@@ -71,6 +71,7 @@ __all__ = [
     "superiority",
     "permutation_flag_rate",
     "DERIVED_ATTRIBUTES",
+    "method_attributes",
     "parse_item",
 ]
 
@@ -184,6 +185,18 @@ def _dense(density: object) -> str:
 # name -> (source column, value -> attribute value). attribute_table derives them, so any metadata frame
 # with the source column has them.
 DERIVED_ATTRIBUTES: dict[str, tuple[str, object]] = {"dense": ("breast_density", _dense)}
+
+
+def method_attributes(attributes: Sequence[str]) -> tuple[str, ...]:
+    """The attributes the method analyses for ``attributes``: each, followed by the :data:`DERIVED_ATTRIBUTES`
+    whose source is among them (``breast_density`` brings ``dense``). Training's default
+    (:data:`DEFAULT_ATTRIBUTES`) is this set for the challenge's three attributes; the audit's weights and
+    notebook 02's preview use the same map, so the three agree on the same scores."""
+    out = list(dict.fromkeys(str(a) for a in attributes))
+    for name, (source, _) in DERIVED_ATTRIBUTES.items():
+        if source in out and name not in out:
+            out.insert(out.index(source) + 1, name)
+    return tuple(out)
 
 
 def case_ids(frame: pd.DataFrame, what: str = "table") -> pd.Index:
