@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FILES", "AuditResult", "audit", "load_audit", "match_predictions", "check_predictions",
     "analysis_defaults", "demo_predictions", "audit_weights", "write_weights", "run_weights", "explorer_inputs", "read_ids",
+    "finding_lines", "findings_markdown",
 ]
 
 FILES = {
@@ -73,6 +74,7 @@ FILES = {
     "divergent": "divergent_itemsets.csv",
     "null": "null_check.csv",
     "manifest": "audit.json",
+    "report": "audit.md",
 }
 FIGURES = "figures"
 _ANALYSIS_KEYS = ("min_support", "max_length", "fdr", "min_count")
@@ -243,9 +245,8 @@ class AuditResult:
             f"({len(self.missing)} without a prediction, scored as empty)",
             ev.metric_line(c),
             f"  challenge: P {ev.score_text(c, 'P')}   F {ev.score_text(c, 'F')}   ranking {ev.score_text(c, 'ranking')}",
-            f"  divergent subgroups with q <= {s.get('fdr')}: {len(self.flagged)}"
-            + (f" (worst: {self.flagged.iloc[0]['label']}, n={int(self.flagged.iloc[0]['count'])}, "
-               f"Δ {self.flagged.iloc[0]['divergence']:+.3f})" if len(self.flagged) else ""),
+            f"  flagged subgroups (q <= {s.get('fdr')}, typically lower Dice than the other cases): {len(self.flagged)}",
+            *finding_lines(self.divergent, int(s.get("min_count", 5))),
             f"  null check: noise alone flags something in {(null['fdr_flags'] > 0).mean():.0%} of "
             f"{len(null)} permutations",
             f"  written to {self.out_dir}",
@@ -254,6 +255,64 @@ class AuditResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# rendering the findings (kept small and separate so a report object can take them over)
+# --------------------------------------------------------------------------------------------------
+
+
+def _finding_numbers(r: pd.Series, metric: str = "Dice") -> str:
+    return (f"n={int(r['count'])}, mean {metric} {r['mean']:.3f}, Δ mean {r['divergence']:+.3f}, "
+            f"ps {r['ps']:.2f} [{r['ps_low']:.2f}, {r['ps_high']:.2f}], p {r['p']:.2g}, q {r['q']:.2g}")
+
+
+def _finding_tag(r: pd.Series) -> str:
+    if r.get("role") == "overlap":
+        return f" (explained by overlap with {r['explained_by']})"
+    if r.get("role") == "refinement":
+        return " (refinement: not significantly worse than the rest of its parent)"
+    return ""
+
+
+def finding_lines(divergent: pd.DataFrame, min_count: int = 5, metric: str = "Dice") -> list[str]:
+    """Console lines of an analysis with :func:`divaware.subgroups.with_findings` columns: each root finding,
+    its refinements indented under it, overlaps marked; then the untested subgroups with a large gap.
+    ``ps``: the probability that a case of the subgroup scores better than one outside it (0.5: no difference)."""
+    from divaware.subgroups import findings_order, untested_gaps
+
+    lines = []
+    for _, r in findings_order(divergent).iterrows():
+        indent = "    " if r["label"] == r["root"] else "      └ "
+        lines.append(f"{indent}{r['label']}: {_finding_numbers(r, metric)}{_finding_tag(r)}")
+    small = untested_gaps(divergent)
+    if len(small):
+        lines.append(f"  too few cases to test (n < {min_count}), with a large gap:")
+        lines += [f"    {r['label']}: n={int(r['count'])}, mean {metric} {r['mean']:.3f}, ps {r['ps']:.2f}"
+                  for _, r in small.iterrows()]
+    return lines
+
+
+def findings_markdown(divergent: pd.DataFrame, min_count: int = 5, metric: str = "Dice") -> str:
+    """The findings as a Markdown table (audit.md): subgroup (refinements under their root), role, n, mean,
+    Δ mean, ps with its 95 % CI, p, q; then the untested subgroups with a large gap."""
+    from divaware.subgroups import findings_order, untested_gaps
+
+    rows = ["| subgroup | role | n | mean " + metric + " | Δ mean | ps [95 % CI] | p | q |",
+            "|:---|:---|---:|---:|---:|:---:|---:|---:|"]
+    for _, r in findings_order(divergent).iterrows():
+        name = r["label"] if r["label"] == r["root"] else f"↳ {r['label']}"
+        role = r["role"] + (f" with {r['explained_by']}" if r["role"] == "overlap" else "")
+        rows.append(f"| {name} | {role} | {int(r['count'])} | {r['mean']:.3f} | {r['divergence']:+.3f} | "
+                    f"{r['ps']:.2f} [{r['ps_low']:.2f}, {r['ps_high']:.2f}] | {r['p']:.2g} | {r['q']:.2g} |")
+    text = "\n".join(rows) if len(rows) > 2 else "No subgroup is flagged."
+    small = untested_gaps(divergent)
+    if len(small):
+        text += (f"\n\nToo few cases to test (n < {min_count}), with a large gap: "
+                 + "; ".join(f"{r['label']} (n={int(r['count'])}, ps {r['ps']:.2f})" for _, r in small.iterrows()))
+    return ("# Flagged subgroups\n\nps: the probability that a case of the subgroup scores better than a case "
+            "outside it (0.5: no difference; the one-sided Mann–Whitney test behind p and q asks whether it is "
+            "below 0.5). Δ mean: DivExplorer's divergence, mean in the subgroup − mean overall.\n\n" + text + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -374,6 +433,7 @@ def audit(
     divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
                                              max_length=analysis["max_length"], min_count=analysis["min_count"])
     divergent["flagged"] = subgroups.is_significant(divergent, analysis["fdr"])  # the rule divaware acts on
+    divergent = subgroups.with_findings(divergent, table, dice, analysis["fdr"])
     null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
                                   min_support=analysis["min_support"], max_length=analysis["max_length"],
                                   fdr=analysis["fdr"])
@@ -400,6 +460,7 @@ def audit(
     ev._write_json(out / FILES["fairness"], fairness)
     ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(divergent))
     ev._write_atomic(out / FILES["null"], null.to_csv(index=False))
+    ev._write_atomic(out / FILES["report"], findings_markdown(divergent, analysis["min_count"]))
     if figures:
         settings["figures"] = [p.name for p in write_figures(result, cohort)]
     ev._write_json(out / FILES["manifest"], settings)
@@ -462,6 +523,8 @@ def load_audit(out_dir: str | Path) -> AuditResult:
     divergent = pd.read_csv(out / FILES["divergent"])
     divergent["items"] = divergent["items"].map(lambda s: frozenset(json.loads(s)))
     divergent["flagged"] = divergent["flagged"].astype(bool)
+    for c in ("root", "role", "explained_by"):  # audits written before these columns read as ""
+        divergent[c] = divergent[c].fillna("").astype(str) if c in divergent.columns else ""
     return AuditResult(
         out_dir=out, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
         split=settings["split"], per_case=per_case,

@@ -260,6 +260,18 @@ def _flagged(worst_itemset: pd.Series) -> pd.Series:
     return s.notna() & s.map(lambda v: str(v).strip().lower() not in ("", "nan", "none", "<na>"))
 
 
+def _weight_sets(worst_itemset: pd.Series, top: int) -> tuple[np.ndarray, list[str]]:
+    """Each row's set for :func:`plot_weights`: its flagged subgroup (the ``top`` most frequent by name, the
+    rest as "other flagged subgroups"), or "in no flagged subgroup"; and their order."""
+    flagged = _flagged(worst_itemset)
+    labels = worst_itemset.astype(str).where(flagged, "")
+    named = list(labels[flagged].value_counts().index[:max(int(top), 0)])
+    sets = np.where(~flagged, "in no flagged subgroup",
+                    np.where(labels.isin(named), labels, "other flagged subgroups"))
+    order = [*named, "other flagged subgroups", "in no flagged subgroup"]
+    return sets, [v for v in order if v in set(sets)]
+
+
 def plot_weights(
     history: pd.DataFrame,
     metadata: pd.DataFrame | None = None,
@@ -267,12 +279,14 @@ def plot_weights(
     *,
     title: str | None = None,
     path: str | Path | None = None,
+    top_subgroups: int = 6,
 ) -> Figure:
     """Per-case weights over refreshes: their distribution (left) and mean weights of case sets (right).
 
     ``history`` is a weighting strategy's history (columns ``refresh, epoch, patient_id, weight,
-    worst_itemset, divergence``). The right panel compares cases flagged with a divergent itemset against
-    the others, or, given ``metadata`` and ``by``, the groups of that metadata column (matched by id).
+    worst_itemset``, ...). The right panel shows the mean weight of the cases of each flagged subgroup (the
+    one that set their weight; the ``top_subgroups`` with the most case-refreshes by name, the rest together)
+    and of the cases in none, or, given ``metadata`` and ``by``, of the groups of that metadata column.
     """
     _require(history, ("refresh", "patient_id", "weight"), "weights history")
     h = history.copy()
@@ -297,9 +311,8 @@ def plot_weights(
         legend_title = by
     else:
         _require(history, ("worst_itemset",), "weights history")
-        h["set"] = np.where(_flagged(h["worst_itemset"]), "flagged (in a divergent subgroup)", "other")
-        hue_order = [v for v in ("flagged (in a divergent subgroup)", "other") if v in set(h["set"])]
-        legend_title = None
+        h["set"], hue_order = _weight_sets(h["worst_itemset"], top_subgroups)
+        legend_title = "case's worst flagged subgroup"
     means = h.groupby(["refresh", "set"], as_index=False)["weight"].mean()
     sns.lineplot(data=means, x="refresh", y="weight", hue="set", hue_order=hue_order, marker="o", ax=ax1)
     ax1.axhline(1.0, color="black", ls="--", lw=0.8)

@@ -256,8 +256,12 @@ EXPLORER_ATTRIBUTES = (
 def explorer_attributes(metadata: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
     """The attributes the subgroup explorer offers: the meaningful columns present with at least two values,
     plus any ``extra`` column asked for explicitly."""
+    from divaware.subgroups import DERIVED_ATTRIBUTES
+
     offered = [c for c in EXPLORER_ATTRIBUTES if c in metadata.columns and metadata[c].nunique(dropna=False) >= 2]
-    return offered + [c for c in extra if c in metadata.columns and c not in offered]
+    # derived attributes (dense, from breast_density) are offered when asked for and their source is there
+    derivable = {a for a, (src, _) in DERIVED_ATTRIBUTES.items() if src in metadata.columns}
+    return offered + [c for c in extra if (c in metadata.columns or c in derivable) and c not in offered]
 
 
 # Per-case scores where a *lower* value is better: analysed with the sign flipped, so that "worse" is always
@@ -424,10 +428,18 @@ def _readable_itemsets(result: pd.DataFrame, metric: str, fdr: float) -> pd.Data
     return table
 
 
+def _shapley_table(result: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The Shapley contributions to Δ of the selected itemset, named in the column (follows the selection)."""
+    from divaware.subgroups import shapley_contributions
+
+    contrib = shapley_contributions(result, label)
+    return contrib.to_frame(f"Shapley contribution to Δ of {label}").round(4)
+
+
 def _itemset_option(r: pd.Series) -> str:
     tested = np.isfinite(r["q"])
     stats = f"p={r['p']:.2g}, q={r['q']:.2g}" if tested else "not tested: too few cases"
-    return f"{r['label']}  (n={r['count']}, Δ={r['divergence']:+.3f}, {stats})"
+    return f"{r['label']}  (n={r['count']}, ps={r['ps']:.2f}, Δ mean={r['divergence']:+.3f}, {stats})"
 
 
 def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[str, Case] | None = None,
@@ -528,8 +540,11 @@ class _SubgroupExplorer:
         with self.case_out:
             self.case_out.clear_output(wait=True)
             if ids:
-                shown = scores.loc[ids].join(self.metadata.loc[ids, list(self.attrs.value)])
+                shown = scores.loc[ids].join(self.metadata.loc[ids, [a for a in self.attrs.value
+                                                                     if a in self.metadata.columns]])
                 display(shown.style.format({c: "{:.3f}" for c in scores.columns}))
+                state["shapley"] = _shapley_table(result, label)
+                display(state["shapley"])
         # Replacing the options may or may not fire a value event; choose the case explicitly: the one being
         # viewed while it is still a member, else the worst.
         previous, metric = self.case_pick.value, self.metric.value
@@ -571,8 +586,10 @@ class _SubgroupExplorer:
             self.table_out.clear_output(wait=True)
             display(styled_itemsets(state["table"].head(self.top)))
             left_out = result.attrs.get("left_out", 0)
-            display(HTML(f"<small>sorted by q, then Δ; significant (bold): q ≤ {self.fdr:g} and Δ worse than "
-                         "average; grey: fewer cases than the test's minimum, not tested"
+            display(HTML(f"<small>sorted by q, then Δ; ps: the probability that a case of the itemset scores better "
+                         f"than one outside it (0.5: no difference); significant (bold): q ≤ {self.fdr:g} and ps < 0.5 "
+                         "(typically worse; Δ, a difference of means, may disagree); grey: fewer cases than the "
+                         "test's minimum, not tested"
                          + (f"; {left_out} case(s) without a {self.metric.value} value left out" if left_out else "")
                          + "</small>"))
         self.show_members()  # always, even when the label stayed: its members may differ under new settings

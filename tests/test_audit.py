@@ -256,6 +256,42 @@ def test_weights_csv_equals_divaware_refresh(synthetic_root: Path, train_audit: 
     assert (table.loc[table["weight"] == table["weight"].max(), "clip"] == "w_max").all()
 
 
+def test_preview_training_refresh_and_weights_cli_agree(synthetic_root: Path, train_audit: A.AuditResult,
+                                                        tmp_path: Path) -> None:
+    """Issue 27: notebook 02's preview (3 attributes) and training's refresh (with the derived dense) disagreed.
+    The preview function with notebook 02's default parameters, a default training refresh and `divaware
+    weights` give the same weights on the same scores (1e-12)."""
+    import ast
+
+    import nbformat
+
+    import divaware.train as T
+    from divaware.subgroups import method_attributes
+    from divaware.weighting import refresh_weights
+
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "02_subgroup_divergence.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    defaults = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(params.source).body
+                if isinstance(n, ast.AnnAssign)}
+    cohort = load_cohort(synthetic_root)
+    train_meta = cohort.metadata.loc[cohort.ids("train")]
+    scores = train_audit.per_case["dice"]
+    val_meta = cohort.metadata.loc[scores.index]
+    # notebook 02's preview cell: refresh_weights on method_attributes(attributes), its min_support and max_length
+    preview = refresh_weights(train_meta, val_meta, scores, attributes=list(method_attributes(defaults["attributes"])),
+                              min_support=defaults["min_support"], max_length=defaults["max_length"])
+    config = T.TrainConfig(data_root=str(synthetic_root))
+    strategy = make_strategy(config.strategy, **T._strategy_kwargs(config, cohort.ids("test")))
+    training = strategy.fit(train_meta).refresh(config.warmup_epochs, val_meta, scores)
+    out = tmp_path / "weights.csv"
+    assert main(["weights", "--audit", str(train_audit.out_dir), "--out", str(out)]) == 0
+    cli = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")["weight"]
+    assert preview["weight"].nunique() > 1  # something is flagged, so the comparison means something
+    np.testing.assert_allclose(preview["weight"].to_numpy(), training.loc[preview.index].to_numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cli.loc[preview.index].to_numpy(), training.loc[preview.index].to_numpy(), rtol=0,
+                               atol=1e-12)
+
+
 def test_weights_refuse_a_test_split_audit(planted_audit: A.AuditResult, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="test-split"):
         A.audit_weights(planted_audit.out_dir)
