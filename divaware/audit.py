@@ -11,8 +11,10 @@ and ``divaware audit`` never import it), then runs the same fairness analysis as
   (``fairness.json``), exactly as :func:`divaware.evaluate.evaluate` writes them;
 * divergent subgroups (``divergent_itemsets.csv``): :func:`divaware.subgroups.divergent_itemsets` of the
   per-case Dice with the ``divaware`` strategy's defaults (``min_support``, ``max_length``) and its
-  false-discovery control: an itemset is *flagged* (``flagged`` column) when Δ < 0 and its
-  Benjamini–Hochberg q ≤ ``fdr`` — the itemsets the ``divaware`` strategy would act on;
+  false-discovery control: an itemset is *flagged* (``flagged`` column) when its Benjamini–Hochberg q ≤ ``fdr``
+  and its effect ps < 0.5 (:func:`divaware.subgroups.is_significant`) — the itemsets the ``divaware`` strategy
+  would act on; ``root``/``role``/``explained_by`` (:func:`divaware.subgroups.with_findings`) group refinements
+  under their root and mark overlaps; ``audit.md`` lists them as findings (:func:`findings_markdown`);
 * the null check (``null_check.csv``): :func:`divaware.calibration.null_check`, the same analysis on
   permuted Dice, i.e. how often noise alone flags something on this many cases;
 * the figures notebook 04 makes (``figures/``): Dice by group with CIs, the age × density heatmap, the
@@ -225,7 +227,7 @@ class AuditResult:
 
     @property
     def flagged(self) -> pd.DataFrame:
-        """The itemsets that pass the false-discovery control with Δ < 0 (what ``divaware`` acts on)."""
+        """The itemsets that pass the false-discovery control with ps < 0.5 (what ``divaware`` acts on)."""
         return self.divergent[self.divergent["flagged"]].reset_index(drop=True)
 
     @property
@@ -492,7 +494,7 @@ def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> li
     # the tested itemsets only (≥ min_count cases): an untested 3-case itemset is not a finding
     tested = result.divergent[result.divergent["p"].notna()]
     plots.plot_divergent_itemsets(tested if len(tested) else result.divergent, top=10, path=written[-1],
-                                  title=f"Top tested subgroups; flagged (Δ < 0, q ≤ {result.settings['fdr']:g}): "
+                                  title=f"Top tested subgroups; flagged (q ≤ {result.settings['fdr']:g}, ps < 0.5): "
                                         f"{int(result.divergent['flagged'].sum())}")
     images, truths, preds, titles = [], [], [], []
     for pid in pc["dice"].nsmallest(n_hardest).index:

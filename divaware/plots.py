@@ -138,7 +138,9 @@ def plot_divergent_itemsets(
     title: str | None = None,
     path: str | Path | None = None,
 ) -> Figure:
-    """The ``top`` most divergent itemsets as horizontal bars of Δ, red where significant (q ≤ ``fdr``, Δ < 0).
+    """The ``top`` most divergent itemsets as horizontal bars of Δ, red where significant (q ≤ ``fdr`` and the
+    test's effect worse: ps < 0.5 with the rank test, whose ps each label then shows beside n and q, since
+    a flagged subgroup's mean can be above average; Δ < 0 for a frame without ``ps``).
 
     Significance is :func:`divaware.subgroups.is_significant`, the rule the ``divaware`` strategy acts on and
     every table shows. ``which``: ``"negative"`` (most negative Δ: the subgroups the model fails),
@@ -153,9 +155,12 @@ def plot_divergent_itemsets(
     d = itemsets.copy()
     key = {"negative": d["divergence"], "positive": -d["divergence"], "absolute": -d["divergence"].abs()}[which]
     d = d.assign(_key=key).sort_values("_key", kind="stable").head(top)
-    sig_hi, sig_lo = f"q ≤ {fdr:g}, Δ < 0", "not significant"
+    rank = "ps" in d.columns
+    sig_hi, sig_lo = (f"q ≤ {fdr:g}, ps < 0.5" if rank else f"q ≤ {fdr:g}, Δ < 0"), "not significant"
     d["significance"] = np.where(is_significant(d, fdr), sig_hi, sig_lo)
     qtext = [("untested" if not np.isfinite(q) else f"q={q:.2g}") for q in d["q"].astype(float)]
+    if rank:
+        qtext = [f"ps={ps:.2f}, {qt}" for ps, qt in zip(d["ps"].astype(float), qtext, strict=True)]
     if "count" in d.columns:
         d["ylabel"] = [f"{lab} (n={c}, {qt})" for lab, c, qt in zip(d["label"], d["count"], qtext, strict=True)]
     else:

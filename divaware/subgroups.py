@@ -1248,9 +1248,12 @@ def findings(itemsets: pd.DataFrame, table: pd.DataFrame, scores: pd.Series, fdr
 def untested_gaps(itemsets: pd.DataFrame, gap: float = UNTESTED_GAP) -> pd.DataFrame:
     """Itemsets too small to test (q NaN: fewer than ``min_count`` cases) whose cases nonetheless score far
     below the others (:func:`effect_gap` ≥ ``gap``): "too few cases to test (n < min_count)", not "fine".
-    Largest gap first; columns ``label``, ``count``, ``mean``, ``divergence``, ``ps``."""
+    Refinements of a flagged itemset are left out (they are part of its finding). Largest gap first; columns ``label``, ``count``, ``mean``, ``divergence``, ``ps``."""
     untested = pd.to_numeric(itemsets["q"], errors="coerce").isna()
     big = untested & effect_gap(itemsets).ge(gap)
+    # one that refines a flagged subgroup is already part of that finding
+    flagged = [frozenset(i) for i in itemsets.loc[is_significant(itemsets), "items"]]
+    big &= ~itemsets["items"].map(lambda i: any(f <= frozenset(i) for f in flagged)).astype(bool)
     cols = [c for c in ("label", "count", "mean", "divergence", "ps") if c in itemsets.columns]
     out = itemsets.loc[big, cols].copy()
     out = out.assign(_g=effect_gap(itemsets)[big]).sort_values(["_g", "label"], ascending=[False, True])

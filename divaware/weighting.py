@@ -803,7 +803,7 @@ class _DivergenceStrategy(WeightingStrategy):
     :meth:`should_refresh` is true at epoch ``warmup_epochs`` and every ``update_every`` epochs after.
     Each refresh: :func:`~divaware.subgroups.divergent_itemsets` on the validation cases' scores with
     ``min_support``/``max_length``, then :func:`~divaware.subgroups.case_divergence` of every training case
-    (matched by attribute values) counting only itemsets with |t| ≥ ``t_min`` and, when ``fdr`` is set,
+    (matched by attribute values) counting only itemsets with |statistic| ≥ ``t_min`` and, when ``fdr`` is set,
     Benjamini–Hochberg q ≤ ``fdr`` (itemsets of fewer than ``min_count`` validation cases are not tested),
     then :meth:`_weights_from`. ``test`` names the divergence test behind the q-values
     (:data:`divaware.subgroups.TESTS`; default Mann–Whitney, chosen in benchmarks/DIVERGENCE.md).

@@ -104,6 +104,12 @@ def test_divergent_itemsets_top_bars_coloured_by_significance(tmp_path):
     assert ytick_texts(pos.axes[0])[0] == "attr=v11 (n=21, q=0.01)"
     # a positive Δ is never "significant", whatever its q
     assert all(to_hex(b.get_facecolor()) == P._NONSIG_COLOR for b in pos.axes[0].patches if b.get_width() != 0)
+    # with the rank effect: the flag follows ps, which every label shows (a flagged mean can be above average)
+    ranked = itemsets.assign(ps=np.where(itemsets["q"] <= 0.05, 0.3, 0.6))
+    fig = P.plot_divergent_itemsets(ranked, top=12, which="positive")
+    texts = ytick_texts(fig.axes[0])
+    assert texts[0] == "attr=v11 (n=21, ps=0.30, q=0.01)"
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][0] == "q ≤ 0.05, ps < 0.5"
 
 
 def test_run_comparison_dumbbell():
