@@ -493,9 +493,10 @@ class _SubgroupExplorer:
         self.grey = w.HTML()  # a style rule that greys the untested itemsets (they are last in the list)
         self.case_pick = w.Dropdown(description="case", layout=w.Layout(width="60%"))
         self.table_out, self.case_out, self.viewer_out = w.Output(), w.Output(), w.Output()
+        self.shapley_out = w.Output()  # the selected itemset's Shapley table, apart from the member table
         # class names for a reader's stylesheet and for the browser test to find the parts
         for part, name in ((self.case_pick, "case"), (self.table_out, "table"), (self.case_out, "members"),
-                           (self.viewer_out, "viewer")):
+                           (self.viewer_out, "viewer"), (self.shapley_out, "shapley")):
             part.add_class(f"divaware-explorer-{name}")
         self.state: dict[str, Any] = {"result": pd.DataFrame(), "members": [], "table": pd.DataFrame()}
         for control in (self.attrs, self.support, self.metric):
@@ -503,10 +504,11 @@ class _SubgroupExplorer:
         self.itemset.observe(self.show_members, names="value")
         self.case_pick.observe(self.open_case, names="value")
         box = self.box = w.VBox([w.HBox([self.attrs, w.VBox([self.support, self.metric])]), self.table_out,
-                                 self.itemset, self.case_out, self.case_pick, self.viewer_out, self.grey])
+                                 self.itemset, self.case_out, self.case_pick, self.viewer_out, self.shapley_out,
+                                 self.grey])
         box.controls = {"attributes": self.attrs, "min_support": self.support, "metric": self.metric,
                         "itemset": self.itemset, "case": self.case_pick, "table": self.table_out,
-                        "members": self.case_out, "viewer": self.viewer_out}
+                        "members": self.case_out, "viewer": self.viewer_out, "shapley": self.shapley_out}
         box.state = self.state
         self.rerun()
 
@@ -543,7 +545,10 @@ class _SubgroupExplorer:
                 shown = scores.loc[ids].join(self.metadata.loc[ids, [a for a in self.attrs.value
                                                                      if a in self.metadata.columns]])
                 display(shown.style.format({c: "{:.3f}" for c in scores.columns}))
-                state["shapley"] = _shapley_table(result, label)
+        state["shapley"] = _shapley_table(result, label) if ids else None
+        with self.shapley_out:
+            self.shapley_out.clear_output(wait=True)
+            if ids:
                 display(state["shapley"])
         # Replacing the options may or may not fire a value event; choose the case explicitly: the one being
         # viewed while it is still a member, else the worst.
