@@ -8,8 +8,8 @@ background process does not outlive its machine. So each finished run is recorde
 ``benchmarks/experiment/<mechanism>/<run>/`` (:mod:`divaware.experiment_record`) and committed at once, with
 the report regenerated from the records (``benchmarks/EXPERIMENT.md``); the same command on a fresh clone
 skips every recorded run and resumes with the rest. Runs go in the order that answers the question soonest:
-the look-alike ladder (erm, counterfactual, oracle, balanced) seed by seed, divaware, then the other
-strategies and the weak-drop and intrinsic controls.
+the look-alike ladder (erm, counterfactual, oracle, balanced) and divaware seed by seed, then the weak-drop
+and intrinsic controls, then the other strategies.
 
 A control file (``--control``, JSON, re-read before each run starts) lets a long sweep follow the
 repository without restarting: ``{"code": DIR}`` runs the next runs with the package in DIR (a checkout pinned
@@ -44,8 +44,8 @@ def plan(seeds: list[int]) -> list[tuple[str, str, int]]:
         for seed in seeds:
             order.extend((mech, s, seed) for s in strategies if s in names[mech] and (mech, s, seed) not in order)
 
-    add("lookalike", LADDER)
-    add("lookalike", ["divaware"])
+    for seed in seeds:  # seed by seed, so that every finished seed pairs divaware with its ladder
+        order.extend(("lookalike", s, seed) for s in (*LADDER, "divaware") if s in names["lookalike"])
     for mech in ("lookalike_weak", "intrinsic"):
         add(mech, ["erm", "oracle", "divaware"])
     add("lookalike", names["lookalike"])
