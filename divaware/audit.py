@@ -483,6 +483,36 @@ def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, ou
     return root, pred_dir, out, attributes, analysis
 
 
+def _subgroup_analysis(per_case: pd.DataFrame, attributes: Sequence[str], analysis: dict[str, Any],
+                       n_permutations: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The divergent itemsets of the per-case Dice (``flagged``: the rule divaware acts on; the finding
+    columns of :func:`divaware.subgroups.with_findings`) and the null check on permuted Dice."""
+    from divaware import calibration, subgroups
+
+    table = subgroups.attribute_table(per_case[list(attributes)], list(attributes))
+    dice = per_case["dice"].astype(float)
+    divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
+                                             max_length=analysis["max_length"], min_count=analysis["min_count"])
+    divergent["flagged"] = subgroups.is_significant(divergent, analysis["fdr"])
+    divergent = subgroups.with_findings(divergent, table, dice, analysis["fdr"])
+    null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
+                                  min_support=analysis["min_support"], max_length=analysis["max_length"],
+                                  fdr=analysis["fdr"])
+    return divergent, null
+
+
+def _write_tables(result: AuditResult) -> None:
+    """The audit's tables and audit.md into its folder (the manifest is written last, by :func:`audit`)."""
+    out = result.out_dir
+    ev._write_atomic(out / FILES["per_case"], result.per_case.to_csv())
+    ev._write_atomic(out / FILES["per_group"], result.per_group.to_csv(index=False))
+    ev._write_json(out / FILES["challenge"], result.challenge)
+    ev._write_json(out / FILES["fairness"], result.fairness)
+    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(result.divergent))
+    ev._write_atomic(out / FILES["null"], result.null.to_csv(index=False))
+    ev._write_atomic(out / FILES["report"], findings_markdown(result.divergent, int(result.settings["min_count"])))
+
+
 def audit(
     data_root: str | Path,
     predictions: str | Path,
@@ -509,7 +539,6 @@ def audit(
     the null check's permutations (``n_permutations``). ``figures``: write the PNG figures. ``threshold``: the
     predictions are probability maps, tumour where p >= ``threshold``.
     """
-    from divaware import calibration, subgroups
     from divaware.cohort import load_cohort
 
     root, pred_dir, out, attributes, analysis = _audit_inputs(data_root, predictions, split, out_dir, attributes,
@@ -550,15 +579,7 @@ def audit(
     per_group = ev._per_group_table(per_case, attributes, n_boot, seed)
     challenge = M.challenge_score(per_case, per_case)
     fairness = ev._fairness(per_case, attributes, 1)
-    table = subgroups.attribute_table(per_case[list(attributes)], list(attributes))
-    dice = per_case["dice"].astype(float)
-    divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
-                                             max_length=analysis["max_length"], min_count=analysis["min_count"])
-    divergent["flagged"] = subgroups.is_significant(divergent, analysis["fdr"])  # the rule divaware acts on
-    divergent = subgroups.with_findings(divergent, table, dice, analysis["fdr"])
-    null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
-                                  min_support=analysis["min_support"], max_length=analysis["max_length"],
-                                  fdr=analysis["fdr"])
+    divergent, null = _subgroup_analysis(per_case, attributes, analysis, n_permutations, seed)
 
     from divaware import __version__
 
@@ -576,13 +597,7 @@ def audit(
     result = AuditResult(out_dir=out, data_root=root, predictions=pred_dir, split=split_name, per_case=per_case,
                          per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
                          null=null, settings=settings)
-    ev._write_atomic(out / FILES["per_case"], per_case.to_csv())
-    ev._write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
-    ev._write_json(out / FILES["challenge"], challenge)
-    ev._write_json(out / FILES["fairness"], fairness)
-    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(divergent))
-    ev._write_atomic(out / FILES["null"], null.to_csv(index=False))
-    ev._write_atomic(out / FILES["report"], findings_markdown(divergent, analysis["min_count"]))
+    _write_tables(result)
     if figures:
         try:
             settings["figures"] = [p.name for p in write_figures(result, cohort)]
