@@ -68,6 +68,15 @@ def test_slurm_options_map_onto_sbatch_options(tmp_path: Path) -> None:
         executors.SlurmOptions.from_mapping({"time": "soon"})
 
 
+def test_a_job_reaching_its_time_limit_is_requeued_as_the_same_task() -> None:
+    """submitit calls checkpoint() on SIGUSR2 (time limit, preemption) and requeues what it returns: the same
+    function and arguments, so the training inside resumes from its last.pt."""
+    task = executors.SlurmTask("divaware.pipeline:sweep_run", {"name": "erm_seed0"})
+    again = task.checkpoint()
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is task
+    assert (again.function.function, again.function.kwargs) == ("divaware.pipeline:sweep_run", {"name": "erm_seed0"})
+
+
 @needs_slurm
 def test_unreachable_scheduler_is_one_line_naming_slurm_conf(tmp_path: Path, synthetic_root: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
