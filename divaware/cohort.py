@@ -92,6 +92,10 @@ image_nan              NaN voxels in a phase image                              
 image_inf              Inf voxels in a phase image                                       exclude
 image_huge             1e36 voxels in a phase image (|value| > ``MAX_ABS_INTENSITY``)    exclude
 phase_all_zero         an all-zero (constant) phase image                                exclude
+phase_binary           a binary (two-valued) image as phase 0002                         exclude
+phase_near_blank       phase 0002 all zero but a few voxels (> 99.5 % one value)         exclude
+qform_sform_30mm       phase 0001's qform 30 mm from its sform                           report
+sform_sheared          a sheared sform (axes not square) in every file                   report
 blank_patient_id       spreadsheet row with a blank patient_id                           report
 breast_box_inverted    patient-info breast box with x_min > x_max                        report
 breast_box_no_tumour   patient-info breast box holding no tumour voxel                   report
@@ -115,10 +119,13 @@ stops everything with a :class:`CohortError` listing every problem; "report" kee
 
 Voxel checks. Shapes, spacings and affines come from the NIfTI headers (nibabel reads the first bytes of
 each gzip stream), always. The checks that need the voxels -- data that decompresses completely, finite
-intensities below ``MAX_ABS_INTENSITY``, no constant phase, a binary mask that is neither inverted nor off
-the enhancing tumour -- read every file in full: on the real data that is ~1 GB of gzip per 20 cases, so
-``load_cohort(voxel_cache=...)`` remembers each case's result keyed by its files' path, size and
-modification time. Training keeps that cache in the run's cache folder (next to the preprocessed cases) and
+intensities below ``MAX_ABS_INTENSITY``, no constant, two-valued or nearly blank phase, a binary mask that is
+neither inverted nor off the enhancing tumour -- read every file in full: on the real data that is ~1 GB of
+gzip per 20 cases, so ``load_cohort(voxel_cache=...)`` remembers each case's result keyed by its files' paths
+and content digests (:mod:`divaware.digests`: a file edited in place is checked again, even with its size and
+modification time kept; an unchanged file is not read again). The headers are also compared: a qform and an
+sform that disagree (ITK-based tools read the qform, nibabel and MONAI the sform) and a sheared sform are
+reported. Training keeps that cache in the run's cache folder (next to the preprocessed cases) and
 evaluation/prediction in the run folder, so a run's files are voxel-checked once and a resume or an
 evaluation reads no voxels for checking. ``check_voxels=False`` (``divaware check --headers-only``) skips
 them: only for a quick look, since a case that fails them breaks or corrupts every computation.
@@ -842,6 +849,7 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
     reasons += [r for p, h in zip(paths, headers, strict=True) if (r := _geometry_reason(index.rel(p), h))]
     if reasons:
         return reasons
+    problems += [f"{pid}: {q}" for p, h in zip(paths, headers, strict=True) if (q := _qform_sform_problem(index.rel(p), h))]
     shape0, affine0 = headers[0].shape, headers[0].affine
     zooms0 = voxel_spacing(affine0)  # what MONAI's loader (training, prediction) and scoring use
     if len(shape0) != 3:
@@ -949,7 +957,7 @@ MAX_ABS_INTENSITY = 1e10
 the float32 z-score normalisation (its variance squares them: 1e36 -> inf), so the case would train on NaN."""
 MAX_TUMOUR_FRACTION = 0.5
 """A mask covering more than this fraction of the volume is taken to be inverted (tumour <-> background)."""
-VOXEL_CHECK_VERSION = 2  # bump when the checks change, so cached results are not reused
+VOXEL_CHECK_VERSION = 3  # bump when the checks change, so cached results are not reused
 
 
 MIN_SPACING_MM, MAX_SPACING_MM = 0.1, 20.0
@@ -1077,7 +1085,50 @@ def _image_reasons(rel: str, arr: np.ndarray) -> list[str]:
                 f"{MAX_ABS_INTENSITY:.0g}); the scaling is corrupt, re-convert or re-download it"]
     if lo == hi:
         return [f"{rel} is constant (every voxel {lo:g}): a blank phase; re-convert or re-download it"]
+    values, counts = np.unique(arr, return_counts=True)
+    if len(values) <= 2:  # an MR phase has noise: two values are a mask or a thresholded image
+        return [f"{rel} holds only the values {', '.join(f'{v:g}' for v in values.tolist())}: a binary image "
+                "(a mask saved as a phase?), not an MR phase; re-convert or re-download it"]
+    share = float(counts.max()) / arr.size
+    if share >= NEAR_BLANK_SHARE:
+        return [f"{rel} is nearly blank: {100 * share:.2f} % of its voxels are {values[counts.argmax()]:g}; "
+                "re-convert or re-download it"]
     return []
+
+
+NEAR_BLANK_SHARE = 0.995
+"""A phase with this share of its voxels at one value is (nearly) blank, not an MR image: the synthetic
+cohorts' most common value covers at most 6.4 % of a phase (40 cases measured); zero padding of real
+acquisitions far less than 99.5 %."""
+QFORM_SFORM_MM = 1.0
+"""qform and sform placing a voxel of the grid further apart than this (mm) disagree."""
+
+
+def _qform_sform_problem(rel: str, header: _Header) -> str | None:
+    """A header whose two affines disagree (tools differ in which they use: nibabel and MONAI the sform,
+    ITK-based tools such as nnU-Net's SimpleITK reader the qform) or whose sform is sheared (non-orthogonal
+    axes: no voxel spacing describes it). Reported; the case is kept, read with the sform."""
+    h = getattr(header.image, "header", None)
+    if h is None or not hasattr(h, "get_sform"):
+        return None
+    sform, scode = h.get_sform(coded=True)
+    qform, qcode = h.get_qform(coded=True)
+    if sform is not None and scode:
+        axes = sform[:3, :3] / np.maximum(np.linalg.norm(sform[:3, :3], axis=0), 1e-12)
+        cosines = np.abs(axes.T @ axes - np.eye(3)).max()
+        if cosines > 1e-3:
+            off = 90.0 - float(np.degrees(np.arccos(min(cosines, 1.0))))
+            return (f"{rel}: its sform is sheared (two axes {off:.1f} degrees off square); no voxel spacing "
+                    "describes it and tools read it differently: check the conversion")
+    if sform is None or qform is None or not scode or not qcode:
+        return None
+    shape = np.asarray(header.shape[:3], dtype=float) - 1
+    corners = np.array([[x, y, z, 1.0] for x in (0, shape[0]) for y in (0, shape[1]) for z in (0, shape[2])])
+    apart = float(np.linalg.norm((corners @ sform.T - corners @ qform.T)[:, :3], axis=1).max())
+    if apart > QFORM_SFORM_MM:
+        return (f"{rel}: its qform and sform disagree by up to {apart:.1f} mm at the grid's corners; nibabel and "
+                "MONAI use the sform, ITK-based tools (nnU-Net's reader) the qform: make them agree")
+    return None
 
 
 def _mask_reasons(rel: str, mask: np.ndarray) -> tuple[list[str], int]:
@@ -1248,7 +1299,9 @@ def _check_voxels(paths: Sequence[Path], mask_path: Path | None, headers: Sequen
 
 
 class _VoxelCache:
-    """Voxel-check results per case, keyed by its files' (path, size, mtime): later loads read no voxels."""
+    """Voxel-check results per case, keyed by its files' paths and content digests (:mod:`divaware.digests`,
+    remembered in ``digests/`` beside the cache): later loads read no voxels, and a file edited in place
+    (even with its size and mtime kept) is checked again."""
 
     def __init__(self, path: Path, root: Path) -> None:
         if path.resolve().is_relative_to(root.resolve()):
@@ -1264,13 +1317,10 @@ class _VoxelCache:
         except (OSError, ValueError, AttributeError):
             pass  # absent or damaged: check again and rewrite it
 
-    @staticmethod
-    def stamp(files: Sequence[Path]) -> list[Any]:
-        out = []
-        for p in files:
-            st = p.stat()
-            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-        return out
+    def stamp(self, files: Sequence[Path]) -> list[Any]:
+        from divaware.digests import file_digest
+
+        return [[str(p.resolve()), file_digest(p, self.path.parent / "digests")] for p in files]
 
     def get(self, pid: str, stamp: list[Any]) -> dict[str, Any] | None:
         entry = self.entries.get(pid)
@@ -1283,16 +1333,22 @@ class _VoxelCache:
     def save(self) -> None:
         if not self.dirty:
             return
+        from divaware.outputs import OutputError, ensure_writable
         from divaware.runfolder import write_text
 
-        write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
+        try:
+            ensure_writable(self.path.parent, "voxel-check cache")
+        except OutputError as err:  # a read-only (or full) store still serves what it holds
+            warnings.warn(f"voxel checks not cached, so repeated next time: {err}", stacklevel=4)
+        else:
+            write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
         self.dirty = False
 
 
 def _cached_voxel_check(pid: str, paths: Sequence[Path], mask_path: Path | None, headers: Sequence[_Header],
                         mask_header: _Header | None, index: _Index, cache: _VoxelCache | None) -> dict[str, Any]:
     files = [*paths, *([mask_path] if mask_path is not None else [])]
-    stamp = _VoxelCache.stamp(files) if cache is not None else []
+    stamp = cache.stamp(files) if cache is not None else []
     if cache is not None:
         hit = cache.get(pid, stamp)
         if hit is not None:

@@ -195,20 +195,22 @@ class TrainConfig:
                 raise ValueError(f"{value!r} is a boolean, not a number")
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value!r} is not a whole number")
+            if abs(int(value)) >= 2**63:  # torch and numpy take 64-bit integers (seed: 1e20 overflowed there)
+                raise ValueError(f"{value!r} is too large (at most {2**63 - 1})")
             return int(value)
 
         def as_list(value: Any, kind: type) -> list | None:
+            if value is not None and isinstance(value, (str, bytes, int, float)):
+                raise TypeError(f"{value!r} is not a list (write it as [{value}, ...])")
             return None if value is None else [(whole if kind is int else kind)(v) for v in value]
 
+        current = ""  # the field being coerced: every type error names it
         try:
-            for name in ("phases", "channels", "strides"):
-                setattr(self, name, as_list(getattr(self, name), int))
-            self.patch_size = as_list(self.patch_size, int)
-            self.spacing = as_list(self.spacing, float)
-            for name in ("stratify", "attributes"):
-                setattr(self, name, as_list(getattr(self, name), str))
+            for current, kind in (("phases", int), ("channels", int), ("strides", int), ("patch_size", int),
+                                  ("spacing", float), ("stratify", str), ("attributes", str)):
+                setattr(self, current, as_list(getattr(self, current), kind))
             for f in dataclasses.fields(self):
-                value = getattr(self, f.name)
+                current, value = f.name, getattr(self, f.name)
                 if isinstance(value, bool) and f.type in ("int", "float", "int | None", "float | None"):
                     raise ValueError(f"field {f.name!r}: {value!r} is a boolean, not a number")
                 if f.type in ("int",):
@@ -226,8 +228,13 @@ class TrainConfig:
                     setattr(self, f.name, dict(value or {}))
                 elif f.type == "str":
                     setattr(self, f.name, "" if value is None else str(value))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"config: a field has a value of the wrong type ({err})") from None
+        except (TypeError, ValueError, OverflowError) as err:
+            given = getattr(self, current, None)
+            expected = {"int": "a whole number", "float": "a number", "int | None": "a whole number or null",
+                        "float | None": "a number or null"}.get(self.__dataclass_fields__[current].type, "")
+            detail = (str(err) if str(err).startswith("field ") else f"field {current!r} is null (empty)"
+                      if given is None else f"field {current!r} = {given!r}: {err}")
+            raise ValueError(f"config {detail}" + (f"; give {expected}" if expected else "")) from None
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
@@ -680,7 +687,21 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             f"run folder {run_dir} already holds this run; pass resume=True (--resume) to continue it "
             "or overwrite=True (--overwrite) to start it again"
         )
+    if has_ckpt and resume:
+        _check_checkpoint_config(run, config)
     return has_ckpt and resume
+
+
+def _check_checkpoint_config(run: RunFolder, config: TrainConfig) -> None:
+    """Resuming continues what ``last.pt`` was trained with: a field of config.yaml edited since (channels
+    gave a state-dict size mismatch, data_root a KeyError on the split's ids) is named, not a traceback."""
+    saved = load_checkpoint(run.path).get("config") or {}
+    current = _result_fields(config.to_dict())
+    diff = sorted(k for k, v in current.items() if k in saved and saved[k] != v)
+    if diff:
+        details = ", ".join(f"{k}: {saved[k]!r} in last.pt -> {current[k]!r} now" for k in diff)
+        raise ValueError(f"cannot resume {run.path}: its checkpoint was trained with other settings than "
+                         f"{run.CONFIG} now holds ({details}); restore those fields, or start again with --overwrite")
 
 
 def _strategy_kwargs(config: TrainConfig, test_ids: Sequence[str]) -> dict[str, Any]:
