@@ -57,7 +57,7 @@ def make_net(which: str) -> torch.nn.Module:
     channels, num_res_units = NETWORKS[which]
     torch.manual_seed(0)
     return build_model("unet", in_channels=3, out_channels=2, channels=channels, strides=[2] * (len(channels) - 1),
-                       num_res_units=num_res_units)
+                       num_res_units=num_res_units, dropout=0.0)
 
 
 def net_label(which: str) -> str:
@@ -125,9 +125,10 @@ def time_loading(n_cases: int) -> tuple[float, float] | None:
     ids = cohort.ids("train")[:n_cases]
     spec = cfg.data_spec()
     t0 = time.perf_counter()
-    ds = D.make_dataset(D.make_records(cohort, ids, spec), D.train_transforms(spec), cache="memory", spec=spec)
+    ds = D.make_dataset(D.make_records(cohort, ids, spec), D.train_transforms(spec), cache="memory", spec=spec,
+                        max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
     fill = (time.perf_counter() - t0) / len(ids)
-    loader = D.make_loader(ds, BATCH, shuffle=True, seed=1)
+    loader = D.make_loader(ds, BATCH, shuffle=True, seed=1, num_workers=0)
     t0 = time.perf_counter()
     n = sum(1 for _ in loader)
     return (time.perf_counter() - t0) / n, fill

@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from divaware import data as D
+from divaware.config import TrainConfig
 from divaware.losses import make_loss
-from divaware.model import build_model
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 RESULTS_HEADER = ("# Training throughput\n\nWritten by `benchmarks/train_throughput.py` and `benchmarks/scaling.py`; "
@@ -86,7 +86,7 @@ def sync(device: torch.device) -> None:
 
 
 def make_net(device: torch.device, channels_last: bool) -> torch.nn.Module:
-    net = build_model("unet", in_channels=3, out_channels=2).to(device)  # the published network
+    net = TrainConfig().build_model().to(device)  # the published network: the config's default
     return net.to(memory_format=torch.channels_last_3d) if channels_last else net
 
 
@@ -183,7 +183,8 @@ def loader_stall(volume: tuple[int, int, int], patch: tuple[int, int, int], devi
         log(f"loader: writing {n_cases} cases of {volume} ...")
         records = write_cases(tmp, n_cases, volume)
         spec = D.DataSpec(patch_size=patch, samples_per_case=2, divisor=16)
-        ds = D.make_dataset(records, D.train_transforms(spec), cache="disk", cache_dir=tmp / "cache", spec=spec)
+        ds = D.make_dataset(records, D.train_transforms(spec), cache="disk", cache_dir=tmp / "cache", spec=spec,
+                             max_memory_bytes=0, num_workers=0, progress=False)
         log("loader: filling the disk cache (first epoch's deterministic work) ...")
         t0 = time.perf_counter()
         for i in range(len(ds)):

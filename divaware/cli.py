@@ -46,11 +46,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from divaware.train import TrainConfig, train
 
-    config = TrainConfig.from_yaml(args.config)
-    if args.out:
-        config.out_dir = args.out
-    if args.epochs is not None:
-        config.epochs = args.epochs
+    # the command line's values are part of the config, validated once with the rest
+    overrides = {"out_dir": args.out, "epochs": args.epochs}
+    config = TrainConfig.from_yaml(args.config, {k: v for k, v in overrides.items() if v is not None})
     run = train(config, resume=args.resume, overwrite=args.overwrite)
     print(run)
     return 0

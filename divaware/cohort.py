@@ -548,7 +548,7 @@ def derived_seed(*parts: Any) -> int:
 MAX_VAL_SHARE = 0.4
 
 
-def val_case_count(n: int, val_fraction: float, min_val_cases: int = 0) -> int:
+def val_case_count(n: int, val_fraction: float, min_val_cases: int) -> int:
     """How many of ``n`` training cases form the fairness-validation split.
 
     round(n · val_fraction), raised to ``min_val_cases`` where that leaves ≥ 60 % of the cases for
@@ -567,7 +567,7 @@ def split_train_val(
     val_fraction: float,
     stratify: Sequence[str],
     seed: int,
-    min_val_cases: int = 0,
+    min_val_cases: int,
 ) -> pd.DataFrame:
     """Divide ``patient_ids`` into ``train`` and ``val``, stratified by ``stratify``, seeded.
 

@@ -139,12 +139,14 @@ def _build_trainer() -> Any:
                      device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.case_weights = None
-            self.alpha = float(os.environ.get(ALPHA_ENV, "0.5"))
+            from divaware.config import default
+
+            self.alpha = float(os.environ.get(ALPHA_ENV, default("alpha")))  # the config's alpha unless set
             self.last_step: dict[str, Any] = {}
             if os.environ.get(WEIGHTS_ENV):
                 self.set_case_weights(read_weights(os.environ[WEIGHTS_ENV]), self.alpha)
 
-        def set_case_weights(self, weights: Any, alpha: float = 0.5) -> None:
+        def set_case_weights(self, weights: Any, alpha: float) -> None:
             """Use ``weights`` (a Series/mapping patient_id -> weight, e.g. :func:`read_weights`) with ``alpha``."""
             self.alpha = float(alpha)
             series = weights if isinstance(weights, pd.Series) else pd.Series(dict(weights), dtype=float)

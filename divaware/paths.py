@@ -77,7 +77,7 @@ def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
     return root
 
 
-def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, seed: int = 0,
+def resolve_data_root(data_root: str | Path | None, n_cases: int = 300, seed: int = 0,
                       preset: str = "default", missingness: str = "teaching", disparity: str = "default",
                       counterfactual: bool = False, hard_fraction: float | None = None) -> Path:
     """The cohort folder to use: explicit argument, else ``$DIVAWARE_DATA``, else the synthetic default."""

@@ -600,8 +600,7 @@ def test_crop_to_breast_keeps_going_without_a_usable_box(tiny_root: Path, tmp_pa
     bad_json, no_tumour = c.ids("train")[1], c.ids("train")[2]
     (root / "patient_info_files" / f"{bad_json.lower()}.json").write_text("{not json")
     _box_without_tumour(root, no_tumour)
-    cfg = _train_config(root, tmp_path / "run")
-    cfg.crop_to_breast = True
+    cfg = _train_config(root, tmp_path / "run").with_values(crop_to_breast=True)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         train(cfg)

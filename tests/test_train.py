@@ -85,9 +85,9 @@ def test_config_rejects_bad_values(values: dict[str, Any], match: str) -> None:
 
 def test_split_is_seeded_stratified_and_train_only(cohort: Cohort) -> None:
     ids = cohort.ids("train")
-    a = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=1)
-    b = T.split_train_val(cohort.metadata, list(reversed(ids)), 0.25, ["age_group", "menopause"], seed=1)
-    c = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=2)
+    a = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=1, min_val_cases=0)
+    b = T.split_train_val(cohort.metadata, list(reversed(ids)), 0.25, ["age_group", "menopause"], seed=1, min_val_cases=0)
+    c = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=2, min_val_cases=0)
     pd.testing.assert_frame_equal(a, b)
     assert not a["split"].equals(c["split"])
     assert sorted(a["patient_id"]) == sorted(ids)
@@ -174,9 +174,9 @@ def test_weights_follow_ids_under_shuffling(cohort: Cohort) -> None:
     spec = D.DataSpec(augment=False)
     recs = D.make_records(cohort, ids, spec)
     own_image = {r[D.PID]: D.eval_transforms(spec)(dict(r))[D.IMAGE].as_tensor() for r in recs}
-    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec)
+    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
     for seed in (0, 1, 2):
-        for batch in D.make_loader(ds, batch_size=5, shuffle=True, seed=seed):
+        for batch in D.make_loader(ds, batch_size=5, shuffle=True, seed=seed, num_workers=0):
             pids = D.batch_ids(batch)
             w = strategy.batch_weights(pids, np.ones(len(pids)))
             np.testing.assert_array_equal(w, expected.loc[pids].to_numpy())
