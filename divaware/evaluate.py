@@ -163,7 +163,7 @@ def _split_ids(cohort: Cohort, run_dir: Path, split: str | None) -> list[str]:
         return list(cohort.ids(None))
     if split == "val":
         # The fairness-validation cases are carved out by the run itself (train.py), not by the cohort.
-        from divaware.cohort import run_val_ids
+        from divaware.split import run_val_ids
 
         return run_val_ids(run_dir, cohort)
     return list(cohort.ids(split))

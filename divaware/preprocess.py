@@ -50,7 +50,9 @@ from monai.transforms import MapTransform, Randomizable
 
 from divaware import data as D
 
-STORE_ENV = "DIVAWARE_PREPROCESSED"
+# where the store lives is a path question (divaware.paths): the run folder asks it without loading torch
+from divaware.paths import STORE_ENV, store_root, voxel_cache_path  # noqa: F401 (re-exported)
+
 STORE_VERSION = 1
 """Bump when the stored format or the preprocessing code changes what is stored: old entries are not read."""
 MAX_FG_POINTS = 10_000
@@ -60,16 +62,6 @@ PRECISIONS = ("float16", "uint8")
 """Stored image precision: float16 (2 bytes per channel and voxel), or uint8 (1 byte: per case and channel,
 the non-zero voxels quantised linearly to 1..255 over their range, 0 kept for exact zeros; an error of at
 most half a step, about 0.01-0.05 SD of the z-scored intensities)."""
-
-
-def store_root(override: str | Path | None = None) -> Path:
-    """The shared preprocessing store: ``override``, else ``$DIVAWARE_PREPROCESSED``, else
-    ``<divaware cache>/preprocessed`` (``$DIVAWARE_CACHE`` or ``~/.cache/divaware``)."""
-    from divaware.paths import cache_dir
-
-    if override:
-        return Path(override).expanduser()
-    return Path(os.environ.get(STORE_ENV) or cache_dir() / "preprocessed").expanduser()
 
 
 def settings_key(spec: D.DataSpec, precision: str) -> str:
@@ -416,13 +408,6 @@ def make_datasets(train_records: Sequence[Mapping[str, Any]], val_records: Seque
                 if train_records else None)
     val_ds = Dataset([{D.PID: r[D.PID]} for r in val_records], Compose([LoadVolumed(entries)]))
     return train_ds, val_ds, entries
-
-
-def voxel_cache_path(data_root: str | Path, root: str | Path | None = None) -> Path:
-    """The voxel-check results of one data folder, kept in the shared store (one file per data root;
-    entries inside are keyed by each file's path, size and mtime, see :func:`divaware.cohort.load_cohort`)."""
-    key = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:12]
-    return store_root(root) / "voxel_checks" / f"{key}.json"
 
 
 def load_cohort_once(data_root: str | Path, root: str | Path | None = None, **kwargs: Any) -> Any:

@@ -262,7 +262,7 @@ class RunFolder:
         run's own disk cache. ``data_root``: the data folder checked (default: the run's)."""
         config = self.read_config() if self.config.is_file() else {}
         if config.get("cache", "auto") in ("auto", "preprocessed") and (data_root or config.get("data_root")):
-            from divaware.preprocess import voxel_cache_path
+            from divaware.paths import voxel_cache_path
 
             store = configured if configured is not None else config.get("cache_dir") or None
             return voxel_cache_path(data_root or config["data_root"], store or None)

@@ -43,8 +43,6 @@ import yaml
 from divaware import data as D
 from divaware import distributed
 from divaware import preprocess as P
-from divaware.cohort import derived_seed as _derived_seed
-from divaware.cohort import split_train_val, val_case_count  # noqa: F401 (re-exported)
 
 # the schema and its constants live in divaware.config; re-exported here for callers of the former home
 from divaware.config import (  # noqa: F401
@@ -63,9 +61,11 @@ from divaware.losses import combine, make_loss
 from divaware.metrics import worst_group
 from divaware.model import infer, segment
 from divaware.outputs import ensure_writable
+from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401
 
 # VOXEL_CACHE, DiskFullError, split_train_val and worst_group are re-exported: callers import them from here
-from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401
+from divaware.split import derived_seed as _derived_seed
+from divaware.split import split_train_val, val_case_count  # noqa: F401 (re-exported)
 
 METRIC_COLUMNS = (
     "epoch", "loss", "loss_mean", "lr", "schedule_epochs", "val_dice", "val_worst_group_dice", "val_worst_group",

@@ -39,7 +39,7 @@ def test_two_runs_sharing_one_cache_train_on_correct_arrays(synthetic_root: Path
     exactly what it computes with a private cache. Before the cache key named the transforms, the second
     run was served the first run's *validation* entries (unpadded, no foreground indices) for its training
     cases and crashed ("smaller than the patch") or sampled no tumour-centred patches."""
-    import divaware.cohort as C
+    import divaware.voxels as V
 
     shared = tmp_path / "shared"
     runs = {}
@@ -51,7 +51,7 @@ def test_two_runs_sharing_one_cache_train_on_correct_arrays(synthetic_root: Path
             def no_voxel_reads(*args: object, **kwargs: object) -> None:
                 raise AssertionError("voxel checks repeated although the store holds them")
 
-            monkeypatch.setattr(C, "_check_voxels", no_voxel_reads)
+            monkeypatch.setattr(V, "run_voxel_checks", no_voxel_reads)
     if cache == "preprocessed":
         monkeypatch.undo()
         assert len(list((shared / "voxel_checks").glob("*.json"))) == 1
