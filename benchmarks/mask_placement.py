@@ -22,8 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 from divaware.cohort import load_cohort
-from divaware.voxels import MIN_ENHANCING_FRACTION, tumour_placement
 from divaware.synthetic import DISPARITIES, make_cohort
+from divaware.voxels import MIN_ENHANCING_FRACTION, tumour_placement
 
 HERE = Path(__file__).resolve().parent
 
