@@ -31,7 +31,6 @@ import random
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,8 @@ from divaware.config import (  # noqa: F401
     default,
     result_fields,
 )
-from divaware.losses import combine, make_loss
+from divaware.engine import Callback, SegmentationTask, StepDiverged, ValidationResult
+from divaware.losses import make_loss
 from divaware.metrics import worst_group
 from divaware.model import infer, segment
 from divaware.outputs import ensure_writable
@@ -103,7 +103,7 @@ def refuse_inside_data(data_root: str | Path, **folders: Path) -> None:
                              "choose a folder outside it")
 
 
-class _LossWatch:
+class _LossWatch(Callback):
     """Stops training whose loss explodes without becoming NaN (e.g. an absurd lr: 3e12 -> 5e16)."""
 
     def __init__(self, history: Sequence[Mapping[str, Any]]) -> None:
@@ -119,6 +119,34 @@ class _LossWatch:
             _diverged(run_dir, epoch, batch, ids, losses,
                       f"loss grew {mean / self.reference:.3g} times above the first loss "
                       f"({self.reference:.4g} -> {mean:.4g}): exploding")
+
+    def on_batch_end(self, trainer: Trainer, epoch: int, batch: int, out: dict[str, Any]) -> None:
+        assert trainer.run is not None
+        self.check(trainer.run.path, epoch, batch, out["ids"], out["losses"])
+
+
+class RefreshWeights(Callback):
+    """New training weights from the fairness-validation scores, when the strategy's schedule asks: always on
+    full sliding-window scores (measured at every refresh, also under cheap validation)."""
+
+    def on_validation_end(self, trainer: Trainer, result: ValidationResult) -> None:
+        if trainer.strategy.should_refresh(result.epoch):
+            assert result.full is not None
+            trainer.refresh_weights(result.epoch, result.full)
+
+
+class SelectBest(Callback):
+    """best.pt: the model whose selection criterion beats every earlier epoch's (ties keep the earlier)."""
+
+    def on_validation_end(self, trainer: Trainer, result: ValidationResult) -> None:
+        result.best = trainer.select(result.epoch, result.metrics["selection"])
+
+
+class WriteRunFolder(Callback):
+    """last.pt and the tables after every epoch (rank 0; the ranks agree)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        trainer.save(epoch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +393,8 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
     return lr
 
 
-def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
+          callbacks: Sequence[Callback] = ()) -> Path:
     """Train one run and return its folder (see :mod:`divaware.runfolder` for what it holds).
 
     ``resume``: continue the run in the folder exactly where its last checkpoint left it (model, optimiser,
@@ -373,14 +402,15 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     augmentations of epoch e depend only on (seed, e)); a finished run returns at once; with no checkpoint
     the run starts fresh. ``overwrite``: replace a run folder holding another run. Without either, an
     existing run folder is never touched. One process owns a run folder at a time (its ``run.lock``): a
-    second ``train`` into the same folder refuses with a message naming the owner.
+    second ``train`` into the same folder refuses with a message naming the owner. ``callbacks``
+    (:class:`divaware.engine.Callback`) run after the built-in ones at each point of the loop.
     """
     previous_threads = torch.get_num_threads()
     if config.cpu_threads > 0:
         torch.set_num_threads(int(config.cpu_threads))
     # under torchrun: one rank of a data-parallel run (see divaware.distributed); else a single process
     ranks, device_name = distributed.setup(config.device)
-    trainer = Trainer(config, ranks, device_name, resume=resume, overwrite=overwrite)
+    trainer = Trainer(config, ranks, device_name, resume=resume, overwrite=overwrite, callbacks=callbacks)
     try:
         return trainer.fit()
     finally:
@@ -399,7 +429,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, ranks: distributed.Ranks, device_name: str, resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, callbacks: Sequence[Callback] = ()) -> None:
         self.config, self.ranks, self.device_name = config, ranks, device_name
         self.resume, self.overwrite = resume, overwrite
         self.run: RunFolder | None = None
@@ -408,6 +438,7 @@ class Trainer:
         self.val_records: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": 0, "selection": -math.inf}
         self.start_epoch = 0
+        self.extra_callbacks = list(callbacks)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -420,7 +451,11 @@ class Trainer:
         if self.start_epoch >= config.epochs:
             return run.path
         self.watch = _LossWatch(self.history)
+        self.callbacks: list[Callback] = [self.watch, RefreshWeights(), SelectBest(), WriteRunFolder(),
+                                          *self.extra_callbacks]
         self._wrap_model()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         epochs_bar = tqdm(range(self.start_epoch, config.epochs), desc=f"train {run.path.name}", unit="epoch",
                           initial=self.start_epoch, total=config.epochs,
                           disable=not (config.progress and self.ranks.is_main))
@@ -430,7 +465,8 @@ class Trainer:
         return run.path
 
     def epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch: train, validate (when due), refresh the weights, select, save; returns its metrics row."""
+        """One epoch: train, validate when due (then the callbacks: refresh, best checkpoint), and the epoch's
+        callbacks (run-folder writing); returns its metrics row."""
         config = self.config
         t0 = time.perf_counter()
         row = self.train_epoch(epoch)
@@ -443,10 +479,12 @@ class Trainer:
         t1 = time.perf_counter()
         is_best = False
         if validate_now:
-            self.validate(next_epoch, row, full=refresh_due or next_epoch == config.epochs)
-            if refresh_due:  # always on full sliding-window scores (see validate)
-                self.refresh_weights(next_epoch, self.per_case_full)
-            is_best = self.select(next_epoch, row["selection"])
+            result = self.validate(next_epoch, full=refresh_due or next_epoch == config.epochs)
+            row.update(result.metrics)
+            self.val_records += result.records()
+            for cb in self.callbacks:
+                cb.on_validation_end(self, result)
+            is_best = result.best
         else:
             row.update(val_dice=math.nan, val_worst_group_dice=math.nan, val_worst_group="",
                        val_score=math.nan, selection=math.nan)
@@ -455,7 +493,8 @@ class Trainer:
                    val_time_s=time.perf_counter() - t1, train_time_s=train_time,
                    time_s=time.perf_counter() - t0)
         self.history.append(row)
-        self.save(next_epoch)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, next_epoch, row)
         return row
 
     # -- set up ---------------------------------------------------------------------------------------
@@ -579,6 +618,9 @@ class Trainer:
             self.model = model = model.to(memory_format=torch.channels_last_3d)
         self.optimizer = _make_optimizer(config, model.parameters())
         self.loss_fn = make_loss(config.loss, **config.loss_params)
+        self.task = SegmentationTask(model, self.loss_fn, self.optimizer, alpha=config.alpha,
+                                     weight_norm=config.weight_norm, grad_clip=config.grad_clip, device=self.device,
+                                     use_amp=self.use_amp, channels_last=self.channels_last, ranks=self.ranks)
 
     def _wrap_model(self) -> None:
         """The module the training steps call: DDP on several ranks, compiled when asked (CUDA)."""
@@ -588,6 +630,7 @@ class Trainer:
                 self.step_model = torch.compile(self.step_model)  # type: ignore[assignment]
             else:
                 warnings.warn("compile: torch.compile is used on CUDA only", stacklevel=4)
+        self.task.step_model = self.step_model
 
     def _load_checkpoint(self) -> None:
         assert self.run is not None
@@ -618,78 +661,48 @@ class Trainer:
         batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (config.progress and ranks.is_main))
         for b, batch in enumerate(batches, start=1):
-            self._train_step(epoch, b, batch, sums)
+            try:
+                out = self.task.training_step(batch, self.strategy.batch_weights)
+            except StepDiverged as err:
+                assert self.run is not None
+                _diverged(self.run.path, epoch, b, err.ids, err.losses, err.what)
+            for cb in self.callbacks:
+                cb.on_batch_end(self, epoch, b, out)
+            sums["loss"] += out["objective"] * out["n"]
+            sums["mean"] += float(out["losses"].mean()) * out["n"]
+            sums["n"] += out["n"]
             batches.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}")
         n = max(sums["n"], 1)
         return {"epoch": epoch + 1, "loss": sums["loss"] / n, "loss_mean": sums["mean"] / n, "lr": lr,
                 "schedule_epochs": int(config.schedule_epochs)}
 
-    def _train_step(self, epoch: int, b: int, batch: Any, sums: dict[str, Any]) -> None:
-        config, ranks, device, run = self.config, self.ranks, self.device, self.run
-        assert run is not None
-        ids = D.batch_ids(batch)
-        image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
-        label = batch[D.LABEL].as_subclass(torch.Tensor).to(device, non_blocking=True)
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            logits = self.step_model(image)
-        per_case = self.loss_fn(logits, label)
-        host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
-        # the global batch over all ranks (this rank's alone in a single process): weights by id, and
-        # online strategies (GroupDRO's q) step on every rank's cases, identically on every rank
-        ids, host, mine = ranks.gather_losses(batch, ids, host)
-        if not np.isfinite(host).all():
-            _diverged(run.path, epoch, b, ids, host, "non-finite loss")
-        self.watch.check(run.path, epoch, b, ids, host)
-        weights = self.strategy.batch_weights(ids, host)
-        loss = ranks.objective(per_case, partial(combine, weights=weights, alpha=config.alpha,
-                                                 norm=config.weight_norm), host, mine)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            if not math.isfinite(float(norm)):
-                _diverged(run.path, epoch, b, ids, host, "non-finite gradient")
-        self.optimizer.step()
-        n = len(ids)
-        # the same objective on the host copy: no extra device sync for logging
-        sums["loss"] += float(combine(torch.from_numpy(host).double(), weights, config.alpha,
-                                      config.weight_norm)) * n
-        sums["mean"] += float(host.mean()) * n
-        sums["n"] += n
-
     # -- validate, refresh, select, save --------------------------------------------------------------
-    def validate(self, epoch: int, row: dict[str, Any], full: bool = True) -> pd.DataFrame:
-        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank; fills ``row``.
+    def validate(self, epoch: int, full: bool = True) -> ValidationResult:
+        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank, as a result object.
 
         Full sliding-window scores on whole volumes, unless cheap validation is on (``val_patches`` with the
         preprocessed store): then the metrics and selection use fixed windows per case, and ``full`` epochs
-        (refreshes, the last one) also score whole volumes, kept in ``self.per_case_full`` for the refresh;
+        (refreshes, the last one) also score whole volumes (``result.full``, which the refresh uses);
         ``val_scores.csv`` tells them apart by its ``kind`` column."""
         config, spec = self.config, self.spec
         roi = None if spec.patch_size is None else list(spec.patch_size)
+        per_case_full = None
         if not self.cheap_val or full:
             val_loader = D.make_loader(self.val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
                                        pin_memory=self.cuda, pad_batch=False)
-            self.per_case_full = self.ranks.gather_frame(
+            per_case_full = self.ranks.gather_frame(
                 validate(self.model, val_loader, self.device, spec.divisor, roi, config.sw_overlap, self.use_amp,
                          config.score, batch_cases=_val_batch_cases(config)),
                 self.val_ids)
-        per_case_val = self.per_case_full if not self.cheap_val else self.ranks.gather_frame(
+        per_case_val = per_case_full if not self.cheap_val else self.ranks.gather_frame(
             P.patch_scores(self.model, self.entries, self.ranks.shard(self.val_ids), roi or [], config.val_patches,
                            config.seed, self.device, spec.divisor, self.use_amp, config.score), self.val_ids)
+        assert per_case_val is not None
         worst, worst_label = worst_group(per_case_val["dice"], self.val_groups, config.min_group_size)
         mean_dice = float(per_case_val["dice"].mean())
-        row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
-                   val_score=float(per_case_val["score"].mean()), selection=selection_score(mean_dice, worst))
-        kind = {"kind": "patches"} if self.cheap_val else {}
-        self.val_records += [{"epoch": epoch, "patient_id": pid, **kind, **r}
-                             for pid, r in per_case_val.to_dict("index").items()]
-        if self.cheap_val and full:
-            self.val_records += [{"epoch": epoch, "patient_id": pid, "kind": "full", **r}
-                                 for pid, r in self.per_case_full.to_dict("index").items()]
-        return per_case_val
+        metrics = {"val_dice": mean_dice, "val_worst_group_dice": worst, "val_worst_group": worst_label,
+                   "val_score": float(per_case_val["score"].mean()), "selection": selection_score(mean_dice, worst)}
+        return ValidationResult(epoch, per_case_val, per_case_full, self.cheap_val, metrics)
 
     def refresh_weights(self, epoch: int, per_case_val: pd.DataFrame) -> None:
         """New training weights from the fairness-validation scores just measured."""
