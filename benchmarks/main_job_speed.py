@@ -74,25 +74,24 @@ def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Trainer:
-    """One network with its optimiser; ``step()`` is the training loop's step on a fixed batch."""
+    """One network with its optimiser; ``step()`` is the training step divaware runs
+    (:meth:`divaware.engine.SegmentationTask.training_step`, ERM's objective) on a fixed batch."""
 
     def __init__(self, which: str) -> None:
-        from divaware.losses import combine, make_loss
+        from divaware.engine import SegmentationTask
+        from divaware.losses import make_loss
 
         self.net = make_net(which)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-5)
-        self.loss_fn, self.combine = make_loss("dice_ce"), combine
-        self.image, self.label = batch(BATCH)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-5)
+        self.task = SegmentationTask(self.net, make_loss("dice_ce"), opt, alpha=1.0, weight_norm="global",
+                                     grad_clip=12.0, device=torch.device("cpu"))
+        image, label = batch(BATCH)
+        self.batch = {"image": image, "label": label, "patient_id": [f"case{i:03d}" for i in range(BATCH)]}
+        self.weights = np.ones(BATCH)
 
     def step(self) -> None:
         self.net.train()
-        per_case = self.loss_fn(self.net(self.image), self.label)
-        host = per_case.detach().cpu().numpy()  # the loop's one host sync per step
-        loss = self.combine(per_case, np.ones(len(host)), 1.0)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12.0)
-        self.opt.step()
+        self.task.training_step(self.batch, self.weights)
 
 
 def val_loader(n: int) -> list[dict[str, Any]]:

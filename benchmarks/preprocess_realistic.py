@@ -44,7 +44,8 @@ from divaware import data as D
 from divaware import preprocess as P
 from divaware import train as T
 from divaware.cohort import load_cohort
-from divaware.config import default
+from divaware.config import TrainConfig, default
+from divaware.engine import SegmentationTask
 from divaware.losses import make_loss
 from divaware.model import build_model
 from divaware.runtime import cpu_model
@@ -69,8 +70,8 @@ def source_voxels(records: list[dict[str, Any]]) -> int:
 
 def epoch(ds: Any, model: torch.nn.Module, batch_cases: int, read: Callable[[], int]) -> dict[str, float]:
     """One training epoch: seconds waiting for data, seconds in steps, bytes read, patches seen."""
-    loss_fn = make_loss("dice_ce")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task = SegmentationTask(model, make_loss("dice_ce"), torch.optim.AdamW(model.parameters(), lr=1e-3), alpha=1.0,
+                            weight_norm="global", grad_clip=TrainConfig().grad_clip, device=torch.device("cpu"))
     model.train()
     loader = D.make_loader(ds, batch_cases, shuffle=True, seed=1, pad_batch=False, num_workers=0)
     t_data = t_step = 0.0
@@ -84,16 +85,11 @@ def epoch(ds: Any, model: torch.nn.Module, batch_cases: int, read: Callable[[], 
         except StopIteration:
             break
         t1 = time.perf_counter()
-        image = batch[D.IMAGE].as_subclass(torch.Tensor)
-        label = batch[D.LABEL].as_subclass(torch.Tensor)
-        loss = loss_fn(model(image), label).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        out = task.training_step(batch, np.ones(len(D.batch_ids(batch))))  # the step training runs
         t2 = time.perf_counter()
         t_data += t1 - t0
         t_step += t2 - t1
-        patches += image.shape[0]
+        patches += out["n"]
         steps += 1
     return {"data_s": t_data, "step_s": t_step, "bytes": read() - r0, "patches": patches, "steps": steps}
 

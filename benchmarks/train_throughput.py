@@ -48,6 +48,7 @@ import torch
 
 from divaware import data as D
 from divaware.config import TrainConfig
+from divaware.engine import SegmentationTask
 from divaware.losses import make_loss
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -92,16 +93,17 @@ def make_net(device: torch.device, channels_last: bool) -> torch.nn.Module:
 
 def train_step_fn(net: torch.nn.Module, step_net: Any, opt: torch.optim.Optimizer, loss_fn: Any,
                   device: torch.device, bf16: bool, channels_last: bool):
+    """The training step divaware runs (:meth:`divaware.engine.SegmentationTask.training_step`: ERM's
+    objective, the config's gradient clip, its one host sync per step) on an (image, label) pair."""
+    defaults = TrainConfig()
+    task = SegmentationTask(net, loss_fn, opt, alpha=1.0, weight_norm=defaults.weight_norm,
+                            grad_clip=defaults.grad_clip, device=device, use_amp=bf16, channels_last=channels_last,
+                            step_model=step_net)
+
     def step(image: torch.Tensor, label: torch.Tensor) -> float:
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = step_net(image)
-        loss = loss_fn(logits, label).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())  # a sync per step, as the training loop has
+        ids = [f"case{i}" for i in range(image.shape[0])]
+        out = task.training_step({"image": image, "label": label, "patient_id": ids}, np.ones(len(ids)))
+        return out["objective"]
 
     return step
 

@@ -15,7 +15,8 @@ from divaware import train as T
 PACKAGE = Path(C.__file__).resolve().parent
 
 # Parameters that carry a config setting under another name.
-ALIASES = {"precision": "store_precision", "n_random": "val_patches", "max_memory_bytes": "cache_max_gb"}
+ALIASES = {"precision": "store_precision", "n_random": "val_patches", "max_memory_bytes": "cache_max_gb",
+           "norm": "weight_norm"}
 
 # (module, parameter) pairs whose name matches a field but which mean something else, with the reason. A
 # function that takes a *training-run* setting must take it without a default (from the config object).
