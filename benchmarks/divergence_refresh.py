@@ -56,6 +56,7 @@ from divaware.subgroups import (  # noqa: E402
     attribute_table,
     case_divergence,
     divergent_itemsets,
+    statistic_column,
 )
 from divaware.weighting import make_strategy  # noqa: E402
 
@@ -128,7 +129,7 @@ def run(repeats: int, seed: int) -> tuple[pd.DataFrame, dict]:
         rank = int(np.flatnonzero(found)[0]) + 1 if found.any() else None
         # rank by |t| (ties to the shorter itemset): the planted itemset's refinements by noise can have a
         # more negative Δ at low support, but not a stronger t
-        by_t = its.assign(abs_t=its["t"].abs()).sort_values(["abs_t", "length", "label"], ascending=[False, True, True])
+        by_t = its.assign(abs_t=its[statistic_column(its)].abs()).sort_values(["abs_t", "length", "label"], ascending=[False, True, True])
         rank_t = int(np.flatnonzero((by_t["label"] == PLANTED).to_numpy())[0]) + 1 if found.any() else None
         worst = strategy.case_divergence.loc[planted, "worst_itemset"].value_counts()
         rows.append(
@@ -144,7 +145,7 @@ def run(repeats: int, seed: int) -> tuple[pd.DataFrame, dict]:
                 "planted_rank_t": rank_t,
                 "planted_cases_worst": f"{worst.index[0]} ({worst.iloc[0]}/{int(planted.sum())})",
                 "planted_delta": float(its.loc[found, "divergence"].iloc[0]) if rank else float("nan"),
-                "planted_t": float(its.loc[found, "t"].iloc[0]) if rank else float("nan"),
+                "planted_t": float(its.loc[found, statistic_column(its)].iloc[0]) if rank else float("nan"),
                 "top_itemset": its.iloc[0]["label"],
                 "w_planted": float(weights[planted].mean()),
                 "w_other": float(weights[~planted].mean()),

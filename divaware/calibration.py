@@ -26,7 +26,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from divaware.subgroups import AGE_GROUPS, DEFAULT_TEST, MIN_TEST_COUNT, TESTS, UNKNOWN, divergent_itemsets
+from divaware.subgroups import (
+    AGE_GROUPS,
+    DEFAULT_TEST,
+    MIN_TEST_COUNT,
+    TESTS,
+    UNKNOWN,
+    divergent_itemsets,
+    is_significant,
+    statistic_column,
+)
 
 __all__ = ["PLANTED_ITEMSET", "HARD_ITEMSET", "SCENARIOS", "NULL_SCENARIOS", "planted_split", "scenario_split",
            "detector_trials", "weight_trials", "null_check"]
@@ -147,12 +156,20 @@ def detector_trials(
 ) -> pd.DataFrame:
     """The detector alone, per test, on ``trials`` seeded :func:`scenario_split` validation splits.
 
-    One row per trial and test: ``flagged`` (some itemset with Δ < 0 and q ≤ ``fdr``: under a null
+    One row per trial and test: ``flagged`` (some itemset flagged as the strategies flag: q ≤ ``fdr`` and the
+    test's effect pointing at "worse", ps < 0.5 for the rank test, Δ < 0 for the mean tests: under a null
     scenario a false alarm, and then the ``divaware`` weights are not uniform), ``hard_found`` (at least
     half of the hard cases lie in a flagged itemset), ``flags`` (number of flagged itemsets) and
     ``hard_count``. The itemsets are mined once per trial and every test sees the same split.
     """
-    from divaware.subgroups import _membership_keys, _mined, _p_and_q, attribute_table
+    from divaware.subgroups import (
+        EFFECT_COLUMNS,
+        _membership_keys,
+        _mined,
+        _p_and_q,
+        attribute_table,
+        superiority,
+    )
 
     rows = []
     for trial in range(int(trials)):
@@ -164,8 +181,9 @@ def detector_trials(
         h = hard.reindex(tab.index).to_numpy(bool)
         for test in tests:
             div, _, _, q = _p_and_q(members, s, test, MIN_TEST_COUNT, keys)
+            worse = superiority(members, s)[0] < 0.5 if EFFECT_COLUMNS[test] == "ps" else div < 0
             with np.errstate(invalid="ignore"):
-                flag = (div < 0) & (q <= fdr)
+                flag = worse & (q <= fdr)
             covered = members[flag].any(axis=0) if flag.any() else np.zeros(len(s), dtype=bool)
             rows.append({"trial": trial, "test": test, "flagged": bool(flag.any()), "flags": int(flag.sum()),
                          "hard_found": bool(h.any() and covered[h].mean() >= 0.5), "hard_count": int(h.sum())})
@@ -197,7 +215,9 @@ def weight_trials(
     scores are also permuted, a null with no subgroup effect whatever the split. One row per trial:
     ``ratio`` = max/min weight, ``uniform`` = ratio ≤ 1.5, ``planted_ratio`` = mean weight of the planted
     training cases / mean weight of the others, ``found`` = planted_ratio ≥ 1.5, ``discoveries`` = itemsets
-    that drove weights (q ≤ fdr and |t| ≥ t_min, Δ < 0).
+    that drove weights (flagged: q ≤ fdr, effect worse, |statistic| ≥ t_min), ``clipped`` = share of the
+    training cases whose weight a clip bound set, ``flagged_below_1`` = training cases in a flagged itemset
+    with weight < 1, ``planted_weight`` = mean weight of the planted training cases.
     """
     from divaware.weighting import make_strategy
 
@@ -220,11 +240,14 @@ def weight_trials(
         st.fit(train_meta)
         w = st.refresh(0, val_meta, scores).reindex(train_meta.index).to_numpy(float)
         cd = st.case_divergence
-        flagged = int(cd.loc[cd["divergence"] < 0, "worst_itemset"].nunique())
+        flagged = int(cd.loc[cd["worst_itemset"] != "", "worst_itemset"].nunique())
+        in_flagged = (cd["worst_itemset"] != "").reindex(train_meta.index).to_numpy(bool)
         pw = planted.to_numpy(bool)
         ratio_planted = float(w[pw].mean() / w[~pw].mean()) if pw.any() and (~pw).any() else float("nan")
         rows.append({"trial": trial, "ratio": float(w.max() / w.min()), "planted_ratio": ratio_planted,
-                     "discoveries": flagged})
+                     "discoveries": flagged, "clipped": float((cd["clip"] != "").mean()),
+                     "flagged_below_1": int((w[in_flagged] < 1 - 1e-12).sum()),
+                     "planted_weight": float(w[pw].mean()) if pw.any() else float("nan")})
     out = pd.DataFrame(rows)
     out["uniform"] = out["ratio"] <= 1.5
     out["found"] = out["planted_ratio"] >= 1.5
@@ -248,9 +271,10 @@ def null_check(
     ``table`` is the attribute table of the validation cases (:func:`~divaware.subgroups.attribute_table`),
     ``scores`` their per-case scores.
     Row 0 (``analysis`` = "real") is the real analysis; rows 1… permute the scores over the cases. Per
-    row: ``tested`` (distinct itemsets with a p-value), ``t_flags`` (Δ < 0 and |t| ≥ ``t_min``: the
-    former, uncorrected rule), ``fdr_flags`` (Δ < 0 and q ≤ ``fdr``: what the ``divaware`` strategy acts
-    on), ``min_q`` and ``worst`` (the most negative Δ among the fdr flags, "" if none). On permuted rows
+    row: ``tested`` (distinct itemsets with a p-value), ``t_flags`` (Δ < 0 and |statistic| ≥ ``t_min``: the
+    former, uncorrected rule), ``fdr_flags`` (:func:`~divaware.subgroups.is_significant` at ``fdr``: what
+    the ``divaware`` strategy acts on), ``min_q`` and ``worst`` (the most negative Δ among the fdr flags,
+    "" if none). On permuted rows
     any flag is a false alarm: their share estimates how often this split alone would re-weight on noise.
     ``test`` is the divergence test behind q (default: the one ``divaware`` uses); ``t_flags`` use its
     statistic. Permutations make the scores exchangeable, so they cannot show a test's behaviour when a
@@ -268,12 +292,13 @@ def null_check(
         s = scores if k == 0 else pd.Series(rng.permutation(values), index=scores.index)
         its = divergent_itemsets(table, s, min_support=min_support, max_length=max_length, test=test)
         neg = its["divergence"] < 0
-        fdr_hit = its[neg & (its["q"] <= fdr)]
+        fdr_hit = its[is_significant(its, fdr)]
+        stat = its[statistic_column(its)]
         rows.append({
             "analysis": "real" if k == 0 else "permuted",
             "permutation": k,
             "tested": int(its.attrs.get("n_tests", int(its["p"].notna().sum()))),
-            "t_flags": int((neg & (its["t"].abs() >= t_min)).sum()),
+            "t_flags": int((neg & (stat.abs() >= t_min)).sum()),
             "fdr_flags": int(len(fdr_hit)),
             "min_q": float(its["q"].min()) if its["q"].notna().any() else float("nan"),
             "worst": str(fdr_hit.iloc[0]["label"]) if len(fdr_hit) else "",

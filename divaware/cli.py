@@ -296,6 +296,12 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                    help="only these strategies and/or arms (e.g. counterfactual erm balanced oracle: the ladder)")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per evaluation")
+    p.add_argument("--record", default=None,
+                   help="write each finished run's small result files here (e.g. benchmarks/experiment/lookalike; "
+                        "runs already recorded there are skipped); benchmarks/experiment_report.py reads them")
+    p.add_argument("--no-challenge-test", action="store_true",
+                   help="evaluate on the held-out cohort only (skip the training cohort's challenge test split)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each (default 1)")
     p.set_defaults(func=_cmd_experiment)
 
 
@@ -305,8 +311,12 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     config = load_experiment(args.config)
     if args.epochs is not None:
         config["training"] = {**config["training"], "epochs": args.epochs}
-    out = run_experiment(config, args.out, strategies=args.strategies, seeds=args.seeds, n_boot=args.n_boot)
-    print(f"experiment folder: {out}; report: python benchmarks/experiment_report.py {out}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    out = run_experiment(config, args.out, strategies=args.strategies, seeds=args.seeds, n_boot=args.n_boot,
+                         record=args.record, challenge_test=not args.no_challenge_test, jobs=args.jobs)
+    where = args.record or "--record FOLDER (the report reads recorded runs)"
+    print(f"experiment folder: {out}; report: python benchmarks/experiment_report.py {where}")
     return 0
 
 
@@ -360,7 +370,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
                    help="with --audit: the training cases to weight: train, all or an ids file (default: train)")
     p.add_argument("--epoch", type=int, default=None, help="with --run: validated epoch (default: the last)")
     p.add_argument("--data", default=None, help="MAMA-MIA root (default: the one the audit or run recorded)")
-    p.add_argument("--tau", type=float, default=None, help="tilt temperature (default: divaware's 0.05)")
+    p.add_argument("--tau", type=float, default=None, help="scale: a flagged subgroup whose effect gap is tau gets weight 2 (default: divaware's 1)")
     p.add_argument("--w-min", type=float, default=None, help="lower clip (default: divaware's 0.2)")
     p.add_argument("--w-max", type=float, default=None, help="upper clip (default: divaware's 5)")
     p.set_defaults(func=_cmd_weights)

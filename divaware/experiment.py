@@ -125,8 +125,8 @@ def heldout_root(cfg: Mapping[str, Any], counterfactual: bool = False) -> Path:
                             disparity=cfg["disparity"], counterfactual=counterfactual)
 
 
-def _fresh(evaluation: Path, run: Path, root: Path | None = None) -> bool:
-    """An evaluation that is complete, newer than the run's selected checkpoint and (``root`` given) of that cohort.
+def _fresh(evaluation: Path, run: Path, root: Path | None = None, checkpoint: str = "best") -> bool:
+    """An evaluation that is complete, newer than the run's ``checkpoint`` and (``root`` given) of that cohort.
 
     The held-out cohort's folder name carries the generator's version, so a changed generator re-evaluates
     every run on the new cohort instead of mixing cohorts in one report."""
@@ -135,8 +135,12 @@ def _fresh(evaluation: Path, run: Path, root: Path | None = None) -> bool:
     from divaware.evaluate import FILES
     from divaware.runfolder import RunFolder
 
-    manifest, ckpt = evaluation / FILES["manifest"], RunFolder(run).best
-    if not (manifest.is_file() and ckpt.is_file() and manifest.stat().st_mtime >= ckpt.stat().st_mtime):
+    manifest = evaluation / FILES["manifest"]
+    try:
+        ckpt = RunFolder(run).checkpoint_to_use(checkpoint)
+    except ValueError:
+        return False
+    if not (manifest.is_file() and manifest.stat().st_mtime >= ckpt.stat().st_mtime):
         return False
     if root is None:
         return True
@@ -147,13 +151,54 @@ def _fresh(evaluation: Path, run: Path, root: Path | None = None) -> bool:
     return done is not None and Path(done).resolve() == Path(root).resolve()
 
 
-def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Sequence[str] | None = None,
-                   seeds: Sequence[int] | None = None, challenge_test: bool = True, n_boot: int = 1000) -> Path:
-    """Train and evaluate every (strategy or arm, seed) of ``config`` under ``out``; resumes (module docstring).
+def run_name(strategy: str, seed: int) -> str:
+    """The run folder's (and its record's) name: ``<strategy or arm>_seed<seed>``."""
+    return f"{strategy}_seed{int(seed)}"
 
-    ``strategies`` selects among the config's strategies and arms by name (default: all of them)."""
+
+def run_one(config: Mapping[str, Any], out: str, strategy: str, seed: int, *, record: str | None = None,
+            challenge_test: bool = False, n_boot: int = 200) -> dict[str, Any]:
+    """One task of the experiment: train (or resume) ``strategy`` (or an arm) with ``seed``, evaluate it on the
+    held-out cohort at the validation-selected and at the last checkpoint, and, with ``record``, write its small
+    result files there (:mod:`divaware.experiment_record`). JSON arguments, so it runs in another process or on
+    a cluster node (``module:function`` = ``divaware.experiment:run_one``). A run already recorded under
+    ``record`` with the same configuration is skipped without touching ``out``. Returns a short summary."""
     from divaware import evaluate as ev
+    from divaware import experiment_record as rec
     from divaware.train import resolve_config, train
+
+    cfg = check_experiment(config)
+    t0 = time.perf_counter()
+    config_ = run_config(cfg, strategy, seed, out)
+    if record is not None and rec.is_recorded(record, run_name(strategy, seed), config_):
+        return {"run": run_name(strategy, seed), "recorded": True, "skipped": True, "seconds": 0.0}
+    resolved = resolve_config(config_)
+    run = Path(train(resolved, resume=True))
+    held = heldout_root(cfg)
+    targets = [(held, HELDOUT_TAG)]
+    if strategy == "counterfactual":
+        targets.append((heldout_root(cfg, counterfactual=True), HELDOUT_CF_TAG))
+    for root, tag in targets:
+        for checkpoint in rec.CHECKPOINTS:
+            if not _fresh(ev.evaluation_dir(run, HELDOUT_SPLIT, checkpoint, tag=tag), run, root, checkpoint):
+                ev.evaluate(run, root, split=HELDOUT_SPLIT, checkpoint=checkpoint, tag=tag, n_boot=n_boot,
+                            verbose=False)
+    if challenge_test and not _fresh(ev.evaluation_dir(run, "test"), run):
+        ev.evaluate(run, None, split="test", n_boot=n_boot, verbose=False)
+    if record is not None:
+        rec.record_run(run, record, mechanism=cfg["disparity"], strategy=strategy, seed=int(seed),
+                       config=config_, heldout=held,
+                       heldout_cf=targets[1][0] if len(targets) > 1 else None,
+                       seconds=time.perf_counter() - t0)
+    return {"run": run.name, "recorded": record is not None, "skipped": False,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def experiment_tasks(config: Mapping[str, Any], out: str | Path, *, strategies: Sequence[str] | None = None,
+                     seeds: Sequence[int] | None = None, record: str | Path | None = None,
+                     challenge_test: bool = False, n_boot: int = 200) -> list[Any]:
+    """The experiment as tasks for :mod:`divaware.parallel` (one per (strategy or arm, seed), seeds outermost)."""
+    from divaware.parallel import Task
 
     cfg = check_experiment(config)
     names = [*cfg["strategies"], *cfg["arms"]]
@@ -162,27 +207,44 @@ def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Se
     if unknown:
         raise ValueError(f"{unknown} are not strategies or arms of this experiment ({names})")
     seeds = [int(s) for s in (cfg["seeds"] if seeds is None else seeds)]
+    kwargs = {"config": _jsonable_config(cfg), "out": str(out), "record": None if record is None else str(record),
+              "challenge_test": bool(challenge_test), "n_boot": int(n_boot)}
+    return [Task(name=f"{cfg['disparity']}/{run_name(s, seed)}", function="divaware.experiment:run_one",
+                 kwargs={**kwargs, "strategy": s, "seed": seed}) for seed in seeds for s in strategies]
+
+
+def _jsonable_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(dict(cfg)))
+
+
+def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Sequence[str] | None = None,
+                   seeds: Sequence[int] | None = None, record: str | Path | None = None,
+                   challenge_test: bool = True, n_boot: int = 1000, jobs: int = 1) -> Path:
+    """Train and evaluate every (strategy or arm, seed) of ``config`` under ``out``; resumes (module docstring).
+
+    ``strategies`` selects among the config's strategies and arms by name (default: all of them); ``record``:
+    the folder of the small per-run result files (runs recorded there are skipped); ``jobs`` > 1 runs that
+    many tasks at a time, one process each (:func:`divaware.parallel.run_parallel`)."""
+    cfg = check_experiment(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # the config as run, for the report (the first writer wins; a part run with overrides records the full plan)
     plan = out / "experiment.yaml"
     if not plan.is_file():
         plan.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    held = heldout_root(cfg)
-    held_cf = heldout_root(cfg, counterfactual=True) if "counterfactual" in strategies else None
-    jobs = [(s, seed) for seed in seeds for s in strategies]
-    for i, (strategy, seed) in enumerate(jobs, 1):
-        t0 = time.perf_counter()
-        config_ = run_config(cfg, strategy, seed, out)
-        run = Path(train(resolve_config(config_), resume=True))
-        targets = [(held, HELDOUT_SPLIT, HELDOUT_TAG), (None, "test", None)]
-        if strategy == "counterfactual":
-            targets.insert(1, (held_cf, HELDOUT_SPLIT, HELDOUT_CF_TAG))
-        for root, split, tag in targets:
-            if tag is None and not challenge_test:
-                continue
-            if not _fresh(ev.evaluation_dir(run, split, tag=tag), run, root):
-                ev.evaluate(run, root, split=split, tag=tag, n_boot=n_boot, verbose=False)
-        print(f"[divaware experiment] {i}/{len(jobs)} {cfg['disparity']}/{run.name} done in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    tasks = experiment_tasks(cfg, out, strategies=strategies, seeds=seeds, record=record,
+                             challenge_test=challenge_test, n_boot=n_boot)
+    if jobs > 1:
+        from divaware.parallel import run_parallel
+
+        failed = [o for o in run_parallel(tasks, jobs, out / "logs") if not o.ok]
+        if failed:
+            raise RuntimeError("; ".join(f"{o.name} failed ({o.error}); log {o.log}" for o in failed))
+        return out
+    for i, task in enumerate(tasks, 1):
+        done = run_one(**task.kwargs)
+        print(f"[divaware experiment] {i}/{len(tasks)} {task.name} "
+              f"{'already recorded' if done['skipped'] else 'done'} in {done['seconds']:.0f} s", flush=True)
     return out

@@ -7,9 +7,11 @@ Three steps of the method (DESIGN.md, "The method") live here:
    subgroup worth looking at), so nothing is dropped.
 2. :func:`divergent_itemsets` finds every frequent itemset (a conjunction such as
    ``age_group=0-40 ∧ breast_density=d``) with support ≥ ``min_support`` and reports its mean score, its
-   divergence Δ = mean over the itemset − mean overall, and a one-sided test of "lower than the other
-   cases" (Mann–Whitney U by default; its statistic in ``t``, its p-value and BH q-value). :func:`prune_redundant` and
-   :func:`shapley_contributions` help read the result.
+   divergence Δ = mean over the itemset − mean overall (DivExplorer's), and a one-sided test of "lower than
+   the other cases": by default the Mann–Whitney U (its z in ``z_mw``, its p-value and BH q-value) with the
+   rank effect it decides on, the probability of superiority ``ps`` and its CI. A flag (:func:`is_significant`)
+   and its effect always agree in sign; Δ, a mean, may not. :func:`prune_redundant`,
+   :func:`shapley_contributions` and the finding helpers (:func:`findings`) help read the result.
 3. :func:`case_divergence` gives every case — of *any* set of cases, matched by attribute values, so
    training cases need not be in the analysed set — the most negative Δ among the itemsets it belongs to.
 
@@ -24,8 +26,8 @@ here (see :func:`_mine_itemsets`):
 * its ``t`` is **not** an adequate Welch t: it uses the population variance (ddof=0), compares the
   itemset with the *whole* data set that contains it (the two samples are not independent), drops the
   sign, and computes the variance as E[x²]−mean², which on (near-)constant scores gives spurious
-  values or NaN with a RuntimeWarning. We therefore compute a signed Welch t of the itemset against its
-  complement with sample variances ourselves, from sums that DivExplorer accumulates for us.
+  values or NaN with a RuntimeWarning. We discard it and test the itemset against its complement
+  ourselves (:data:`TESTS`), from the membership of the itemsets DivExplorer mines.
 """
 
 from __future__ import annotations
@@ -54,11 +56,19 @@ __all__ = [
     "shapley_contributions",
     "itemset_label",
     "is_significant",
+    "effect_gap",
     "benjamini_hochberg",
     "MIN_TEST_COUNT",
     "TESTS",
     "DEFAULT_TEST",
     "STATISTICS",
+    "STAT_COLUMNS",
+    "EFFECT_COLUMNS",
+    "itemset_columns",
+    "statistic_column",
+    "effect_column",
+    "is_worse",
+    "superiority",
     "permutation_flag_rate",
     "DERIVED_ATTRIBUTES",
     "parse_item",
@@ -76,13 +86,8 @@ DEFAULT_ATTRIBUTES: tuple[str, ...] = ("age_group", "menopause", "breast_density
 # Joins the items of an itemset in its readable label.
 AND = " ∧ "
 
-# The columns of a divergent_itemsets() result, in order.
-ITEMSET_COLUMNS: tuple[str, ...] = (
-    "label", "items", "length", "support", "count", "mean", "divergence", "t", "p", "q",
-)
-
 # The tests of "an itemset scores lower than the rest" that divergent_itemsets can use; the first is the
-# default, chosen by measurement (benchmarks/DIVERGENCE.md), and the statistic each shows in its ``t`` column.
+# default, chosen by measurement (benchmarks/DIVERGENCE.md).
 TESTS: tuple[str, ...] = ("mannwhitney", "welch", "pooled_t", "permutation")
 DEFAULT_TEST = TESTS[0]
 STATISTICS: dict[str, str] = {
@@ -91,6 +96,23 @@ STATISTICS: dict[str, str] = {
     "pooled_t": "pooled-variance t (df n − 2)",
     "permutation": "Welch t (p from permutations of the mean difference)",
 }
+# The column each test's signed statistic is stored in: named for its content (never a bare ``t``).
+STAT_COLUMNS: dict[str, str] = {"mannwhitney": "z_mw", "welch": "t_welch", "pooled_t": "t_pooled",
+                                "permutation": "t_welch"}
+# The effect each test decides the direction of, and so the column a flag is read against: the rank test's
+# own effect, the probability of superiority ``ps`` (worse: < 0.5), or, for the mean-based tests, Δ (< 0).
+EFFECT_COLUMNS: dict[str, str] = {"mannwhitney": "ps", "welch": "divergence", "pooled_t": "divergence",
+                                  "permutation": "divergence"}
+
+
+def itemset_columns(test: str = "mannwhitney") -> tuple[str, ...]:
+    """The columns of a :func:`divergent_itemsets` result with ``test``, in order."""
+    return ("label", "items", "length", "support", "count", "mean", "divergence", "ps", "ps_low", "ps_high",
+            STAT_COLUMNS[test], "p", "q")
+
+
+# The columns of a divergent_itemsets() result with the default test, in order.
+ITEMSET_COLUMNS: tuple[str, ...] = itemset_columns(TESTS[0])
 
 # Itemsets with fewer cases than this get no p-value: a mean over 2-4 cases says little, and every such
 # itemset is one more hypothesis that the false-discovery control has to pay for.
@@ -523,14 +545,10 @@ def _pooled_p(n1: np.ndarray, s1: np.ndarray, q1: np.ndarray, n: int, s: float, 
     return np.where(np.isnan(t), np.nan, stats.t.cdf(t, n - 2))
 
 
-def _mannwhitney_z(members: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Signed z of the Mann–Whitney U of each itemset against its complement (one-sided: lower scores).
-
-    U = R₁ − n₁(n₁+1)/2 with R₁ the itemset's sum of mid-ranks among all n cases; under exchangeability
-    E U = n₁n₂/2 and Var U = n₁n₂/12 · (n + 1 − Σ(t³ − t)/(n(n − 1))) over tie blocks of size t. The
-    z includes a continuity correction of +½ towards the null, so Φ(z) is the one-sided p-value for
-    "the itemset's scores are stochastically lower". NaN where a side has < 2 cases; 0 when all tied.
-    """
+def _rank_sums(members: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Per itemset: n₁, n₂ and U = R₁ − n₁(n₁+1)/2 (R₁ its sum of mid-ranks among all n cases); and the tie
+    term Σ(t³ − t)/(n(n − 1)) over tie blocks of size t. U counts the (itemset case, other case) pairs in which
+    the itemset's case scores higher, ties counting ½."""
     from scipy import stats
 
     n = values.size
@@ -538,13 +556,50 @@ def _mannwhitney_z(members: np.ndarray, values: np.ndarray) -> np.ndarray:
     _, tie_counts = np.unique(values, return_counts=True)
     tie = float(np.sum(tie_counts.astype(float) ** 3 - tie_counts)) / (n * (n - 1)) if n > 1 else 0.0
     n1 = members.sum(axis=1).astype(float)
-    n2 = n - n1
-    r1 = members.astype(float) @ ranks
-    u = r1 - n1 * (n1 + 1) / 2
-    var = n1 * n2 / 12.0 * ((n + 1) - tie)
+    u = members.astype(float) @ ranks - n1 * (n1 + 1) / 2
+    return n1, n - n1, u, tie
+
+
+def _mannwhitney_z(members: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Signed z of the Mann–Whitney U of each itemset against its complement (one-sided: lower scores).
+
+    Under exchangeability E U = n₁n₂/2 and Var U = n₁n₂/12 · (n + 1 − Σ(t³ − t)/(n(n − 1))) over tie blocks
+    of size t (see :func:`_rank_sums`). The z includes a continuity correction of +½ towards the null, so
+    Φ(z) is the one-sided p-value for "the itemset's scores are stochastically lower". NaN where a side has
+    < 2 cases; +inf when all scores are tied (never lower).
+    """
+    n1, n2, u, tie = _rank_sums(members, values)
+    var = n1 * n2 / 12.0 * ((values.size + 1) - tie)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(var > 0, (u - n1 * n2 / 2 + 0.5) / np.sqrt(var), np.inf)  # all tied: never lower
     return np.where((n1 < 2) | (n2 < 2), np.nan, z)
+
+
+def superiority(members: np.ndarray, values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, ...]:
+    """Probability of superiority of each itemset over its complement, with a confidence interval.
+
+    ``ps`` = U / (n₁n₂) = P(a case of the itemset scores higher than a case outside it) + ½ P(tie): 0.5 means
+    no difference, 0.3 means its cases lose 70 % of the pairwise comparisons (ties halved); the rank-biserial
+    correlation is 2·ps − 1. It is the effect the Mann–Whitney test decides on: its z is
+    (ps − ½)·n₁n₂/σ_U plus a continuity correction of ½/σ_U, so a one-sided p < ½ (and so any flag) comes
+    with ps < ½ by construction. ``members``: boolean (itemsets × cases); ``values``: scores, higher better.
+
+    Returns (ps, low, high): the interval is Hanley & McNeil's (1982) normal approximation, clipped to
+    [0, 1]; its variance is evaluated at ps moved at most ½/(n₁n₂) inside (0, 1), so a complete separation
+    (ps 0 or 1) gets an interval of non-zero width. NaN where a side has no case.
+    """
+    from scipy import stats
+
+    n1, n2, u, _ = _rank_sums(members, values)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ps = u / (n1 * n2)
+        edge = 0.5 / (n1 * n2)
+        a = np.clip(ps, edge, 1 - edge)
+        q1, q2 = a / (2 - a), 2 * a**2 / (1 + a)
+        var = (a * (1 - a) + (n1 - 1) * (q1 - a**2) + (n2 - 1) * (q2 - a**2)) / (n1 * n2)
+        half = stats.norm.ppf(0.5 + level / 2) * np.sqrt(np.maximum(var, 0.0))
+    bad = (n1 < 1) | (n2 < 1)
+    return tuple(np.where(bad, np.nan, x) for x in (ps, np.clip(ps - half, 0, 1), np.clip(ps + half, 0, 1)))
 
 
 def _permutation_p(members: np.ndarray, values: np.ndarray, n_permutations: int, seed: int) -> np.ndarray:
@@ -655,7 +710,10 @@ def _mined(table: pd.DataFrame, scores: pd.Series, min_support: float, max_lengt
 
 def _p_and_q(members: np.ndarray, s: np.ndarray, test: str, min_count: int,
              keys: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Δ, statistic, p (NaN below min_count) and BH q of every itemset for the scores ``s``."""
+    """Δ, statistic, p (NaN below min_count) and BH q of every itemset for the scores ``s``.
+
+    A one-sided p < ½ implies the test's own effect points at "worse" (z < 0 for Mann–Whitney, so ps < ½;
+    t < 0, so Δ < 0, for the mean tests), so ``q ≤ fdr`` (< ½) is a flag whose direction its effect shows."""
     n = s.size
     tol = 1e-12 * max(1.0, float(np.abs(s).max()))
     n1 = members.sum(axis=1).astype(float)
@@ -711,18 +769,24 @@ def divergent_itemsets(
 
     Returns
     -------
-    DataFrame with columns :data:`ITEMSET_COLUMNS`: ``label`` (``attr=value ∧ ...`` in table column
-    order), ``items`` (frozenset of ``attr=value``), ``length``, ``support`` (fraction), ``count``,
-    ``mean`` score, ``divergence`` Δ = mean − overall mean; ``t``: the signed statistic of ``test``
-    (negative = lower than the rest): for ``mannwhitney`` the z of U (continuity-corrected, so
-    p = Φ(t)), for ``pooled_t`` the pooled t, for ``welch`` and ``permutation`` the Welch t; NaN where
-    either side has < 2 cases. (The column keeps its old name so that readers of ``t`` keep working;
-    ``attrs["statistic"]`` names it.) ``p``: the one-sided p-value of ``test``; ``q``: its
-    Benjamini–Hochberg adjusted p-value over all tested itemsets of this table (itemsets holding the same
-    cases count once, see :func:`benjamini_hochberg`). Keep ``q ≤ 0.05`` to control the false-discovery
-    rate at 5 %. Sorted by Δ, then t, length and label, so equal inputs give identical output whatever
-    the row order. The empty itemset is excluded. ``attrs`` holds ``n_cases``, ``overall_mean``,
-    ``min_support``, ``max_length``, ``attributes``, ``min_count``, ``n_tests``, ``test``, ``statistic``.
+    DataFrame with columns :func:`itemset_columns` of ``test`` (:data:`ITEMSET_COLUMNS` for the default):
+    ``label`` (``attr=value ∧ ...`` in table column order), ``items`` (frozenset of ``attr=value``),
+    ``length``, ``support`` (fraction), ``count``, ``mean`` score, ``divergence`` Δ = mean − overall mean
+    (DivExplorer's divergence, a difference of means); ``ps``, ``ps_low``, ``ps_high``: the probability of
+    superiority over the other cases and its 95 % interval (:func:`superiority`; < 0.5: typically lower);
+    the signed statistic of ``test`` (negative = lower than the rest) in a column named for it
+    (:data:`STAT_COLUMNS`): ``z_mw`` for ``mannwhitney`` (the z of U, continuity-corrected, so p = Φ(z)),
+    ``t_pooled`` for ``pooled_t``, ``t_welch`` for ``welch`` and ``permutation``; NaN where either side
+    has < 2 cases. ``p``: the one-sided p-value of ``test``; ``q``: its Benjamini–Hochberg adjusted
+    p-value over all tested itemsets of this table (itemsets holding the same cases count once, see
+    :func:`benjamini_hochberg`). Keep ``q ≤ 0.05`` to control the false-discovery rate at 5 %; a kept
+    itemset's effect (``attrs["effect"]``: ``ps`` for the rank test, ``divergence`` for the mean tests)
+    always points at "worse" (:func:`is_significant`), while Δ may not for the rank test (a subgroup can
+    typically score lower and still have a higher mean). Sorted by Δ, then the statistic, length and label,
+    so equal inputs give identical output whatever the row order. The empty itemset is excluded. ``attrs``
+    holds ``n_cases``, ``overall_mean``, ``min_support``, ``max_length``, ``attributes``, ``min_count``,
+    ``n_tests``, ``test``, ``statistic`` (the statistic's column), ``statistic_text`` (what it is),
+    ``effect`` (the effect's column).
     """
     if test not in TESTS:
         raise ValueError(f"unknown divergence test {test!r}; choose one of {list(TESTS)}")
@@ -732,10 +796,12 @@ def divergent_itemsets(
     # Duplicate hypotheses are itemsets with the same case membership (not the same score sums: two
     # different groups can tie on those).
     keys = _membership_keys(members)
-    div, t, p, qv = _p_and_q(members, s, test, int(min_count), keys)
+    div, stat, p, qv = _p_and_q(members, s, test, int(min_count), keys)
+    ps, ps_low, ps_high = superiority(members, s)
 
     attrs = [str(a) for a in tab.columns]
     items = list(mined["items"])
+    stat_col = STAT_COLUMNS[test]
     out = pd.DataFrame(
         {
             "label": pd.Series([itemset_label(i, attrs) for i in items], dtype=object),
@@ -745,17 +811,20 @@ def divergent_itemsets(
             "count": mined["count"].to_numpy(int),
             "mean": overall + div,
             "divergence": div,
-            "t": t,
+            "ps": ps,
+            "ps_low": ps_low,
+            "ps_high": ps_high,
+            stat_col: stat,
             "p": p,
             "q": qv,
         }
     )
-    out = out.sort_values(["divergence", "t", "length", "label"], kind="mergesort", na_position="last")
+    out = out.sort_values(["divergence", stat_col, "length", "label"], kind="mergesort", na_position="last")
     out = out.reset_index(drop=True)
     out.attrs.update(
         n_cases=n, overall_mean=overall, min_support=float(min_support), max_length=max_length, attributes=attrs,
         min_count=int(min_count), n_tests=int(len(set(k for k, v in zip(keys, p, strict=True) if np.isfinite(v)))),
-        test=test, statistic=STATISTICS[test],
+        test=test, statistic=stat_col, statistic_text=STATISTICS[test], effect=EFFECT_COLUMNS[test],
     )
     return out
 
@@ -776,7 +845,8 @@ def permutation_flag_rate(
     """Share of ``n_permutations`` seeded permutations of ``scores`` on which the detector flags anything.
 
     The detector is the analysis of :func:`divergent_itemsets` with the flag rule of the strategies: an
-    itemset with Δ < 0, q ≤ ``fdr`` (when not None) and |t| ≥ ``t_min``. Permuting the scores over the
+    itemset whose effect points at "worse" (:func:`is_worse`), q ≤ ``fdr`` (when not None) and |statistic|
+    ≥ ``t_min``. Permuting the scores over the
     cases keeps their distribution and removes any link to the attributes, so every flag is a false alarm:
     the result estimates how often *this* split would re-weight on noise. The itemsets are mined once
     (membership does not depend on the scores), so K permutations cost K tests, not K minings.
@@ -790,8 +860,9 @@ def permutation_flag_rate(
     rng = np.random.default_rng(seed)
     flagged = 0
     for _ in range(int(n_permutations)):
-        div, t, _, q = _p_and_q(members, rng.permutation(s), test, int(min_count), keys)
-        flag = div < 0
+        perm = rng.permutation(s)
+        div, t, _, q = _p_and_q(members, perm, test, int(min_count), keys)
+        flag = superiority(members, perm)[0] < 0.5 if EFFECT_COLUMNS[test] == "ps" else div < 0
         if fdr is not None:
             with np.errstate(invalid="ignore"):
                 flag &= q <= float(fdr)
@@ -891,9 +962,59 @@ def shapley_contributions(itemsets: pd.DataFrame, itemset: str | Iterable[str]) 
 # --------------------------------------------------------------------------------------------------------
 
 
+def statistic_column(itemsets: pd.DataFrame) -> str | None:
+    """The column holding the itemsets' test statistic, found rather than assumed: the one named in
+    ``itemsets.attrs["statistic"]``, else a known statistic column (``z_mw``, ``t_welch``, ``t_pooled``, the
+    former ``t``), else the first numeric column between ``divergence`` and ``p`` that is not an effect."""
+    cols = list(itemsets.columns)
+    named = itemsets.attrs.get("statistic")
+    if named in cols:
+        return str(named)
+    for c in (*dict.fromkeys(STAT_COLUMNS.values()), "t"):
+        if c in cols:
+            return c
+    if "divergence" in cols and "p" in cols:
+        between = [c for c in cols[cols.index("divergence") + 1:cols.index("p")] if not str(c).startswith("ps")]
+        numeric = [c for c in between if pd.api.types.is_numeric_dtype(itemsets[c])]
+        if numeric:
+            return str(numeric[0])
+    return None
+
+
+def effect_column(itemsets: pd.DataFrame) -> str:
+    """The column of the effect whose sign a flag is read against: ``attrs["effect"]`` when present, else
+    ``ps`` when the frame has it (the rank test's), else ``divergence``."""
+    named = itemsets.attrs.get("effect")
+    if named in itemsets.columns:
+        return str(named)
+    return "ps" if "ps" in itemsets.columns else "divergence"
+
+
+def is_worse(itemsets: pd.DataFrame) -> pd.Series:
+    """Whether each itemset's effect (:func:`effect_column`) points at "worse than the other cases":
+    ``ps`` < 0.5 (its cases lose more pairwise comparisons than they win) or Δ < 0 for a mean effect."""
+    col = effect_column(itemsets)
+    if col not in itemsets.columns:
+        raise ValueError(f"the itemsets frame lacks its effect column {col!r}; pass a divergent_itemsets() result "
+                         f"(it has {list(itemsets.columns)})")
+    v = pd.to_numeric(itemsets[col], errors="coerce")
+    return (v.lt(0.5) if col == "ps" else v.lt(0)).rename("worse")
+
+
+def effect_gap(itemsets: pd.DataFrame) -> pd.Series:
+    """How much worse each itemset is, on its effect's scale, positive = worse: 1 − 2·ps (the share of
+    pairwise comparisons its cases lose minus the share they win, = −rank-biserial correlation, in [−1, 1])
+    for the rank effect; −Δ (score units) for a mean effect."""
+    col = effect_column(itemsets)
+    v = pd.to_numeric(itemsets[col], errors="coerce")
+    return (1.0 - 2.0 * v if col == "ps" else -v).rename("gap")
+
+
 def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 0.0,
-                    q_max: float | None = None) -> pd.DataFrame:
-    """Per case, the most negative divergence among the itemsets it belongs to.
+                    q_max: float | None = None, by: str = "divergence") -> pd.DataFrame:
+    """Per case, the worst itemset it belongs to: the most negative divergence (``by="divergence"``, the
+    paper's reading) or the largest effect gap (``by="effect"``, :func:`effect_gap`, the divaware rule: the
+    itemset's own effect, the one its flag is read against).
 
     Cases are matched to itemsets by their attribute values, so ``table`` may hold any cases (training
     cases need not be in the analysed set; a value never seen in the analysis simply matches no item).
@@ -907,8 +1028,8 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
         Result of :func:`divergent_itemsets` (possibly pruned or filtered). The empty itemset, if
         present, is ignored: it would match everyone.
     t_min
-        Only itemsets with |t| ≥ t_min count; itemsets with undefined t (NaN) never pass a t_min > 0.
-        ``t_min <= 0`` uses every itemset.
+        Only itemsets with |statistic| ≥ t_min count (:func:`statistic_column`); an undefined statistic (NaN)
+        never passes a t_min > 0. ``t_min <= 0`` uses every itemset.
     q_max
         Only itemsets whose Benjamini–Hochberg ``q`` is ≤ q_max count (NaN, i.e. untested, never does);
         None: no such filter. This is the false-alarm control; ``t_min`` alone is none (about 80 itemsets
@@ -916,41 +1037,52 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
 
     Returns
     -------
-    DataFrame indexed by ``patient_id`` (table order) with ``divergence`` (≤ 0; 0 when no qualifying
-    itemset with Δ < 0 contains the case) and ``worst_itemset`` (its label, "" when none). Ties between
-    itemsets with equal Δ go to the higher |t|, then the shorter, then the alphabetically first label.
+    DataFrame indexed by ``patient_id`` (table order) with ``divergence`` (Δ of the chosen itemset; 0 when
+    none qualifies), ``gap`` (its :func:`effect_gap`, > 0; 0 when none) and ``worst_itemset`` (its label,
+    "" when none). Qualifying itemsets: Δ < 0 (``by="divergence"``) or an effect pointing at "worse"
+    (``by="effect"``, :func:`is_worse`), plus the filters above. Ties go to the higher |statistic|, then
+    the shorter, then the alphabetically first label.
     """
     _check_itemsets(itemsets)
+    if by not in ("divergence", "effect"):
+        raise ValueError(f"case_divergence: by must be 'divergence' or 'effect', got {by!r}")
     ids = _ids_of(table, "case_divergence table")
     tab = table.set_axis(ids, axis=0).drop(columns=["patient_id"], errors="ignore")
     cand = itemsets[itemsets["items"].map(len) > 0]
+    cand.attrs.update(itemsets.attrs)
     div = cand["divergence"].to_numpy(float)
-    keep = div < 0
+    gap = effect_gap(cand).to_numpy(float) if by == "effect" else -div
+    keep = np.array(is_worse(cand).to_numpy(bool)) if by == "effect" else div < 0
+    stat = statistic_column(cand)
     if t_min > 0:
-        if "t" not in cand.columns:
-            raise ValueError("itemsets frame has no 't' column; needed for t_min > 0")
+        if stat is None:
+            raise ValueError("itemsets frame has no test-statistic column; needed for t_min > 0")
         with np.errstate(invalid="ignore"):
-            keep &= np.abs(cand["t"].to_numpy(float)) >= t_min
+            keep &= np.abs(cand[stat].to_numpy(float)) >= t_min
     if q_max is not None:
         if "q" not in cand.columns:
             raise ValueError("itemsets frame has no 'q' column; needed for q_max (use divergent_itemsets())")
         with np.errstate(invalid="ignore"):
             keep &= cand["q"].to_numpy(float) <= float(q_max)
-    cand = cand[keep]
+    cand, gap = cand[keep], gap[keep]
     if "label" in cand.columns:
         labels = cand["label"].astype(str).to_list()
     else:
         labels = [itemset_label(i, [str(a) for a in tab.columns]) for i in cand["items"]]
-    # Deterministic preference among candidates: most negative Δ, then larger |t|, shorter, label.
-    t_abs = np.abs(cand["t"].to_numpy(float)) if "t" in cand.columns else np.zeros(len(cand))
+    # Deterministic preference among candidates: the worst (most negative Δ, or largest gap), then larger
+    # |statistic|, shorter, label.
+    t_abs = np.abs(cand[stat].to_numpy(float)) if stat is not None else np.zeros(len(cand))
     t_abs = np.nan_to_num(t_abs, nan=-1.0)
+    worst_key = -gap if by == "effect" else cand["divergence"].to_numpy(float)
     order = np.lexsort((np.array(labels, dtype=object).astype(str), cand["items"].map(len).to_numpy(), -t_abs,
-                        cand["divergence"].to_numpy(float)))
+                        worst_key))
     cand_items = [frozenset(cand["items"].iloc[k]) for k in order]
     cand_div = cand["divergence"].to_numpy(float)[order]
+    cand_gap = gap[order]
     cand_lab = [labels[k] for k in order]
 
     result_div = np.zeros(len(tab))
+    result_gap = np.zeros(len(tab))
     result_lab = np.full(len(tab), "", dtype=object)
     if cand_items and len(tab):
         vocab = sorted({it for items in cand_items for it in items})
@@ -979,25 +1111,29 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
         any_member = member.any(axis=1)
         first = np.argmax(member, axis=1)  # candidates are ordered, so the first hit is the worst
         combo_div = np.where(any_member, cand_div[first], 0.0)
+        combo_gap = np.where(any_member, cand_gap[first], 0.0)
         combo_lab = np.where(any_member, np.array(cand_lab, dtype=object)[first], "")
-        result_div = combo_div[inverse]
+        result_div, result_gap = combo_div[inverse], combo_gap[inverse]
         result_lab = combo_lab[inverse]
-    out = pd.DataFrame({"divergence": result_div.astype(float), "worst_itemset": result_lab}, index=ids)
+    out = pd.DataFrame({"divergence": result_div.astype(float), "gap": result_gap.astype(float),
+                        "worst_itemset": result_lab}, index=ids)
     out["worst_itemset"] = out["worst_itemset"].astype(str)
     return out
 
 
 def is_significant(frame: pd.DataFrame, fdr: float = 0.05) -> pd.Series:
-    """Which itemsets are significant failures: ``q ≤ fdr`` and Δ < 0 (a NaN q, an untested itemset, is not).
+    """Which itemsets are significant failures: ``q ≤ fdr`` and the test's effect pointing at "worse"
+    (:func:`is_worse`: ps < 0.5 for the rank test, Δ < 0 for a mean test; a NaN q, an untested itemset, is
+    not). So no significant row can show its effect in the opposite direction.
 
     The one definition of "significant" that the tables, figures, explorer and README use, and the rule by
     which the ``divaware`` strategy acts (its ``fdr``). ``frame`` is a :func:`divergent_itemsets` result.
     """
-    missing = [c for c in ("q", "divergence") if c not in frame.columns]
+    missing = [c for c in ("q", effect_column(frame)) if c not in frame.columns]
     if missing:
         raise ValueError(f"is_significant: the itemsets frame lacks column(s) {missing}; pass a divergent_itemsets() "
                          f"result (it has {list(frame.columns)})")
     if not 0 < float(fdr) <= 1:
         raise ValueError(f"is_significant: fdr must be in (0, 1], got {fdr!r}")
     q = pd.to_numeric(frame["q"], errors="coerce")
-    return (q.le(float(fdr)) & pd.to_numeric(frame["divergence"], errors="coerce").lt(0)).rename("significant")
+    return (q.le(float(fdr)) & is_worse(frame)).rename("significant")

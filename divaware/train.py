@@ -707,6 +707,12 @@ class Trainer:
     def refresh_weights(self, epoch: int, per_case_val: pd.DataFrame) -> None:
         """New training weights from the fairness-validation scores just measured."""
         self.strategy.refresh(epoch, self.cohort.metadata.loc[self.val_ids], per_case_val["score"])
+        line = getattr(self.strategy, "refresh_line", None)
+        if line is not None and self.config.progress and self.ranks.is_main:
+            # what the refresh flagged and whether a clip bound the weights (also in weights_history.csv)
+            from tqdm.auto import tqdm
+
+            tqdm.write(line())
 
     def select(self, epoch: int, selection: float) -> bool:
         """Keep the model as best.pt when its selection criterion beats every earlier epoch's (ties: earlier)."""

@@ -32,8 +32,8 @@ Strategies (:data:`STRATEGIES`):
 * ``febs`` — Fair Error-Bound Scaling (Tian et al., ICLR 2024, FairSeg): groups with a larger running
   training error get a larger weight, online.
 * ``paper`` — the published weighting (|Δ| of the case's worst divergent itemset) with its defects fixed.
-* ``divaware`` — our default: exponential tilt exp(−d_i/τ) over the subgroups that pass a
-  false-discovery-rate control (Benjamini–Hochberg, 5 %), mean 1, clipped, optionally smoothed.
+* ``divaware`` — our default: every case of a subgroup that passes a false-discovery-rate control
+  (Benjamini–Hochberg, 5 %) gets 1 + gap/τ ≥ 1, the rest one shared weight ≤ 1, mean 1, clipped.
 * ``oracle`` — synthetic cohorts only: up-weights the *truly* hard cases (``synthetic_truth.csv``) with the
   same mean-1 normalisation and clip as ``divaware``; the ceiling of subgroup re-weighting on a cohort.
 """
@@ -75,6 +75,8 @@ __all__ = [
     "OracleWeighting",
     "make_strategy",
     "normalise_weights",
+    "raise_flagged",
+    "refresh_weights",
     "DEFAULTS",
     "REFRESH_SCHEDULE",
     "check_strategy_params",
@@ -84,8 +86,12 @@ __all__ = [
 # ``false_alarm_rate``: per refresh of a divergence strategy, the share of K permutations of that refresh's
 # validation scores on which the detector flags anything (NaN for refresh 0 and other strategies); one
 # value per refresh, repeated on its rows. A run's mean false-alarm rate is its mean over refreshes ≥ 1.
+# ``gap``: the effect gap (divaware.subgroups.effect_gap) of the case's worst flagged subgroup, the number the
+# divaware rule turns into its weight (0: in no flagged subgroup). ``clip``: "w_max" / "w_min" where that clip
+# bound set the case's weight at this refresh, else "".
 HISTORY_COLUMNS: tuple[str, ...] = ("refresh", "epoch", "patient_id", "weight", "worst_itemset", "divergence",
-                                    "false_alarm_rate")
+                                    "false_alarm_rate", "gap", "clip")
+_HISTORY_FILL: dict[str, Any] = {"false_alarm_rate": float("nan"), "gap": float("nan"), "clip": ""}
 
 _STATE_VERSION = 1
 
@@ -99,7 +105,7 @@ REFRESH_SCHEDULE: dict[str, int] = {"warmup_epochs": 6, "update_every": 3}
 DEFAULTS: dict[str, dict[str, Any]] = {
     "group_dro": {"eta": 0.01},
     "paper": {**REFRESH_SCHEDULE, "min_support": 0.05},
-    "divaware": {**REFRESH_SCHEDULE, "tau": 0.05, "w_min": 0.2, "w_max": 5.0, "min_support": 0.05,
+    "divaware": {**REFRESH_SCHEDULE, "tau": 1.0, "w_min": 0.2, "w_max": 5.0, "min_support": 0.05,
                  "persistence": 0.8, "null_permutations": 20},
     "febs": {"gamma": 1.0, "momentum": 0.9},
     "oracle": {"warmup_epochs": REFRESH_SCHEDULE["warmup_epochs"], "w_min": 0.2, "w_max": 5.0},
@@ -155,6 +161,79 @@ def normalise_weights(raw: Sequence[float] | np.ndarray, w_min: float | None = N
         if np.array_equal(cu2 <= lo, at_lo) and np.array_equal(cu2 >= hi, at_hi):
             c = c_exact
     return np.clip(c * u, lo, hi)
+
+
+def raise_flagged(gap: Sequence[float] | np.ndarray, tau: float, w_min: float, w_max: float
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``divaware`` rule: weights ≥ 1 for flagged cases (``gap`` > 0), one shared weight ≤ 1 for the rest.
+
+    A flagged case gets 1 + k·gap (k = 1/τ, clipped at ``w_max``); the unflagged cases share
+    w₀ = (N − Σ flagged weights) / N_unflagged, which makes the mean exactly 1 and is ≤ 1 because every
+    flagged weight is ≥ 1. Where w₀ would fall below ``w_min``, k is lowered (bisection) until w₀ = w_min:
+    the floor binds for all unflagged cases at once, and every flagged weight is still ≥ 1. When every
+    case is flagged (no one left to lower), the weights are 1 + gap/τ scaled to mean 1 within the clip
+    (:func:`normalise_weights`); then not all of them can be ≥ 1.
+
+    Returns (weights, clip): ``clip`` is ``"w_max"`` for a case at the upper clip, ``"w_min"`` for the
+    unflagged cases when the floor binds, else ``""``.
+    """
+    g = np.maximum(np.asarray(gap, dtype=float).reshape(-1), 0.0)
+    if not np.all(np.isfinite(g)):
+        raise ValueError("raise_flagged: gaps must be finite")
+    if not (0 < w_min <= 1 <= w_max and tau > 0):
+        raise ValueError(f"raise_flagged: need tau > 0 and 0 < w_min ≤ 1 ≤ w_max, got {tau}, {w_min}, {w_max}")
+    n, flag = g.size, g > 0
+    clip = np.full(n, "", dtype=object)
+    if not flag.any():
+        return np.ones(n), clip
+    if flag.all():
+        w = normalise_weights(1.0 + g / tau, w_min, w_max)
+        clip[np.isclose(w, w_max)] = "w_max"
+        clip[np.isclose(w, w_min)] = "w_min"
+        return w, clip
+    n_rest = float(n - flag.sum())
+
+    def rest_weight(k: float) -> float:
+        return (n - float(np.minimum(1.0 + k * g[flag], w_max).sum())) / n_rest
+
+    k = 1.0 / tau
+    floor = rest_weight(k) < w_min
+    if floor:  # rest_weight falls with k and is 1 at k = 0: find the k at which it reaches w_min
+        lo, hi = 0.0, k
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            lo, hi = (mid, hi) if rest_weight(mid) >= w_min else (lo, mid)
+        k = lo
+    w = np.where(flag, np.minimum(1.0 + k * g, w_max), rest_weight(k))  # mean exactly 1 (up to rounding)
+    clip[flag & (1.0 + k * g >= w_max)] = "w_max"
+    if floor:
+        clip[~flag] = "w_min"
+    return w, clip
+
+
+def refresh_weights(train_groups: pd.DataFrame, val_groups: pd.DataFrame, scores: pd.Series,
+                    **params: Any) -> pd.DataFrame:
+    """One refresh of the ``divaware`` strategy itself: the weights training would assign for these scores.
+
+    The one function behind notebook 02's preview, the audit's and ``divaware weights``' tables, and (being
+    ``DivawareWeighting.refresh`` with ``warmup_epochs`` 0) a training refresh: ``train_groups`` are the
+    training cases' metadata, ``val_groups``/``scores`` the fairness-validation cases and their per-case
+    score (higher is better), ``params`` the strategy's (default: :data:`DEFAULTS`, the method's
+    ``DEFAULT_ATTRIBUTES``). Returns, per training case (index ``patient_id``): ``weight``, ``divergence``
+    (Δ of its worst flagged subgroup), ``gap`` (that subgroup's effect gap, which set the weight),
+    ``worst_itemset`` and ``clip``; ``attrs["line"]`` is the refresh's one-line summary and
+    ``attrs["itemsets"]`` the analysis.
+    """
+    strategy = make_strategy("divaware", **{"warmup_epochs": 0, "null_permutations": 0, **params})
+    strategy.fit(train_groups)
+    weights = strategy.refresh(0, val_groups, scores)
+    table = strategy.case_divergence.join(weights)
+    table.index.name = "patient_id"
+    table = table[["weight", "divergence", "gap", "worst_itemset", "clip"]]
+    table.attrs.update(line=strategy.refresh_line(), itemsets=strategy.last_itemsets)
+    return table
 
 
 def run_false_alarm_rate(history: pd.DataFrame) -> float:
@@ -248,6 +327,8 @@ class WeightingStrategy:
         self._w = np.zeros(0)
         self._div = np.zeros(0)
         self._worst = np.zeros(0, dtype=object)
+        self._gap = np.zeros(0)
+        self._clip = np.zeros(0, dtype=object)
         self._refresh_count = 0
         self._last_epoch: int | None = None
         self._hist: dict[str, list] = {c: [] for c in HISTORY_COLUMNS}
@@ -284,6 +365,8 @@ class WeightingStrategy:
         self._w = np.ones(n)
         self._div = np.zeros(n)
         self._worst = np.full(n, "", dtype=object)
+        self._gap = np.zeros(n)
+        self._clip = np.full(n, "", dtype=object)
         self._fit()
         self._record(epoch=0)
         return self
@@ -329,9 +412,11 @@ class WeightingStrategy:
 
     @property
     def case_divergence(self) -> pd.DataFrame:
-        """Per training case: ``divergence`` and ``worst_itemset`` behind the current weights."""
+        """Per training case: ``divergence``, ``gap``, ``worst_itemset`` and ``clip`` behind the current weights."""
         self._require_fit()
-        return pd.DataFrame({"divergence": self._div.copy(), "worst_itemset": self._worst.astype(str)}, index=self._ids.copy())
+        return pd.DataFrame({"divergence": self._div.copy(), "gap": self._gap.copy(),
+                             "worst_itemset": self._worst.astype(str), "clip": self._clip.astype(str)},
+                            index=self._ids.copy())
 
     @property
     def history(self) -> pd.DataFrame:
@@ -346,6 +431,8 @@ class WeightingStrategy:
                 "worst_itemset": pd.Series(h["worst_itemset"], dtype=object).astype(str),
                 "divergence": np.asarray(h["divergence"], dtype=float),
                 "false_alarm_rate": np.asarray(h["false_alarm_rate"], dtype=float),
+                "gap": np.asarray(h["gap"], dtype=float),
+                "clip": pd.Series(h["clip"], dtype=object).astype(str),
             }
         )
 
@@ -358,6 +445,8 @@ class WeightingStrategy:
         self._hist["weight"].extend(self.weights.tolist())
         self._hist["worst_itemset"].extend(self._worst.astype(str).tolist())
         self._hist["divergence"].extend(self._div.tolist())
+        self._hist["gap"].extend(self._gap.tolist())
+        self._hist["clip"].extend(self._clip.astype(str).tolist())
 
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -376,6 +465,8 @@ class WeightingStrategy:
             "weights": self._w.tolist(),
             "divergence": self._div.tolist(),
             "worst_itemset": self._worst.astype(str).tolist(),
+            "gap": self._gap.tolist(),
+            "clip": self._clip.astype(str).tolist(),
             "refresh_count": self._refresh_count,
             "last_epoch": self._last_epoch,
             "history": {c: list(v) for c, v in self._hist.items()},
@@ -411,12 +502,16 @@ class WeightingStrategy:
         self._w = np.asarray(state["weights"], dtype=float)
         self._div = np.asarray(state["divergence"], dtype=float)
         self._worst = np.asarray(state["worst_itemset"], dtype=object)
+        # states saved before gap/clip existed resume with gap 0 and no clip
+        self._gap = np.asarray(state.get("gap", np.zeros(len(self._w))), dtype=float)
+        self._clip = np.asarray(state.get("clip", [""] * len(self._w)), dtype=object)
         self._refresh_count = int(state["refresh_count"])
         self._last_epoch = state["last_epoch"]
         saved = state["history"]
         rows = len(saved["refresh"])
-        # states saved before a column existed resume with it NaN (false_alarm_rate: not measured then)
-        self._hist = {c: list(saved[c]) if c in saved else [float("nan")] * rows for c in HISTORY_COLUMNS}
+        # states saved before a column existed resume with it empty (false_alarm_rate, gap: NaN, not measured
+        # then; clip: "")
+        self._hist = {c: list(saved[c]) if c in saved else [_HISTORY_FILL[c]] * rows for c in HISTORY_COLUMNS}
         self._fit_structures()
         self._load_extra(state.get("extra") or {})
 
@@ -789,6 +884,9 @@ class _DivergenceStrategy(WeightingStrategy):
         )
         self.last_itemsets: pd.DataFrame | None = None
 
+    # how case_divergence picks a case's worst flagged itemset: by its Δ (the paper) or its effect gap (divaware)
+    select_by: ClassVar[str] = "divergence"
+
     def should_refresh(self, epoch: int) -> bool:
         return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.update_every == 0
 
@@ -806,12 +904,14 @@ class _DivergenceStrategy(WeightingStrategy):
         val_table = self._groups_table(val_groups, "val_groups")
         itemsets = divergent_itemsets(val_table, val_scores, min_support=self.min_support, max_length=self.max_length,
                                       min_count=self.min_count, test=self.test)
-        cd = case_divergence(self._table, itemsets, t_min=self.t_min, q_max=self.fdr)
+        cd = case_divergence(self._table, itemsets, t_min=self.t_min, q_max=self.fdr, by=self.select_by)
         d = cd["divergence"].to_numpy(float)
-        if (d < 0).any() or self._refresh_count == 0 or self.persistence == 0:
-            self._w = self._weights_from(d)
+        self._clip = np.full(len(d), "", dtype=object)
+        if (cd["worst_itemset"] != "").any() or self._refresh_count == 0 or self.persistence == 0:
+            self._w = self._weights_from(cd)
         else:
-            # No evidence is not evidence of no gap: keep the last weights, decayed towards 1 (mean stays 1).
+            # No evidence is not evidence of no gap: keep the last weights, decayed towards 1 (mean stays 1;
+            # weights ≥ 1 stay ≥ 1 and the shared weight of the others stays shared and ≤ 1; no clip binds).
             w = 1.0 + self.persistence * (self._w - 1.0)
             self._w = w / w.mean()
         far = float("nan")
@@ -823,6 +923,7 @@ class _DivergenceStrategy(WeightingStrategy):
                 fdr=self.fdr, t_min=self.t_min, min_support=self.min_support, max_length=self.max_length,
                 min_count=self.min_count, test=self.test)
         self._div = d
+        self._gap = cd["gap"].to_numpy(float)
         self._worst = cd["worst_itemset"].to_numpy(dtype=object)
         self._refresh_count += 1
         self._last_epoch = int(epoch)
@@ -830,8 +931,33 @@ class _DivergenceStrategy(WeightingStrategy):
         self._record(epoch, far)
         return self.weights
 
-    def _weights_from(self, d: np.ndarray) -> np.ndarray:
+    def _weights_from(self, cd: pd.DataFrame) -> np.ndarray:
+        """Weights from the training cases' :func:`~divaware.subgroups.case_divergence` (may set ``_clip``)."""
         raise NotImplementedError
+
+    def refresh_line(self) -> str:
+        """One line on the last refresh: what was flagged, the weights, and where a clip bound them."""
+        self._require_fit()
+        flagged = self._worst.astype(str) != ""
+        n_sets = len(set(self._worst[flagged].astype(str)))
+        w = self._w
+        if flagged.any():
+            text = (f"{n_sets} flagged subgroup(s), {int(flagged.sum())} training case(s) in them: weights "
+                    f"{w[flagged].min():.2f}-{w[flagged].max():.2f}; the other {int((~flagged).sum())}: "
+                    f"{w[~flagged].mean():.2f}" if (~flagged).any() else
+                    f"{n_sets} flagged subgroup(s) cover all {len(w)} training cases: weights "
+                    f"{w.min():.2f}-{w.max():.2f}")
+        elif np.allclose(w, 1.0):
+            text = "nothing flagged: every weight 1"
+        else:
+            text = (f"nothing flagged: the last weights kept, decayed towards 1 (persistence "
+                    f"{self.persistence:g}; {w.min():.2f}-{w.max():.2f})")
+        clipped = self._clip.astype(str)
+        for bound in ("w_max", "w_min"):
+            k = int((clipped == bound).sum())
+            if k:
+                text += f"; clip {bound}={getattr(self, bound, float('nan')):g} binds for {k} case(s) ({k / len(w):.0%})"
+        return f"{self.name} refresh {self._refresh_count} (epoch {self._last_epoch}): {text}"
 
 
 class PaperWeighting(_DivergenceStrategy):
@@ -886,8 +1012,8 @@ class PaperWeighting(_DivergenceStrategy):
                          fdr=fdr, min_count=min_count, test=test, persistence=persistence,
                          null_permutations=null_permutations, null_seed=null_seed)
 
-    def _weights_from(self, d: np.ndarray) -> np.ndarray:
-        r = -np.minimum(d, 0.0)
+    def _weights_from(self, cd: pd.DataFrame) -> np.ndarray:
+        r = -np.minimum(cd["divergence"].to_numpy(float), 0.0)
         matched = r > 0
         if not matched.any():
             return np.ones_like(r)
@@ -896,56 +1022,66 @@ class PaperWeighting(_DivergenceStrategy):
 
 
 class DivawareWeighting(_DivergenceStrategy):
-    """Our default: an exponential tilt towards cases in underperforming subgroups.
+    """Our default: raise every case of a significantly underperforming subgroup, by how much worse it is.
 
-    With d_i ≤ 0 the case's divergence (most negative Δ among the *discoveries* of the false-alarm control
-    below that contain it, i.e. validation itemsets that pass the FDR step and |t| ≥ ``t_min``; 0 if none),
-    the fresh weights are
+    Each refresh flags the validation itemsets that pass the false-alarm control below (its one-sided test,
+    by default Mann–Whitney, at Benjamini–Hochberg q ≤ ``fdr``); a training case's gap g_i is the largest
+    :func:`~divaware.subgroups.effect_gap` among the flagged itemsets that contain it (matched by attribute
+    values; 0 if none). With the default rank test the gap is 1 − 2·ps, ps the itemset's probability of
+    superiority: the share of (itemset case, other case) comparisons its cases lose minus the share they
+    win, in (0, 1] for a flagged itemset, the same effect the flag was decided on. The weights
+    (:func:`raise_flagged`) are
 
-        w_i ∝ exp(−d_i / τ),   scaled to mean 1 over the training set, clipped to [w_min, w_max]
+        flagged cases:  w_i = 1 + g_i / τ   (≥ 1, ERM's weight, and more for a larger gap; clipped at w_max)
+        all others:     one shared w₀ = (N − Σ flagged w) / N_others ≤ 1, so the mean over the training set is 1
 
-    (clip and mean 1 together, see :func:`normalise_weights`). τ (``tau``) is in score units: a case whose
-    worst subgroup is τ below average gets e times the weight of one in no divergent subgroup (before
-    normalisation). Cases in no divergent itemset thus share the lowest weight, which is ≤ 1; the
-    ``w_min`` floor keeps every case in the objective. With ``smoothing`` β > 0, refreshes after the first
-    use β·w_previous + (1−β)·w_fresh (still mean 1 and within the clip, being a convex combination).
+    **τ (``tau``), one unit:** a flagged subgroup whose gap is τ gets twice ERM's weight; with the default
+    τ = 1 a subgroup whose cases lose every comparison with the others (ps 0) gets 2, one that loses 65 %
+    and wins 35 % (ps 0.35, gap 0.3) gets 1.3. Chosen by measurement (benchmarks/DIVERGENCE.md, "Scale of
+    the weights"): the smallest τ among 0.25, 0.5, 0.75, 1, 2 whose share of training cases at a clip,
+    averaged over the refreshes that flag something, stays ≤ 10 % in every measured cell, while the hard
+    group still gets ≥ 1.5× the others' weight whenever it is found. Smaller τ tilts harder and makes the
+    floor bind more often.
+
+    **Clip.** ``w_max`` caps a flagged weight; ``w_min`` is the floor of the shared weight w₀: where the
+    flagged cases' extra weight would push w₀ below it, the scale 1/τ is lowered until w₀ = w_min (every
+    flagged weight stays ≥ 1). Where a bound sets a weight the run says so: the history's ``clip`` column
+    (``w_max``/``w_min``), :meth:`refresh_line` (logged by training at each refresh) and ``divaware weights``.
+    With ``smoothing`` β > 0, refreshes after the first use β·w_previous + (1−β)·w_fresh (mean 1, within
+    the clip; a newly flagged case may then start below 1).
 
     **False-alarm control.** A refresh looks at dozens of itemsets (40-80 testable ones with 48-240
     validation cases and three attributes), so some always look divergent by chance: with the former rule
     |t| ≥ 2, 35 of 40 analyses of pure noise (permuted scores) produced non-uniform weights. Only itemsets
-    that survive a Benjamini–Hochberg step-up at false-discovery rate ``fdr`` now count:
+    that survive a Benjamini–Hochberg step-up at false-discovery rate ``fdr`` count:
 
     1. every itemset of ≥ ``min_count`` validation cases gets a one-sided p-value for "scores lower than
        the rest" from ``test`` (default: Mann–Whitney U, valid for heavy-tailed Dice; see
        :func:`divaware.subgroups.divergent_itemsets`); itemsets holding exactly the same cases are one test;
     2. with the m p-values sorted, p_(1) ≤ … ≤ p_(m), the k smallest are discoveries for the largest k with
        p_(k) ≤ fdr · k / m (the q column of the analysis is the adjusted p-value, q ≤ fdr ⇔ discovery);
-    3. d_i is the most negative Δ among the discoveries that contain training case i (0 if none).
+    3. g_i as above, from the discoveries that contain training case i.
 
     When nothing is divergent (scores exchangeable between the subgroups), the chance that anything is
     discovered is at most ``fdr``, and then every weight is exactly 1 (before ``persistence`` carries
     earlier weights over); the rank test also flags a subgroup whose cases are typically lower at an equal
-    mean (benchmarks/DIVERGENCE.md, heteroscedastic nulls); when something is, the expected share of false discoveries among the discoveries
-    is at most ``fdr``. Measured (benchmarks/DIVERGENCE.md, default parameters): uniform weights in ≥ 90 %
-    of null refreshes at 48 and 240 validation cases, and a planted subgroup (support 0.15, Δ −0.2 at 48;
-    support 0.10, Δ −0.1 at 240; score SD 0.1) up-weighted ≥ 1.5× in ≥ 80 % of trials. The price: a
-    subgroup must be either large or clearly worse to be acted upon (a 4-case subgroup is never tested).
-    ``fdr=None`` switches the control off (then ``t_min`` is the only filter, as before).
+    mean (benchmarks/DIVERGENCE.md, heteroscedastic nulls). ``fdr=None`` switches the control off (then
+    ``t_min``, on |z|, is the only filter).
 
-    Defaults: τ = 0.05 (Δ of a few hundredths of Dice, typical in the paper, gives a visible tilt),
-    clip [0.2, 5] (no case ignored, none dominating), ``fdr`` 0.05 with ``min_count`` 5 and no t filter
-    (``t_min`` 0; the FDR step replaces the former t_min 2), min_support 0.05 and max_length 3 (small
-    intersections are the point; see DESIGN.md on support), warm-up 6 epochs (early Dice is uninformative),
-    refresh every 3 epochs: :data:`DEFAULTS` (the main job's values; before, the class used min_support
-    0.02 and 5/5 while notebook 03 used 0.05 and 6/3); ``persistence`` 0.8 (a tilt without fresh evidence
-    halves in about three refreshes) and a false-alarm rate from 20 permutations per refresh (see the base
-    class).
+    Defaults (:data:`DEFAULTS`): τ 1, clip [0.2, 5], ``fdr`` 0.05 with ``min_count`` 5 and no statistic
+    filter (``t_min`` 0), min_support 0.05 and max_length 3, the method's attributes
+    (:data:`divaware.subgroups.DEFAULT_ATTRIBUTES`, with the derived ``dense``), warm-up 6 epochs, refresh
+    every 3 epochs; ``persistence`` 0.8 (a refresh that flags nothing keeps the last weights, decayed
+    towards 1: flagged cases stay ≥ 1, the others keep one shared weight ≤ 1) and a false-alarm rate from
+    20 permutations per refresh (see the base class).
 
     Note: a case that shares only a marginal with a strongly divergent intersection (``age_group=0-40``
-    for ``age_group=0-40 ∧ breast_density=d``) inherits that marginal's, smaller, divergence.
+    for ``age_group=0-40 ∧ breast_density=d``) inherits that marginal's, smaller, gap when the marginal
+    is itself flagged, else w₀.
     """
 
     name = "divaware"
+    select_by = "effect"
 
     def __init__(
         self,
@@ -982,9 +1118,8 @@ class DivawareWeighting(_DivergenceStrategy):
         self.tau, self.w_min, self.w_max, self.smoothing = float(tau), float(w_min), float(w_max), float(smoothing)
         self._params.update(tau=self.tau, w_min=self.w_min, w_max=self.w_max, smoothing=self.smoothing)
 
-    def _weights_from(self, d: np.ndarray) -> np.ndarray:
-        logits = -np.minimum(d, 0.0) / self.tau
-        fresh = normalise_weights(np.exp(logits - logits.max()), self.w_min, self.w_max)  # shift: no overflow
+    def _weights_from(self, cd: pd.DataFrame) -> np.ndarray:
+        fresh, self._clip = raise_flagged(cd["gap"].to_numpy(float), self.tau, self.w_min, self.w_max)
         if self.smoothing > 0 and self._refresh_count > 0:
             return self.smoothing * self._w + (1.0 - self.smoothing) * fresh
         return fresh

@@ -318,18 +318,10 @@ def _lab_app_dir() -> Path:
 
 
 def statistic_column(itemsets: pd.DataFrame) -> str | None:
-    """The column holding the itemsets' test statistic (``t`` today), found rather than assumed: the one
-    named in ``itemsets.attrs["statistic"]``, else the numeric column between ``divergence`` and ``p``."""
-    named = itemsets.attrs.get("statistic")
-    if named in itemsets.columns:
-        return str(named)
-    cols = list(itemsets.columns)
-    if "divergence" in cols and "p" in cols:
-        between = cols[cols.index("divergence") + 1:cols.index("p")]
-        numeric = [c for c in between if pd.api.types.is_numeric_dtype(itemsets[c])]
-        if numeric:
-            return str(numeric[0])
-    return "t" if "t" in cols else None
+    """The column holding the itemsets' test statistic (:func:`divaware.subgroups.statistic_column`)."""
+    from divaware.subgroups import statistic_column as found
+
+    return found(itemsets)
 
 
 def itemset_order(itemsets: pd.DataFrame) -> pd.DataFrame:
@@ -348,8 +340,10 @@ def itemset_table(itemsets: pd.DataFrame, fdr: float = 0.05, top: int | None = N
                   metric: str = "dice") -> pd.DataFrame:
     """A readable table of :func:`divaware.subgroups.divergent_itemsets` results, in :func:`itemset_order`.
 
-    Columns: ``itemset`` (the label as a string, never a frozenset), ``n``, ``support``, mean ``metric``, ``Δ``,
-    the test statistic (whatever its column is called), ``p``, ``q`` and ``significant`` (q ≤ ``fdr`` and Δ < 0,
+    Columns: ``itemset`` (the label as a string, never a frozenset), ``n``, ``support``, mean ``metric``, ``Δ``
+    (DivExplorer's divergence: mean in the itemset − mean overall), ``ps`` with ``ps_low``/``ps_high`` (the
+    probability of superiority and its 95 % CI: the effect the rank test decides on, < 0.5 = typically worse),
+    the test statistic (``z_mw``), ``p``, ``q`` and ``significant`` (q ≤ ``fdr`` and the effect worse,
     :func:`divaware.subgroups.is_significant`); ``tested`` is False for itemsets too small to be tested.
     """
     from divaware.subgroups import is_significant
@@ -363,6 +357,9 @@ def itemset_table(itemsets: pd.DataFrame, fdr: float = 0.05, top: int | None = N
         f"mean {metric}": ordered["mean"].astype(float),
         "Δ": ordered["divergence"].astype(float),
     })
+    for c in ("ps", "ps_low", "ps_high"):  # the rank effect the flag is decided on, and its 95 % CI
+        if c in ordered.columns:
+            table[c] = ordered[c].astype(float)
     if stat is not None:
         table[stat] = ordered[stat].astype(float)
     table["p"] = ordered["p"].astype(float)

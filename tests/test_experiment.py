@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from divaware import evaluate as ev
 from divaware.experiment import check_experiment, load_experiment, run_config
 from divaware.synthetic import read_truth
 
@@ -55,93 +53,6 @@ def test_bad_experiment_configs_name_the_key(bad, match):
         check_experiment(bad)
 
 
-def _fake_run(folder: Path, method: str, seed: int, cohort: Path, good: set[str], tmp: Path) -> None:
-    """A run folder whose held-out predictions are the expert mask for ``good`` cases and empty otherwise."""
-    run = folder / "runs" / f"{method}_seed{seed}"
-    run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({
-        "strategy": method, "seed": seed, "epochs": 20, "channels": [16, 32], "alpha": 0.5, "batch_size": 4,
-        "synthetic_cases": 300, "synthetic_seed": 0, "data_root": str(cohort)}))
-    # training weights: uniform, hard cases x4 from epoch 5, uniform again from 10, and a refresh after the
-    # last epoch that trains nothing (what divaware writes when its false-discovery control flags on and off)
-    hard = set(read_truth(cohort).query("hard_subgroup").index)
-    history = [{"refresh": k, "epoch": epoch, "patient_id": pid, "weight": factor if pid in hard else 1.0}
-               for k, (epoch, factor) in enumerate([(0, 1.0), (5, 4.0), (10, 1.0), (20, 9.0)])
-               for pid in sorted(read_truth(cohort).index)]
-    pd.DataFrame(history).to_csv(run / "weights_history.csv", index=False)
-    pred = tmp / f"pred_{method}_{seed}"
-    pred.mkdir()
-    for mask in sorted((cohort / "segmentations" / "expert").glob("*.nii.gz")):
-        pid = mask.name.removesuffix(".nii.gz")
-        if pid in good:
-            shutil.copy(mask, pred / mask.name)
-        else:
-            img = nib.load(mask)
-            nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), pred / mask.name)
-    ev.evaluate(run, cohort, split="all", tag="heldout", predictions=pred, n_boot=10, verbose=False)
-
-
-def test_report_values_on_runs_with_known_dice(synthetic_root: Path, tmp_path: Path):
-    truth = read_truth(synthetic_root)
-    ids = set(truth.index)
-    hard = sorted(truth.index[truth["hard_subgroup"]])
-    assert len(hard) >= 2
-    half = set(hard[: len(hard) // 2])
-    folder = tmp_path / "representation"
-    folder.mkdir()
-    (folder / "experiment.yaml").write_text(yaml.safe_dump({
-        "disparity": "representation", "strategies": ["erm", "divaware", "oracle"], "seeds": [0, 1],
-        "heldout": {"cases": 40, "seed": 0}}))
-    # ERM misses every hard case, the oracle none, divaware half of them; the same for both seeds
-    for seed in (0, 1):
-        _fake_run(folder, "erm", seed, synthetic_root, ids - set(hard), tmp_path)
-        _fake_run(folder, "oracle", seed, synthetic_root, ids, tmp_path)
-        _fake_run(folder, "divaware", seed, synthetic_root, ids - set(hard) | half, tmp_path)
-
-    rep = _report_module()
-    res = rep.analyse(rep.load_mechanism(folder))
-    assert res["methods"] == ["erm", "divaware", "oracle"] and res["n_hard"] == len(hard) and res["n_cases"] == 40
-    s, c = res["summary"], res["comparisons"]
-    assert s["erm"]["hard_dice"][0] == 0.0 and s["oracle"]["hard_dice"][0] == 1.0
-    assert s["erm"]["mean_dice"][0] == pytest.approx(1 - len(hard) / 40)
-    assert res["erm_hard_gap"] == 1.0 and res["oracle_closes"] == 1.0
-    assert c["oracle"]["hard"][:3] == (1.0, 1.0, 1.0) and c["oracle"]["hard"][3] == 2
-    assert c["divaware"]["hard"][0] == pytest.approx(len(half) / len(hard))
-    assert c["oracle"]["mean"][0] == pytest.approx(len(hard) / 40)
-    # ERM's worst group holds the largest share of hard cases; gains there are shares of its hard cases
-    per_case = ev.load_evaluation(folder / "runs" / "erm_seed0", "all", tag="heldout").per_case
-    attr, group = res["worst_group"]
-    members = per_case.index[per_case[attr].astype(str) == group]
-    share = np.isin(members, hard).mean()
-    assert share > 0 and res["n_worst"] == len(members)
-    assert c["oracle"]["worst"][0] == pytest.approx(share)
-    assert c["divaware"]["fraction_worst"] == pytest.approx(np.isin(members, sorted(half)).sum() / np.isin(members, hard).sum())
-    assert c["divaware"]["fraction_hard"] == pytest.approx(len(half) / len(hard))
-
-    # what the strategy did to the training cases: 5 of 20 epochs re-weighted, hard/rest 4 there, 1 elsewhere
-    w = res["weights"].set_index("run").loc["divaware_seed0"]
-    assert (w["epochs"], w["reweighted_epochs"]) == (20, 5) and w["hard_over_rest"] == pytest.approx(35 / 20)
-
-    out = tmp_path / "EXPERIMENT_preliminary.md"
-    text = rep.main([str(folder), "--out", str(out), "--figures", str(tmp_path / "figures")])
-    assert out.read_text() == text
-    assert "PARTIAL RUN" in text and "closing 100 % of ERM's hard-vs-rest gap of 1.000" in text
-    assert "| oracle | 2 |" in text and "[+1.0000, +1.0000]" in text
-    assert (tmp_path / "figures" / "experiment_representation_preliminary.png").is_file()
-
-    # the README's headline tables come from the same numbers; text outside the markers is kept
-    readme = tmp_path / "README.md"
-    readme.write_text("# title\nbefore\n<!-- experiment:begin -->\nold table\n<!-- experiment:end -->\nafter\n")
-    rep.main([str(folder), "--out", str(tmp_path / "EXPERIMENT.md"), "--figures", str(tmp_path / "figures"),
-              "--readme", str(readme)])
-    new = readme.read_text()
-    assert new.startswith("# title\nbefore\n<!-- experiment:begin -->") and new.endswith("<!-- experiment:end -->\nafter\n")
-    assert "old table" not in new
-    assert f"| oracle | 2 | {s['oracle']['mean_dice'][0]:.3f} | 1.000 |" in new
-    assert f"| erm | 2 | {s['erm']['mean_dice'][0]:.3f} | 0.000 | – |" in new
-    assert "closing 100 % of ERM's hard-vs-rest gap of 1.000" in new
-
-
 # ------------------------------------------------------------------------------------------------
 # Look-alike experiments: the data arms (counterfactual, balanced) and the ladder
 # ------------------------------------------------------------------------------------------------
@@ -160,20 +71,23 @@ def test_shipped_lookalike_configs_rung_the_ladder_at_the_issues_size():
     from divaware.synthetic import plan_cohort
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    look = _without_unknown_strategies(root / "experiment_lookalike.yaml")
-    raw = yaml.safe_load((root / "experiment_lookalike.yaml").read_text())
-    assert set(raw["strategies"]) == {"erm", "oracle", "divaware", "group_dro", "febs", "paper"}
+    look = load_experiment(root / "experiment_lookalike.yaml")
+    assert set(look["strategies"]) == {"erm", "oracle", "divaware", "inverse_frequency", "group_dro", "febs", "paper"}
     assert look["disparity"] == "lookalike" and look["arms"] == ["counterfactual", "balanced"]
     weak = load_experiment(root / "experiment_lookalike_weak.yaml")
     intr = load_experiment(root / "experiment_intrinsic.yaml")
-    assert weak["disparity"] == "lookalike_weak" and weak["arms"] == ["counterfactual"]
+    assert weak["disparity"] == "lookalike_weak" and weak["arms"] == [] and intr["arms"] == []
     assert set(weak["strategies"]) == set(intr["strategies"]) == {"erm", "oracle", "divaware"}
     for cfg in (look, weak, intr):
         assert cfg["seeds"] == [0, 1, 2, 3, 4] and cfg["heldout"]["cases"] == 800
         t = cfg["training"]
         assert (t["epochs"], t["channels"], t["num_res_units"], t["cpu_threads"]) == (20, [8, 16, 32, 64], 0, 1)
         plan = plan_cohort(t["synthetic_cases"], seed=t["synthetic_seed"])
-        assert (plan["split"] == "train").sum() == 600  # ~600 training cases
+        assert (plan["split"] == "train").sum() == 239  # 300-case cohorts: 239 challenge-train cases
+        oracle, diva = run_config(cfg, "oracle", 1, "runs/x"), run_config(cfg, "divaware", 1, "runs/x")
+        assert oracle.warmup_epochs == 0 and oracle.alpha == 0.5  # the ceiling: weights from the first epoch
+        assert (diva.warmup_epochs, diva.update_every) == (1, 1)  # divaware acts from the first epochs
+    assert run_config(look, "paper", 0, "runs/x").warmup_epochs == 1
     cf = run_config(look, "counterfactual", 2, "runs/x")
     assert (cf.strategy, cf.synthetic_counterfactual, cf.synthetic_hard_fraction) == ("erm", True, None)
     assert cf.run_dir() == Path("runs/x/runs/counterfactual_seed2") and cf.synthetic_disparity == "lookalike"
@@ -193,127 +107,175 @@ def test_bad_arms_name_the_key(bad, match):
         check_experiment(bad)
 
 
-def test_arms_train_on_their_cohorts_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """run_experiment with train/evaluate replaced by recorders: which cohorts, which evaluations, and a second
-    call re-evaluates nothing (training resumes inside train())."""
-    from divaware import evaluate as ev_mod
+# ------------------------------------------------------------------------------------------------
+# One run as a task, its committed record, and the report from records alone
+# ------------------------------------------------------------------------------------------------
+
+
+def test_run_one_records_both_checkpoints_and_skips_recorded_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real tiny run of the counterfactual arm: record files, lesion scores consistent with the evaluation, a
+    recorded run skipped without training, and a changed configuration refused naming the field."""
     from divaware import experiment as ex
-    from divaware import train as tr
+    from divaware import experiment_record as rec
 
-    trained, evaluated = [], []
+    monkeypatch.setenv("DIVAWARE_CACHE", str(tmp_path / "cache"))
+    config = {"disparity": "lookalike", "strategies": ["erm"], "arms": ["counterfactual"], "seeds": [0],
+              "heldout": {"cases": 8, "seed": 7},
+              "training": {"synthetic_cases": 24, "epochs": 1, "channels": [4, 8], "strides": [2],
+                           "num_res_units": 0, "cpu_threads": 1, "progress": False, "min_val_cases": 4}}
+    tasks = ex.experiment_tasks(config, tmp_path / "out", record=tmp_path / "rec")
+    assert [t.name for t in tasks] == ["lookalike/erm_seed0", "lookalike/counterfactual_seed0"]
+    assert tasks[1].function == "divaware.experiment:run_one" and json.loads(json.dumps(tasks[1].kwargs))
+    done = ex.run_one(**tasks[1].kwargs)
+    assert done["skipped"] is False
+    folder = tmp_path / "rec" / "counterfactual_seed0"
+    about = json.loads((folder / rec.RUN).read_text())
+    assert (about["strategy"], about["seed"], about["arm"], about["epochs"]) == ("counterfactual", 0, True, 1)
+    assert "data_root" not in about["config"] and about["config"]["synthetic_counterfactual"] is True
+    held = pd.read_csv(folder / rec.HELDOUT, dtype={"patient_id": str}).set_index("patient_id")
+    cases = pd.read_csv(tmp_path / "rec" / rec.CASES, dtype={"patient_id": str}).set_index("patient_id")
+    assert list(held.index) == list(cases.index) and len(held) == 8
+    for c in rec.CHECKPOINTS:  # removing predicted voxels inside lesions never lowers Dice; none there, no change
+        gain = held[f"dice_no_lesion_fp_{c}"] - held[f"dice_{c}"]
+        assert (gain >= -1e-12).all() and (gain[held[f"lesion_fp_{c}"] == 0].abs() < 1e-12).all()
+    assert (cases.loc[~cases["hard_subgroup"], "n_lesions"] == 0).all()
+    cf = pd.read_csv(folder / rec.HELDOUT_CF, dtype={"patient_id": str})
+    assert list(cf.columns) == ["patient_id", "dice_best", "dice_last"] and len(cf) == 8
 
-    def fake_train(config, resume=False):
-        run = Path(config.out_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        trained.append((run.name, config.strategy, config.synthetic_counterfactual, config.synthetic_hard_fraction,
-                        resume))
-        if not (run / "best.pt").exists():
-            (run / "best.pt").write_text("weights")
-        return run
-
-    def fake_evaluate(run, root, split="test", tag=None, n_boot=1000, verbose=True):
-        out = ev_mod.evaluation_dir(run, split, tag=tag)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ev_mod.FILES["manifest"]).write_text(json.dumps({"data_root": str(Path(str(root)).resolve())}))
-        evaluated.append((Path(run).name, str(root), tag))
-
-    monkeypatch.setattr(tr, "train", fake_train)
-    monkeypatch.setattr(tr, "resolve_config", lambda c: c)
-    monkeypatch.setattr(ev_mod, "evaluate", fake_evaluate)
-    monkeypatch.setattr(ex, "heldout_root", lambda cfg, counterfactual=False: Path("cf" if counterfactual else "held"))
-    config = {"disparity": "lookalike", "strategies": ["erm"], "arms": ["counterfactual", "balanced"], "seeds": [0],
-              "heldout": {"cases": 10, "seed": 5}, "training": {"epochs": 1}}
-    ex.run_experiment(config, tmp_path / "exp", n_boot=10)
-    assert sorted(trained) == [("balanced_seed0", "erm", False, 0.5, True), ("counterfactual_seed0", "erm", True, None, True),
-                               ("erm_seed0", "erm", False, None, True)]
-    assert sorted(evaluated) == [
-        ("balanced_seed0", "None", None), ("balanced_seed0", "held", "heldout"),
-        ("counterfactual_seed0", "None", None), ("counterfactual_seed0", "cf", "heldout_counterfactual"),
-        ("counterfactual_seed0", "held", "heldout"),
-        ("erm_seed0", "None", None), ("erm_seed0", "held", "heldout")]
-    evaluated.clear()
-    ex.run_experiment(config, tmp_path / "exp", strategies=["counterfactual"], n_boot=10)
-    assert evaluated == []  # every evaluation is newer than its checkpoint and of the same cohort: kept
-    # a new generator version writes the held-out cohort elsewhere: the runs are evaluated again, on it
-    monkeypatch.setattr(ex, "heldout_root", lambda cfg, counterfactual=False: Path("cf2" if counterfactual else "held2"))
-    ex.run_experiment(config, tmp_path / "exp", strategies=["counterfactual"], n_boot=10)
-    assert sorted(evaluated) == [("counterfactual_seed0", "cf2", "heldout_counterfactual"),
-                                 ("counterfactual_seed0", "held2", "heldout")]
-    with pytest.raises(ValueError, match="not strategies or arms"):
-        ex.run_experiment(config, tmp_path / "exp", strategies=["balance"])
+    # recorded: the next sweep skips it without training or evaluating
+    monkeypatch.setattr("divaware.train.train", lambda *a, **k: pytest.fail("a recorded run was trained again"))
+    assert ex.run_one(**tasks[1].kwargs)["skipped"] is True
+    # another configuration under the same name is never mixed in nor overwritten
+    changed = {**config, "training": {**config["training"], "epochs": 2}}
+    kwargs = {**tasks[1].kwargs, "config": changed}
+    with pytest.raises(ValueError, match="epochs"):
+        ex.run_one(**kwargs)
 
 
-def _fake_eval(folder: Path, name: str, seed: int, cohort: Path, tag: str, predict, tmp: Path) -> None:
-    """Evaluate run ``<name>_seed<seed>`` on ``cohort`` (as ``tag``) with predictions ``predict(pid, mask)``."""
-    run = folder / "runs" / f"{name}_seed{seed}"
-    if not (run / "config.yaml").exists():
-        run.mkdir(parents=True)
-        (run / "config.yaml").write_text(yaml.safe_dump({
-            "strategy": "erm" if name in ("counterfactual", "balanced") else name, "seed": seed, "epochs": 20,
-            "channels": [8, 16], "alpha": 0.5, "batch_size": 4, "synthetic_cases": 16, "synthetic_seed": 0,
-            "data_root": str(cohort)}))
-    pred = tmp / f"pred_{name}_{seed}_{tag}"
-    pred.mkdir()
-    for mask in sorted((cohort / "segmentations" / "expert").glob("*.nii.gz")):
-        img = nib.load(mask)
-        pid = mask.name.removesuffix(".nii.gz")
-        out = predict(pid, np.asarray(img.dataobj) > 0).astype(np.uint8)
-        nib.save(nib.Nifti1Image(out, img.affine), pred / mask.name)
-    ev.evaluate(run, cohort, split="all", tag=tag, predictions=pred, n_boot=10, verbose=False)
-
-
-def test_report_ladder_on_runs_with_known_errors(tmp_path: Path):
+def test_lesion_scores_count_false_positives_inside_lesions(tmp_path: Path):
+    from divaware.experiment_record import lesion_scores
     from divaware.synthetic import LESION_DIR, make_cohort
 
     held = make_cohort(tmp_path / "held", n_cases=8, seed=4, disparity="lookalike", hard_fraction=0.5)
-    held_cf = make_cohort(tmp_path / "held_cf", n_cases=8, seed=4, disparity="lookalike", hard_fraction=0.5,
-                          counterfactual=True)
     truth = read_truth(held)
     hard = sorted(truth.index[truth["hard_subgroup"]])
-    assert len(hard) == 4
-    lesions = {p: nib.load(held / LESION_DIR / f"{p}.nii.gz").get_fdata() > 0 for p in hard}
-    folder = tmp_path / "lookalike"
-    folder.mkdir()
-    (folder / "experiment.yaml").write_text(yaml.safe_dump({
-        "disparity": "lookalike", "strategies": ["erm", "oracle"], "arms": ["counterfactual", "balanced"],
-        "seeds": [0], "heldout": {"cases": 8, "seed": 4}}))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    expected = {}
+    for path in sorted((held / "segmentations" / "expert").glob("*.nii.gz")):
+        pid = path.name.removesuffix(".nii.gz")
+        img = nib.load(path)
+        mask = np.asarray(img.dataobj) > 0
+        lesion = (np.asarray(nib.load(held / LESION_DIR / path.name).dataobj) > 0) & ~mask if pid in hard else \
+            np.zeros_like(mask)
+        nib.save(nib.Nifti1Image((mask | lesion).astype(np.uint8), img.affine), pred / path.name)
+        expected[pid] = (2 * mask.sum() / (2 * mask.sum() + lesion.sum()), int(lesion.sum()))
+    scores = lesion_scores(pred, held, sorted(expected))
+    for pid, (d, fp) in expected.items():
+        assert scores.loc[pid, "dice"] == pytest.approx(d) and scores.loc[pid, "lesion_fp"] == fp
+        assert scores.loc[pid, "dice_no_lesion_fp"] == 1.0  # every error was a false positive inside a lesion
+    assert (scores.loc[hard, "lesion_fp"] > 0).all()
 
-    def perfect(pid, mask):
-        return mask
 
-    def with_lesions(pid, mask):  # ERM: the tumour, plus every lesion of a hard case (false positives only)
-        return mask | lesions[pid] if pid in lesions else mask
+def _write_records(root: Path, n: int = 40, n_hard: int = 10, seeds: tuple[int, ...] = (0, 1)) -> dict:
+    """Record folders with known per-case Dice (``spec``: hard-case Dice and its lesion false-positive cost; the
+    other cases score 0.9 everywhere, the last epoch 0.05 less on hard cases); the counterfactual arm scores 0.9
+    on the cohort without lesions, so ERM loses 0.5 on hard cases, 0.4 of it to false positives in lesions."""
+    from divaware import experiment_record as rec
 
-    fixed = set(hard[:2])
+    folder = root / "lookalike"
+    folder.mkdir(parents=True)
+    ids = [f"DUKE_{i:03d}" for i in range(n)]
+    hard = ids[:n_hard]
+    age = ["0-40" if i < n_hard else ("41-50" if i % 2 else "51-60") for i in range(n)]
+    cases = pd.DataFrame({"patient_id": ids, "age_group": age, "menopause": "pre", "breast_density": "b",
+                          "hard_subgroup": [i < n_hard for i in range(n)],
+                          "n_lesions": [3 if i < n_hard else 0 for i in range(n)]})
+    cases.to_csv(folder / rec.CASES, index=False)
+    (folder / rec.COHORT).write_text(json.dumps({"heldout": "held", "cases": n, "hard": n_hard}))
+    is_hard = np.arange(n) < n_hard
+    # per method: (Dice of hard cases, its lesion-FP cost) at best; last = best - 0.05 on hard cases
+    spec = {"erm": (0.4, 0.4), "oracle": (0.7, 0.1), "divaware": (0.55, 0.25), "balanced": (0.8, 0.0),
+            "counterfactual": (0.4, 0.4)}
+    for method, (dh, cost) in spec.items():
+        for seed in seeds:
+            run = folder / f"{method}_seed{seed}"
+            run.mkdir()
+            best = np.where(is_hard, dh, 0.9)
+            fp = np.where(is_hard, cost, 0.0)
+            last = best - np.where(is_hard, 0.05, 0.0)
+            pd.DataFrame({"patient_id": ids, "dice_best": best, "dice_no_lesion_fp_best": best + fp,
+                          "lesion_fp_best": (fp * 100).astype(int), "dice_last": last,
+                          "dice_no_lesion_fp_last": last + fp, "lesion_fp_last": (fp * 100).astype(int)}
+                         ).to_csv(run / rec.HELDOUT, index=False)
+            if method == "counterfactual":
+                pd.DataFrame({"patient_id": ids, "dice_best": 0.9, "dice_last": 0.85}).to_csv(run / rec.HELDOUT_CF,
+                                                                                             index=False)
+            w = {"reweighted_epochs": 0 if method in ("erm", "balanced", "counterfactual") else 19,
+                 "hard_over_rest": {"oracle": 10.0, "divaware": 3.0}.get(method, 1.0),
+                 "false_alarm_rate": 0.05 if method == "divaware" else float("nan"), "refreshes": 19}
+            (run / rec.RUN).write_text(json.dumps({
+                "strategy": method, "seed": seed, "arm": method in ("balanced", "counterfactual"), "epochs": 20,
+                "selected_epoch": 15, "weights": w,
+                "config": {"epochs": 20, "channels": [8, 16], "alpha": 0.5, "synthetic_cases": 300}}))
+    return {"hard": hard, "ids": ids}
 
-    def oracle(pid, mask):  # the oracle rejects the lesions of two of the four hard cases
-        return mask if pid in fixed else with_lesions(pid, mask)
 
-    _fake_eval(folder, "counterfactual", 0, held_cf, "heldout_counterfactual", perfect, tmp_path)
-    _fake_eval(folder, "counterfactual", 0, held, "heldout", with_lesions, tmp_path)
-    _fake_eval(folder, "erm", 0, held, "heldout", with_lesions, tmp_path)
-    _fake_eval(folder, "balanced", 0, held, "heldout", perfect, tmp_path)
-    _fake_eval(folder, "oracle", 0, held, "heldout", oracle, tmp_path)
-
+def test_report_numbers_on_records_with_known_dice(tmp_path: Path):
+    _write_records(tmp_path / "records")
     rep = _report_module()
-    mech = rep.load_mechanism(folder)
-    res = rep.analyse(mech)
-    assert res["methods"] == ["erm", "oracle"]  # the arms are rungs of the ladder, not strategies
-    lad = res["ladder"]
-    masks = {p: nib.load(held / "segmentations" / "expert" / f"{p}.nii.gz").get_fdata() > 0 for p in hard}
-    erm_dice = {p: 2 * masks[p].sum() / (2 * masks[p].sum() + lesions[p].sum()) for p in hard}
-    loss = np.mean([1 - erm_dice[p] for p in hard])
-    assert (lad["n_hard"], lad["n_rest"], lad["seeds"]) == (4, 4, [0])
-    assert lad["cf_hard"] == lad["cf_rest"] == 1.0 and lad["cf_gap"][0] == 0.0
-    assert lad["loss"][0] == pytest.approx(loss, abs=1e-6)
-    assert lad["fp_share"][0] == pytest.approx(1.0)  # every lost voxel is a false positive inside a lesion
-    assert lad["rungs"]["balanced"]["recovered"][0] == pytest.approx(1.0)
-    share = np.sum([1 - erm_dice[p] for p in fixed]) / np.sum([1 - erm_dice[p] for p in hard])
-    assert lad["rungs"]["oracle"]["recovered"][0] == pytest.approx(share, abs=1e-6)
-    assert lad["rungs"]["oracle"]["mean"][0] == pytest.approx(np.sum([1 - erm_dice[p] for p in fixed]) / 8, abs=1e-6)
-    text = rep.ladder_text(lad)
-    assert "ERM loses ≥ 0.08 to the lesions: " + ("holds" if loss >= 0.08 else "FAILS") in text
-    assert "≥ 60 % of it false positives in lesions: holds" in text and "balanced recovers ≥ 80 %: holds" in text
-    out = tmp_path / "EXPERIMENT_pilot.md"
-    written = rep.main([str(folder), "--out", str(out), "--figures", str(tmp_path / "figures")])
-    assert written.index("### Ladder") < written.index("### Strategies") and "PARTIAL RUN" in written
+    mech = rep.load(tmp_path / "records" / "lookalike")
+    mech["min_worst"] = 5
+    lad = rep.ladder(mech, "best")
+    # counterfactual hard 0.9 = rest 0.9; ERM loses 0.5 on hard cases, 0.4 of it false positives in lesions
+    assert lad["cf_gap"][0] == pytest.approx(0.0) and lad["loss"][0] == pytest.approx(0.5)
+    assert lad["fp_share"][0] == pytest.approx(0.8)
+    assert lad["rungs"]["oracle"]["hard"][0] == pytest.approx(0.3)
+    assert lad["rungs"]["oracle"]["recovered"][0] == pytest.approx(0.6)
+    assert lad["rungs"]["oracle"]["fp_removed"][0] == pytest.approx(0.75)  # 0.4 -> 0.1
+    assert lad["rungs"]["balanced"]["recovered"][0] == pytest.approx(0.8)
+    assert lad["rungs"]["oracle"]["mean"][0] == pytest.approx(0.3 * 10 / 40)
+    assert rep.control_holds(lad) is True  # the oracle's gain has a CI above 0 and costs nothing on the mean
+    assert rep.control_holds({"rungs": {"oracle": {"hard": (0.02, -0.01, 0.05), "mean": (0.0, 0, 0)}}}) is False
+    assert rep.control_holds({"rungs": {"oracle": {"hard": (0.05, 0.02, 0.08), "mean": (-0.02, 0, 0)}}}) is False
+    cmp = rep.compare(mech, "best")
+    d = cmp["rows"]["divaware"]
+    assert cmp["worst"][:2] == ("age_group", "0-40")
+    assert d["d_hard"][0] == pytest.approx(0.15) and d["of_oracle"][0] == pytest.approx(0.5)
+    assert d["of_oracle_fp"][0] == pytest.approx(0.5)  # removes 0.15 of the oracle's 0.3 false-positive cost
+    assert (d["reweighted"], d["hard_over_rest"], d["false_alarm"]) == (19, 3.0, 0.05)
+    last = rep.compare(mech, "last")
+    assert last["rows"]["divaware"]["d_hard"][0] == pytest.approx(0.15)
+    out = tmp_path / "EXPERIMENT.md"
+    text = rep.main(["--records", str(tmp_path / "records"), "--out", str(out), "--figures",
+                     str(tmp_path / "fig"), "--min-worst", "5"])
+    assert out.read_text() == text and "PARTIAL" in text  # 2 seeds of a 5-seed plan
+    assert "50 % [50, 50] of the oracle's gain" in text
+    assert (tmp_path / "fig" / "experiment_lookalike.png").is_file()
+    assert "<!-- runs: lookalike/balanced_seed0 lookalike/balanced_seed1 lookalike/counterfactual_seed0" in text
+    # a run recorded after the report is left out when regenerating that report exactly
+    again = rep.main(["--records", str(tmp_path / "records"), "--out", str(tmp_path / "again.md"), "--figures",
+                      str(tmp_path / "fig"), "--min-worst", "5", "--runs-from", str(out)])
+    assert again == text
+
+
+def test_committed_experiment_report_regenerates_from_the_committed_records(tmp_path: Path):
+    """benchmarks/EXPERIMENT.md and the README's headline block are what the report script writes from the
+    records under benchmarks/experiment/ (exactly the runs each names)."""
+    root = Path(__file__).resolve().parents[1]
+    committed = (root / "benchmarks" / "EXPERIMENT.md").read_text()
+    rep = _report_module()
+    assert rep.RUNS_LINE.search(committed), "EXPERIMENT.md was not written from the records"
+    text = rep.main(["--out", str(tmp_path / "EXPERIMENT.md"), "--figures", str(tmp_path / "fig"),
+                     "--runs-from", str(root / "benchmarks" / "EXPERIMENT.md")])
+    assert text == committed
+    readme = (root / "README.md").read_text()
+    block = readme[readme.index("<!-- experiment:begin -->"):readme.index("<!-- experiment:end -->")]
+    runs = rep.RUNS_LINE.search(block)
+    assert runs, "the README's experiment block was not written from the records"
+    (tmp_path / "runs.md").write_text(runs.group(0) + "\n")
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    rep.main(["--out", str(tmp_path / "E2.md"), "--figures", str(tmp_path / "fig"), "--runs-from",
+              str(tmp_path / "runs.md"), "--readme", str(copy)])
+    assert copy.read_text() == readme

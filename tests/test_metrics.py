@@ -468,10 +468,11 @@ def planted_cohort(n=120, seed=0):
 def test_divergent_subgroups_finds_the_planted_group():
     meta, pc = planted_cohort()
     res = M.divergent_subgroups(pc, meta, min_support=0.1, max_length=2)
-    assert list(res.columns[:8]) == ["label", "items", "length", "support", "count", "mean", "divergence", "t"]
+    assert list(res.columns[:11]) == ["label", "items", "length", "support", "count", "mean", "divergence", "ps",
+                                      "ps_low", "ps_high", "z_mw"]
     top = res.iloc[0]
     assert "age_group=0-40" in top["label"]
-    assert top["divergence"] < -0.15 and top["t"] <= -2
+    assert top["divergence"] < -0.15 and top["z_mw"] <= -2 and top["ps_high"] < 0.5
     single = res[res["label"] == "age_group=0-40"].iloc[0]
     young = meta.loc[pc.index, "age_group"] == "0-40"
     assert single["count"] == young.sum()  # only evaluated cases count, matched by patient_id

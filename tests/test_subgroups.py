@@ -112,7 +112,7 @@ def test_planted_subgroup_is_ranked_first_with_significant_t():
     top = its.iloc[0]
     assert top["label"] == PLANTED and top["items"] == frozenset({"age_group=0-40", "breast_density=d"})
     assert top["length"] == 2 and top["count"] == planted.sum()
-    assert top["divergence"] < -0.15 and top["t"] < -8
+    assert top["divergence"] < -0.15 and top["z_mw"] < -8
     # most negative first, no empty itemset
     assert (np.diff(its["divergence"].to_numpy()) >= 0).all()
     assert (its["length"] >= 1).all() and "" not in set(its["label"])
@@ -124,7 +124,7 @@ def test_default_test_is_a_brute_force_mann_whitney_against_the_complement():
     scores = scores.round(2)  # ties: the tie correction must match scipy's
     tab = attribute_table(meta)
     its = divergent_itemsets(tab, scores, min_support=0.03, max_length=2)
-    assert its.attrs["test"] == "mannwhitney" and "Mann–Whitney" in its.attrs["statistic"]
+    assert its.attrs["test"] == "mannwhitney" and "Mann–Whitney" in its.attrs["statistic_text"] and its.attrs["statistic"] == "z_mw"
     s = scores.reindex(tab.index).to_numpy()
     checked = 0
     for _, row in its.iterrows():
@@ -132,7 +132,7 @@ def test_default_test_is_a_brute_force_mann_whitney_against_the_complement():
         if 5 <= m.sum() <= len(m) - 2:
             ref = stats.mannwhitneyu(s[m], s[~m], alternative="less", method="asymptotic", use_continuity=True)
             assert row["p"] == pytest.approx(ref.pvalue, rel=1e-9, abs=1e-300)
-            assert stats.norm.cdf(row["t"]) == pytest.approx(row["p"], rel=1e-9, abs=1e-300)  # t is its z
+            assert stats.norm.cdf(row["z_mw"]) == pytest.approx(row["p"], rel=1e-9, abs=1e-300)  # Φ(z) = p
             checked += 1
     assert checked > 20
 
@@ -151,11 +151,11 @@ def test_welch_test_matches_a_brute_force_welch_test_against_the_complement():
         assert row["divergence"] == pytest.approx(s[m].mean() - s.mean(), abs=1e-12)
         if 2 <= m.sum() <= len(m) - 2:
             ref = stats.ttest_ind(s[m], s[~m], equal_var=False, alternative="less")
-            assert row["t"] == pytest.approx(ref.statistic, rel=1e-9)
+            assert row["t_welch"] == pytest.approx(ref.statistic, rel=1e-9)
             if m.sum() >= 5:
                 assert row["p"] == pytest.approx(ref.pvalue, rel=1e-7)
         else:
-            assert np.isnan(row["t"]) or row["t"] == 0
+            assert np.isnan(row["t_welch"]) or row["t_welch"] == 0
     # every 2-itemset with enough support is reported (nothing lost by the adapter)
     for a, b in itertools.combinations(tab.columns, 2):
         for va, vb in itertools.product(tab[a].unique(), tab[b].unique()):
@@ -171,7 +171,7 @@ def test_constant_scores_give_zero_divergence_without_warnings():
         warnings.simplefilter("error")
         its = divergent_itemsets(attribute_table(meta), flat, min_support=0.05)
     assert (its["divergence"] == 0).all()
-    assert (its["t"].fillna(0) == 0).all()
+    assert (its["z_mw"].fillna(0) == 0).all() and (its["ps"] == 0.5).all()
 
 
 def test_support_threshold_decides_whether_a_small_subgroup_exists():
@@ -182,7 +182,7 @@ def test_support_threshold_decides_whether_a_small_subgroup_exists():
     scores = scores - 0.25 * small
     label = "age_group=71+ ∧ menopause=post"
     low = divergent_itemsets(tab, scores, min_support=0.01, max_length=2)
-    assert low.iloc[0]["label"] == label and low.iloc[0]["t"] < -5
+    assert low.iloc[0]["label"] == label and low.iloc[0]["z_mw"] < -5
     high = divergent_itemsets(tab, scores, min_support=0.05)
     assert label not in set(high["label"])
 
@@ -229,7 +229,7 @@ def test_redundancy_pruning_matches_divexplorer():
             "support_count": [len(tab), *its["count"]],
             "s": [0.0, *its["mean"]],
             "s_div": [0.0, *its["divergence"]],
-            "s_t": [0.0, *its["t"]],
+            "s_t": [0.0, *its["z_mw"]],
         }
     )
     kept = DivergencePatternProcessor(dx, "s").redundancy_pruning(eps)
@@ -287,7 +287,7 @@ def test_case_divergence_matches_by_attribute_values_for_any_cases():
     # training cases: new ids, never analysed
     train_meta, _, train_planted = planted_cohort(n=150, seed=9, prefix="T")
     cd = case_divergence(attribute_table(train_meta), its)
-    assert list(cd.columns) == ["divergence", "worst_itemset"]
+    assert list(cd.columns) == ["divergence", "gap", "worst_itemset"]
     assert list(cd.index) == list(train_meta.index)
     top = its.iloc[0]
     assert (cd.loc[train_planted, "divergence"] == top["divergence"]).all()
@@ -339,7 +339,7 @@ def test_unknown_is_a_value_and_tiny_groups_fall_back_to_larger_itemsets():
     scores[tiny] = 0.0  # 3 cases: far below min_support
     singles = divergent_itemsets(tab, scores, min_support=0.05, max_length=1)
     assert singles.iloc[0]["label"] == "menopause=unknown"  # unknown is analysed like any value
-    assert singles.iloc[0]["t"] < -5
+    assert singles.iloc[0]["z_mw"] < -5
     its = divergent_itemsets(tab, scores, min_support=0.05)
     assert not any("71+" in lab and "density=a" in lab for lab in its["label"])
     cd = case_divergence(tab, its)

@@ -238,16 +238,19 @@ def test_divaware_planted_cases_above_one_others_at_most_one(cohorts):
     its = st.last_itemsets.set_index("label")
     # at min_support 0.02 noise may make a refinement (planted ∧ menopause=...) the very worst itemset;
     # the planted itemset itself is strongly significant and every top itemset lies inside it
-    assert its.loc[PLANTED, "t"] < -8
+    assert its.loc[PLANTED, "z_mw"] < -8
     assert all(set(PLANTED.split(" ∧ ")) <= items for items in its["items"].iloc[:3])
     assert (w[planted] > 1).all()
-    assert (w[~planted] <= 1).all()
+    cd = st.case_divergence
+    # every case of a flagged subgroup ≥ 1 (ERM's weight); the others share one weight ≤ 1
+    flagged = cd["worst_itemset"] != ""
+    assert (w[flagged] >= 1).all() and w[~flagged].nunique() == 1 and (w[~flagged] <= 1).all()
+    assert w[planted].min() > w[~planted & flagged].max()  # the planted group's gap is the largest
     assert w.mean() == pytest.approx(1.0, abs=1e-12)
     assert w.min() >= 0.2 and w.max() <= 5.0
-    cd = st.case_divergence
     assert cd.loc[planted, "worst_itemset"].map(lambda lab: set(PLANTED.split(" ∧ ")) <= set(lab.split(" ∧ "))).all()
-    # weights grow with how far the case's worst subgroup falls below average
-    order = np.argsort(cd["divergence"].to_numpy())
+    # weights grow with the gap of the case's worst flagged subgroup (the effect its flag was decided on)
+    order = np.argsort(-cd["gap"].to_numpy())
     assert (np.diff(w.to_numpy()[order]) <= 1e-15).all()
     h = st.history
     assert list(h.columns) == list(HISTORY_COLUMNS)
@@ -404,7 +407,7 @@ def test_divaware_defaults_ignore_noise_and_find_a_planted_subgroup(n_val, suppo
     planted = weight_trials(n_val=n_val, support=support, delta=delta, trials=40, seed=12)
     assert null["uniform"].mean() >= 0.9, null["ratio"].describe()
     assert planted["found"].mean() >= 0.8, planted["planted_ratio"].describe()
-    former = weight_trials({"t_min": 2.0, "fdr": None, "test": "welch"}, n_val=n_val, support=support, delta=0.0,
+    former = weight_trials({"t_min": 2.0, "fdr": None, "test": "welch", "tau": 0.05}, n_val=n_val, support=support, delta=0.0,
                            trials=20, seed=11)
     assert former["uniform"].mean() < 0.5
 
@@ -495,3 +498,74 @@ def test_febs_hand_example():
         flat.batch_weights(["A1"])
     with pytest.raises(ValueError, match="momentum"):
         make_strategy("febs", momentum=1.0)
+
+
+# ------------------------------------------------------------------------------ weights that raise every flag
+
+
+def test_raise_flagged_hand_example_floor_and_cap():
+    from divaware.weighting import raise_flagged
+
+    # 2 flagged cases (gaps 0.5, 0.25), 2 others; τ 1: 1.5 and 1.25, the others share (4 − 2.75)/2 = 0.625
+    w, clip = raise_flagged([0.5, 0.25, 0.0, 0.0], tau=1.0, w_min=0.2, w_max=5.0)
+    np.testing.assert_allclose(w, [1.5, 1.25, 0.625, 0.625], rtol=0, atol=1e-12)
+    assert list(clip) == ["", "", "", ""]
+    # τ 0.1 would give 6 and 3.5 and a negative w₀: the cap binds for the first, the scale drops until w₀ = w_min
+    w, clip = raise_flagged([0.5, 0.25, 0.0, 0.0], tau=0.1, w_min=0.2, w_max=5.0)
+    assert w.mean() == pytest.approx(1.0, abs=1e-12) and w[2] == pytest.approx(0.2, abs=1e-9) and w[2] == w[3]
+    assert (w[:2] >= 1).all() and w[0] > w[1]
+    assert list(clip[2:]) == ["w_min", "w_min"]
+    w, clip = raise_flagged([0.9] + [0.0] * 99, tau=0.1, w_min=0.2, w_max=5.0)
+    assert w[0] == 5.0 and clip[0] == "w_max" and (clip[1:] == "").all() and w.mean() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_array_equal(raise_flagged(np.zeros(5), 1.0, 0.2, 5.0)[0], 1.0)  # nothing flagged
+
+
+def test_default_refresh_raises_every_flagged_case_and_few_sit_at_a_clip():
+    """Issue 27: with the default settings every training case in a flagged subgroup gets ≥ 1 (ERM's weight),
+    more for a larger gap; the others share one weight ≤ 1; mean 1; ≤ 10 % of the cases at a clip.
+
+    The former tilt exp(−Δ/0.05), clipped to [0.2, 5], put members of flagged marginals below 1 and most
+    flagged cases at the clip; on these splits it fails the first assertion."""
+    from divaware.calibration import scenario_split
+
+    for seed in range(4):
+        val_meta, scores, _ = scenario_split(192, "gap", seed=seed, prefix="V")
+        train_meta, _, _ = scenario_split(400, "gap", seed=100 + seed, prefix="T")
+        st = make_strategy("divaware", warmup_epochs=0).fit(train_meta)
+        w = st.refresh(0, val_meta, scores)
+        cd = st.case_divergence
+        flagged = cd["worst_itemset"] != ""
+        if not flagged.any():
+            continue
+        assert (w[flagged] >= 1 - 1e-12).all(), (seed, w[flagged].min())
+        assert w[~flagged].nunique() == 1 and (w[~flagged] <= 1).all()
+        assert w.mean() == pytest.approx(1.0, abs=1e-12)
+        assert (cd["clip"] != "").mean() <= 0.10
+        order = np.argsort(-cd.loc[flagged, "gap"].to_numpy(), kind="stable")
+        assert (np.diff(w[flagged].to_numpy()[order]) <= 1e-12).all()  # a larger gap, a larger weight
+        h = st.history
+        assert {"gap", "clip"} <= set(h.columns)
+        assert "flagged subgroup" in st.refresh_line()
+
+
+def test_a_binding_clip_is_reported_in_history_and_refresh_line(cohorts):
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("divaware", warmup_epochs=0, tau=0.05).fit(train)  # a sharp tilt: the floor binds
+    st.refresh(0, val, val_scores)
+    h = st.history[st.history["refresh"] == 1]
+    assert (h["clip"] == "w_min").any()
+    assert "clip w_min=0.2 binds" in st.refresh_line()
+    # resumed from its state, the clip column comes back
+    again = make_strategy("divaware", warmup_epochs=0, tau=0.05)
+    again.load_state_dict(json.loads(json.dumps(st.state_dict())))
+    pd.testing.assert_frame_equal(again.history, st.history)
+
+
+def test_persistence_keeps_flagged_cases_at_or_above_one(cohorts):
+    train, planted, val, val_scores = cohorts
+    st = make_strategy("divaware", warmup_epochs=0, null_permutations=0).fit(train)
+    w1 = st.refresh(0, val, val_scores)
+    flagged = st.case_divergence["worst_itemset"] != ""
+    w2 = st.refresh(3, val, pd.Series(0.8, index=val_scores.index))  # nothing flagged: persist and decay
+    assert (w2[flagged] >= 1).all() and w2[~flagged].nunique() == 1 and (w2[~flagged] <= 1).all()
+    assert (w2[flagged] < w1[flagged]).all() and w2.mean() == pytest.approx(1.0, abs=1e-12)

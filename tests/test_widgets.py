@@ -155,7 +155,7 @@ def test_explorer_lists_itemsets_in_the_q_sorted_tables_order_with_p_q_and_n(exp
     static = widgets.subgroup_explorer(meta, scores, attributes=attrs, min_support=0.02, max_length=2,
                                        interactive=False, top=1000)
     pd.testing.assert_frame_equal(static.reset_index(drop=True), table.reset_index(drop=True))
-    assert static["itemset"].map(type).eq(str).all() and {"p", "q", "significant", "t"} <= set(static.columns)
+    assert static["itemset"].map(type).eq(str).all() and {"p", "q", "significant", "z_mw", "ps"} <= set(static.columns)
     assert static["significant"].sum() == int(is_significant(found).sum()) > 0
 
 
@@ -171,7 +171,8 @@ def test_is_significant_means_q_within_fdr_and_worse_than_average() -> None:
 
 def test_statistic_column_follows_a_renamed_statistic() -> None:
     cols = {"label": ["a=1"], "count": [5], "divergence": [-0.1], "t": [-2.0], "p": [0.03], "q": [0.04]}
-    assert widgets.statistic_column(pd.DataFrame(cols)) == "t"
+    assert widgets.statistic_column(pd.DataFrame(cols)) == "t"  # a frame of the former layout
+    assert widgets.statistic_column(pd.DataFrame({**cols, "z_mw": [-2.0]})) == "z_mw"
     renamed = pd.DataFrame({("welch_t" if k == "t" else k): v for k, v in cols.items()})
     assert widgets.statistic_column(renamed) == "welch_t"
     renamed.attrs["statistic"] = "p"  # an explicit declaration wins
