@@ -11,6 +11,7 @@ import yaml
 
 from divaware import config as C
 from divaware import train as T
+from divaware.weighting import DEFAULTS
 
 PACKAGE = Path(C.__file__).resolve().parent
 
@@ -154,7 +155,8 @@ def test_method_config_takes_any_field_and_the_strategy_defaults() -> None:
                           strategy_params={"tau": None, "w_max": 3.0, "min_support": None, "eta": None},
                           patch_size=[16, 16, 16], cache="preprocessed", store_precision="uint8", warmup_epochs=None)
     assert cfg.strides == [2, 2] and cfg.store_precision == "uint8" and cfg.warmup_epochs == C.default("warmup_epochs")
-    assert cfg.strategy_params == {"tau": 0.05, "w_max": 3.0, "min_support": 0.05}  # eta is group_dro's
+    own = DEFAULTS["divaware"]
+    assert cfg.strategy_params == {"tau": own["tau"], "w_max": 3.0, "min_support": own["min_support"]}  # no eta
     assert cfg.channels == [8, 16, 32] and T.method_config("erm", data_root="/d", out_dir="/o").alpha == 1.0
     assert T.method_config("erm", data_root="/d", out_dir="/o").channels == C.default("channels")
     with pytest.raises(ValueError, match="'store_precision'"):
