@@ -43,8 +43,6 @@ either). The voxel checks of the cohort (those of ``divaware check``) are cached
 
 from __future__ import annotations
 
-import inspect
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,6 +54,8 @@ import pandas as pd
 
 from divaware import evaluate as ev
 from divaware import metrics as M
+from divaware.report import AnalysisSettings, FairnessReport, ReportFolder, analysis_defaults  # noqa: F401
+from divaware.runfolder import write_text
 
 if TYPE_CHECKING:
     from divaware.cohort import Case, Cohort
@@ -65,26 +65,9 @@ __all__ = [
     "analysis_defaults", "demo_predictions", "audit_weights", "write_weights", "run_weights", "explorer_inputs", "read_ids",
 ]
 
-FILES = {
-    "per_case": "per_case.csv",
-    "per_group": "per_group.csv",
-    "challenge": "challenge.json",
-    "fairness": "fairness.json",
-    "divergent": "divergent_itemsets.csv",
-    "null": "null_check.csv",
-    "manifest": "audit.json",
-}
-FIGURES = "figures"
-_ANALYSIS_KEYS = ("min_support", "max_length", "fdr", "min_count")
-
-
-def analysis_defaults() -> dict[str, Any]:
-    """The ``divaware`` strategy's subgroup-analysis defaults (min_support, max_length, fdr, min_count),
-    read from its signature so the audit and training can never drift apart."""
-    from divaware.weighting import DivawareWeighting
-
-    params = inspect.signature(DivawareWeighting.__init__).parameters
-    return {k: params[k].default for k in _ANALYSIS_KEYS}
+FILES = ReportFolder(".", "audit").files()
+"""Key -> file name of an audit folder (the names live in :class:`divaware.report.ReportFolder`)."""
+FIGURES = ReportFolder.FIGURES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,11 +107,11 @@ def _split_ids(cohort: Cohort, split: str) -> tuple[list[str], str]:
     wanted = read_ids(path)
     unknown = [i for i in wanted if i.lower() not in by_lower]
     if unknown:
-        raise ValueError(f"ids file {path}: case(s) {M._few(unknown)} are not in the cohort at {cohort.root}")
+        raise ValueError(f"ids file {path}: case(s) {M.few(unknown)} are not in the cohort at {cohort.root}")
     ids = [by_lower[i.lower()] for i in wanted]
     excluded = [i for i in ids if i not in cohort.cases]
     if excluded:
-        warnings.warn(f"ids file {path}: case(s) {M._few(excluded)} were excluded by the cohort checks "
+        warnings.warn(f"ids file {path}: case(s) {M.few(excluded)} were excluded by the cohort checks "
                       "(see the warning above) and are not audited", stacklevel=3)
     return [i for i in ids if i in cohort.cases], path.stem
 
@@ -193,7 +176,7 @@ def check_predictions(matched: dict[str, Path], cohort: Cohort) -> None:
 
 def _empty_prediction_metrics(case: Case) -> dict[str, float]:
     """How the organisers score a missing prediction: as an empty one (Dice 0, NormHD 1)."""
-    truth, spacing, _ = ev._load_mask(Path(case.mask_path))
+    truth, spacing, _ = ev.load_mask(Path(case.mask_path))
     return M.case_metrics(np.zeros(truth.shape, dtype=bool), truth > 0, spacing)
 
 
@@ -220,6 +203,8 @@ class AuditResult:
     null: pd.DataFrame
     """:func:`divaware.calibration.null_check` (row 0 the real analysis, then permutations)."""
     settings: dict[str, Any] = field(default_factory=dict)
+    report: FairnessReport | None = None
+    """The fairness report these tables belong to (the one evaluate writes too)."""
 
     @property
     def flagged(self) -> pd.DataFrame:
@@ -265,7 +250,7 @@ def default_out_dir(predictions: str | Path, split: str) -> Path:
     """``<runs root>/audits/<predictions folder name>_<split>`` (see :func:`divaware.paths.resolve_output`)."""
     from divaware.paths import resolve_output
 
-    folder = ev._prediction_folder(predictions)
+    folder = ev.prediction_folder(predictions)
     name = folder.parent.name if folder.name == ev.PRED_FOLDER else folder.name
     tag = split if split in ("test", "train", "all") else Path(split).stem
     return resolve_output(Path("audits") / f"{name}_{tag}")
@@ -297,10 +282,10 @@ def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, ou
     if not root.is_dir():
         raise ValueError(f"data folder {root} does not exist; pass the MAMA-MIA root (holding images/ and "
                          "clinical_and_imaging_info.xlsx)")
-    pred_dir = ev._prediction_folder(predictions)
+    pred_dir = ev.prediction_folder(predictions)
     out = Path(out_dir).expanduser() if out_dir else default_out_dir(pred_dir, split)
     for folder, what in ((root, "data"), (pred_dir, "predictions")):
-        if ev._inside(out, folder):
+        if ev.is_inside(out, folder):
             raise ValueError(f"output folder {out} lies inside the {what} folder {folder}; inputs are read-only, "
                              "so pass --out elsewhere")
     attributes = tuple(attributes)
@@ -343,8 +328,8 @@ def audit(
     root, pred_dir, out, attributes, analysis = _audit_inputs(data_root, predictions, split, out_dir, attributes,
                                                               min_support, max_length, fdr)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
+    folder = ReportFolder(out, "audit")
+    folder.begin()  # the manifest is absent until the new report is complete
     cohort = load_cohort(root, voxel_cache=out / "cache" / "voxel_checks.json")
     missing_cols = [a for a in attributes if a not in cohort.metadata.columns]
     if missing_cols:
@@ -361,19 +346,16 @@ def audit(
                          f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz)")
     if missing:
         warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
-                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M._few(missing)}", stacklevel=2)
+                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M.few(missing)}", stacklevel=2)
     check_predictions(matched, cohort)
 
     per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose)
 
-    per_group = ev._per_group_table(per_case, attributes, n_boot, seed)
-    challenge = M.challenge_score(per_case, per_case)
-    fairness = ev._fairness(per_case, attributes, 1)
+    report = FairnessReport.from_scores(per_case, AnalysisSettings.from_strategy(
+        attributes, **analysis, n_boot=n_boot, seed=seed, min_group_size=1))
+    divergent = report.divergent
     table = subgroups.attribute_table(per_case[list(attributes)], list(attributes))
     dice = per_case["dice"].astype(float)
-    divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
-                                             max_length=analysis["max_length"], min_count=analysis["min_count"])
-    divergent["flagged"] = subgroups.is_significant(divergent, analysis["fdr"])  # the rule divaware acts on
     null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
                                   min_support=analysis["min_support"], max_length=analysis["max_length"],
                                   fdr=analysis["fdr"])
@@ -392,17 +374,13 @@ def audit(
         "missing_counted_as": "empty prediction: Dice 0, NormHD 1 (as the organisers)",
     }
     result = AuditResult(out_dir=out, data_root=root, predictions=pred_dir, split=split_name, per_case=per_case,
-                         per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
-                         null=null, settings=settings)
-    ev._write_atomic(out / FILES["per_case"], per_case.to_csv())
-    ev._write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
-    ev._write_json(out / FILES["challenge"], challenge)
-    ev._write_json(out / FILES["fairness"], fairness)
-    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(divergent))
-    ev._write_atomic(out / FILES["null"], null.to_csv(index=False))
+                         per_group=report.per_group, challenge=report.challenge, fairness=report.fairness,
+                         divergent=divergent, null=null, settings=settings, report=report)
+    folder.write_report(report)
+    folder.write_text(folder.NULL_CHECK, null.to_csv(index=False))
     if figures:
         settings["figures"] = [p.name for p in write_figures(result, cohort)]
-    ev._write_json(out / FILES["manifest"], settings)
+    folder.finish(settings)  # written last
     if verbose:
         print(result.summary())
     return result
@@ -452,24 +430,20 @@ def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> li
 
 def load_audit(out_dir: str | Path) -> AuditResult:
     """Read an audit written by :func:`audit` back."""
-    out = Path(out_dir).expanduser()
-    if not (out / FILES["manifest"]).is_file():
-        raise ValueError(f"{out} holds no complete audit (no {FILES['manifest']}); run `divaware audit` first")
-    settings = ev._read_json(out / FILES["manifest"])
-    per_case = ev._read_per_case(out / FILES["per_case"])
+    folder = ReportFolder(out_dir, "audit")
+    if not folder.is_complete():
+        raise ValueError(f"{folder.path} holds no complete audit (no {folder.manifest.name}); run `divaware audit` first")
+    settings = folder.read_manifest()
+    report = folder.read_report(ev.CASE_ATTRIBUTES)
+    per_case = report.per_case
     per_case["prediction_file"] = per_case["prediction_file"].fillna("").astype(str)
     per_case["missing"] = per_case["missing"].astype(bool)
-    divergent = pd.read_csv(out / FILES["divergent"])
-    divergent["items"] = divergent["items"].map(lambda s: frozenset(json.loads(s)))
-    divergent["flagged"] = divergent["flagged"].astype(bool)
     return AuditResult(
-        out_dir=out, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
-        split=settings["split"], per_case=per_case,
-        per_group=pd.read_csv(out / FILES["per_group"], dtype={"group": str}),
-        challenge=ev._read_json(out / FILES["challenge"]), fairness=ev._read_json(out / FILES["fairness"]),
-        divergent=divergent, null=pd.read_csv(out / FILES["null"], keep_default_na=False,
-                                              dtype={"worst": str}),
-        settings=settings,
+        out_dir=folder.path, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
+        split=settings["split"], per_case=per_case, per_group=report.per_group, challenge=report.challenge,
+        fairness=report.fairness, divergent=report.divergent,
+        null=pd.read_csv(folder.file(folder.NULL_CHECK), keep_default_na=False, dtype={"worst": str}),
+        settings=settings, report=report,
     )
 
 
@@ -488,7 +462,7 @@ def demo_predictions(data_root: str | Path, dest: str | Path, *, itemset: str = 
     from divaware.subgroups import AND, parse_item
 
     root, out = Path(data_root).expanduser(), Path(dest).expanduser()
-    if ev._inside(out, root):
+    if ev.is_inside(out, root):
         raise ValueError(f"demo predictions folder {out} lies inside the data folder {root}; write it elsewhere")
     cohort = load_cohort(root, check_voxels=False)
     meta = cohort.metadata
@@ -561,11 +535,11 @@ def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) 
     """Write a weights table as CSV (``patient_id, weight, divergence, worst_itemset``; floats round-trip),
     never inside the data folder."""
     out = Path(path).expanduser()
-    if ev._inside(out, Path(data_root).expanduser()):
+    if ev.is_inside(out, Path(data_root).expanduser()):
         raise ValueError(f"weights file {out} lies inside the data folder {data_root}; input data is read-only, "
                          "so write it elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ev._write_atomic(out, table.to_csv())
+    write_text(out, table.to_csv())
     return out
 
 
@@ -601,7 +575,7 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
     scores = result.per_case["dice"].astype(float)
     tested = sorted(set(scores.index) & set(params["test_ids"]))
     if tested:
-        raise ValueError(f"audit {result.out_dir} scored {len(tested)} test-split case(s) ({M._few(tested)}); as in "
+        raise ValueError(f"audit {result.out_dir} scored {len(tested)} test-split case(s) ({M.few(tested)}); as in "
                          "training, the test split never drives weights: audit held-out training cases instead "
                          "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
     meta = cohort.metadata

@@ -516,7 +516,7 @@ def test_one_spacing_source_or_refused(tiny_root: Path, tmp_path: Path) -> None:
     spacing. The case must be refused, and every kept case measured with one spacing everywhere."""
     from monai.transforms import LoadImage
 
-    from divaware.evaluate import _load_mask
+    from divaware.evaluate import load_mask
 
     root = tmp_path / "data"
     shutil.copytree(tiny_root, root)
@@ -529,7 +529,7 @@ def test_one_spacing_source_or_refused(tiny_root: Path, tmp_path: Path) -> None:
     for pid in c.ids("test"):
         case = c.cases[pid]
         monai_spacing = np.linalg.norm(np.asarray(loader(str(case.image_paths[0])).affine)[:3, :3], axis=0)
-        scored_spacing = _load_mask(Path(case.mask_path))[1]
+        scored_spacing = load_mask(Path(case.mask_path))[1]
         cohort_spacing = c.geometry.loc[pid, ["spacing_x", "spacing_y", "spacing_z"]].to_numpy(dtype=float)
         np.testing.assert_allclose(scored_spacing, monai_spacing, rtol=1e-5, err_msg=pid)
         np.testing.assert_allclose(cohort_spacing, monai_spacing, rtol=1e-5, err_msg=pid)

@@ -110,3 +110,16 @@ def test_tools_import_the_package_not_the_tests() -> None:
     for path in tools.glob("*.py"):
         text = path.read_text()
         assert "sys.path.insert" not in text and "from browser import" not in text, path.name
+
+
+def test_audit_imports_no_private_name_of_another_module() -> None:
+    """audit.py reaches evaluate/metrics through their public names (it copied and borrowed 10 private helpers)."""
+    tree = ast.parse((PACKAGE / "audit.py").read_text())
+    aliases = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "divaware"
+               for a in n.names}
+    private = [f"{n.value.id}.{n.attr}" for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+               and isinstance(n.value, ast.Name) and n.value.id in aliases and n.attr.startswith("_")]
+    private += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith("divaware") for a in n.names
+                if a.name.startswith("_") and not a.name.startswith("__")]  # __version__ is public
+    assert private == []
