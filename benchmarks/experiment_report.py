@@ -358,7 +358,8 @@ def figure(mech: dict[str, Any], cmp: dict[str, Any], last: dict[str, Any], path
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.set_xlabel("Δ hard-group Dice vs ERM (paired over held-out cases, 95 % bootstrap CI)")
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing to compare before a strategy besides ERM is recorded
+        ax.legend(loc="lower right")
     ax.set_title(f"{mech['mechanism']}: {cmp['n_hard']} truly hard of {cmp['n_cases']} held-out cases")
     save_figure(fig, path)
 
@@ -369,6 +370,20 @@ def is_partial(mech: dict[str, Any]) -> bool:
               for seed in plan.get("seeds", [])}
     done = {(mech["method"][r], int(mech["runs"][r]["seed"])) for r in mech["runs"]}
     return bool(wanted - done)
+
+
+def schedules(mech: dict[str, Any]) -> str:
+    """Each strategy's weighting schedule and α, read from its runs' configurations."""
+    parts = []
+    for m in methods(mech):
+        cfg = next(mech["runs"][r]["config"] for r in sorted(mech["runs"]) if mech["method"][r] == m)
+        if m == "erm":
+            continue
+        when = (f"warm-up {cfg.get('warmup_epochs')}, refresh every {cfg.get('update_every')}"
+                if m in ("divaware", "paper") else f"warm-up {cfg.get('warmup_epochs')}" if m == "oracle"
+                else "from the first epoch")
+        parts.append(f"{m} ({when}, α = {cfg.get('alpha')})")
+    return "; ".join(parts) or "ERM only"
 
 
 def section(mech: dict[str, Any], figures: Path) -> tuple[str, dict[str, Any]]:
@@ -384,6 +399,7 @@ def section(mech: dict[str, Any], figures: Path) -> tuple[str, dict[str, Any]]:
             f"{len(runs)} runs recorded ({', '.join(f'{m} ×{n}' for m, n in pd.Series(mech['method']).value_counts().sort_index().items())}); "
             f"{cfg['epochs']} epochs, UNet channels {cfg['channels']}, α = {cfg['alpha']}, training cohort "
             f"{cfg['synthetic_cases']} cases; held-out cohort `{mech['cohort']['heldout']}`.", ""]
+    text += [f"Schedules and objectives as run: {schedules(mech)}.", ""]
     if lads["best"] is not None:
         text += ["### Ladder", "", ladder_text(lads["best"], "best"), ladder_text(lads["last"], "last")
                  if lads["last"] else ""]

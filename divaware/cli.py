@@ -213,6 +213,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", nargs="+", default=None, help="run only these notebooks, e.g. 01 03")
     p.add_argument("--figures", default=None,
                    help="also copy the series' main figures into this folder (the README gallery uses figures/)")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_run)
 
 
@@ -226,7 +227,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config["data_root"] = args.data
     start = time.perf_counter()
     try:
-        timings = pipeline.run_series(config, args.out, only=args.only)
+        executor = _executor(args, config) if _executor_kind(args, config) == "slurm" else None
+        timings = pipeline.run_series(config, args.out, only=args.only, executor=executor)
     except pipeline.NotebookFailed as err:
         print(f"divaware run: {err}", file=sys.stderr)
         return 1
@@ -241,9 +243,12 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="train and evaluate methods x seeds x grid values; one aggregated table",
                        description="Run notebook 03 for every combination in the config's 'sweep' section, evaluate "
                                    "each run on the test split and write sweep.csv and sweep_summary.csv.")
-    p.add_argument("--config", required=True, help="series YAML with a 'sweep' section (methods, seeds, grid)")
+    p.add_argument("--config", default=None, help="series YAML with a 'sweep' section (methods, seeds, grid)")
     p.add_argument("--data", default=None, help="MAMA-MIA root (overrides the config's data_root)")
     p.add_argument("--out", default="runs/sweep", help="sweep folder (default: runs/sweep)")
+    p.add_argument("--status", metavar="OUT", default=None,
+                   help="print the state of every run of the sweep in OUT (pending, running, done, failed with the "
+                        "end of its log) and exit")
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="override the sweep's seeds (e.g. to split one sweep across processes or machines)")
@@ -254,12 +259,18 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", default=None,
                    help="comma-separated GPU indices the jobs are spread over, e.g. 0,1 (default: all GPUs if "
                         "any, else CPU with cores/jobs threads per job)")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_sweep)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from divaware import pipeline
+    from divaware import executors, pipeline
 
+    if args.status:
+        print(executors.status_table(args.status))
+        return 0
+    if not args.config:
+        raise ValueError("divaware sweep needs --config (a series YAML with a 'sweep' section), or --status OUT")
     config = pipeline.load_series_config(args.config)
     if args.data:
         config["data_root"] = args.data
@@ -271,12 +282,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
-    if devices is None and args.jobs > 1:
+    if devices is None and args.jobs > 1 and _executor_kind(args, config) == "local":
         import torch
 
         devices = [str(i) for i in range(torch.cuda.device_count())] or None
+    executor = _executor(args, config, jobs=args.jobs, devices=devices)
     try:
-        out = pipeline.sweep(config, args.out, n_boot=args.n_boot, jobs=args.jobs, devices=devices)
+        out = pipeline.sweep(config, args.out, n_boot=args.n_boot, executor=executor)
     except (pipeline.NotebookFailed, pipeline.SweepFailed) as err:
         print(f"divaware sweep: {err}", file=sys.stderr)
         return 1
@@ -289,8 +301,8 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
                        description="Train every (strategy, seed) of an experiment config (configs/experiment_*.yaml), "
                                    "evaluate each run on the held-out synthetic cohort and on the challenge test "
                                    "split. Resumes: re-run to continue; split the work with --seeds/--strategies.")
-    p.add_argument("--config", required=True, help="experiment YAML (see divaware.experiment)")
-    p.add_argument("--out", required=True, help="experiment folder, e.g. runs/experiment/representation")
+    p.add_argument("--config", default=None, help="experiment YAML (see divaware.experiment)")
+    p.add_argument("--out", default=None, help="experiment folder, e.g. runs/experiment/representation")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (one process per seed)")
     p.add_argument("--strategies", nargs="+", default=None,
                    help="only these strategies and/or arms (e.g. counterfactual erm balanced oracle: the ladder)")
@@ -302,19 +314,32 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-challenge-test", action="store_true",
                    help="evaluate on the held-out cohort only (skip the training cohort's challenge test split)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each (default 1)")
+    p.add_argument("--status", metavar="OUT", default=None,
+                   help="print the state of every job of the experiment in OUT (pending, running, done, failed with "
+                        "the end of its log) and exit")
+    _executor_arguments(p)
     p.set_defaults(func=_cmd_experiment)
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from divaware.experiment import load_experiment, run_experiment
 
+    if args.status:
+        from divaware.executors import status_table
+
+        print(status_table(args.status))
+        return 0
+    if not args.config or not args.out:
+        raise ValueError("divaware experiment needs --config and --out (or --status OUT)")
     config = load_experiment(args.config)
     if args.epochs is not None:
         config["training"] = {**config["training"], "epochs": args.epochs}
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    executor = _executor(args, config, jobs=args.jobs) if _executor_kind(args, config) == "slurm" else None
     out = run_experiment(config, args.out, strategies=args.strategies, seeds=args.seeds, n_boot=args.n_boot,
-                         record=args.record, challenge_test=not args.no_challenge_test, jobs=args.jobs)
+                         record=args.record, challenge_test=not args.no_challenge_test, jobs=args.jobs,
+                         executor=executor)
     where = args.record or "--record FOLDER (the report reads recorded runs)"
     print(f"experiment folder: {out}; report: python benchmarks/experiment_report.py {where}")
     return 0
@@ -392,12 +417,63 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def _executor_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the trainings run (``divaware.executors``): this machine or SLURM, and the SLURM resources."""
+    g = p.add_argument_group("executor", "where the trainings run; the SLURM options may also be set in the YAML's "
+                                         "'executor:' and 'slurm:' keys (the command line wins)")
+    g.add_argument("--executor", choices=("local", "slurm"), default=None,
+                   help="local (default: this machine) or slurm (one job per training, submitted with submitit)")
+    g.add_argument("--partition", default=None, help="SLURM partition (sbatch --partition)")
+    g.add_argument("--time", default=None, help="time limit per job, minutes or [D-]HH:MM:SS (sbatch --time; "
+                                                "default 60); a job stopped by it is requeued and resumes")
+    g.add_argument("--gpus-per-task", type=int, default=None, help="GPUs per SLURM task (sbatch --gpus-per-task)")
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help="CPUs per SLURM task (sbatch --cpus-per-task); the training uses that many threads")
+    g.add_argument("--mem", default=None, help="memory per node, e.g. 32G (sbatch --mem)")
+    g.add_argument("--account", default=None, help="SLURM account (sbatch --account)")
+    g.add_argument("--qos", default=None, help="quality of service (sbatch --qos)")
+    g.add_argument("--ranks-per-job", type=int, default=None,
+                   help="DDP ranks of each training, one SLURM task each on one node (sbatch --ntasks-per-node); "
+                        "with --gpus-per-task 1 a job trains on that many GPUs")
+    g.add_argument("--array-parallelism", type=int, default=None,
+                   help="jobs of the array running at once (sbatch --array=...%%N; default 64)")
+    g.add_argument("--slurm-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. --slurm-arg constraint=a100 (repeatable)")
+    g.add_argument("--cancel", action="store_true",
+                   help="Ctrl-C while waiting cancels the submitted jobs (default: they keep running)")
+
+
+def _executor_kind(args: argparse.Namespace, config: dict) -> str:
+    return args.executor or str(config.get("executor") or "local")
+
+
+def _executor(args: argparse.Namespace, config: dict, jobs: int = 1, devices: list[str] | None = None) -> object:
+    """The executor of a batch command: the YAML's ``executor``/``slurm`` keys, overridden by the options."""
+    from divaware import executors
+
+    slurm = dict(config.get("slurm") or {})
+    for key in ("partition", "time", "gpus_per_task", "cpus_per_task", "mem", "account", "qos", "ranks_per_job",
+                "array_parallelism"):
+        if getattr(args, key) is not None:
+            slurm[key] = getattr(args, key)
+    if args.slurm_arg:
+        slurm["extra"] = {**dict(slurm.get("extra") or {}), **executors.parse_slurm_args(args.slurm_arg)}
+    kind = _executor_kind(args, config)
+    if kind == "slurm" and (jobs > 1 or devices):
+        raise ValueError("--jobs/--devices choose the local executor's processes; with --executor slurm the "
+                         "cluster runs the jobs (use --array-parallelism and --gpus-per-task)")
+    return executors.make_executor(kind, jobs=jobs, devices=devices, slurm=slurm, cancel=args.cancel)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``divaware`` console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"divaware {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         if not _is_user_error(err):
             raise
@@ -415,7 +491,7 @@ def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return True
     # by name: importing divaware.train here would load torch for every command
-    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError")
+    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError", "SchedulerError")
 
 
 if __name__ == "__main__":  # pragma: no cover

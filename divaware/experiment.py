@@ -34,14 +34,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from divaware import executors
 
 HELDOUT_TAG = "heldout"
 HELDOUT_SPLIT = "all"
 HELDOUT_CF_TAG = "heldout_counterfactual"
-_KEYS = {"disparity", "strategies", "arms", "seeds", "heldout", "training", "per_strategy"}
+# executor, slurm: where the tasks run (divaware.executors; the command line overrides them)
+_KEYS = {"disparity", "strategies", "arms", "seeds", "heldout", "training", "per_strategy", "executor", "slurm"}
 # The data arms: ERM on another training cohort (TrainConfig overrides), and whether it needs a look-alike mechanism.
 ARMS: dict[str, dict[str, Any]] = {
     "counterfactual": {"training": {"synthetic_counterfactual": True}, "lesions": True},
@@ -174,6 +178,10 @@ def run_one(config: Mapping[str, Any], out: str, strategy: str, seed: int, *, re
         return {"run": run_name(strategy, seed), "recorded": True, "skipped": True, "seconds": 0.0}
     resolved = resolve_config(config_)
     run = Path(train(resolved, resume=True))
+    from divaware.executors import job_rank
+
+    if job_rank() > 0:  # another DDP rank of a multi-GPU cluster job trained with rank 0, which evaluates and records
+        return {"run": run.name, "recorded": False, "skipped": False, "seconds": round(time.perf_counter() - t0, 1)}
     held = heldout_root(cfg)
     targets = [(held, HELDOUT_TAG)]
     if strategy == "counterfactual":
@@ -221,12 +229,15 @@ def _jsonable_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Sequence[str] | None = None,
                    seeds: Sequence[int] | None = None, record: str | Path | None = None,
-                   challenge_test: bool = True, n_boot: int = 1000, jobs: int = 1) -> Path:
+                   challenge_test: bool = True, n_boot: int = 1000, jobs: int = 1,
+                   executor: executors.Executor | None = None) -> Path:
     """Train and evaluate every (strategy or arm, seed) of ``config`` under ``out``; resumes (module docstring).
 
     ``strategies`` selects among the config's strategies and arms by name (default: all of them); ``record``:
     the folder of the small per-run result files (runs recorded there are skipped); ``jobs`` > 1 runs that
-    many tasks at a time, one process each (:func:`divaware.parallel.run_parallel`)."""
+    many tasks at a time, one process each (:func:`divaware.parallel.run_parallel`); ``executor`` (e.g.
+    :class:`divaware.executors.SlurmExecutor`: one SLURM job per task) replaces that local choice, with each
+    task's job id, state and log in ``<out>/jobs.json``."""
     cfg = check_experiment(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,10 +247,14 @@ def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Se
         plan.write_text(yaml.safe_dump(cfg, sort_keys=False))
     tasks = experiment_tasks(cfg, out, strategies=strategies, seeds=seeds, record=record,
                              challenge_test=challenge_test, n_boot=n_boot)
-    if jobs > 1:
-        from divaware.parallel import run_parallel
+    if jobs > 1 or executor is not None:
+        from divaware import executors as ex
 
-        failed = [o for o in run_parallel(tasks, jobs, out / "logs") if not o.ok]
+        executor = executor or ex.LocalExecutor(jobs=jobs)
+        # the tasks' paths stay as given (a run's recorded config holds them): sbatch starts each job in this
+        # working directory, so relative ones mean the same folders on the cluster's shared file system
+        outcomes = executor.run(tasks, ex.work_folder(out, executor), out / ex.BOOK)
+        failed = [o for o in outcomes if not o.ok]
         if failed:
             raise RuntimeError("; ".join(f"{o.name} failed ({o.error}); log {o.log}" for o in failed))
         return out
@@ -248,3 +263,4 @@ def run_experiment(config: Mapping[str, Any], out: str | Path, *, strategies: Se
         print(f"[divaware experiment] {i}/{len(tasks)} {task.name} "
               f"{'already recorded' if done['skipped'] else 'done'} in {done['seconds']:.0f} s", flush=True)
     return out
+

@@ -169,6 +169,7 @@ def _loop(pending: list[Task], running: dict[str, Any], outcomes: dict[str, Outc
 
 def _start(task: Task, work: Path, device: str, threads: int) -> tuple[subprocess.Popen, Any, float]:
     spec = work / f"{task.name}.task.json"
+    spec.parent.mkdir(parents=True, exist_ok=True)  # a task name may hold a folder (experiment: mechanism/run)
     spec.write_text(json.dumps({"name": task.name, "function": task.function, "kwargs": task.kwargs}, indent=1))
     (work / f"{task.name}.result.json").unlink(missing_ok=True)
     env = dict(os.environ)

@@ -22,9 +22,12 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from divaware import executors
 
 # Arguments of every kernel the series starts (see execute_notebook).
 KERNEL_ARGUMENTS = ("--IPKernelApp.log_level=ERROR",)
@@ -118,7 +121,7 @@ def load_series_config(path: str | Path | None) -> dict[str, Any]:
                          f"{getattr(err, 'problem', None) or err}); fix the syntax") from None
     if not isinstance(config, dict):
         raise ValueError(f"series configuration {path} must hold a mapping (data_root, methods, ...)")
-    known = {"data_root", "methods", "baseline", "common", "notebooks", "training", "sweep"}
+    known = {"data_root", "methods", "baseline", "common", "notebooks", "training", "sweep", "executor", "slurm"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{path}: unknown top-level key(s) {unknown}; expected some of {sorted(known)}")
@@ -180,11 +183,13 @@ def series_jobs(config: Mapping[str, Any], out: Path, src: Path) -> list[tuple[s
 
 def run_series(
     config: Mapping[str, Any], out_dir: str | Path, *, only: list[str] | None = None,
-    log_output: bool = False,
+    log_output: bool = False, executor: executors.Executor | None = None,
 ) -> dict[str, float]:
     """Execute the notebook series into ``out_dir``; return wall seconds per executed notebook.
 
-    ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``).
+    ``only`` restricts to some notebooks (names or number prefixes such as ``"03"``). ``executor`` (e.g. a
+    :class:`divaware.executors.SlurmExecutor`) runs the trainings (``03`` once per method) as one batch of
+    tasks, at the place of the first one, and the other notebooks here; ``None``: everything here, in order.
     """
     from divaware import runtime
 
@@ -205,12 +210,17 @@ def run_series(
     record = start_timings(only)
     timings: dict[str, float] = {}
     jobs = series_jobs(config, out, src)
-    for label, source, params in jobs:
-        if only and not any(label.startswith(o) for o in only):
-            continue
+    selected = [job for job in jobs if not only or any(job[0].startswith(o) for o in only)]
+    # 03 does not read what 02 writes, so the trainings may all run where the first one stands in the order
+    trainings = [job for job in selected if job[0].startswith("03_training")] if executor is not None else []
+    for label, source, params in selected:
         params_file = out / "params" / f"{label}.yaml"
         params_file.parent.mkdir(parents=True, exist_ok=True)
         params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        if trainings and label.startswith("03_training"):
+            if label == trainings[0][0]:
+                _run_trainings(trainings, executor, out, record, timings, log_output)
+            continue
         print(f"[divaware run] {label} ...", flush=True)
         with runtime.PeakMemory() as memory:
             seconds = execute_notebook(source, out / "notebooks" / f"{label}.ipynb", params,
@@ -220,6 +230,32 @@ def run_series(
         print(f"[divaware run] {label} done in {seconds:.1f} s", flush=True)
     write_timings(out, record, [label for label, _, _ in jobs])
     return timings
+
+
+def series_notebook(source: str, output: str, params: dict[str, Any], cwd: str, log_output: bool = False
+                    ) -> dict[str, Any]:
+    """One notebook of the series as a task (JSON arguments, for :mod:`divaware.executors`): its wall seconds."""
+    return {"seconds": execute_notebook(Path(source), Path(output), params, cwd=Path(cwd), log_output=log_output)}
+
+
+def _run_trainings(trainings: list[tuple[str, Path, dict[str, Any]]], executor: executors.Executor, out: Path,
+                   record: dict[str, Any], timings: dict[str, float], log_output: bool) -> None:
+    """The series' trainings as one batch of tasks on ``executor``; a failed one stops the series."""
+    from divaware import executors as ex
+    from divaware.parallel import Task
+
+    tasks = [Task(label, "divaware.pipeline:series_notebook", {
+        "source": str(source), "output": str(out / "notebooks" / f"{label}.ipynb"), "params": params,
+        "cwd": str(out), "log_output": log_output}) for label, source, params in trainings]
+    print(f"[divaware run] {', '.join(t.name for t in tasks)} on the {executor.name} executor ...", flush=True)
+    outcomes = executor.run(tasks, ex.work_folder(out, executor), out / ex.BOOK)
+    failed = [o for o in outcomes if not o.ok]
+    if failed:
+        raise NotebookFailed("; ".join(f"{o.name} failed ({o.error[-500:]}); log {o.log}" for o in failed))
+    for o in outcomes:
+        timings[o.name] = round(float(o.result["seconds"]), 1)
+        # peak memory is the job's, on another machine: not measured here
+        record["notebooks"][o.name] = {"seconds": timings[o.name], "peak_memory_gb": None, "executor": executor.name}
 
 
 TIMINGS_FORMAT = 2
@@ -263,7 +299,8 @@ def write_timings(out: Path, record: dict[str, Any], labels: list[str]) -> Path:
     record["complete"] = all(label in notebooks for label in labels) and (not record.get("only") or bool(previous))
     record["total_seconds"] = round(total if not record.get("only") else
                                     sum(v["seconds"] for v in record["notebooks"].values()), 1)
-    record["peak_memory_gb"] = max((v["peak_memory_gb"] for v in record["notebooks"].values()), default=0.0)
+    record["peak_memory_gb"] = max((v["peak_memory_gb"] for v in record["notebooks"].values()
+                                    if v.get("peak_memory_gb") is not None), default=0.0)
     record["finished_utc"] = runtime.utc_now()
     record["load_average_end"] = runtime.load_average()
     training = {}
@@ -309,8 +346,14 @@ def sweep_run(source: str, notebook_out: str, params: dict[str, Any], grid_param
               ) -> dict[str, Any]:
     """Train one sweep run (``03_training``) and evaluate it on ``split``; returns its sweep.csv row."""
     from divaware import evaluate as ev
+    from divaware.executors import job_rank
 
+    rank = job_rank()
+    if rank > 0:  # another DDP rank of a multi-GPU job: its notebook's train() joins rank 0's group
+        notebook_out = str(Path(notebook_out).with_suffix(f".rank{rank}.ipynb"))
     seconds = execute_notebook(Path(source), Path(notebook_out), params, cwd=Path(out), log_output=log_output)
+    if rank > 0:  # rank 0 evaluates the run and reports its row
+        return {"run": name, "rank": rank}
     result = ev.evaluate(Path(out) / "runs" / name, params.get("data_root") or None, split=split, n_boot=n_boot,
                          verbose=False)
     c = result.challenge
@@ -319,22 +362,25 @@ def sweep_run(source: str, notebook_out: str, params: dict[str, Any], grid_param
 
 
 def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test", n_boot: int = 1000,
-          log_output: bool = False, jobs: int = 1, devices: list[str] | None = None) -> Path:
+          log_output: bool = False, jobs: int = 1, devices: list[str] | None = None,
+          executor: executors.Executor | None = None) -> Path:
     """Train every (method, seed, grid value) with ``03_training`` and evaluate it on ``split``.
 
     Runs go to ``<out>/runs/<method>_seed<seed>[_<param><value>...]``; a run whose result is recorded in
     ``<out>/results/<run>.json`` with the same parameters is skipped, and an unfinished run folder is resumed
     (the notebook resumes training and evaluation reuses its predictions), so an interrupted sweep continues
     where it stopped. ``jobs`` > 1 (or ``devices``) runs that many at once, one process each (see
-    :mod:`divaware.parallel`: GPUs from ``devices`` round robin, else a share of the CPU threads each). A
-    failing run is reported (``<out>/sweep_failed.csv``, :class:`SweepFailed` at the end) and the others go on.
+    :mod:`divaware.parallel`: GPUs from ``devices`` round robin, else a share of the CPU threads each);
+    ``executor`` (a :class:`divaware.executors.Executor`, e.g. a SLURM one) replaces that local choice. Each
+    run's job id, state and log are kept in ``<out>/jobs.json`` (``divaware sweep --status``). A failing run
+    is reported (``<out>/sweep_failed.csv``, :class:`SweepFailed` at the end) and the others go on.
     Writes ``<out>/sweep.csv`` (one row per finished run) and ``<out>/sweep_summary.csv`` (mean, std and n
     over seeds per method and grid value), and returns ``<out>``.
     """
     import pandas as pd
 
     from divaware import evaluate as ev
-    from divaware import parallel, runtime
+    from divaware import executors, parallel, runtime
 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -376,20 +422,14 @@ def sweep(config: Mapping[str, Any], out_dir: str | Path, *, split: str = "test"
             tmp.write_text(json.dumps({"params": by_name[o.name].kwargs["params"], "row": o.result}))
             os.replace(tmp, target)
 
-    if jobs > 1 or devices:
-        outcomes = parallel.run_parallel(tasks, jobs, out / "logs", devices=devices, on_done=record)
-    else:  # in this process, one after another, as always
-        outcomes = []
-        for i, task in enumerate(tasks, 1):
-            print(f"[divaware sweep] {i}/{len(tasks)} {task.name} ...", flush=True)
-            start = time.perf_counter()
-            try:
-                outcomes.append(parallel.Outcome(task.name, True, parallel.call(task.function, task.kwargs),
-                                                 seconds=time.perf_counter() - start))
-            except Exception as err:  # reported below; the other runs go on
-                outcomes.append(parallel.Outcome(task.name, False, error=f"{type(err).__name__}: {err}",
-                                                 seconds=time.perf_counter() - start))
-            record(outcomes[-1])
+    if executor is None:
+        executor = executors.LocalExecutor(jobs=jobs, devices=devices)
+    book = executors.JobBook(out / executors.BOOK)
+    for name in rows:  # finished before: in the book too, so --status lists the whole sweep
+        book.jobs.setdefault(name, {"executor": executor.name, "job_id": None, "log": ""})
+        book.jobs[name].update(state="DONE", error="")
+    book.save()
+    outcomes = executor.run(tasks, executors.work_folder(out, executor), book.path, on_done=record)
     failed = [o for o in outcomes if not o.ok]
     names = [_run_name(r) for r in runs if _run_name(r) in rows]
     if names:

@@ -26,3 +26,22 @@ def sleeper(pidfile: str, pause: float = 120.0) -> dict:
     Path(pidfile).write_text(str(os.getpid()))
     time.sleep(pause)
     return {"pid": os.getpid()}
+
+
+def ranks_probe() -> dict:
+    """Join the rank group the way training does (divaware.distributed.setup) and gather every rank's
+    (rank, pid, SLURM task id): what a multi-task SLURM job's training would see."""
+    import torch.distributed as dist
+
+    from divaware import distributed
+
+    ranks, device = distributed.setup("cpu")
+    mine = (ranks.rank, os.getpid(), os.environ.get("SLURM_PROCID"))
+    gathered: list = [None] * ranks.world
+    if ranks.distributed:
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    ranks.close()
+    return {"rank": ranks.rank, "world": ranks.world, "device": device, "gathered": gathered,
+            "threads": os.environ.get("OMP_NUM_THREADS")}
