@@ -243,9 +243,9 @@ class ReportFolder:
             raise ValueError(f"{self.path} holds no complete {self.kind} (no {self.manifest.name})")
         return self.read_json(self.manifest.name)
 
-    def read_per_case(self, attributes: tuple[str, ...] = ()) -> pd.DataFrame:
-        """per_case.csv, index patient_id (read as text, as the attribute columns: "0-40" stays a label)."""
-        table = pd.read_csv(self.path / self.PER_CASE, dtype={"patient_id": str, **{a: "object" for a in attributes}})
+    def read_per_case(self, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+        """per_case.csv, index patient_id (read as text, as ``text_columns``: "0-40" stays a label)."""
+        table = pd.read_csv(self.path / self.PER_CASE, dtype={"patient_id": str, **{a: "object" for a in text_columns}})
         return table.set_index("patient_id")
 
     def read_itemsets(self) -> pd.DataFrame:
@@ -256,7 +256,7 @@ class ReportFolder:
             divergent["flagged"] = divergent["flagged"].astype(bool)
         return divergent
 
-    def read_report(self, attributes: tuple[str, ...] = ()) -> FairnessReport:
+    def read_report(self, text_columns: tuple[str, ...] = ()) -> FairnessReport:
         """The report written here (NaN where the JSON holds null); settings from the manifest."""
         manifest = self.read_manifest()
         challenge = self.read_json(self.CHALLENGE)
@@ -269,6 +269,6 @@ class ReportFolder:
         keys = {f.name for f in dataclasses.fields(AnalysisSettings)} - {"attributes"}
         settings = AnalysisSettings.from_strategy(manifest.get("attributes"),
                                                   **{k: manifest[k] for k in keys if k in manifest})
-        return FairnessReport(self.read_per_case(attributes), pd.read_csv(self.path / self.PER_GROUP,
+        return FairnessReport(self.read_per_case(text_columns), pd.read_csv(self.path / self.PER_GROUP,
                                                                           dtype={"group": str}),
                               challenge, fairness, self.read_itemsets(), settings)
