@@ -173,7 +173,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="metadata columns for the per-group tables (default: age_group menopause breast_density)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the group CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--min-support", type=float, default=0.05, help="support of the divergent itemsets")
+    p.add_argument("--min-support", type=float, default=None,
+                   help="support of the divergent itemsets (default: the divaware strategy's, as divaware audit)")
     p.add_argument("--repredict", action="store_true", help="predict again even if up-to-date predictions exist")
     window = p.add_mutually_exclusive_group()
     window.add_argument("--sliding-window", dest="sliding_window", action="store_true", default=None,
