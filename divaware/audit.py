@@ -61,13 +61,32 @@ if TYPE_CHECKING:
     from divaware.cohort import Case, Cohort
 
 __all__ = [
-    "FILES", "AuditResult", "audit", "load_audit", "match_predictions", "check_predictions",
+    "FILES", "ACQUISITION", "AuditResult", "audit", "load_audit", "match_predictions", "check_predictions",
+    "describe_folder", "naming_mismatch", "expand_attributes",
     "analysis_defaults", "demo_predictions", "audit_weights", "write_weights", "run_weights", "explorer_inputs", "read_ids",
 ]
 
 FILES = ReportFolder(".", "audit").files()
 """Key -> file name of an audit folder (the names live in :class:`divaware.report.ReportFolder`)."""
 FIGURES = ReportFolder.FIGURES
+FIGURE_PATTERNS = ("group_dice_*.png", "heatmap.png", "divergent_itemsets.png", "hardest_cases.png")
+"""The figures :func:`write_figures` writes: an earlier audit's are removed before a new one starts."""
+ACQUISITION = ("dataset", "manufacturer", "field_strength")
+"""The acquisition attributes (collection, scanner manufacturer, field strength): a failure tied to one
+collection or scanner shows only when they are analysed. ``--attributes +acquisition`` adds them."""
+ATTRIBUTE_GROUPS = {"acquisition": ACQUISITION}
+
+
+def expand_attributes(names: Sequence[str]) -> tuple[str, ...]:
+    """The metadata columns ``names`` stand for: a column, a group of :data:`ATTRIBUTE_GROUPS`
+    (``acquisition``), and, when any name starts with ``+``, the default attributes first
+    (``+acquisition`` = age_group, menopause, breast_density and the acquisition attributes)."""
+    names = [str(n).strip() for n in names if str(n).strip()]
+    out: list[str] = list(ev.DEFAULT_ATTRIBUTES) if any(n.startswith("+") for n in names) else []
+    for n in names:
+        bare = n.lstrip("+")
+        out += ATTRIBUTE_GROUPS.get(bare, (bare,))
+    return tuple(dict.fromkeys(out))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,7 +97,7 @@ FIGURES = ReportFolder.FIGURES
 def read_ids(path: str | Path) -> list[str]:
     """Patient ids from a text file (one per line; ``#`` comments) or a CSV with a ``patient_id`` column."""
     p = Path(path).expanduser()
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not part of the first id
     if p.suffix.lower() == ".csv":
         from io import StringIO
 
@@ -143,8 +162,59 @@ def match_predictions(folder: str | Path, ids: Sequence[str],
     return {str(i): matched[str(i)] for i in ids if str(i) in matched}, missing, unmatched
 
 
-def check_predictions(matched: dict[str, Path], cohort: Cohort) -> None:
-    """Each prediction must lie on its expert mask's voxel grid (shape and affine) and hold only 0 and 1.
+def describe_folder(folder: Path, limit: int = 4) -> str:
+    """What a folder holds, by kind, with what each kind needs (for an error that found no prediction)."""
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return "it is empty"
+    kinds: dict[str, list[str]] = {}
+    for p in entries:
+        low = p.name.lower()
+        if p.is_dir():
+            kind = "subfolder"
+        elif low.endswith((".nii.gz", ".nii")):
+            ext = p.name[-7:] if low.endswith(".nii.gz") else p.name[-4:]
+            kind = "_0000 input" if low.removesuffix(".gz").removesuffix(".nii").endswith("_0000") else ext
+        else:
+            kind = Path(p.name).suffix or "(no extension)"
+        kinds.setdefault(kind, []).append(p.name + ("/" if p.is_dir() else ""))
+    hints = {
+        "subfolder": "pass the subfolder that holds the predictions (e.g. an nnU-Net fold_0/)",
+        "_0000 input": "<case>_0000.nii.gz is nnU-Net's name of an input channel; a prediction is <case>.nii.gz",
+        ".npy": "NumPy arrays: save each as <patient_id>.nii.gz with the expert mask's affine",
+        ".npz": "nnU-Net's probability files: score its .nii.gz segmentations instead",
+    }
+    parts = []
+    for kind, names in sorted(kinds.items(), key=lambda kv: -len(kv[1])):
+        hint = hints.get(kind) or ("rename the extension to lower case .nii.gz" if kind in (".NII.GZ", ".Nii.gz", ".NII")
+                                   else "")
+        label = f"{kind}s" if kind == "subfolder" else f"{kind} file(s)"
+        parts.append(f"{len(names)} {label} ({M.few(names, limit)})" + (f": {hint}" if hint else ""))
+    return "it holds " + "; ".join(parts)
+
+
+def naming_mismatch(ids: Sequence[str], missing: Sequence[str], unmatched: Sequence[str]) -> str | None:
+    """An error message when many cases lack a prediction while files match no case: a naming mismatch
+    (scored as empty predictions it would read as a bad model), with the files that look like the missing
+    cases under another name; None when the counts do not suggest one."""
+    if not unmatched or len(missing) < max(2, 0.2 * len(ids)):
+        return None
+    guesses = []
+    for name in unmatched:
+        stem = name.lower().removesuffix(".gz").removesuffix(".nii")
+        hit = next((m for m in missing if m.lower() in stem or (len(stem) > 3 and stem in m.lower())), None)
+        if hit is not None:
+            guesses.append(f"{name} ~ {hit}")
+    looks = f"; these look like missing cases under another name: {M.few(guesses, 4)}" if guesses else ""
+    return (f"{len(missing)} of {len(ids)} cases have no prediction while {len(unmatched)} prediction file(s) match "
+            f"no case of the cohort ({M.few(unmatched, 4)}){looks}. Predictions are matched by name: "
+            f"<patient_id>.nii.gz, case-insensitive (e.g. {missing[0]}.nii.gz); rename the files, or audit the "
+            "cases you predicted with --split <ids file>")
+
+
+def check_predictions(matched: dict[str, Path], cohort: Cohort, threshold: float | None = None) -> None:
+    """Each prediction must lie on its expert mask's voxel grid (shape and affine) and hold only 0 and 1
+    (any finite values with ``threshold``: probability maps).
 
     Raises ValueError on the first offending file, naming it, what was found and what to do.
     """
@@ -168,10 +238,17 @@ def check_predictions(matched: dict[str, Path], cohort: Cohort) -> None:
                              f"{cohort.cases[pid].mask_path} (flipped or permuted axes, or a resampled grid); "
                              "write it with the mask's affine")
         values = np.unique(arr)
-        if not np.isin(values, (0, 1)).all():
+        if threshold is None and not np.isin(values, (0, 1)).all():
             shown = ", ".join(f"{v:g}" for v in values[:6].tolist())
-            raise ValueError(f"prediction {path} (case {pid}) holds values {shown}; the organisers count label 1 "
-                             "only as tumour, so write binary 0/1 masks (e.g. (pred > 0).astype(uint8))")
+            finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
+            if np.issubdtype(values.dtype, np.floating) and finite.size and finite.min() >= 0 and finite.max() <= 1:
+                # (pred > 0) on a probability map marks nearly every voxel: the hint must not lead there
+                fix = ("they look like probabilities: pass --threshold 0.5 (threshold=0.5) to count p >= 0.5 as "
+                       "tumour, or write (prob >= 0.5).astype(uint8)")
+            else:
+                fix = ("the organisers count label 1 only as tumour, so write binary 0/1 masks (e.g. "
+                       "(labels == tumour_label).astype(uint8))")
+            raise ValueError(f"prediction {path} (case {pid}) holds values {shown}; {fix}")
 
 
 def _empty_prediction_metrics(case: Case) -> dict[str, float]:
@@ -228,6 +305,8 @@ class AuditResult:
             f"({len(self.missing)} without a prediction, scored as empty)",
             ev.metric_line(c),
             f"  challenge: P {ev.score_text(c, 'P')}   F {ev.score_text(c, 'F')}   ranking {ev.score_text(c, 'ranking')}",
+            *([f"  {len(s['unmatched'])} prediction file(s) match no case of the cohort (not scored): "
+               f"{M.few(s['unmatched'], 5)}"] if s.get("unmatched") else []),
             f"  divergent subgroups with q <= {s.get('fdr')}: {len(self.flagged)}"
             + (f" (worst: {self.flagged.iloc[0]['label']}, n={int(self.flagged.iloc[0]['count'])}, "
                f"Δ {self.flagged.iloc[0]['divergence']:+.3f})" if len(self.flagged) else ""),
@@ -257,10 +336,12 @@ def default_out_dir(predictions: str | Path, split: str) -> Path:
 
 
 def _score_predictions(cohort: Cohort, pred_dir: Path, ids: list[str], matched: dict[str, Path],
-                       missing: list[str], attributes: Sequence[str], verbose: bool) -> pd.DataFrame:
+                       missing: list[str], attributes: Sequence[str], verbose: bool,
+                       threshold: float | None = None) -> pd.DataFrame:
     """Per-case metrics of ``ids`` in order: the matched predictions scored, the missing ones as empty."""
     case_attrs = tuple(dict.fromkeys((*ev.CASE_ATTRIBUTES, *attributes)))
-    scored = ev.score_cases(pred_dir, cohort, list(matched), attributes=case_attrs, progress=verbose)
+    scored = ev.score_cases(pred_dir, cohort, list(matched), attributes=case_attrs, progress=verbose,
+                            threshold=threshold)
     meta = cohort.metadata
     empty = pd.DataFrame.from_dict({pid: _empty_prediction_metrics(cohort.cases[pid]) for pid in missing},
                                    orient="index", columns=list(M.PER_CASE_COLUMNS))
@@ -272,6 +353,34 @@ def _score_predictions(cohort: Cohort, pred_dir: Path, ids: list[str], matched: 
     per_case["prediction_file"] = [matched[i].name if i in matched else "" for i in ids]
     per_case["missing"] = [i not in matched for i in ids]
     return per_case
+
+
+def _check_numbers(analysis: dict[str, Any], n_boot: int, n_permutations: int, threshold: float | None) -> None:
+    """Every number of an audit checked before anything is scored (a bad --fdr once failed after scoring)."""
+    checks = [
+        ("fdr", analysis["fdr"], 0 < analysis["fdr"] <= 1, "a false-discovery rate in (0, 1], e.g. 0.05"),
+        ("min_support", analysis["min_support"], 0 < analysis["min_support"] <= 1, "a fraction in (0, 1]"),
+        ("max_length", analysis["max_length"], analysis["max_length"] >= 1, "a whole number >= 1"),
+        ("n_boot", n_boot, int(n_boot) == n_boot and n_boot >= 1, "a whole number >= 1"),
+        ("n_permutations", n_permutations, int(n_permutations) == n_permutations and n_permutations >= 0,
+         "a whole number >= 0"),
+    ]
+    if threshold is not None:
+        checks.append(("threshold", threshold, 0 < threshold <= 1, "a probability in (0, 1], e.g. 0.5"))
+    for name, value, ok, want in checks:
+        if not (np.isfinite(value) and ok):
+            raise ValueError(f"{name} = {value!r}: give {want} (--{name.replace('_', '-')})")
+
+
+def _remove_stale(out: Path) -> None:
+    """An earlier audit's report in ``out`` goes before the new one starts (a re-audit with --no-figures
+    once left the previous model's figures beside the new tables)."""
+    (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
+    for name in FILES.values():
+        (out / name).unlink(missing_ok=True)
+    for pattern in FIGURE_PATTERNS:
+        for f in (out / FIGURES).glob(pattern):
+            f.unlink(missing_ok=True)
 
 
 def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, out_dir: str | Path | None,
@@ -288,7 +397,7 @@ def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, ou
         if ev.is_inside(out, folder):
             raise ValueError(f"output folder {out} lies inside the {what} folder {folder}; inputs are read-only, "
                              "so pass --out elsewhere")
-    attributes = tuple(attributes)
+    attributes = expand_attributes(attributes)
     if not attributes:
         raise ValueError("attributes: give at least one metadata column")
     defaults = analysis_defaults()
@@ -313,6 +422,7 @@ def audit(
     n_permutations: int = 50,
     figures: bool = True,
     verbose: bool = True,
+    threshold: float | None = None,
 ) -> AuditResult:
     """Audit the predictions in ``predictions`` on ``split`` of the cohort at ``data_root`` (module docstring).
 
@@ -320,14 +430,20 @@ def audit(
     the report goes (default :func:`default_out_dir`). ``attributes``: metadata columns of the per-group
     tables and the itemsets. ``min_support``/``max_length``/``fdr``: the subgroup analysis, by default the
     ``divaware`` strategy's (:func:`analysis_defaults`). ``n_boot``/``seed``: the group CIs' bootstrap and
-    the null check's permutations (``n_permutations``). ``figures``: write the PNG figures.
+    the null check's permutations (``n_permutations``). ``figures``: write the PNG figures. ``threshold``: the
+    predictions are probability maps, tumour where p >= ``threshold``.
     """
     from divaware import calibration, subgroups
     from divaware.cohort import load_cohort
 
     root, pred_dir, out, attributes, analysis = _audit_inputs(data_root, predictions, split, out_dir, attributes,
                                                               min_support, max_length, fdr)
+    _check_numbers(analysis, n_boot, n_permutations, threshold)
 
+    from divaware.outputs import ensure_writable, output_error
+
+    ensure_writable(out, "audit folder (--out)")  # read-only or full: one line now, not after scoring
+    _remove_stale(out)
     folder = ReportFolder(out, "audit")
     folder.begin()  # the manifest is absent until the new report is complete
     cohort = load_cohort(root, voxel_cache=out / "cache" / "voxel_checks.json")
@@ -343,13 +459,19 @@ def audit(
     matched, missing, unmatched = match_predictions(pred_dir, ids, known=list(cohort.metadata.index.astype(str)))
     if not matched:
         raise ValueError(f"{pred_dir} holds no prediction for any of the {len(ids)} cases of split {split_name!r} "
-                         f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz)")
+                         f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz); {describe_folder(pred_dir)}")
+    mismatch = naming_mismatch(ids, missing, unmatched)
+    if mismatch:
+        raise ValueError(f"{pred_dir}: {mismatch}")
     if missing:
         warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
                       f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M.few(missing)}", stacklevel=2)
-    check_predictions(matched, cohort)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} prediction file(s) in {pred_dir} match no case of the cohort and are not "
+                      f"scored: {M.few(unmatched)}", stacklevel=2)
+    check_predictions(matched, cohort, threshold)
 
-    per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose)
+    per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose, threshold)
 
     report = FairnessReport.from_scores(per_case, AnalysisSettings.from_strategy(
         attributes, **analysis, n_boot=n_boot, seed=seed, min_group_size=1))
@@ -367,7 +489,7 @@ def audit(
         "divaware_version": __version__, "data_root": str(root.resolve()), "predictions": str(pred_dir.resolve()),
         "split": split_name, "split_arg": str(split), "n_cases": len(per_case), "n_predicted": len(matched),
         "missing": missing, "unmatched": unmatched, "no_mask": no_mask, "attributes": list(attributes),
-        **analysis, "n_boot": n_boot, "seed": seed, "n_permutations": n_permutations,
+        **analysis, "n_boot": n_boot, "seed": seed, "n_permutations": n_permutations, "threshold": threshold,
         "n_flagged": int(divergent["flagged"].sum()),
         "flagged": divergent.loc[divergent["flagged"], "label"].tolist(),
         "null_share_flagged": float((permuted["fdr_flags"] > 0).mean()),
@@ -379,7 +501,13 @@ def audit(
     folder.write_report(report)
     folder.write_text(folder.NULL_CHECK, null.to_csv(index=False))
     if figures:
-        settings["figures"] = [p.name for p in write_figures(result, cohort)]
+        try:
+            settings["figures"] = [p.name for p in write_figures(result, cohort)]
+        except OSError as err:  # a disk that fills while the figures are saved: one line naming it
+            mapped = output_error(err, out / FIGURES, "audit folder (--out)")
+            if mapped is None:
+                raise
+            raise mapped from None
     folder.finish(settings)  # written last
     if verbose:
         print(result.summary())
@@ -417,7 +545,11 @@ def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> li
         image = read_canonical(case.image_paths[min(1, len(case.image_paths) - 1)])[0]
         truth = read_canonical(case.mask_path)[0] > 0.5
         file = result.prediction_file(pid)
-        pred = read_canonical(file)[0] > 0.5 if file is not None else np.zeros_like(truth)
+        if file is None:
+            pred = np.zeros_like(truth)
+        else:  # probability maps: the rule that was scored, p >= threshold
+            values, cut = read_canonical(file)[0], result.settings.get("threshold")
+            pred = values >= cut if cut is not None else values > 0.5
         images.append(image)
         truths.append(truth)
         preds.append(pred)

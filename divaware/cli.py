@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from typing import TextIO
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -134,7 +136,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _add_check(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="validate a MAMA-MIA folder and print a report (exit 1 if problems)")
+    p = sub.add_parser("check", help="validate a MAMA-MIA folder and print a report (exit 0: no problem, 1: problems "
+                                     "found, 2: the folder cannot be checked)")
     p.add_argument("root", help="MAMA-MIA root folder (holds images/, segmentations/, the xlsx and split csv)")
     p.add_argument("--headers-only", action="store_true",
                    help="skip reading voxels (binary masks, truncated files): much faster on the real data")
@@ -264,6 +267,23 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_sweep)
 
 
+def _sweep_devices(text: str | None, jobs: int) -> list[str] | None:
+    """GPU indices of ``--devices``, each checked against this machine's GPUs (on a CPU-only machine they
+    would be silently ignored: every job would train on the CPU); None: all GPUs with --jobs > 1, else CPU."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if not text:
+        return ([str(i) for i in range(n)] or None) if jobs > 1 else None
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in devices if not d.isdigit() or int(d) >= n]
+    if bad:
+        have = f"GPUs 0..{n - 1}" if n else "no GPU that torch can use"
+        raise ValueError(f"--devices {text}: {', '.join(bad)} is not a GPU of this machine (it has {have}); "
+                         "drop --devices to train on the CPU")
+    return devices
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from divaware import executors, pipeline
 
@@ -282,11 +302,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             config["sweep"] = {**(config.get("sweep") or {}), key: getattr(args, key)}
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
-    if devices is None and args.jobs > 1 and _executor_kind(args, config) == "local":
-        import torch
-
-        devices = [str(i) for i in range(torch.cuda.device_count())] or None
+    local = _executor_kind(args, config) == "local"
+    devices = _sweep_devices(args.devices, args.jobs) if local else None  # GPUs of this machine, for local jobs
     executor = _executor(args, config, jobs=args.jobs, devices=devices)
     try:
         out = pipeline.sweep(config, args.out, n_boot=args.n_boot, executor=executor)
@@ -360,7 +377,11 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
                    help="report folder (default: runs/audits/<predictions folder>_<split>; never inside the "
                         "data or predictions folder)")
     p.add_argument("--attributes", nargs="+", default=None,
-                   help="metadata columns of the groups and subgroups (default: age_group menopause breast_density)")
+                   help="metadata columns of the groups and subgroups (default: age_group menopause breast_density); "
+                        "'acquisition' stands for dataset manufacturer field_strength, and a leading + adds to the "
+                        "defaults: --attributes +acquisition")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="the predictions are probability maps: tumour where p >= this (e.g. 0.5)")
     p.add_argument("--min-support", type=float, default=None, help="smallest subgroup (default: divaware's)")
     p.add_argument("--fdr", type=float, default=None, help="false-discovery rate of the flags (default: divaware's)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the group CIs")
@@ -377,7 +398,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     audit(args.data, args.predictions, split=args.split, out_dir=args.out,
           attributes=tuple(args.attributes or DEFAULT_ATTRIBUTES), min_support=args.min_support, fdr=args.fdr,
           n_boot=args.n_boot, seed=args.seed, n_permutations=args.permutations, figures=not args.no_figures,
-          verbose=True)
+          verbose=True, threshold=args.threshold)
     return 0
 
 
@@ -471,9 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if argv is None:  # the console script (a caller passing argv, e.g. a test, keeps its own display)
+                warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"divaware {args.command}: interrupted", file=sys.stderr)
+        # Ctrl-C is the user's own decision: one line, not a traceback of wherever the process was
+        print(f"divaware {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
     except Exception as err:
         if not _is_user_error(err):
@@ -481,6 +506,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         # CohortError, configuration errors, a diverged training, a full disk: the message says what to do.
         print(f"divaware {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _one_line_warning(command: str) -> Callable[..., None]:
+    """Warnings on the console as one readable line (``divaware audit: warning: ...``), not Python's
+    ``file:line: UserWarning`` with the source line beneath."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: TextIO | None = None, line: str | None = None) -> None:
+        text = " ".join(str(message).split())
+        kind = "" if issubclass(category, UserWarning) else f" ({category.__name__})"
+        print(f"divaware {command}: warning{kind}: {text}", file=file or sys.stderr)
+
+    return show
 
 
 def _is_user_error(err: BaseException) -> bool:
@@ -492,7 +530,7 @@ def _is_user_error(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
         return True
     # by name: importing divaware.train here would load torch for every command
-    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError", "SchedulerError")
+    return type(err).__name__ in ("TrainingDivergedError", "DiskFullError", "SchedulerError", "RunFolderBusy")
 
 
 if __name__ == "__main__":  # pragma: no cover

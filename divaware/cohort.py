@@ -92,6 +92,10 @@ image_nan              NaN voxels in a phase image                              
 image_inf              Inf voxels in a phase image                                       exclude
 image_huge             1e36 voxels in a phase image (|value| > ``MAX_ABS_INTENSITY``)    exclude
 phase_all_zero         an all-zero (constant) phase image                                exclude
+phase_binary           a binary (two-valued) image as phase 0002                         exclude
+phase_near_blank       phase 0002 all zero but a few voxels (> 99.5 % one value)         exclude
+qform_sform_30mm       phase 0001's qform 30 mm from its sform                           report
+sform_sheared          a sheared sform (axes not square) in every file                   report
 blank_patient_id       spreadsheet row with a blank patient_id                           report
 breast_box_inverted    patient-info breast box with x_min > x_max                        report
 breast_box_no_tumour   patient-info breast box holding no tumour voxel                   report
@@ -115,10 +119,13 @@ stops everything with a :class:`CohortError` listing every problem; "report" kee
 
 Voxel checks. Shapes, spacings and affines come from the NIfTI headers (nibabel reads the first bytes of
 each gzip stream), always. The checks that need the voxels -- data that decompresses completely, finite
-intensities below ``MAX_ABS_INTENSITY``, no constant phase, a binary mask that is neither inverted nor off
-the enhancing tumour -- read every file in full: on the real data that is ~1 GB of gzip per 20 cases, so
-``load_cohort(voxel_cache=...)`` remembers each case's result keyed by its files' path, size and
-modification time. Training keeps that cache in the run's cache folder (next to the preprocessed cases) and
+intensities below ``MAX_ABS_INTENSITY``, no constant, two-valued or nearly blank phase, a binary mask that is
+neither inverted nor off the enhancing tumour -- read every file in full: on the real data that is ~1 GB of
+gzip per 20 cases, so ``load_cohort(voxel_cache=...)`` remembers each case's result keyed by its files' paths
+and content digests (:mod:`divaware.digests`: a file edited in place is checked again, even with its size and
+modification time kept; an unchanged file is not read again). The headers are also compared: a qform and an
+sform that disagree (ITK-based tools read the qform, nibabel and MONAI the sform) and a sheared sform are
+reported. Training keeps that cache in the run's cache folder (next to the preprocessed cases) and
 evaluation/prediction in the run folder, so a run's files are voxel-checked once and a resume or an
 evaluation reads no voxels for checking. ``check_voxels=False`` (``divaware check --headers-only``) skips
 them: only for a quick look, since a case that fails them breaks or corrupts every computation.
@@ -152,6 +159,7 @@ from divaware.voxels import (  # noqa: F401 (public names re-exported: callers i
     breast_box_problem,
     geometry_reason,
     json_breast_box,
+    qform_sform_problem,
     read_header,
     squeezed,
     tumour_placement,
@@ -727,6 +735,7 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
     reasons += [r for p, h in zip(paths, headers, strict=True) if (r := geometry_reason(index.rel(p), h))]
     if reasons:
         return reasons
+    problems += [f"{pid}: {q}" for p, h in zip(paths, headers, strict=True) if (q := qform_sform_problem(index.rel(p), h))]
     shape0, affine0 = headers[0].shape, headers[0].affine
     zooms0 = voxel_spacing(affine0)  # what MONAI's loader (training, prediction) and scoring use
     if len(shape0) != 3:
@@ -831,7 +840,9 @@ def _case_info(pid: str, index: _Index, shape: tuple[int, ...], problems: list[s
 
 
 class VoxelCache:
-    """Voxel-check results per case, keyed by its files' (path, size, mtime): later loads read no voxels."""
+    """Voxel-check results per case, keyed by its files' paths and content digests (:mod:`divaware.digests`,
+    remembered in ``digests/`` beside the cache): later loads read no voxels, and a file edited in place
+    (even with its size and mtime kept) is checked again."""
 
     def __init__(self, path: Path, root: Path) -> None:
         if path.resolve().is_relative_to(root.resolve()):
@@ -847,13 +858,10 @@ class VoxelCache:
         except (OSError, ValueError, AttributeError):
             pass  # absent or damaged: check again and rewrite it
 
-    @staticmethod
-    def stamp(files: Sequence[Path]) -> list[Any]:
-        out = []
-        for p in files:
-            st = p.stat()
-            out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-        return out
+    def stamp(self, files: Sequence[Path]) -> list[Any]:
+        from divaware.digests import file_digest
+
+        return [[str(p.resolve()), file_digest(p, self.path.parent / "digests")] for p in files]
 
     def get(self, pid: str, stamp: list[Any]) -> dict[str, Any] | None:
         entry = self.entries.get(pid)
@@ -866,16 +874,22 @@ class VoxelCache:
     def save(self) -> None:
         if not self.dirty:
             return
+        from divaware.outputs import OutputError, ensure_writable
         from divaware.runfolder import write_text
 
-        write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
+        try:
+            ensure_writable(self.path.parent, "voxel-check cache")
+        except OutputError as err:  # a read-only (or full) store still serves what it holds
+            warnings.warn(f"voxel checks not cached, so repeated next time: {err}", stacklevel=4)
+        else:
+            write_text(self.path, json.dumps({"version": VOXEL_CHECK_VERSION, "cases": self.entries}))
         self.dirty = False
 
 
 def _cached_voxel_check(pid: str, paths: Sequence[Path], mask_path: Path | None, headers: Sequence[Header],
                         mask_header: Header | None, index: _Index, cache: VoxelCache | None) -> dict[str, Any]:
     files = [*paths, *([mask_path] if mask_path is not None else [])]
-    stamp = VoxelCache.stamp(files) if cache is not None else []
+    stamp = cache.stamp(files) if cache is not None else []
     if cache is not None:
         hit = cache.get(pid, stamp)
         if hit is not None:

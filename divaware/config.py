@@ -519,22 +519,25 @@ def _coerce(config: TrainConfig) -> None:
             raise ValueError(f"{value!r} is a boolean, not a number")
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(f"{value!r} is not a whole number")
+        if abs(int(value)) >= 2**63:  # torch and numpy take 64-bit integers (seed: 1e20 overflowed there)
+            raise ValueError(f"{value!r} is too large (at most {2**63 - 1})")
         return int(value)
 
     def as_list(value: Any, kind: type) -> list | None:
+        if value is not None and isinstance(value, (str, bytes, int, float)):
+            raise TypeError(f"{value!r} is not a list (write it as [{value}, ...])")
         return None if value is None else [(whole if kind is int else kind)(v) for v in value]
 
     def put(name: str, value: Any) -> None:
         object.__setattr__(config, name, value)  # the config is frozen once made
 
+    current = ""  # the field being coerced: every type error names it
     try:
-        for name in ("phases", "channels", "strides", "patch_size"):
-            put(name, as_list(getattr(config, name), int))
-        put("spacing", as_list(config.spacing, float))
-        for name in ("stratify", "attributes"):
-            put(name, as_list(getattr(config, name), str))
+        for current, kind in (("phases", int), ("channels", int), ("strides", int), ("patch_size", int),
+                              ("spacing", float), ("stratify", str), ("attributes", str)):
+            put(current, as_list(getattr(config, current), kind))
         for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
+            current, value = f.name, getattr(config, f.name)
             if isinstance(value, bool) and f.type in ("int", "float", "int | None", "float | None"):
                 raise ValueError(f"field {f.name!r}: {value!r} is a boolean, not a number")
             if f.type == "int":
@@ -550,5 +553,10 @@ def _coerce(config: TrainConfig) -> None:
                 put(f.name, dict(value or {}))
             elif f.type == "str":
                 put(f.name, "" if value is None else str(value))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"config: a field has a value of the wrong type ({err})") from None
+    except (TypeError, ValueError, OverflowError) as err:
+        given = getattr(config, current, None)
+        expected = {"int": "a whole number", "float": "a number", "int | None": "a whole number or null",
+                    "float | None": "a number or null"}.get(config.__dataclass_fields__[current].type, "")
+        detail = (str(err) if str(err).startswith("field ") else f"field {current!r} is null (empty)"
+                  if given is None else f"field {current!r} = {given!r}: {err}")
+        raise ValueError(f"config {detail}" + (f"; give {expected}" if expected else "")) from None

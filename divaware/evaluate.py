@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 
 from divaware import metrics as M
-from divaware.report import AnalysisSettings, FairnessReport, ReportFolder, jsonable
+from divaware.report import AnalysisSettings, FairnessReport, ReportFolder, itemsets_csv, jsonable
 from divaware.runfolder import RunFolder, check_name, split_name, write_text
 
 if TYPE_CHECKING:
@@ -172,11 +172,25 @@ def _prediction_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def _nifti_names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith((".nii.gz", ".nii")))
+
+
 def prediction_folder(predictions: str | Path) -> Path:
     """The folder of ``<patient_id>.nii.gz`` files: ``predictions``, or its ``pred_segmentations/``."""
     p = Path(predictions).expanduser()
-    if (p / PRED_FOLDER).is_dir():
-        p = p / PRED_FOLDER  # the folder predict() was given, rather than its pred_segmentations/
+    sub = p / PRED_FOLDER
+    if sub.is_dir():
+        top, inner = _nifti_names(p), _nifti_names(sub)
+        if top and inner:
+            # which of the two is the model's is not ours to guess: scoring a leftover subfolder scored
+            # perfect top-level predictions as Dice 0
+            raise ValueError(f"{p} holds both {len(top)} prediction file(s) ({M._few(top, 3)}) and a {PRED_FOLDER}/ "
+                             f"subfolder with {len(inner)} ({M._few(inner, 3)}); pass {sub} to score the "
+                             f"subfolder, or move {PRED_FOLDER}/ out of {p} to score the files beside it")
+        if inner or not top:
+            p = sub  # the folder predict() was given, rather than its pred_segmentations/
     if not p.is_dir():
         raise ValueError(f"prediction folder {predictions} does not exist")
     return p
@@ -230,8 +244,11 @@ def score_cases(
     *,
     attributes: Sequence[str] = CASE_ATTRIBUTES,
     progress: bool = False,
+    threshold: float | None = None,
 ) -> pd.DataFrame:
     """Per-case metrics of the prediction files in ``predictions`` against the cohort's expert masks.
+
+    ``threshold``: the files are probability maps, tumour where the value is >= ``threshold``.
 
     Returns a per-case table indexed by ``patient_id`` (in ``patient_ids`` order): the columns of
     :func:`divaware.metrics.case_metrics`, then the metadata ``attributes``. The prediction of a case is
@@ -271,6 +288,8 @@ def score_cases(
         except Exception as err:
             raise ValueError(f"case {pid}: cannot read the prediction {files[pid.lower()]} ({type(err).__name__}: "
                              f"{err}); predict it again (repredict=True / --repredict)") from None
+        if threshold is not None:  # probability maps: tumour where p >= threshold (audit --threshold)
+            pred = (np.nan_to_num(pred.astype(np.float32), nan=0.0) >= threshold).astype(np.uint8)
         pred, other = _prediction_labels(pred)
         if other:
             relabelled.append(f"{pid} ({other})")
@@ -313,9 +332,12 @@ def score_text(challenge: Mapping[str, Any], key: str, digits: int = 3) -> str:
 
 
 def metric_line(challenge: Mapping[str, Any]) -> str:
-    """The summary line of mean Dice, HD95 (mm) and NormHD, shared by evaluations and audits."""
+    """The summary line of mean Dice, HD95 (mm) and NormHD, shared by evaluations and audits. The HD95 mean
+    covers the cases with a finite distance only (an empty prediction has none): it says how many."""
+    n_hd, n = challenge.get("n_hd95_mm"), challenge.get("n_cases")
+    over = f" (over the {n_hd} of {n} cases with a finite HD95)" if n_hd is not None and n_hd != n else ""
     return (f"  mean Dice {score_text(challenge, 'mean_dice')}   mean HD95 {score_text(challenge, 'mean_hd95_mm', 1)} mm"
-            f"   mean NormHD {score_text(challenge, 'mean_norm_hd')}")
+            f"{over}   mean NormHD {score_text(challenge, 'mean_norm_hd')}")
 
 
 @dataclass
@@ -365,12 +387,20 @@ class EvaluationResult:
             best["n"] = int(row["n"].iloc[0]) if len(row) else None
         return best
 
+    def checkpoint_label(self) -> str:
+        """The checkpoint asked for, and the file that was used when it is another (``best`` without best.pt)."""
+        used = self.settings.get("checkpoint_file")
+        if used and used != f"{self.checkpoint}.pt":
+            return f"{self.checkpoint} asked, {self.checkpoint}.pt absent: {used} used"
+        return str(self.checkpoint)
+
     def summary(self) -> str:
         """A few lines for the console and notebooks."""
         c = self.challenge
         fa = ", ".join(f"{k[2:]} {score_text(c, k)}" for k in ("F_age", "F_menopause", "F_density"))
         lines = [
-            f"evaluation of {self.run_dir} on {self.split} (checkpoint {self.checkpoint}): {len(self.per_case)} cases",
+            f"evaluation of {self.run_dir} on {self.split} (checkpoint {self.checkpoint_label()}): "
+            f"{len(self.per_case)} cases",
             metric_line(c),
             f"  challenge: P {score_text(c, 'P')}   F {score_text(c, 'F')} ({fa})   ranking {score_text(c, 'ranking')}",
         ]
@@ -383,6 +413,9 @@ class EvaluationResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+divergent_to_csv = itemsets_csv  # an itemset table as CSV text (one definition: divaware.report)
 
 
 def _prediction_settings(predict_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -569,6 +602,8 @@ def evaluate(
     settings = {
         "divaware_version": __version__, "run_dir": str(run_dir.resolve()), "data_root": str(root.resolve()),
         "split": _split_name(split), "checkpoint": checkpoint, "tag": tag,
+        # the file the predictions came from: last.pt when best.pt is absent (labelled so, not "best")
+        "checkpoint_file": _checkpoint_file(run_dir, checkpoint).name if predictions is None else None,
         "predictions": str(pred_dir.resolve()), "predicted_here": predictions is None,
         "n_cases": len(per_case), **analysis.to_dict(),
         "fairness_groups": "the challenge's groups (unknown menopause a group; unknown age, density left out)",

@@ -368,7 +368,8 @@ def challenge_score(per_case: pd.DataFrame, metadata: pd.DataFrame) -> dict[str,
     and F averages the remaining variables -- listed under ``undefined`` -- instead of becoming NaN.
 
     Returns ``P, F_age, F_menopause, F_density, F, ranking``, the means behind them (``mean_dice``,
-    ``mean_norm_hd``, ``mean_hd95_mm`` when available), ``n_cases``, ``undefined`` and ``groups``
+    ``mean_norm_hd``, ``mean_hd95_mm`` and ``n_hd95_mm``, the cases it covers, when available), ``n_cases``,
+    ``undefined`` and ``groups``
     ({variable: {group: {n, dice, norm_hd}}}).
     """
     pc = _per_case_frame(per_case, ("dice", "norm_hd"))
@@ -405,6 +406,7 @@ def challenge_score(per_case: pd.DataFrame, metadata: pd.DataFrame) -> dict[str,
         mm = pd.to_numeric(pc["hd95_mm"], errors="coerce")
         mm = mm[np.isfinite(mm)]
         result["mean_hd95_mm"] = float(mm.mean()) if len(mm) else math.nan
+        result["n_hd95_mm"] = int(len(mm))  # the cases that mean covers (an empty prediction has no distance)
     result["n_cases"] = len(pc)
     result["undefined"] = undefined
     result["groups"] = detail

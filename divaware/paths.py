@@ -39,7 +39,7 @@ def store_root(override: str | Path | None = None) -> Path:
 
 def voxel_cache_path(data_root: str | Path, root: str | Path | None = None) -> Path:
     """The voxel-check results of one data folder, kept in the shared store (one file per data root;
-    entries inside are keyed by each file's path, size and mtime, see :func:`divaware.cohort.load_cohort`)."""
+    entries inside are keyed by the contents of each case's files, see :func:`divaware.cohort.load_cohort`)."""
     import hashlib
 
     key = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:12]

@@ -129,6 +129,13 @@ def load_series_config(path: str | Path | None) -> dict[str, Any]:
     if not methods or not all(isinstance(m, str) for m in methods):
         raise ValueError(f"{path}: 'methods' must be a non-empty list of strategy names")
     config["methods"] = list(methods)
+    from divaware.weighting import STRATEGIES
+
+    # checked here, before any notebook runs (an unknown method once failed after ~70 s of notebooks)
+    named = [*methods, *((config.get("sweep") or {}).get("methods") or [])]
+    unknown_methods = [m for m in named if m not in STRATEGIES]
+    if unknown_methods:
+        raise ValueError(f"{path}: unknown method(s) {unknown_methods}; choose from {sorted(STRATEGIES)}")
     if config.get("baseline", "train") not in ("train", "reference"):
         raise ValueError(f"{path}: 'baseline' must be 'train' (02 trains its own) or 'reference' (02 analyses the "
                          f"first method's run), got {config['baseline']!r}")

@@ -87,6 +87,10 @@ def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+MIN_CI_CASES = 5
+"""Groups with fewer cases get no bootstrap CI bar: resampling 2-4 values gives a deceptively narrow interval."""
+
+
 def plot_group_dice(
     table: pd.DataFrame,
     *,
@@ -98,7 +102,7 @@ def plot_group_dice(
     """Per-group means with bootstrap CIs, one horizontal bar per group, ``n`` on the axis labels.
 
     ``table`` is a :func:`divaware.metrics.group_table` result. Groups flagged ``small`` are drawn pale
-    and marked with ``*`` in their label; a dashed line marks ``overall`` (default: the n-weighted mean
+    and marked with ``*`` in their label; groups of fewer than :data:`MIN_CI_CASES` cases get no CI bar; a dashed line marks ``overall`` (default: the n-weighted mean
     of the groups, which equals the mean over the tabulated cases).
     """
     _require(table, ("group", "n", "mean", "ci_low", "ci_high"), "group table")
@@ -110,7 +114,9 @@ def plot_group_dice(
     colors = ["#9ecae1" if s else "#3182bd" for s in small]
     sns.barplot(x=t["mean"].to_numpy(float), y=labels, hue=labels, palette=colors, legend=False,
                 orient="h", saturation=1, ax=ax)
-    has_ci = t["ci_low"].notna() & t["ci_high"].notna()
+    # a bootstrap CI of 2-4 cases looks deceptively tight (it resamples the same few values): not drawn
+    few = t["n"].astype(int) < MIN_CI_CASES
+    has_ci = t["ci_low"].notna() & t["ci_high"].notna() & ~few
     pos = np.arange(len(t))[has_ci.to_numpy()]
     mean = t.loc[has_ci, "mean"].to_numpy(float)
     err = np.vstack([mean - t.loc[has_ci, "ci_low"].to_numpy(float), t.loc[has_ci, "ci_high"].to_numpy(float) - mean])
@@ -121,6 +127,8 @@ def plot_group_dice(
     xlabel = f"mean {metric_label} (95 % bootstrap CI)"
     if small.any():
         xlabel += "\n* small group: few cases, read with caution"
+    if few.any():
+        xlabel += f"\nno CI drawn for groups of fewer than {MIN_CI_CASES} cases"
     ax.set_xlabel(xlabel)
     ax.set_ylabel("")
     ax.legend(loc="lower right", fontsize="small")

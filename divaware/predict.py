@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from divaware import data as D
-from divaware.model import infer, segment
+from divaware.model import check_inference_memory, infer, segment
 from divaware.outputs import ensure_writable
 from divaware.runfolder import RunFolder, atomic_write
 from divaware.split import run_val_ids
@@ -183,6 +183,8 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     for item in tqdm(loader, total=len(records), desc="predict", unit="case", disable=not progress):
         pid = item[D.PID]
         image: MetaTensor = item[D.IMAGE]
+        check_inference_memory(tuple(image.shape), roi, config.channels, spec.in_channels, dev,
+                               strides=config.strides, what=f" of case {pid}")
         logits = infer(model, image.as_subclass(torch.Tensor)[None].to(dev), divisor=spec.divisor,
                        roi_size=roi, overlap=overlap, amp=use_amp)
         mask = segment(logits)[0].to(torch.float32).cpu()

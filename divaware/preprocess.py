@@ -8,9 +8,11 @@ aside for the oversampled patches -- written for :func:`divaware.data.preprocess
 
 * **One store per machine**, shared by every run, sweep job and rank: ``$DIVAWARE_PREPROCESSED``, else
   ``<divaware cache>/preprocessed`` (:func:`store_root`; never inside the data folder). One entry per case,
-  named by a hash of the case's files (resolved path, size, mtime), its breast box and every setting that
-  changes the stored arrays (:func:`settings_key`), so an edited file or a changed setting gives a new entry
-  and nothing stale is ever read. The split, seed, patch size and whether the case trains or validates do
+  named by a hash of the contents of the case's files (:mod:`divaware.digests`), its breast box and every
+  setting that changes the stored arrays (:func:`settings_key`), so an edited file (even with its size and
+  mtime kept) or a changed setting gives a new entry and nothing stale is ever read. Each entry records a
+  checksum per file and its patient id; an entry that fails them when used again (damaged bytes, a file cut
+  short, an unreadable ``meta.json``, swapped folders) is rebuilt with a warning naming it. The split, seed, patch size and whether the case trains or validates do
   not enter: the stored arrays are the same for all of them, and padding/patch sampling happen at read time.
 * **Atomic, concurrent, resumable fills.** A case is written into a private temporary folder and renamed
   into place; a per-case file lock makes a second process wait for the first instead of repeating the work.
@@ -53,8 +55,10 @@ from divaware import data as D
 # where the store lives is a path question (divaware.paths): the run folder asks it without loading torch
 from divaware.paths import STORE_ENV, store_root, voxel_cache_path  # noqa: F401 (re-exported)
 
-STORE_VERSION = 1
-"""Bump when the stored format or the preprocessing code changes what is stored: old entries are not read."""
+STORE_VERSION = 2
+"""Version 2: entries keyed by content digests, with per-file checksums in meta.json. Bump when the stored format or the preprocessing code changes what is stored: old entries are not read."""
+DIGESTS = "digests"
+"""The store's memo of input-file digests (:mod:`divaware.digests`): a later run reads no input file to key it."""
 MAX_FG_POINTS = 10_000
 """Foreground coordinates kept per case (a seeded subsample): enough to centre tumour patches uniformly."""
 PAGE = 4096
@@ -74,16 +78,15 @@ def settings_key(spec: D.DataSpec, precision: str) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _stamp(path: str) -> list[Any]:
-    st = os.stat(path)
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str, memo: Path | None = None) -> str:
+    """Hash of one case's files' contents (:func:`divaware.digests.file_digest`, remembered in ``memo``),
+    its breast box and :func:`settings_key`: a file edited in place, even with its size and mtime kept,
+    gives another key."""
+    from divaware.digests import file_digest
 
-
-def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str) -> str:
-    """Hash of one case's files (path, size, mtime), its breast box and :func:`settings_key`."""
-    files = [_stamp(p) for p in record[D.IMAGE]]
+    files = [file_digest(p, memo) for p in record[D.IMAGE]]
     if D.LABEL in record:
-        files.append(_stamp(record[D.LABEL]))
+        files.append(file_digest(record[D.LABEL], memo))
     payload = {"settings": settings_key(spec, precision), "files": files, "box": record.get(D.BOX),
                "label": D.LABEL in record}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -92,14 +95,24 @@ def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str) -> str
 def entry_dir(root: Path, record: Mapping[str, Any], spec: D.DataSpec, precision: str) -> Path:
     """Where a case's entry lives (it exists only once complete)."""
     return (Path(root) / f"v{STORE_VERSION}-{settings_key(spec, precision)}"
-            / f"{record[D.PID]}-{case_key(record, spec, precision)}")
+            / f"{record[D.PID]}-{case_key(record, spec, precision, Path(root) / DIGESTS)}")
 
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (``fcntl.flock``) held for the block; other processes wait for it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    """An exclusive advisory lock (``fcntl.flock``) held for the block; other processes wait for it.
+
+    On a read-only store (a filled store shared read-only) no lock can be created, and none is needed:
+    no process can write there either, so the block runs unlocked and only reads."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")  # noqa: SIM115 - closed below, after the block
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        yield
+        return
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -135,31 +148,88 @@ def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path, preci
     meta: dict[str, Any] = {"precision": precision, "quant": quant, "patient_id": str(record[D.PID]), "shape": list(image.shape[1:]),
                             "channels": int(image.shape[0]), "full_shape": [int(s) for s in full_shape],
                             "crop_start": lo, "has_label": with_label, "version": STORE_VERSION}
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
     try:
-        np.save(tmp / "image.npy", image)
-        if label is not None:
-            lab = label[sl]
-            np.save(tmp / "label.npy", np.packbits(lab, axis=-1))
-            fg = np.argwhere(lab)
-            meta["fg_voxels"] = int(len(fg))
-            meta["fg_box"] = ([int(v) for v in fg.min(axis=0)] + [int(v) + 1 for v in fg.max(axis=0)]
-                              if len(fg) else None)
-            if len(fg) > MAX_FG_POINTS:
-                seed = int(hashlib.sha1(final.name.encode()).hexdigest()[:8], 16)
-                keep = np.sort(np.random.default_rng(seed).choice(len(fg), MAX_FG_POINTS, replace=False))
-                fg = fg[keep]
-            np.save(tmp / "fg.npy", fg.astype(np.int16 if max(image.shape[1:]) < 2**15 else np.int32))
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            os.rename(tmp, final)
-        except OSError as err:  # another process finished it first: theirs is as good as ours
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (final / "meta.json").is_file():
-                raise
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _save_entry(tmp, final, image, label, sl, meta)
+    except OSError as err:  # a full or read-only store: one line naming it, not numpy's traceback
+        from divaware.outputs import output_error
+
+        mapped = output_error(err, final, f"preprocessed store (${STORE_ENV})")
+        if mapped is None:
+            raise
+        raise mapped from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_entry(tmp: Path, final: Path, image: np.ndarray, label: np.ndarray | None, sl: tuple[slice, ...],
+                meta: dict[str, Any]) -> None:
+    """Write the arrays and meta.json into ``tmp`` and rename it to ``final`` (see :func:`_write_entry`)."""
+    tmp.mkdir()
+    np.save(tmp / "image.npy", image)
+    if label is not None:
+        lab = label[sl]
+        np.save(tmp / "label.npy", np.packbits(lab, axis=-1))
+        fg = np.argwhere(lab)
+        meta["fg_voxels"] = int(len(fg))
+        meta["fg_box"] = ([int(v) for v in fg.min(axis=0)] + [int(v) + 1 for v in fg.max(axis=0)]
+                          if len(fg) else None)
+        if len(fg) > MAX_FG_POINTS:
+            seed = int(hashlib.sha1(final.name.encode()).hexdigest()[:8], 16)
+            keep = np.sort(np.random.default_rng(seed).choice(len(fg), MAX_FG_POINTS, replace=False))
+            fg = fg[keep]
+        np.save(tmp / "fg.npy", fg.astype(np.int16 if max(image.shape[1:]) < 2**15 else np.int32))
+    from divaware.digests import bytes_digest
+
+    # a checksum per file, verified whenever the entry is used again (_entry_problem); the entry's own
+    # name, so an entry folder moved or swapped into another case's place is noticed too
+    meta["entry"] = final.name
+    meta["files"] = {f.name: {"size": f.stat().st_size, "blake2b": bytes_digest(f)}
+                     for f in sorted(tmp.glob("*.npy"))}
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.rename(tmp, final)
+    except OSError as err:  # another process finished it first: theirs is as good as ours
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not (final / "meta.json").is_file():
+            raise
+    else:
+        from divaware.digests import remember
+
+        for name, f in meta["files"].items():  # the next verification reads no byte of a fresh entry
+            remember(final / name, f["blake2b"], final.parent.parent / DIGESTS)
+
+
+def _entry_problem(final: Path, pid: str, memo: Path | None) -> str | None:
+    """None when the entry is complete and intact; ``"absent"`` when it was never written; else what is wrong
+    with it (unreadable meta.json, another case's entry, a file missing, cut short or changed)."""
+    from divaware.digests import file_digest
+
+    if not (final / "meta.json").is_file():
+        return "absent"
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return f"meta.json cannot be read ({type(err).__name__}: {err})"
+    if str(meta.get("patient_id")) != str(pid):
+        return f"it holds case {meta.get('patient_id')!r}, not {pid!r} (entry folders moved or swapped?)"
+    if meta.get("entry") != final.name:
+        return f"it was written as entry {meta.get('entry')!r} (entry folders moved or swapped?)"
+    files = meta.get("files")
+    if not isinstance(files, dict) or "image.npy" not in files:
+        return "meta.json lists no checksums"
+    for name, want in sorted(files.items()):
+        path = final / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{name} has {size} bytes, {want.get('size')} were written"
+        if file_digest(path, memo) != want.get("blake2b"):
+            return f"{name}'s checksum differs from the one written (changed or damaged bytes)"
+    return None
 
 
 def _encode(image: np.ndarray, precision: str) -> tuple[np.ndarray, list[list[float]] | None]:
@@ -192,16 +262,32 @@ def _decode(block: np.ndarray, quant: Sequence[Sequence[float]] | None) -> np.nd
 def ensure_entry(record: Mapping[str, Any], spec: D.DataSpec, root: Path, precision: str) -> Path:
     """The entry of one case, written first if absent (under a per-case lock; stale temporaries removed)."""
     final = entry_dir(root, record, spec, precision)
-    if (final / "meta.json").is_file():
+    memo, pid = Path(root) / DIGESTS, str(record[D.PID])
+    if _entry_problem(final, pid, memo) is None:
         return final
     with file_lock(final.parent / f".{final.name}.lock"):
-        if (final / "meta.json").is_file():  # filled by another process while we waited
+        problem = _entry_problem(final, pid, memo)
+        if problem is None:  # filled by another process while we waited
             return final
+        if problem != "absent":
+            _remove_damaged(final, problem)
         # we hold the lock: any temporary of this case is a leftover of an interrupted fill
         for stale in final.parent.glob(f".{final.name}.*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         _write_entry(record, spec, final, precision)
     return final
+
+
+def _remove_damaged(final: Path, problem: str) -> None:
+    """Warn, naming the entry and what is wrong, and remove it so that it is written again."""
+    import warnings
+
+    warnings.warn(f"preprocessed entry {final} is damaged: {problem}; rebuilding it from the data", stacklevel=4)
+    try:
+        shutil.rmtree(final)
+    except OSError as err:
+        raise ValueError(f"preprocessed entry {final} is damaged ({problem}) and cannot be removed "
+                         f"({err.strerror or err}); delete that folder and run again") from None
 
 
 def _fill_one(args: tuple[dict[str, Any], D.DataSpec, str, str]) -> str:
@@ -221,7 +307,10 @@ def fill(records: Sequence[Mapping[str, Any]], spec: D.DataSpec, root: str | Pat
 
     root = store_root(root)
     records = [dict(r) for r in records]
-    todo = [r for r in records if not (entry_dir(root, r, spec, precision) / "meta.json").is_file()]
+    # every entry checked against its checksums (the digests of unchanged files are remembered, so a later
+    # run reads only what changed); a damaged one is rebuilt with a warning naming it (ensure_entry)
+    todo = [r for r in records
+            if _entry_problem(entry_dir(root, r, spec, precision), str(r[D.PID]), root / DIGESTS) is not None]
     if todo:
         bar = tqdm(total=len(todo), desc=f"preprocessing into {root}", unit="case", disable=not progress)
         jobs = [(r, spec, str(root), precision) for r in todo]
@@ -413,9 +502,13 @@ def make_datasets(train_records: Sequence[Mapping[str, Any]], val_records: Seque
 def load_cohort_once(data_root: str | Path, root: str | Path | None = None, **kwargs: Any) -> Any:
     """:func:`divaware.cohort.load_cohort` with voxel checks shared through the store: under a lock, so of
     concurrent runs and ranks the first checks the voxels and the others read its results."""
-    from divaware.cohort import load_cohort
+    from divaware.cohort import CohortError, load_cohort
 
     path = voxel_cache_path(data_root, root)
+    data = Path(data_root).expanduser().resolve()
+    if path.resolve().is_relative_to(data):  # refused before the lock file would be created in the data
+        raise CohortError(f"the preprocessed store {store_root(root)} lies inside the data folder {data_root}; "
+                          f"input data is read-only, so set ${STORE_ENV} to a folder elsewhere")
     with file_lock(path.with_name(f".{path.name}.lock")):
         return load_cohort(data_root, voxel_cache=path, **kwargs)
 

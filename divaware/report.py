@@ -148,6 +148,15 @@ class FairnessReport:
         return self.divergent[self.divergent["flagged"].astype(bool)].reset_index(drop=True)
 
 
+def itemsets_csv(frame: pd.DataFrame) -> str:
+    """An itemset table as CSV text, its ``items`` as sorted JSON lists (frozensets do not survive CSV, and a
+    frozenset's own text follows string hashing, so two identical runs would write different bytes)."""
+    out = frame.copy()
+    if "items" in out.columns:
+        out["items"] = out["items"].map(lambda s: json.dumps(sorted(s), ensure_ascii=False))
+    return out.to_csv(index=False)
+
+
 def jsonable(obj: Any) -> Any:
     """``obj`` with NaN/inf as None, numpy scalars as Python numbers, paths as text (strict JSON)."""
     import numpy as np
@@ -226,10 +235,7 @@ class ReportFolder:
         self.write_text(self.PER_GROUP, report.per_group.to_csv(index=False))
         self.write_json(self.CHALLENGE, report.challenge)
         self.write_json(self.FAIRNESS, report.fairness)
-        itemsets = report.divergent.copy()
-        if "items" in itemsets.columns:  # frozensets do not survive CSV; a JSON list does (read back below)
-            itemsets["items"] = itemsets["items"].map(lambda s: json.dumps(sorted(s), ensure_ascii=False))
-        self.write_text(self.ITEMSETS, itemsets.to_csv(index=False))
+        self.write_text(self.ITEMSETS, itemsets_csv(report.divergent))
 
     def finish(self, manifest: Mapping[str, Any]) -> None:
         self.write_json(self.MANIFESTS[self.kind], manifest)

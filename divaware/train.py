@@ -350,7 +350,21 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             f"run folder {run_dir} already holds this run; pass resume=True (--resume) to continue it "
             "or overwrite=True (--overwrite) to start it again"
         )
+    if has_ckpt and resume:
+        _check_checkpoint_config(run, config)
     return has_ckpt and resume
+
+
+def _check_checkpoint_config(run: RunFolder, config: TrainConfig) -> None:
+    """Resuming continues what ``last.pt`` was trained with: a field of config.yaml edited since (channels
+    gave a state-dict size mismatch, data_root a KeyError on the split's ids) is named, not a traceback."""
+    saved = load_checkpoint(run.path).get("config") or {}
+    current = result_fields(config.to_dict())
+    diff = sorted(k for k, v in current.items() if k in saved and saved[k] != v)
+    if diff:
+        details = ", ".join(f"{k}: {saved[k]!r} in last.pt -> {current[k]!r} now" for k in diff)
+        raise ValueError(f"cannot resume {run.path}: its checkpoint was trained with other settings than "
+                         f"{run.CONFIG} now holds ({details}); restore those fields, or start again with --overwrite")
 
 
 def _strategy_kwargs(config: TrainConfig, test_ids: Sequence[str]) -> dict[str, Any]:

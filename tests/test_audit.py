@@ -302,3 +302,133 @@ def test_explorer_inputs_drive_the_subgroup_explorer(planted_audit: A.AuditResul
     assert members and set(members) <= set(_members(synthetic_root))
     pid = members[0]
     assert inputs["predictions"](pid) == planted_audit.predictions / f"{pid.lower()}.nii.gz"
+
+
+# --------------------------------------------------------------------------------------------------
+# what an audit found, named: unmatched files, naming mismatches, folder contents, probability maps
+# --------------------------------------------------------------------------------------------------
+
+FAST = {"n_boot": 20, "n_permutations": 2, "figures": False, "verbose": False}
+
+
+def test_unmatched_files_are_listed_in_the_summary(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                   tmp_path: Path) -> None:
+    preds = tmp_path / "preds"
+    shutil.copytree(planted[0], preds)
+    shutil.copyfile(next(preds.glob("*.nii.gz")), preds / "stranger_007.nii.gz")
+    with pytest.warns(UserWarning, match="1 prediction file.* match no case of the cohort.*stranger_007.nii.gz"):
+        result = A.audit(synthetic_root, preds, out_dir=tmp_path / "out", **FAST)
+    assert "1 prediction file(s) match no case of the cohort (not scored): stranger_007.nii.gz" in result.summary()
+
+
+def test_many_missing_cases_beside_unmatched_files_is_a_naming_error(synthetic_root: Path,
+                                                                     planted: tuple[Path, list[str]],
+                                                                     tmp_path: Path) -> None:
+    preds = tmp_path / "preds"
+    shutil.copytree(planted[0], preds)
+    test_ids = load_cohort(synthetic_root, check_voxels=False).ids("test")
+    for pid in test_ids[: len(test_ids) // 2]:  # half the test predictions under another name
+        (preds / f"{pid.lower()}.nii.gz").rename(preds / f"seg_{pid.lower()}.nii.gz")
+    with pytest.raises(ValueError, match="match no case of the cohort") as info:
+        A.audit(synthetic_root, preds, out_dir=tmp_path / "out", **FAST)
+    text = str(info.value)
+    assert f"seg_{test_ids[0].lower()}.nii.gz ~ {test_ids[0]}" in text and "<patient_id>.nii.gz" in text
+    assert f"{len(test_ids) // 2} of {len(test_ids)} cases have no prediction" in text
+
+
+def test_no_prediction_error_says_what_the_folder_holds(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                        tmp_path: Path) -> None:
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    ids = load_cohort(synthetic_root, check_voxels=False).ids("test")
+    np.save(preds / f"{ids[0]}.npy", np.zeros(3))
+    shutil.copyfile(planted[0] / f"{ids[1].lower()}.nii.gz", preds / f"{ids[1]}.NII.GZ")
+    shutil.copyfile(planted[0] / f"{ids[2].lower()}.nii.gz", preds / f"{ids[2]}_0000.nii.gz")
+    (preds / "fold_0").mkdir()
+    with pytest.raises(ValueError, match="holds no prediction") as info:
+        A.audit(synthetic_root, preds, out_dir=tmp_path / "out", **FAST)
+    text = str(info.value)
+    for words in (f"{ids[0]}.npy", ".NII.GZ file(s)", "lower case .nii.gz", "_0000 input", "nnU-Net",
+                  "fold_0/", "pass the subfolder"):
+        assert words in text, (words, text)
+
+
+def test_probability_maps_get_the_threshold_hint_and_option(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                           tmp_path: Path) -> None:
+    pid = load_cohort(synthetic_root, check_voxels=False).ids("test")[0]
+    ref = nib.load(str(planted[0] / f"{pid.lower()}.nii.gz"))
+    mask = np.asanyarray(ref.dataobj) > 0
+    prob = np.where(mask, 0.8, 0.1).astype(np.float32)  # (p > 0) would mark every voxel as tumour
+    _one_file(planted[0], tmp_path / "p", pid, array=prob)
+    with pytest.raises(ValueError, match=r"look like probabilities: pass --threshold 0\.5") as info:
+        A.audit(synthetic_root, tmp_path / "p", out_dir=tmp_path / "out", **FAST)
+    assert "(pred > 0)" not in str(info.value) and "(prob >= 0.5)" in str(info.value)
+    result = A.audit(synthetic_root, tmp_path / "p", out_dir=tmp_path / "out", threshold=0.5, **FAST)
+    binary = A.audit(synthetic_root, planted[0], out_dir=tmp_path / "ref", **FAST)
+    assert result.per_case.loc[pid, "dice"] == binary.per_case.loc[pid, "dice"] > 0.5
+    assert result.settings["threshold"] == 0.5
+
+
+def test_hd95_mean_says_how_many_cases_it_covers(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                 tmp_path: Path) -> None:
+    preds = tmp_path / "preds"
+    shutil.copytree(planted[0], preds)
+    ids = load_cohort(synthetic_root, check_voxels=False).ids("test")
+    (preds / f"{ids[0].lower()}.nii.gz").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = A.audit(synthetic_root, preds, out_dir=tmp_path / "out", **FAST)
+    assert result.challenge["n_hd95_mm"] == len(ids) - 1
+    assert f"(over the {len(ids) - 1} of {len(ids)} cases with a finite HD95)" in result.summary()
+
+
+def test_a_new_audit_removes_the_previous_figures_and_checks_numbers_first(
+        synthetic_root: Path, planted: tuple[Path, list[str]], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    A.audit(synthetic_root, planted[0], out_dir=out, n_boot=20, n_permutations=2, verbose=False)
+    assert (out / "figures" / "hardest_cases.png").is_file()
+    (out / "figures" / "my_notes.png").write_bytes(b"not ours")
+    A.audit(synthetic_root, planted[0], out_dir=out, **FAST)  # --no-figures
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["my_notes.png"]
+    for kwargs, words in (({"fdr": 2.0}, "fdr = 2.0"), ({"n_boot": 0}, "n_boot = 0"),
+                          ({"min_support": 0.0}, "min_support = 0.0"), ({"threshold": 1.5}, "threshold = 1.5")):
+        with pytest.raises(ValueError, match=words):
+            A.audit(synthetic_root, planted[0], out_dir=tmp_path / "never", **{**FAST, **kwargs})
+        assert not (tmp_path / "never").exists()  # refused before any case was read or anything written
+
+
+def test_acquisition_attributes_with_one_flag(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                              tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert A.expand_attributes(["+acquisition"]) == (*ev.DEFAULT_ATTRIBUTES, *A.ACQUISITION)
+    assert A.expand_attributes(["acquisition"]) == A.ACQUISITION
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "+acquisition" in help_text and "dataset manufacturer field_strength" in help_text
+    result = A.audit(synthetic_root, planted[0], out_dir=tmp_path / "out", attributes=["+acquisition"], **FAST)
+    assert set(result.per_group["attribute"]) == {*ev.DEFAULT_ATTRIBUTES, *A.ACQUISITION}
+
+
+def test_ids_file_with_a_byte_order_mark(synthetic_root: Path, tmp_path: Path) -> None:
+    ids = load_cohort(synthetic_root, check_voxels=False).ids("train")[:3]
+    path = tmp_path / "ids.txt"
+    path.write_bytes(("\n".join(ids) + "\n").encode("utf-8-sig"))
+    assert A.read_ids(path) == ids
+
+
+def test_console_warnings_are_one_readable_line(synthetic_root: Path, planted: tuple[Path, list[str]],
+                                                tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    preds = tmp_path / "preds"
+    shutil.copytree(planted[0], preds)
+    gone = load_cohort(synthetic_root, check_voxels=False).ids("test")[0]
+    (preds / f"{gone.lower()}.nii.gz").unlink()
+    monkeypatch.setattr(sys, "argv", ["divaware", "audit", "--data", str(synthetic_root), "--predictions",
+                                      str(preds), "--out", str(tmp_path / "out"), "--no-figures", "--n-boot", "20",
+                                      "--permutations", "2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        assert main() == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert any(line.startswith("divaware audit: warning: 1 of ") and gone in line for line in err), err
+    assert not any("UserWarning" in line or ".py:" in line for line in err), err

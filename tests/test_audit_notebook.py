@@ -40,3 +40,39 @@ def test_notebook_audits_the_demo_and_flags_the_planted_subgroup(synthetic_root:
     planted = train.index[train["breast_density"] == "c"]
     assert (weights.loc[planted, "weight"] > 1).all() and results["weights"]["n_up"] == len(planted)
     assert abs(weights["weight"].mean() - 1) < 1e-9
+
+
+def test_notebook_defaults_are_the_clis() -> None:
+    import argparse
+
+    import papermill
+
+    from divaware.audit import analysis_defaults
+    from divaware.cli import build_parser
+    from divaware.evaluate import DEFAULT_ATTRIBUTES
+
+    params = {k: v["default"] for k, v in papermill.inspect_notebook(str(NOTEBOOK)).items()}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    cli = {a.dest: a.default for a in sub.choices["audit"]._actions}
+    defaults = analysis_defaults()
+    assert float(params["min_support"]) == defaults["min_support"]  # the CLI's None means these
+    assert float(params["fdr"]) == defaults["fdr"]
+    assert int(params["n_boot"]) == cli["n_boot"] and int(params["n_permutations"]) == cli["permutations"]
+    assert params["split"].strip("\"'") == cli["split"]
+    assert eval(params["attributes"]) == list(DEFAULT_ATTRIBUTES)  # noqa: S307 - the notebook's own literal
+
+
+def test_notebook_runs_on_every_documented_split(synthetic_root: Path, tmp_path: Path) -> None:
+    ids = load_cohort(synthetic_root, check_voxels=False).ids("train")[:15]
+    (tmp_path / "ids.txt").write_text("\n".join(ids) + "\n")
+    for split in ("all", str(tmp_path / "ids.txt")):
+        out = tmp_path / f"nb05_{Path(split).stem}"
+        pipeline.execute_notebook(NOTEBOOK, tmp_path / f"05_{Path(split).stem}.ipynb", {
+            "data_root": str(synthetic_root), "split": split, "demo_attribute": "breast_density", "demo_value": "c",
+            "out_dir": str(out), "n_boot": 20, "n_permutations": 2,
+        })
+        results = json.loads((out / "results.json").read_text())
+        if split == "all":
+            assert results["n_cases"] == 40 and results["weights"] is None  # test cases may not drive weights
+        else:
+            assert results["n_cases"] == len(ids) and results["weights"]["n"] > 0

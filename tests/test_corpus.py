@@ -277,6 +277,39 @@ def _box_without_tumour(root: Path, pid: str) -> None:
     path.write_text(json.dumps(info))
 
 
+def _phase_binary(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 2)
+    arr = np.asanyarray(nib.load(str(path)).dataobj)
+    _rewrite(path, (arr > np.median(arr)).astype(np.int16))  # a thresholded image saved as the phase
+
+
+def _phase_near_blank(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 2)
+    arr = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    out = np.zeros_like(arr)
+    out[:4, :4, :3] = arr[:4, :4, :3] + 1.0  # a few voxels survive: not constant, but no image either
+    _rewrite(path, out)
+
+
+def _qform_30mm(root: Path, pid: str) -> None:
+    path = _phase(root, pid, 1)
+    img = nib.load(str(path))
+    qform = img.affine.copy()
+    qform[:3, 3] += 30.0 / np.sqrt(3)  # 30 mm away; the sform (what nibabel and MONAI read) intact
+    img.header.set_qform(qform, code=1)
+    img.header.set_sform(img.affine, code=1)
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header), str(path))
+
+
+def _shear(rows: list[list[float]]) -> None:
+    # the y column tilted towards x by 0.2 rad, its length (the voxel spacing) kept
+    y = np.array([rows[0][1], rows[1][1], rows[2][1]])
+    x = np.array([rows[0][0], rows[1][0], rows[2][0]])
+    tilted = np.cos(0.2) * y + np.sin(0.2) * np.linalg.norm(y) * x / np.linalg.norm(x)
+    for i in range(3):
+        rows[i][1] = float(tilted[i])
+
+
 # defect id -> (outcome, builder, text the warning/report must contain)
 DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "truncated_image": ("exclude", lambda r, p: _truncate(_phase(r, p, 1)), "truncated or corrupt"),
@@ -299,6 +332,10 @@ DEFECTS: dict[str, tuple[str, Callable[[Path, str], None], str]] = {
     "image_inf": ("exclude", _image_value(np.inf), "NaN/Inf"),
     "image_huge": ("exclude", _image_value(1e36), "intensities up to"),
     "phase_all_zero": ("exclude", _phase_all_zero, "constant"),
+    "phase_binary": ("exclude", _phase_binary, "a binary image"),
+    "phase_near_blank": ("exclude", _phase_near_blank, "nearly blank"),
+    "qform_sform_30mm": ("report", _qform_30mm, "qform and sform disagree by up to 30.0 mm"),
+    "sform_sheared": ("report", _every_file(srow=_shear), "sform is sheared"),
     "blank_patient_id": ("report", _blank_patient_id, "without patient_id"),
     "breast_box_inverted": ("report", _breast_box_inverted, "x_min"),
     "breast_box_no_tumour": ("report", _box_without_tumour, "holds no tumour voxel"),
@@ -654,11 +691,30 @@ def test_damaged_best_pt_is_one_line_in_predict_and_evaluate(trained: tuple[Path
     _one_line(rc, capsys.readouterr().err, "best.pt is damaged")
 
 
+def test_evaluate_without_best_pt_says_last_pt_was_used(trained: tuple[Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from divaware.evaluate import load_evaluation
+
+    root, run0 = trained
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    (run / "best.pt").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--n-boot", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "(checkpoint best)" not in out
+    assert "(checkpoint best asked, best.pt absent: last.pt used)" in out, out
+    assert load_evaluation(run).settings["checkpoint_file"] == "last.pt"
+
+
 @pytest.mark.parametrize(("argv", "words"), [
     (["--cpu-threads", "-3"], "cpu_threads must be a whole number >= 0"),
     (["--device", "nonsense"], "'nonsense' is not a device"),
     (["--device", "cuda:x"], "'cuda:x' is not a device"),
     (["--sliding-window", "--roi", "0", "0", "0"], "roi_size must be 3 window sizes >= 1"),
+    # grew to 21 GB and was killed by the out-of-memory killer: refused by the memory estimate first
+    (["--sliding-window", "--roi", "999", "999", "999"], "a sliding window of 999x999x999 needs about"),
 ])
 def test_bad_predict_arguments_are_one_line(trained: tuple[Path, Path], tmp_path: Path, argv: list[str],
                                             words: str, capsys: pytest.CaptureFixture[str]) -> None:

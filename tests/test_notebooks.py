@@ -46,6 +46,15 @@ def test_committed_notebook_is_clean(name: str) -> None:
     assert assigned == list(params)
 
 
+def test_notebook_text_cites_no_internal_issue_numbers() -> None:
+    import re
+
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        for cell in nbformat.read(path, as_version=4).cells:
+            found = re.findall(r"\bissues? #?\d+", cell.source, flags=re.IGNORECASE)
+            assert not found, (path.name, found)
+
+
 def test_help_notebook_lists_every_parameter() -> None:
     path = NOTEBOOKS / "03_training.ipynb"
     shown = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(path)],
@@ -90,6 +99,9 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r01["group_sizes"]["breast_density"] == meta["breast_density"].value_counts().to_dict()
     # the three disparity mechanisms on one hard patient: intrinsic hides part of the tumour's enhancement,
     # representation adds rising look-alikes outside the mask
+    mechanisms = r01["disparity_mechanisms"]  # each mechanism's own cue in the table
+    assert mechanisms["lookalike"]["look-alike lesions per hard case"] >= 4  # the text's 4-10 lesions
+    assert mechanisms["default"]["look-alike lesions per hard case"] == 0
     shown = r01["disparity_illustration"]
     enhancement = {d: shown[d]["tumour enhancement, phase 1"] for d in ("default", "representation", "intrinsic")}
     assert enhancement["intrinsic"] < 0.9 * min(enhancement["default"], enhancement["representation"])
@@ -98,6 +110,8 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     r02 = json.loads((out / "02_subgroup_divergence" / "results.json").read_text())
     itemsets = pd.read_csv(out / "02_subgroup_divergence" / "divergent_itemsets.csv")
     assert r02["top_itemset"] == itemsets.iloc[0]["label"]
+    # items as sorted JSON lists, not frozenset text whose order changes between identical runs
+    assert all(json.loads(i) == sorted(json.loads(i)) for i in itemsets["items"])
     assert r02["top_divergence"] == pytest.approx(itemsets["divergence"].min())
     for name, w in r02["weights"].items():
         assert w["mean"] == pytest.approx(1.0), name
@@ -205,3 +219,15 @@ def test_series_kernels_do_not_warn_about_tcp(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "without encryption" not in run.stderr
     assert nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].execution_count == 1
+
+
+def test_training_notebook_below_the_warm_up_draws_no_empty_weights_plot(synthetic_root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    executed = tmp_path / "03.ipynb"
+    pipeline.execute_notebook(NOTEBOOKS / "03_training.ipynb", executed, {
+        "data_root": str(synthetic_root), "out_dir": str(run), "method": "divaware", "epochs": 1,
+        "channels": [4, 8], "num_res_units": 0, "cpu_threads": 1})
+    assert not (run / "weights.png").exists()
+    text = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells
+                   for o in c.get("outputs", []))
+    assert "no refresh happened in 1 epoch(s) (the first comes after a warm-up of 6 epochs)" in text

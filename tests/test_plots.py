@@ -68,9 +68,22 @@ def test_group_dice_bars_cis_and_n_labels(tmp_path):
     colours = [to_hex(p.get_facecolor()) for p in ax.patches]
     assert 0 < table["small"].sum() < len(table)
     assert [c == colours[3] for c in colours] == table["small"].tolist()
-    # one error bar per group that has a CI (the single-case group has none)
+    # one error bar per group that has a CI and at least MIN_CI_CASES cases (the single-case group has none)
     (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
-    assert len(bars.lines[2][0].get_segments()) == table["ci_low"].notna().sum() == 4
+    drawn = table["ci_low"].notna() & (table["n"] >= P.MIN_CI_CASES)
+    assert len(bars.lines[2][0].get_segments()) == drawn.sum()
+
+
+def test_no_ci_bar_for_groups_under_five_cases() -> None:
+    import pandas as pd
+
+    table = pd.DataFrame({"group": ["a", "b", "c"], "n": [3, 4, 20], "mean": [0.5, 0.6, 0.7],
+                          "ci_low": [0.45, 0.55, 0.6], "ci_high": [0.55, 0.65, 0.8], "small": [True, True, False]})
+    ax = P.plot_group_dice(table).axes[0]
+    (bars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = bars.lines[2][0].get_segments()
+    assert len(segments) == 1 and segments[0][0][1] == 2  # only group c's bar (its row, y = 2)
+    assert "no CI drawn for groups of fewer than 5 cases" in ax.get_xlabel()
 
 
 def test_divergent_itemsets_top_bars_coloured_by_significance(tmp_path):

@@ -109,6 +109,11 @@ def test_store_keys_follow_files_and_settings(cohort_copy: Path, tmp_path: Path)
     assert P.entry_dir(root, rec, D.DataSpec(patch_size=(16, 16, 16), phases=(0, 1)), "float16") != first
     st = os.stat(rec[D.IMAGE][1])
     os.utime(rec[D.IMAGE][1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert P.entry_dir(root, rec, spec, "float16") == first  # keyed by content: a touched file is the same file
+    import nibabel as nib
+
+    img = nib.load(rec[D.IMAGE][1])
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) + 1, img.affine, img.header), rec[D.IMAGE][1])
     assert P.entry_dir(root, rec, spec, "float16") != first
 
 
