@@ -825,7 +825,10 @@ def test_full_disk_in_evaluate_names_the_file_and_leaves_no_partial(
             raise OSError(errno.ENOSPC, "No space left on device")
         return R.atomic_write(path, write)
 
+    import divaware.report as RP
+
     monkeypatch.setattr(E, "write_text", full_write)
+    monkeypatch.setattr(RP, "write_text", full_write)  # the report's files are written by report.ReportFolder
     _small_full_disk(monkeypatch)
     rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--predictions", str(pred), "--n-boot", "5"])
     err = capsys.readouterr().err
