@@ -280,7 +280,7 @@ def test_prediction_folder_with_a_leftover_pred_segmentations_is_refused(synthet
     import shutil
 
     from divaware.audit import audit, demo_predictions
-    from divaware.evaluate import _prediction_folder
+    from divaware.evaluate import prediction_folder
 
     preds, _ = demo_predictions(synthetic_root, tmp_path / "preds", erode=0)
     leftover = preds / "pred_segmentations"
@@ -290,11 +290,11 @@ def test_prediction_folder_with_a_leftover_pred_segmentations_is_refused(synthet
     with pytest.raises(ValueError, match="holds both .* prediction file.*pred_segmentations/ subfolder"):
         audit(synthetic_root, preds, out_dir=tmp_path / "audit", verbose=False)
     assert not (tmp_path / "audit").exists()
-    assert _prediction_folder(leftover) == leftover  # the subfolder, named explicitly, is what is scored
+    assert prediction_folder(leftover) == leftover  # the subfolder, named explicitly, is what is scored
     empty = tmp_path / "empty_sub"
     (empty / "pred_segmentations").mkdir(parents=True)
     shutil.copy(next(preds.glob("*.nii.gz")), empty)
-    assert _prediction_folder(empty) == empty  # an empty subfolder is no rival to the files beside it
+    assert prediction_folder(empty) == empty  # an empty subfolder is no rival to the files beside it
 
 
 def test_sweep_devices_that_are_no_gpu_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
