@@ -8,8 +8,8 @@ background process does not outlive its machine. So each finished run is recorde
 ``benchmarks/experiment/<mechanism>/<run>/`` (:mod:`divaware.experiment_record`) and committed at once, with
 the report regenerated from the records (``benchmarks/EXPERIMENT.md``); the same command on a fresh clone
 skips every recorded run and resumes with the rest. Runs go in the order that answers the question soonest:
-the look-alike ladder (erm, counterfactual, oracle, balanced) seed by seed, divaware, then the other
-strategies and the weak-drop and intrinsic controls.
+the look-alike ladder (erm, counterfactual, oracle, balanced) and divaware seed by seed, then the weak-drop
+and intrinsic controls, then the other strategies.
 
 A control file (``--control``, JSON, re-read before each run starts) lets a long sweep follow the
 repository without restarting: ``{"code": DIR}`` runs the next runs with the package in DIR (a checkout pinned
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,8 +45,8 @@ def plan(seeds: list[int]) -> list[tuple[str, str, int]]:
         for seed in seeds:
             order.extend((mech, s, seed) for s in strategies if s in names[mech] and (mech, s, seed) not in order)
 
-    add("lookalike", LADDER)
-    add("lookalike", ["divaware"])
+    for seed in seeds:  # seed by seed, so that every finished seed pairs divaware with its ladder
+        order.extend(("lookalike", s, seed) for s in (*LADDER, "divaware") if s in names["lookalike"])
     for mech in ("lookalike_weak", "intrinsic"):
         add(mech, ["erm", "oracle", "divaware"])
     add("lookalike", names["lookalike"])
@@ -54,6 +55,22 @@ def plan(seeds: list[int]) -> list[tuple[str, str, int]]:
 
 def recorded(mech: str, strategy: str, seed: int, records: Path) -> bool:
     return (records / mech / f"{strategy}_seed{seed}" / "run.json").is_file()
+
+
+def busy(job: tuple[str, str, int]) -> bool:
+    """Whether another process (e.g. left running by an earlier sweep) is running this job now: its
+    ``divaware experiment`` command line is in /proc (Linux; elsewhere nothing is seen as busy)."""
+    mech, strategy, seed = job
+    want = ["--strategies", strategy, "--seeds", str(seed)]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "experiment" in args and any(a.endswith(f"experiment_{mech}.yaml") for a in args) and any(
+                args[i:i + 4] == want for i in range(len(args))):
+            return True
+    return False
 
 
 def control(path: Path | None) -> dict:
@@ -94,7 +111,8 @@ def commit(job: tuple[str, str, int], args: argparse.Namespace, minutes: float) 
         print(f"[sweep] report failed (record committed without it): {report.stderr.strip()[-500:]}", flush=True)
     paths = [str(Path(args.records) / mech), "benchmarks/EXPERIMENT.md",
              *(str(f.relative_to(ROOT)) for f in sorted((ROOT / "figures").glob("experiment_*.png")))]
-    message = f"experiment: {mech}/{strategy}_seed{seed} recorded ({minutes:.1f} min); report regenerated"
+    took = "" if math.isnan(minutes) else f" ({minutes:.1f} min)"
+    message = f"experiment: {mech}/{strategy}_seed{seed} recorded{took}; report regenerated"
     for _ in range(60):
         if not (ROOT / ".git" / "MERGE_HEAD").exists() and not (ROOT / ".git" / "index.lock").exists():
             git("add", "--", *paths)
@@ -128,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         ctl = control(ctl_path)
         hold = set(ctl.get("hold", []))
         code = Path(ctl.get("code", ROOT))
-        ready = [j for j in todo if j[1] not in hold and not any(j == r for r in running)]
+        for job in [j for j in todo if recorded(*j, records)]:  # finished by a process of an earlier sweep
+            todo.remove(job)
+            print(f"[sweep] {job} was recorded by another process", flush=True)
+            if not args.no_commit:
+                commit(job, args, math.nan)
+        ready = [j for j in todo if j[1] not in hold and j not in running and not busy(j)]
         while len(running) < args.jobs and ready:
             job = ready.pop(0)
             todo.remove(job)
@@ -148,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 if tries[job] < 2:
                     todo.append(job)
         if not running and todo and not ready:
-            print(f"[sweep] only held runs left ({sorted({j[1] for j in todo})}); waiting for the control file",
-                  flush=True)
+            print(f"[sweep] only held or busy runs left ({sorted({j[1] for j in todo})}); waiting", flush=True)
             time.sleep(60)
         time.sleep(5)
     print("[sweep] finished", flush=True)

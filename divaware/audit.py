@@ -11,8 +11,10 @@ and ``divaware audit`` never import it), then runs the same fairness analysis as
   (``fairness.json``), exactly as :func:`divaware.evaluate.evaluate` writes them;
 * divergent subgroups (``divergent_itemsets.csv``): :func:`divaware.subgroups.divergent_itemsets` of the
   per-case Dice with the ``divaware`` strategy's defaults (``min_support``, ``max_length``) and its
-  false-discovery control: an itemset is *flagged* (``flagged`` column) when Δ < 0 and its
-  Benjamini–Hochberg q ≤ ``fdr`` — the itemsets the ``divaware`` strategy would act on;
+  false-discovery control: an itemset is *flagged* (``flagged`` column) when its Benjamini–Hochberg q ≤ ``fdr``
+  and its effect ps < 0.5 (:func:`divaware.subgroups.is_significant`) — the itemsets the ``divaware`` strategy
+  would act on; ``root``/``role``/``explained_by`` (:func:`divaware.subgroups.with_findings`) group refinements
+  under their root and mark overlaps; ``audit.md`` lists them as findings (:func:`findings_markdown`);
 * the null check (``null_check.csv``): :func:`divaware.calibration.null_check`, the same analysis on
   permuted Dice, i.e. how often noise alone flags something on this many cases;
 * the figures notebook 04 makes (``figures/``): Dice by group with CIs, the age × density heatmap, the
@@ -64,6 +66,7 @@ __all__ = [
     "FILES", "ACQUISITION", "AuditResult", "audit", "load_audit", "match_predictions", "check_predictions",
     "describe_folder", "naming_mismatch", "expand_attributes",
     "analysis_defaults", "demo_predictions", "audit_weights", "write_weights", "run_weights", "explorer_inputs", "read_ids",
+    "finding_lines", "findings_markdown",
 ]
 
 FILES = ReportFolder(".", "audit").files()
@@ -285,7 +288,7 @@ class AuditResult:
 
     @property
     def flagged(self) -> pd.DataFrame:
-        """The itemsets that pass the false-discovery control with Δ < 0 (what ``divaware`` acts on)."""
+        """The itemsets that pass the false-discovery control with ps < 0.5 (what ``divaware`` acts on)."""
         return self.divergent[self.divergent["flagged"]].reset_index(drop=True)
 
     @property
@@ -307,9 +310,8 @@ class AuditResult:
             f"  challenge: P {ev.score_text(c, 'P')}   F {ev.score_text(c, 'F')}   ranking {ev.score_text(c, 'ranking')}",
             *([f"  {len(s['unmatched'])} prediction file(s) match no case of the cohort (not scored): "
                f"{M.few(s['unmatched'], 5)}"] if s.get("unmatched") else []),
-            f"  divergent subgroups with q <= {s.get('fdr')}: {len(self.flagged)}"
-            + (f" (worst: {self.flagged.iloc[0]['label']}, n={int(self.flagged.iloc[0]['count'])}, "
-               f"Δ {self.flagged.iloc[0]['divergence']:+.3f})" if len(self.flagged) else ""),
+            f"  flagged subgroups (q <= {s.get('fdr')}, typically lower Dice than the other cases): {len(self.flagged)}",
+            *finding_lines(self.divergent, int(s.get("min_count", 5))),
             f"  null check: noise alone flags something in {(null['fdr_flags'] > 0).mean():.0%} of "
             f"{len(null)} permutations",
             f"  written to {self.out_dir}",
@@ -318,6 +320,64 @@ class AuditResult:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+# --------------------------------------------------------------------------------------------------
+# rendering the findings (kept small and separate so a report object can take them over)
+# --------------------------------------------------------------------------------------------------
+
+
+def _finding_numbers(r: pd.Series, metric: str = "Dice") -> str:
+    return (f"n={int(r['count'])}, mean {metric} {r['mean']:.3f}, Δ mean {r['divergence']:+.3f}, "
+            f"ps {r['ps']:.2f} [{r['ps_low']:.2f}, {r['ps_high']:.2f}], p {r['p']:.2g}, q {r['q']:.2g}")
+
+
+def _finding_tag(r: pd.Series) -> str:
+    if r.get("role") == "overlap":
+        return f" (explained by overlap with {r['explained_by']})"
+    if r.get("role") == "refinement":
+        return " (refinement: not significantly worse than the rest of its parent)"
+    return ""
+
+
+def finding_lines(divergent: pd.DataFrame, min_count: int = 5, metric: str = "Dice") -> list[str]:
+    """Console lines of an analysis with :func:`divaware.subgroups.with_findings` columns: each root finding,
+    its refinements indented under it, overlaps marked; then the untested subgroups with a large gap.
+    ``ps``: the probability that a case of the subgroup scores better than one outside it (0.5: no difference)."""
+    from divaware.subgroups import findings_order, untested_gaps
+
+    lines = []
+    for _, r in findings_order(divergent).iterrows():
+        indent = "    " if r["label"] == r["root"] else "      └ "
+        lines.append(f"{indent}{r['label']}: {_finding_numbers(r, metric)}{_finding_tag(r)}")
+    small = untested_gaps(divergent)
+    if len(small):
+        lines.append(f"  too few cases to test (n < {min_count}), with a large gap:")
+        lines += [f"    {r['label']}: n={int(r['count'])}, mean {metric} {r['mean']:.3f}, ps {r['ps']:.2f}"
+                  for _, r in small.iterrows()]
+    return lines
+
+
+def findings_markdown(divergent: pd.DataFrame, min_count: int = 5, metric: str = "Dice") -> str:
+    """The findings as a Markdown table (audit.md): subgroup (refinements under their root), role, n, mean,
+    Δ mean, ps with its 95 % CI, p, q; then the untested subgroups with a large gap."""
+    from divaware.subgroups import findings_order, untested_gaps
+
+    rows = ["| subgroup | role | n | mean " + metric + " | Δ mean | ps [95 % CI] | p | q |",
+            "|:---|:---|---:|---:|---:|:---:|---:|---:|"]
+    for _, r in findings_order(divergent).iterrows():
+        name = r["label"] if r["label"] == r["root"] else f"↳ {r['label']}"
+        role = r["role"] + (f" with {r['explained_by']}" if r["role"] == "overlap" else "")
+        rows.append(f"| {name} | {role} | {int(r['count'])} | {r['mean']:.3f} | {r['divergence']:+.3f} | "
+                    f"{r['ps']:.2f} [{r['ps_low']:.2f}, {r['ps_high']:.2f}] | {r['p']:.2g} | {r['q']:.2g} |")
+    text = "\n".join(rows) if len(rows) > 2 else "No subgroup is flagged."
+    small = untested_gaps(divergent)
+    if len(small):
+        text += (f"\n\nToo few cases to test (n < {min_count}), with a large gap: "
+                 + "; ".join(f"{r['label']} (n={int(r['count'])}, ps {r['ps']:.2f})" for _, r in small.iterrows()))
+    return ("# Flagged subgroups\n\nps: the probability that a case of the subgroup scores better than a case "
+            "outside it (0.5: no difference; the one-sided Mann–Whitney test behind p and q asks whether it is "
+            "below 0.5). Δ mean: DivExplorer's divergence, mean in the subgroup − mean overall.\n\n" + text + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,6 +560,7 @@ def audit(
                          divergent=divergent, null=null, settings=settings, report=report)
     folder.write_report(report)
     folder.write_text(folder.NULL_CHECK, null.to_csv(index=False))
+    folder.write_text(folder.AUDIT_MD, findings_markdown(divergent, int(settings["min_count"])))
     if figures:
         try:
             settings["figures"] = [p.name for p in write_figures(result, cohort)]
@@ -537,7 +598,7 @@ def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> li
     # the tested itemsets only (≥ min_count cases): an untested 3-case itemset is not a finding
     tested = result.divergent[result.divergent["p"].notna()]
     plots.plot_divergent_itemsets(tested if len(tested) else result.divergent, top=10, path=written[-1],
-                                  title=f"Top tested subgroups; flagged (Δ < 0, q ≤ {result.settings['fdr']:g}): "
+                                  title=f"Top tested subgroups; flagged (q ≤ {result.settings['fdr']:g}, ps < 0.5): "
                                         f"{int(result.divergent['flagged'].sum())}")
     images, truths, preds, titles = [], [], [], []
     for pid in pc["dice"].nsmallest(n_hardest).index:
@@ -570,6 +631,9 @@ def load_audit(out_dir: str | Path) -> AuditResult:
     per_case = report.per_case
     per_case["prediction_file"] = per_case["prediction_file"].fillna("").astype(str)
     per_case["missing"] = per_case["missing"].astype(bool)
+    divergent = report.divergent
+    for c in ("root", "role", "explained_by"):  # audits written before these columns read as ""
+        divergent[c] = divergent[c].fillna("").astype(str) if c in divergent.columns else ""
     return AuditResult(
         out_dir=folder.path, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
         split=settings["split"], per_case=per_case, per_group=report.per_group, challenge=report.challenge,
@@ -652,15 +716,22 @@ def _training_ids(cohort: Cohort, train: str) -> list[str]:
 
 def _divaware_weights(train_meta: pd.DataFrame, val_meta: pd.DataFrame, scores: pd.Series,
                       params: dict[str, Any]) -> pd.DataFrame:
-    """One refresh of the ``divaware`` strategy itself: weights (mean 1, clipped) of the training cases."""
-    from divaware.weighting import make_strategy
+    """One refresh of the ``divaware`` strategy itself (:func:`divaware.weighting.refresh_weights`)."""
+    from divaware.weighting import refresh_weights
 
-    strategy = make_strategy("divaware", **{"warmup_epochs": 0, **params})
-    strategy.fit(train_meta)
-    weights = strategy.refresh(0, val_meta, scores)
-    table = strategy.case_divergence.join(weights)
-    table.index.name = "patient_id"
-    return table[["weight", "divergence", "worst_itemset"]]
+    return refresh_weights(train_meta, val_meta, scores, **params)
+
+
+def _refuse_silent_weights(table: pd.DataFrame, flagged: Sequence[str], attributes: Sequence[str],
+                           audit_attributes: Sequence[str]) -> None:
+    """A set of attributes under which nothing is flagged, where the audit flagged something, would give every
+    case weight 1 without a word: refuse it, naming the audit's flags and the attributes that find them."""
+    if not len(flagged) or (table["worst_itemset"] != "").any():
+        return
+    raise ValueError(f"with attributes {list(attributes)} the divaware rule flags no subgroup, so every weight "
+                     f"would be 1, but the audit flagged {len(flagged)} ({M.few(list(flagged))}) on its attributes "
+                     f"{list(audit_attributes)}: pass --attributes {' '.join(audit_attributes)} (the default), or "
+                     "attributes that include the flagged subgroups'")
 
 
 def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) -> Path:
@@ -676,30 +747,36 @@ def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) 
 
 
 def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str | Path | None = None,
-                  **strategy_params: Any) -> pd.DataFrame:
+                  attributes: Sequence[str] | None = None, **strategy_params: Any) -> pd.DataFrame:
     """Per-case training weights from an audit: the ``divaware`` rule, by the ``divaware`` strategy itself.
 
     The audit's per-case Dice plays the fairness-validation scores of a refresh
-    (``make_strategy("divaware", ...).fit(training cases).refresh(0, audited cases, Dice)``) with the audit's
-    subgroup analysis (min_support, max_length, fdr) over the method's attributes
-    (:data:`divaware.subgroups.DEFAULT_ATTRIBUTES`, as training); ``strategy_params`` (``tau``, ``w_min``,
-    ``w_max``, ...) override the strategy's defaults. ``train``: the training cases to weight (``train``,
-    ``all`` or an ids file). As in training, test-split cases may not drive the weights: an audit of the test
-    split is refused (audit held-out training cases, e.g. nnU-Net's out-of-fold validation predictions, with
-    ``--split train`` or an ids file). Returns ``weight`` (mean 1 over the training cases, clipped to
-    [w_min, w_max]), ``divergence`` and ``worst_itemset``, indexed by patient_id.
+    (:func:`divaware.weighting.refresh_weights`: ``fit(training cases).refresh(audited cases, Dice)``) with
+    the audit's subgroup analysis (min_support, max_length, fdr) over ``attributes`` (default: the audit's
+    own, :func:`divaware.subgroups.method_attributes` of them: with ``breast_density``, the derived ``dense``
+    that training adds too, so a default audit gives the weights a default training refresh gives).
+    ``strategy_params`` (``tau``, ``w_min``, ``w_max``, ...) override the strategy's defaults. ``train``: the
+    training cases to weight (``train``, ``all`` or an ids file). As in training, test-split cases may not
+    drive the weights: an audit of the test split is refused (audit held-out training cases, e.g. nnU-Net's
+    out-of-fold validation predictions, with ``--split train`` or an ids file). Attributes under which nothing
+    is flagged, where the audit flagged something, are refused (every weight would silently be 1).
+    Returns ``weight`` (mean 1 over the training cases), ``divergence``, ``gap``, ``worst_itemset`` and
+    ``clip``, indexed by patient_id; ``attrs["line"]`` summarises them.
     """
     from divaware.cohort import load_cohort
+    from divaware.subgroups import method_attributes
 
     result = load_audit(audit_dir)
     root = Path(data_root).expanduser() if data_root else result.data_root
     cohort = load_cohort(root, voxel_cache=result.out_dir / "cache" / "voxel_checks.json")
     s = result.settings
-    # the method's attributes, as a default training run uses them (the derived `dense` included), so the
-    # weights equal what divaware's own refresh assigns for these scores
-    from divaware.subgroups import DEFAULT_ATTRIBUTES
-
-    params = {"attributes": list(DEFAULT_ATTRIBUTES), "min_support": s["min_support"], "max_length": s["max_length"],
+    audited = list(s.get("attributes") or ev.DEFAULT_ATTRIBUTES)
+    chosen = method_attributes(audited if attributes is None else attributes)
+    unknown = [a for a in chosen if a not in cohort.metadata.columns and a not in method_attributes(cohort.metadata.columns)]
+    if unknown:
+        raise ValueError(f"attribute(s) {unknown} are not metadata columns of {root}; it has "
+                         f"{sorted(map(str, cohort.metadata.columns))}")
+    params = {"attributes": list(chosen), "min_support": s["min_support"], "max_length": s["max_length"],
               "fdr": s["fdr"], "min_count": s["min_count"], "test_ids": cohort.ids("test"), **strategy_params}
     train_ids = _training_ids(cohort, train)
     if not train_ids:
@@ -712,6 +789,7 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
                          "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
     meta = cohort.metadata
     table = _divaware_weights(meta.loc[train_ids], meta.loc[scores.index], scores, params)
+    _refuse_silent_weights(table, s.get("flagged") or [], chosen, audited)
     table.attrs["data_root"] = str(root)
     return table
 

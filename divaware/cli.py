@@ -417,6 +417,10 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
                    help="with --audit: the training cases to weight: train, all or an ids file (default: train)")
     p.add_argument("--epoch", type=int, default=None, help="with --run: validated epoch (default: the last)")
     p.add_argument("--data", default=None, help="MAMA-MIA root (default: the one the audit or run recorded)")
+    p.add_argument("--attributes", nargs="+", default=None,
+                   help="with --audit: metadata columns whose subgroups set the weights (default: the audit's own; "
+                        "breast_density brings the derived dense, as in training); a set that flags nothing the "
+                        "audit flagged is refused")
     p.add_argument("--tau", type=float, default=None, help="scale: a flagged subgroup whose effect gap is tau gets weight 2 (default: divaware's 1)")
     p.add_argument("--w-min", type=float, default=None, help="lower clip (default: divaware's 0.2)")
     p.add_argument("--w-max", type=float, default=None, help="upper clip (default: divaware's 5)")
@@ -428,14 +432,14 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
     params = {k: v for k, v in (("tau", args.tau), ("w_min", args.w_min), ("w_max", args.w_max)) if v is not None}
     if args.audit:
-        table = audit_weights(args.audit, args.train, data_root=args.data, **params)
+        table = audit_weights(args.audit, args.train, data_root=args.data, attributes=args.attributes, **params)
     else:
+        if args.attributes:
+            params["attributes"] = list(args.attributes)
         table = run_weights(args.run, args.epoch, data_root=args.data, **params)
     out = write_weights(table, args.out, table.attrs["data_root"])
-    up = table["weight"] > 1
-    print(f"wrote {len(table)} weights to {out}: {int(up.sum())} case(s) above 1 (mean "
-          f"{table.loc[up, 'weight'].mean() if up.any() else float('nan'):.2f}), the rest mean "
-          f"{table.loc[~up, 'weight'].mean():.2f}; overall mean {table['weight'].mean():.3f}")
+    print(f"wrote {len(table)} weights to {out} (mean {table['weight'].mean():.3f})")
+    print(table.attrs.get("line", ""))  # what was flagged, the weights, and any clip that bound them
     return 0
 
 

@@ -146,7 +146,9 @@ def plot_divergent_itemsets(
     title: str | None = None,
     path: str | Path | None = None,
 ) -> Figure:
-    """The ``top`` most divergent itemsets as horizontal bars of Δ, red where significant (q ≤ ``fdr``, Δ < 0).
+    """The ``top`` most divergent itemsets as horizontal bars of Δ, red where significant (q ≤ ``fdr`` and the
+    test's effect worse: ps < 0.5 with the rank test, whose ps each label then shows beside n and q, since
+    a flagged subgroup's mean can be above average; Δ < 0 for a frame without ``ps``).
 
     Significance is :func:`divaware.subgroups.is_significant`, the rule the ``divaware`` strategy acts on and
     every table shows. ``which``: ``"negative"`` (most negative Δ: the subgroups the model fails),
@@ -161,9 +163,12 @@ def plot_divergent_itemsets(
     d = itemsets.copy()
     key = {"negative": d["divergence"], "positive": -d["divergence"], "absolute": -d["divergence"].abs()}[which]
     d = d.assign(_key=key).sort_values("_key", kind="stable").head(top)
-    sig_hi, sig_lo = f"q ≤ {fdr:g}, Δ < 0", "not significant"
+    rank = "ps" in d.columns
+    sig_hi, sig_lo = (f"q ≤ {fdr:g}, ps < 0.5" if rank else f"q ≤ {fdr:g}, Δ < 0"), "not significant"
     d["significance"] = np.where(is_significant(d, fdr), sig_hi, sig_lo)
     qtext = [("untested" if not np.isfinite(q) else f"q={q:.2g}") for q in d["q"].astype(float)]
+    if rank:
+        qtext = [f"ps={ps:.2f}, {qt}" for ps, qt in zip(d["ps"].astype(float), qtext, strict=True)]
     if "count" in d.columns:
         d["ylabel"] = [f"{lab} (n={c}, {qt})" for lab, c, qt in zip(d["label"], d["count"], qtext, strict=True)]
     else:
@@ -268,6 +273,18 @@ def _flagged(worst_itemset: pd.Series) -> pd.Series:
     return s.notna() & s.map(lambda v: str(v).strip().lower() not in ("", "nan", "none", "<na>"))
 
 
+def _weight_sets(worst_itemset: pd.Series, top: int) -> tuple[np.ndarray, list[str]]:
+    """Each row's set for :func:`plot_weights`: its flagged subgroup (the ``top`` most frequent by name, the
+    rest as "other flagged subgroups"), or "in no flagged subgroup"; and their order."""
+    flagged = _flagged(worst_itemset)
+    labels = worst_itemset.astype(str).where(flagged, "")
+    named = list(labels[flagged].value_counts().index[:max(int(top), 0)])
+    sets = np.where(~flagged, "in no flagged subgroup",
+                    np.where(labels.isin(named), labels, "other flagged subgroups"))
+    order = [*named, "other flagged subgroups", "in no flagged subgroup"]
+    return sets, [v for v in order if v in set(sets)]
+
+
 def plot_weights(
     history: pd.DataFrame,
     metadata: pd.DataFrame | None = None,
@@ -275,12 +292,14 @@ def plot_weights(
     *,
     title: str | None = None,
     path: str | Path | None = None,
+    top_subgroups: int = 6,
 ) -> Figure:
     """Per-case weights over refreshes: their distribution (left) and mean weights of case sets (right).
 
     ``history`` is a weighting strategy's history (columns ``refresh, epoch, patient_id, weight,
-    worst_itemset, divergence``). The right panel compares cases flagged with a divergent itemset against
-    the others, or, given ``metadata`` and ``by``, the groups of that metadata column (matched by id).
+    worst_itemset``, ...). The right panel shows the mean weight of the cases of each flagged subgroup (the
+    one that set their weight; the ``top_subgroups`` with the most case-refreshes by name, the rest together)
+    and of the cases in none, or, given ``metadata`` and ``by``, of the groups of that metadata column.
     """
     _require(history, ("refresh", "patient_id", "weight"), "weights history")
     h = history.copy()
@@ -305,9 +324,8 @@ def plot_weights(
         legend_title = by
     else:
         _require(history, ("worst_itemset",), "weights history")
-        h["set"] = np.where(_flagged(h["worst_itemset"]), "flagged (in a divergent subgroup)", "other")
-        hue_order = [v for v in ("flagged (in a divergent subgroup)", "other") if v in set(h["set"])]
-        legend_title = None
+        h["set"], hue_order = _weight_sets(h["worst_itemset"], top_subgroups)
+        legend_title = "case's worst flagged subgroup"
     means = h.groupby(["refresh", "set"], as_index=False)["weight"].mean()
     sns.lineplot(data=means, x="refresh", y="weight", hue="set", hue_order=hue_order, marker="o", ax=ax1)
     ax1.axhline(1.0, color="black", ls="--", lw=0.8)

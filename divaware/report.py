@@ -113,6 +113,8 @@ class FairnessReport:
                                                  min_support=settings.min_support, max_length=settings.max_length,
                                                  min_count=settings.min_count)
         divergent["flagged"] = subgroups.is_significant(divergent, settings.fdr)  # the rule divaware acts on
+        # the finding columns of issue 27 (root, role, explained_by), carried as they are
+        divergent = subgroups.with_findings(divergent, table, per_case["dice"].astype(float), settings.fdr)
         return cls(per_case, per_group, M.challenge_score(per_case, per_case), fairness, divergent, settings)
 
     # -- what a reader asks of it ---------------------------------------------------------------------------
@@ -191,6 +193,7 @@ class ReportFolder:
     FAIRNESS = "fairness.json"
     ITEMSETS = "divergent_itemsets.csv"
     NULL_CHECK = "null_check.csv"
+    AUDIT_MD = "audit.md"
     PREDICTIONS = "predictions.json"
     FIGURES = "figures"
     MANIFESTS = {"evaluation": "evaluation.json", "audit": "audit.json"}
@@ -211,7 +214,8 @@ class ReportFolder:
         """Key -> file name, as the former ``FILES`` tables of evaluate and audit."""
         return {"per_case": self.PER_CASE, "per_group": self.PER_GROUP, "challenge": self.CHALLENGE,
                 "fairness": self.FAIRNESS, "divergent": self.ITEMSETS, "manifest": self.MANIFESTS[self.kind],
-                **({"null": self.NULL_CHECK} if self.kind == "audit" else {"predictions": self.PREDICTIONS})}
+                **({"null": self.NULL_CHECK, "report": self.AUDIT_MD} if self.kind == "audit"
+                   else {"predictions": self.PREDICTIONS})}
 
     def is_complete(self) -> bool:
         return self.manifest.is_file()

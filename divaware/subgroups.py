@@ -37,6 +37,7 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +58,12 @@ __all__ = [
     "itemset_label",
     "is_significant",
     "effect_gap",
+    "findings",
+    "with_findings",
+    "findings_order",
+    "untested_gaps",
+    "FINDING_COLUMNS",
+    "UNTESTED_GAP",
     "benjamini_hochberg",
     "MIN_TEST_COUNT",
     "TESTS",
@@ -71,6 +78,7 @@ __all__ = [
     "superiority",
     "permutation_flag_rate",
     "DERIVED_ATTRIBUTES",
+    "method_attributes",
     "parse_item",
 ]
 
@@ -184,6 +192,18 @@ def _dense(density: object) -> str:
 # name -> (source column, value -> attribute value). attribute_table derives them, so any metadata frame
 # with the source column has them.
 DERIVED_ATTRIBUTES: dict[str, tuple[str, object]] = {"dense": ("breast_density", _dense)}
+
+
+def method_attributes(attributes: Sequence[str]) -> tuple[str, ...]:
+    """The attributes the method analyses for ``attributes``: each, followed by the :data:`DERIVED_ATTRIBUTES`
+    whose source is among them (``breast_density`` brings ``dense``). Training's default
+    (:data:`DEFAULT_ATTRIBUTES`) is this set for the challenge's three attributes; the audit's weights and
+    notebook 02's preview use the same map, so the three agree on the same scores."""
+    out = list(dict.fromkeys(str(a) for a in attributes))
+    for name, (source, _) in DERIVED_ATTRIBUTES.items():
+        if source in out and name not in out:
+            out.insert(out.index(source) + 1, name)
+    return tuple(out)
 
 
 def case_ids(frame: pd.DataFrame, what: str = "table") -> pd.Index:
@@ -766,7 +786,6 @@ def divergent_itemsets(
         others fail now and then). ``welch`` (Welch–Satterthwaite; valid for the mean, no power on Dice-like
         scores) and ``permutation`` (of the mean difference, 4,999 seeded permutations) are the other
         candidates measured; ``pooled_t`` is the former default.
-
     Returns
     -------
     DataFrame with columns :func:`itemset_columns` of ``test`` (:data:`ITEMSET_COLUMNS` for the default):
@@ -1010,6 +1029,36 @@ def effect_gap(itemsets: pd.DataFrame) -> pd.Series:
     return (1.0 - 2.0 * v if col == "ps" else -v).rename("gap")
 
 
+def _first_member(tab: pd.DataFrame, cand_items: list[frozenset[str]]) -> np.ndarray:
+    """Per case of ``tab``, the index of the first itemset of ``cand_items`` it belongs to (-1: none)."""
+    if not cand_items or not len(tab):
+        return np.full(len(tab), -1)
+    vocab = sorted({it for items in cand_items for it in items})
+    needed = sorted({parse_item(it)[0] for it in vocab})
+    absent = [a for a in needed if a not in tab.columns]
+    if absent:
+        raise ValueError(
+            f"case_divergence: the table lacks attributes {absent} used by the itemsets; build it with "
+            f"attribute_table(..., attributes={needed})"
+        )
+    # Cases with identical attribute values share a result: work on the distinct combinations.
+    cols = _format_frame(tab[needed])
+    combos, inverse = np.unique(cols.to_numpy(dtype=str), axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    col_pos = {a: j for j, a in enumerate(needed)}
+    has_item = np.zeros((len(combos), len(vocab)), dtype=np.int32)
+    for k, it in enumerate(vocab):
+        a, v = parse_item(it)
+        has_item[:, k] = combos[:, col_pos[a]] == v
+    vpos = {it: k for k, it in enumerate(vocab)}
+    incidence = np.zeros((len(vocab), len(cand_items)), dtype=np.int32)
+    for j, items in enumerate(cand_items):
+        incidence[[vpos[i] for i in items], j] = 1
+    member = (has_item @ incidence) == incidence.sum(axis=0)  # combo contains every item of the itemset
+    first = np.where(member.any(axis=1), np.argmax(member, axis=1), -1)  # candidates are ordered: worst first
+    return first[inverse]
+
+
 def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 0.0,
                     q_max: float | None = None, by: str = "divergence") -> pd.DataFrame:
     """Per case, the worst itemset it belongs to: the most negative divergence (``by="divergence"``, the
@@ -1081,40 +1130,11 @@ def case_divergence(table: pd.DataFrame, itemsets: pd.DataFrame, t_min: float = 
     cand_gap = gap[order]
     cand_lab = [labels[k] for k in order]
 
-    result_div = np.zeros(len(tab))
-    result_gap = np.zeros(len(tab))
-    result_lab = np.full(len(tab), "", dtype=object)
-    if cand_items and len(tab):
-        vocab = sorted({it for items in cand_items for it in items})
-        needed = sorted({parse_item(it)[0] for it in vocab})
-        absent = [a for a in needed if a not in tab.columns]
-        if absent:
-            raise ValueError(
-                f"case_divergence: the table lacks attributes {absent} used by the itemsets; build it with "
-                f"attribute_table(..., attributes={needed})"
-            )
-        # Cases with identical attribute values share a result: work on the distinct combinations.
-        cols = _format_frame(tab[needed])
-        combos, inverse = np.unique(cols.to_numpy(dtype=str), axis=0, return_inverse=True)
-        inverse = np.asarray(inverse).reshape(-1)
-        col_pos = {a: j for j, a in enumerate(needed)}
-        has_item = np.zeros((len(combos), len(vocab)), dtype=np.int32)
-        for k, it in enumerate(vocab):
-            a, v = parse_item(it)
-            has_item[:, k] = combos[:, col_pos[a]] == v
-        vpos = {it: k for k, it in enumerate(vocab)}
-        incidence = np.zeros((len(vocab), len(cand_items)), dtype=np.int32)
-        for j, items in enumerate(cand_items):
-            incidence[[vpos[i] for i in items], j] = 1
-        lengths = incidence.sum(axis=0)
-        member = (has_item @ incidence) == lengths  # combo contains every item of the itemset
-        any_member = member.any(axis=1)
-        first = np.argmax(member, axis=1)  # candidates are ordered, so the first hit is the worst
-        combo_div = np.where(any_member, cand_div[first], 0.0)
-        combo_gap = np.where(any_member, cand_gap[first], 0.0)
-        combo_lab = np.where(any_member, np.array(cand_lab, dtype=object)[first], "")
-        result_div, result_gap = combo_div[inverse], combo_gap[inverse]
-        result_lab = combo_lab[inverse]
+    first = _first_member(tab, cand_items)  # per case: its worst candidate (-1: none)
+    hit = first >= 0
+    result_div = np.where(hit, cand_div[np.maximum(first, 0)] if len(cand_div) else 0.0, 0.0)
+    result_gap = np.where(hit, cand_gap[np.maximum(first, 0)] if len(cand_gap) else 0.0, 0.0)
+    result_lab = np.where(hit, np.array(cand_lab + [""], dtype=object)[first], "")
     out = pd.DataFrame({"divergence": result_div.astype(float), "gap": result_gap.astype(float),
                         "worst_itemset": result_lab}, index=ids)
     out["worst_itemset"] = out["worst_itemset"].astype(str)
@@ -1137,3 +1157,127 @@ def is_significant(frame: pd.DataFrame, fdr: float = 0.05) -> pd.Series:
         raise ValueError(f"is_significant: fdr must be in (0, 1], got {fdr!r}")
     q = pd.to_numeric(frame["q"], errors="coerce")
     return (q.le(float(fdr)) & is_worse(frame)).rename("significant")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Findings: the flagged subgroups a reader should see, refinements under their roots, overlaps marked
+# --------------------------------------------------------------------------------------------------------
+
+FINDING_COLUMNS: tuple[str, ...] = ("label", "count", "mean", "divergence", "ps", "ps_low", "ps_high", "p", "q",
+                                    "root", "role", "explained_by", "p_vs_parent")
+"""Columns of :func:`findings`."""
+
+# An untested itemset (fewer than min_count cases) is listed as "too few cases to test" when its cases lose at
+# least this much more often than they win against the others (effect gap 1 − 2·ps ≥ 0.5, i.e. ps ≤ 0.25).
+UNTESTED_GAP = 0.5
+
+
+def _lower_p(low: np.ndarray, high: np.ndarray) -> float:
+    """One-sided Mann–Whitney p-value that ``low`` scores below ``high`` (NaN with < 2 cases on a side)."""
+    from scipy import stats
+
+    if low.size < 2 or high.size < 2:
+        return float("nan")
+    return float(stats.mannwhitneyu(low, high, alternative="less", method="asymptotic", use_continuity=True).pvalue)
+
+
+def findings(itemsets: pd.DataFrame, table: pd.DataFrame, scores: pd.Series, fdr: float = 0.05) -> pd.DataFrame:
+    """The flagged subgroups as findings: each refinement under the root subgroup that explains it, and a
+    flag explained by its overlap with a more significant flagged subgroup marked as such.
+
+    ``itemsets`` is a :func:`divergent_itemsets` result of ``table`` (the attribute table analysed) and
+    ``scores`` (higher is better, as analysed). Among the flagged itemsets (:func:`is_significant`):
+
+    * a **root** has no flagged proper sub-itemset; a **refinement** (e.g. ``0-40 ∧ pre ∧ density c`` under
+      ``age_group=0-40``) is grouped under its most significant flagged root sub-itemset, and counts as a
+      separate **finding** only if its cases score lower than the rest of its parent's cases (the most
+      specific flagged sub-itemset; one-sided Mann–Whitney p ≤ ``fdr``, in ``p_vs_parent``; NaN when it
+      holds the parent's very cases); otherwise its role is ``refinement``;
+    * a root A is **explained by overlap** with a more significant root B (smaller q) that shares cases with
+      it when A's cases outside B do not score lower than the cases outside both (same test, p > ``fdr``, or
+      fewer than 2 such cases): ``menopause=pre`` flagged only because a third of it is the young, dense,
+      failing group. Its role is ``overlap`` and ``explained_by`` names B.
+
+    Returns :data:`FINDING_COLUMNS`, roots by q, each followed by its refinements (by q); ``root`` is the
+    root's label (its own for a root).
+    """
+    flagged = itemsets[is_significant(itemsets, fdr).to_numpy()].copy()
+    if flagged.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in FINDING_COLUMNS})
+    tab, s = _aligned(table, scores)
+    flagged = flagged.sort_values(["q", "length", "label"], kind="mergesort")
+    items = [frozenset(i) for i in flagged["items"]]
+    member = dict(zip(items, _members(tab, items), strict=True))
+    q = dict(zip(items, flagged["q"].astype(float), strict=True))
+    roots = [i for i in items if not any(j < i for j in items)]
+    rows: dict[frozenset[str], dict[str, Any]] = {}
+    for r in roots:
+        rows[r] = {"root": r, "role": "finding", "explained_by": "", "p_vs_parent": float("nan")}
+        for b in roots:
+            if b is r or q[b] > q[r] or (q[b] == q[r] and roots.index(b) > roots.index(r)):
+                continue
+            if not (member[r] & member[b]).any():
+                continue
+            outside = ~(member[r] | member[b])
+            p = _lower_p(s[member[r] & ~member[b]], s[outside])
+            if not p <= fdr:
+                rows[r].update(role="overlap", explained_by=itemset_label(b, list(tab.columns)))
+                break
+    for i in items:
+        if i in rows:
+            continue
+        root = min((r for r in roots if r < i), key=lambda r: (q[r], len(r), itemset_label(r)))
+        # its parent: the most specific flagged sub-itemset (then the most significant); a refinement holding
+        # the very same cases as its parent (parent minus it: empty) adds nothing
+        parent = min((j for j in items if j < i), key=lambda j: (-len(j), q[j], itemset_label(j)))
+        p = _lower_p(s[member[i]], s[member[parent] & ~member[i]])
+        rows[i] = {"root": root, "role": "finding" if p <= fdr else "refinement", "explained_by": "",
+                   "p_vs_parent": p}
+    attrs = list(tab.columns)
+    out = flagged.assign(
+        root=[itemset_label(rows[i]["root"], attrs) for i in items],
+        role=[rows[i]["role"] for i in items], explained_by=[rows[i]["explained_by"] for i in items],
+        p_vs_parent=[rows[i]["p_vs_parent"] for i in items])
+    order = {r: k for k, r in enumerate(itemset_label(r, attrs) for r in roots)}
+    out = out.assign(_root=out["root"].map(order), _self=(out["label"] != out["root"]).astype(int))
+    out = out.sort_values(["_root", "_self", "q", "label"], kind="mergesort")
+    cols = [c for c in FINDING_COLUMNS if c in out.columns]
+    return out[cols].reset_index(drop=True)
+
+
+def untested_gaps(itemsets: pd.DataFrame, gap: float = UNTESTED_GAP) -> pd.DataFrame:
+    """Itemsets too small to test (q NaN: fewer than ``min_count`` cases) whose cases nonetheless score far
+    below the others (:func:`effect_gap` ≥ ``gap``): "too few cases to test (n < min_count)", not "fine".
+    Refinements of a flagged itemset are left out (they are part of its finding). Largest gap first; columns ``label``, ``count``, ``mean``, ``divergence``, ``ps``."""
+    untested = pd.to_numeric(itemsets["q"], errors="coerce").isna()
+    big = untested & effect_gap(itemsets).ge(gap)
+    # one that refines a flagged subgroup is already part of that finding
+    flagged = [frozenset(i) for i in itemsets.loc[is_significant(itemsets), "items"]]
+    big &= ~itemsets["items"].map(lambda i: any(f <= frozenset(i) for f in flagged)).astype(bool)
+    cols = [c for c in ("label", "count", "mean", "divergence", "ps") if c in itemsets.columns]
+    out = itemsets.loc[big, cols].copy()
+    out = out.assign(_g=effect_gap(itemsets)[big]).sort_values(["_g", "label"], ascending=[False, True])
+    return out.drop(columns="_g").reset_index(drop=True)
+
+
+def with_findings(itemsets: pd.DataFrame, table: pd.DataFrame, scores: pd.Series, fdr: float = 0.05) -> pd.DataFrame:
+    """``itemsets`` with the :func:`findings` columns ``root``, ``role``, ``explained_by`` (strings, "" for an
+    itemset that is not flagged) and ``p_vs_parent``, so a table written to CSV keeps them; order and attrs kept."""
+    found = findings(itemsets, table, scores, fdr).set_index("label")
+    out = itemsets.copy()
+    for c, fill in (("root", ""), ("role", ""), ("explained_by", ""), ("p_vs_parent", float("nan"))):
+        out[c] = out["label"].map(found[c]).fillna(fill) if len(found) else fill
+    out.attrs.update(itemsets.attrs)
+    return out
+
+
+def findings_order(divergent: pd.DataFrame) -> pd.DataFrame:
+    """The flagged rows of a :func:`with_findings` table in reading order: roots by q, each followed by its
+    refinements by q (rows without a ``role`` are left out)."""
+    if "role" not in divergent.columns:
+        return divergent.iloc[0:0]
+    rows = divergent[divergent["role"].fillna("").astype(str) != ""]
+    q_root = rows[rows["label"] == rows["root"]].set_index("label")["q"]
+    keys = pd.DataFrame({"r": rows["root"].map(q_root), "root": rows["root"], "self": rows["label"] != rows["root"],
+                         "q": rows["q"], "label": rows["label"]})
+    return rows.loc[keys.sort_values(["r", "root", "self", "q", "label"], kind="mergesort").index]

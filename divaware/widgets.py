@@ -258,8 +258,12 @@ EXPLORER_ATTRIBUTES = (
 def explorer_attributes(metadata: pd.DataFrame, extra: Sequence[str] = ()) -> list[str]:
     """The attributes the subgroup explorer offers: the meaningful columns present with at least two values,
     plus any ``extra`` column asked for explicitly."""
+    from divaware.subgroups import DERIVED_ATTRIBUTES
+
     offered = [c for c in EXPLORER_ATTRIBUTES if c in metadata.columns and metadata[c].nunique(dropna=False) >= 2]
-    return offered + [c for c in extra if c in metadata.columns and c not in offered]
+    # derived attributes (dense, from breast_density) are offered when asked for and their source is there
+    derivable = {a for a, (src, _) in DERIVED_ATTRIBUTES.items() if src in metadata.columns}
+    return offered + [c for c in extra if (c in metadata.columns or c in derivable) and c not in offered]
 
 
 # Per-case scores where a *lower* value is better: analysed with the sign flipped, so that "worse" is always
@@ -426,10 +430,18 @@ def _readable_itemsets(result: pd.DataFrame, metric: str, fdr: float) -> pd.Data
     return table
 
 
+def _shapley_table(result: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The Shapley contributions to Δ of the selected itemset, named in the column (follows the selection)."""
+    from divaware.subgroups import shapley_contributions
+
+    contrib = shapley_contributions(result, label)
+    return contrib.to_frame(f"Shapley contribution to Δ of {label}").round(4)
+
+
 def _itemset_option(r: pd.Series) -> str:
     tested = np.isfinite(r["q"])
     stats = f"p={r['p']:.2g}, q={r['q']:.2g}" if tested else "not tested: too few cases"
-    return f"{r['label']}  (n={r['count']}, Δ={r['divergence']:+.3f}, {stats})"
+    return f"{r['label']}  (n={r['count']}, ps={r['ps']:.2f}, Δ mean={r['divergence']:+.3f}, {stats})"
 
 
 def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[str, Case] | None = None,
@@ -483,9 +495,10 @@ class _SubgroupExplorer:
         self.grey = w.HTML()  # a style rule that greys the untested itemsets (they are last in the list)
         self.case_pick = w.Dropdown(description="case", layout=w.Layout(width="60%"))
         self.table_out, self.case_out, self.viewer_out = w.Output(), w.Output(), w.Output()
+        self.shapley_out = w.Output()  # the selected itemset's Shapley table, apart from the member table
         # class names for a reader's stylesheet and for the browser test to find the parts
         for part, name in ((self.case_pick, "case"), (self.table_out, "table"), (self.case_out, "members"),
-                           (self.viewer_out, "viewer")):
+                           (self.viewer_out, "viewer"), (self.shapley_out, "shapley")):
             part.add_class(f"divaware-explorer-{name}")
         self.state: dict[str, Any] = {"result": pd.DataFrame(), "members": [], "table": pd.DataFrame()}
         for control in (self.attrs, self.support, self.metric):
@@ -493,10 +506,11 @@ class _SubgroupExplorer:
         self.itemset.observe(self.show_members, names="value")
         self.case_pick.observe(self.open_case, names="value")
         box = self.box = w.VBox([w.HBox([self.attrs, w.VBox([self.support, self.metric])]), self.table_out,
-                                 self.itemset, self.case_out, self.case_pick, self.viewer_out, self.grey])
+                                 self.itemset, self.case_out, self.case_pick, self.viewer_out, self.shapley_out,
+                                 self.grey])
         box.controls = {"attributes": self.attrs, "min_support": self.support, "metric": self.metric,
                         "itemset": self.itemset, "case": self.case_pick, "table": self.table_out,
-                        "members": self.case_out, "viewer": self.viewer_out}
+                        "members": self.case_out, "viewer": self.viewer_out, "shapley": self.shapley_out}
         box.state = self.state
         self.rerun()
 
@@ -530,8 +544,14 @@ class _SubgroupExplorer:
         with self.case_out:
             self.case_out.clear_output(wait=True)
             if ids:
-                shown = scores.loc[ids].join(self.metadata.loc[ids, list(self.attrs.value)])
+                shown = scores.loc[ids].join(self.metadata.loc[ids, [a for a in self.attrs.value
+                                                                     if a in self.metadata.columns]])
                 display(shown.style.format({c: "{:.3f}" for c in scores.columns}))
+        state["shapley"] = _shapley_table(result, label) if ids else None
+        with self.shapley_out:
+            self.shapley_out.clear_output(wait=True)
+            if ids:
+                display(state["shapley"])
         # Replacing the options may or may not fire a value event; choose the case explicitly: the one being
         # viewed while it is still a member, else the worst.
         previous, metric = self.case_pick.value, self.metric.value
@@ -573,8 +593,10 @@ class _SubgroupExplorer:
             self.table_out.clear_output(wait=True)
             display(styled_itemsets(state["table"].head(self.top)))
             left_out = result.attrs.get("left_out", 0)
-            display(HTML(f"<small>sorted by q, then Δ; significant (bold): q ≤ {self.fdr:g} and Δ worse than "
-                         "average; grey: fewer cases than the test's minimum, not tested"
+            display(HTML(f"<small>sorted by q, then Δ; ps: the probability that a case of the itemset scores better "
+                         f"than one outside it (0.5: no difference); significant (bold): q ≤ {self.fdr:g} and ps < 0.5 "
+                         "(typically worse; Δ, a difference of means, may disagree); grey: fewer cases than the "
+                         "test's minimum, not tested"
                          + (f"; {left_out} case(s) without a {self.metric.value} value left out" if left_out else "")
                          + "</small>"))
         self.show_members()  # always, even when the label stayed: its members may differ under new settings

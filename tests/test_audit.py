@@ -247,10 +247,49 @@ def test_weights_csv_equals_divaware_refresh(synthetic_root: Path, train_audit: 
     assert csv["weight"].min() >= strategy.w_min and csv["weight"].max() <= strategy.w_max
     hit = sorted(set(train_ids) & set(planted[1]))
     assert (csv.loc[hit, "weight"] > 1).all()
-    assert (csv.drop(index=hit)["weight"] < 1).all()
+    flagged = csv["worst_itemset"].fillna("") != ""
+    assert (csv.loc[flagged, "weight"] >= 1).all() and csv.loc[~flagged, "weight"].nunique() == 1
+    assert (csv.loc[~flagged, "weight"] < 1).all() and not set(hit) - set(csv.index[flagged])
     # the Python function gives the same table, and strategy parameters pass through
-    table = A.audit_weights(train_audit.out_dir, w_max=3.0)
+    table = A.audit_weights(train_audit.out_dir, tau=0.1, w_min=0.01, w_max=3.0)
     assert table["weight"].max() == pytest.approx(3.0) and table["weight"].mean() == pytest.approx(1.0)
+    assert (table.loc[table["weight"] == table["weight"].max(), "clip"] == "w_max").all()
+
+
+def test_preview_training_refresh_and_weights_cli_agree(synthetic_root: Path, train_audit: A.AuditResult,
+                                                        tmp_path: Path) -> None:
+    """Issue 27: notebook 02's preview (3 attributes) and training's refresh (with the derived dense) disagreed.
+    The preview function with notebook 02's default parameters, a default training refresh and `divaware
+    weights` give the same weights on the same scores (1e-12)."""
+    import ast
+
+    import nbformat
+
+    import divaware.train as T
+    from divaware.subgroups import method_attributes
+    from divaware.weighting import refresh_weights
+
+    nb = nbformat.read(Path(__file__).parents[1] / "notebooks" / "02_subgroup_divergence.ipynb", as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    defaults = {n.target.id: ast.literal_eval(n.value) for n in ast.parse(params.source).body
+                if isinstance(n, ast.AnnAssign)}
+    cohort = load_cohort(synthetic_root)
+    train_meta = cohort.metadata.loc[cohort.ids("train")]
+    scores = train_audit.per_case["dice"]
+    val_meta = cohort.metadata.loc[scores.index]
+    # notebook 02's preview cell: refresh_weights on method_attributes(attributes), its min_support and max_length
+    preview = refresh_weights(train_meta, val_meta, scores, attributes=list(method_attributes(defaults["attributes"])),
+                              min_support=defaults["min_support"], max_length=defaults["max_length"])
+    config = T.TrainConfig(data_root=str(synthetic_root))
+    strategy = make_strategy(config.strategy, **T._strategy_kwargs(config, cohort.ids("test")))
+    training = strategy.fit(train_meta).refresh(config.warmup_epochs, val_meta, scores)
+    out = tmp_path / "weights.csv"
+    assert main(["weights", "--audit", str(train_audit.out_dir), "--out", str(out)]) == 0
+    cli = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")["weight"]
+    assert preview["weight"].nunique() > 1  # something is flagged, so the comparison means something
+    np.testing.assert_allclose(preview["weight"].to_numpy(), training.loc[preview.index].to_numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(cli.loc[preview.index].to_numpy(), training.loc[preview.index].to_numpy(), rtol=0,
+                               atol=1e-12)
 
 
 def test_weights_refuse_a_test_split_audit(planted_audit: A.AuditResult, tmp_path: Path) -> None:
@@ -278,6 +317,34 @@ def test_run_weights_equal_the_runs_own_refresh(synthetic_root: Path, tmp_path: 
     np.testing.assert_allclose(csv.loc[first.index, "weight"].to_numpy(), first["weight"].to_numpy(),
                                rtol=1e-12, atol=0)
     assert (csv.loc[first.index, "worst_itemset"].fillna("") == first["worst_itemset"].fillna("")).all()
+
+
+def test_weights_follow_the_audits_attributes_and_refuse_a_silent_set(synthetic_root: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 27: an audit on manufacturer gave every case weight 1.0 and printed "mean nan"."""
+    meta = load_cohort(synthetic_root, check_voxels=False).metadata
+    train = meta[meta["split"] == "train"] if "split" in meta.columns else meta
+    vendor = train["manufacturer"].astype(str).value_counts().index[0]
+    preds, eroded = A.demo_predictions(synthetic_root, tmp_path / "preds", itemset=f"manufacturer={vendor}", erode=2)
+    result = A.audit(synthetic_root, preds, split="train", out_dir=tmp_path / "audit", n_boot=20, n_permutations=2,
+                     figures=False, verbose=False, attributes=("manufacturer", "age_group"))
+    assert f"manufacturer={vendor}" in set(result.flagged["label"])
+    out = tmp_path / "w.csv"
+    assert main(["weights", "--audit", str(result.out_dir), "--out", str(out),
+                 "--attributes", "manufacturer", "age_group"]) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed and "flagged subgroup" in printed
+    csv = pd.read_csv(out, dtype={"patient_id": str}).set_index("patient_id")
+    hit = sorted(set(csv.index) & set(eroded))
+    assert hit and (csv.loc[hit, "weight"] > 1).all()
+    assert csv["weight"].mean() == pytest.approx(1.0)
+    # the default is the audit's own attributes: the same table
+    default = A.audit_weights(result.out_dir)
+    np.testing.assert_array_equal(default.loc[csv.index, "weight"].to_numpy(), csv["weight"].to_numpy())
+    # attributes that cannot see the flagged vendor would silently give every case weight 1: refused
+    assert main(["weights", "--audit", str(result.out_dir), "--out", str(tmp_path / "w2.csv"),
+                 "--attributes", "menopause"]) == 2
+    assert "flags no subgroup" in capsys.readouterr().err and not (tmp_path / "w2.csv").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -68,6 +68,15 @@ def test_slurm_options_map_onto_sbatch_options(tmp_path: Path) -> None:
         executors.SlurmOptions.from_mapping({"time": "soon"})
 
 
+def test_a_job_reaching_its_time_limit_is_requeued_as_the_same_task() -> None:
+    """submitit calls checkpoint() on SIGUSR2 (time limit, preemption) and requeues what it returns: the same
+    function and arguments, so the training inside resumes from its last.pt."""
+    task = executors.SlurmTask("divaware.pipeline:sweep_run", {"name": "erm_seed0"})
+    again = task.checkpoint()
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function is task
+    assert (again.function.function, again.function.kwargs) == ("divaware.pipeline:sweep_run", {"name": "erm_seed0"})
+
+
 @needs_slurm
 def test_unreachable_scheduler_is_one_line_naming_slurm_conf(tmp_path: Path, synthetic_root: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
@@ -233,3 +242,50 @@ def test_series_trainings_run_as_slurm_jobs(cluster, synthetic_root: Path, tmp_p
         assert results and (tmp_path / "series" / "runs" / method / "best.pt").is_file()
     recorded = json.loads((tmp_path / "series" / "timings.json").read_text())["notebooks"]
     assert recorded["03_training_erm"]["executor"] == "slurm" and recorded["03_training_erm"]["peak_memory_gb"] is None
+
+
+def _interrupted_runner(tmp_path: Path, cancel: bool, pidfile: Path) -> subprocess.Popen:
+    import os
+    import sys
+
+    code = ("from pathlib import Path; from divaware import executors, parallel\n"
+            "ex = executors.SlurmExecutor(executors.SlurmOptions(cpus_per_task=1, time=5, poll_s=0.3), "
+            f"cancel={cancel})\n"
+            f"ex.run([parallel.Task('long', 'parallel_tasks:sleeper', {{'pidfile': {str(pidfile)!r}, 'pause': 300}})], "
+            f"Path({str(tmp_path / 'slurm')!r}), Path({str(tmp_path / 'jobs.json')!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(check, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_leaves_jobs_running_unless_cancel(cluster, tmp_path: Path) -> None:
+    """Ctrl-C on the waiting command asks nothing of the cluster; the re-run waits for the same job instead of
+    submitting another, and Ctrl-C with cancel scancels it."""
+    import signal
+
+    pidfile = tmp_path / "task.pid"
+    first = _interrupted_runner(tmp_path, False, pidfile)
+    _wait_for(lambda: pidfile.is_file() and pidfile.read_text(), "the job to start")
+    job = json.loads((tmp_path / "jobs.json").read_text())["jobs"]["long"]["job_id"]
+    first.send_signal(signal.SIGINT)
+    said = first.communicate(timeout=60)[0]
+    assert first.returncode != 0 and "keep running on the cluster" in said, said
+    time.sleep(1)
+    assert executors.queue_states().get(job) == "RUNNING"
+
+    second = _interrupted_runner(tmp_path, True, pidfile)
+    attached = second.stdout.readline()  # it waits for the running job rather than submitting another
+    assert f"job {job} is still RUNNING, waiting for it" in attached, attached
+    time.sleep(1)
+    second.send_signal(signal.SIGINT)
+    said = second.communicate(timeout=60)[0]
+    assert f"cancelled 1 job(s): {job}" in said and "submitted" not in said, said
+    _wait_for(lambda: executors.queue_states().get(job) in (None, "CANCELLED"), "the job to be cancelled", 60)
+    assert json.loads((tmp_path / "jobs.json").read_text())["jobs"]["long"]["state"] == "CANCELLED"

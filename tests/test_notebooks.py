@@ -116,7 +116,12 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     for name, w in r02["weights"].items():
         assert w["mean"] == pytest.approx(1.0), name
     null = r02["null_check"]  # the real row of the null check is the analysis written to the csv
-    assert null["real_fdr_flags"] == int(((itemsets["divergence"] < 0) & (itemsets["q"] <= 0.05)).sum())
+    assert null["real_fdr_flags"] == int(((itemsets["ps"] < 0.5) & (itemsets["q"] <= 0.05)).sum())
+    # the preview is the training rule: flagged cases at or above 1, the others one weight at or below 1
+    w = r02["weights"]["divaware"]
+    assert w["flagged_min"] is None or w["flagged_min"] >= 1 - 1e-12
+    assert w["other_mean"] is None or w["other_mean"] <= 1 + 1e-12
+    assert r02["shapley_itemset"] in set(itemsets["label"])
     assert 0.0 <= null["null_share_fdr_flags"] <= 1.0 and 0.0 <= null["null_share_t_flags"] <= 1.0
 
     for method in ("erm", "divaware"):

@@ -117,6 +117,12 @@ def test_divergent_itemsets_top_bars_coloured_by_significance(tmp_path):
     assert ytick_texts(pos.axes[0])[0] == "attr=v11 (n=21, q=0.01)"
     # a positive Δ is never "significant", whatever its q
     assert all(to_hex(b.get_facecolor()) == P._NONSIG_COLOR for b in pos.axes[0].patches if b.get_width() != 0)
+    # with the rank effect: the flag follows ps, which every label shows (a flagged mean can be above average)
+    ranked = itemsets.assign(ps=np.where(itemsets["q"] <= 0.05, 0.3, 0.6))
+    fig = P.plot_divergent_itemsets(ranked, top=12, which="positive")
+    texts = ytick_texts(fig.axes[0])
+    assert texts[0] == "attr=v11 (n=21, ps=0.30, q=0.01)"
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][0] == "q ≤ 0.05, ps < 0.5"
 
 
 def test_run_comparison_dumbbell():
@@ -167,9 +173,17 @@ def test_weights_over_refreshes():
     left, right = fig.axes[:2]
     assert [t.get_text() for t in left.get_xticklabels()] == ["0", "1", "2"]
     legend = [t.get_text() for t in right.get_legend().get_texts()]
-    assert legend == ["flagged (in a divergent subgroup)", "other"]
+    assert legend == ["age_group=0-40", "in no flagged subgroup"]  # by flagged subgroup, by name
     flagged_line = right.get_lines()[0]
     assert list(flagged_line.get_xdata()) == [1, 2] and list(flagged_line.get_ydata()) == [2.0, 2.0]
+    # two flagged subgroups with different weights: each its own line (the former plot merged them)
+    two = h.copy()
+    dense = (two["refresh"] > 0) & two["patient_id"].isin(meta.index[meta["breast_density"] == "a"]) & \
+        two["worst_itemset"].isna()
+    two.loc[dense, ["weight", "worst_itemset"]] = [1.4, "breast_density=a"]
+    texts = [t.get_text() for t in P.plot_weights(two).axes[1].get_legend().get_texts()]
+    assert texts[:2] == sorted(texts[:2], key=lambda t: -(two["worst_itemset"] == t).sum()) and set(texts) == {
+        "age_group=0-40", "breast_density=a", "in no flagged subgroup"}
     by_group = P.plot_weights(h, meta, "menopause")
     assert [t.get_text() for t in by_group.axes[1].get_legend().get_texts()] == ["pre", "post", "unknown"]
     with pytest.raises(ValueError, match="ISPY2_999999"):

@@ -464,3 +464,65 @@ def test_permutation_flag_rate_is_the_detector_on_seeded_permutations():
     assert permutation_flag_rate(tab, scores * 0 + 0.5, n_permutations=5) == 0.0
     real = divergent_itemsets(tab, scores, min_support=0.05, max_length=2)
     assert ((real["divergence"] < 0) & (real["q"] <= 0.05)).any()
+
+
+# ---------------------------------------------------------------------------------------------- findings
+
+
+def test_findings_group_refinements_under_their_root_and_mark_overlaps():
+    """Issue 27: the headline is the root, not a 5-case refinement; a flag that only overlaps the failing group
+    (menopause=pre, made mostly of its cases) is marked; tiny subgroups with a large gap are listed as untested."""
+    from divaware.subgroups import findings, is_significant, untested_gaps, with_findings
+
+    meta, scores, planted = planted_cohort(n=300, seed=3, gap=0.15)
+    meta.loc[planted, "menopause"] = "pre"  # a correlated side effect
+    tab = attribute_table(meta)
+    its = divergent_itemsets(tab, scores, min_support=0.02, max_length=3)
+    f = findings(its, tab, scores)
+    assert set(f["label"]) == set(its.loc[is_significant(its), "label"])
+    first = f.iloc[0]
+    assert first["label"] == first["root"] and first["role"] == "finding"
+    planted_row = f.set_index("label").loc[PLANTED]
+    assert planted_row["root"] == "age_group=0-40" and planted_row["role"] == "finding"  # worse than its parent
+    overlap = f[f["role"] == "overlap"]
+    assert len(overlap) and overlap["label"].str.contains("menopause=pre").all()
+    assert (overlap["explained_by"] == "age_group=0-40").all()
+    # a refinement holding its parent's very cases is not a separate finding
+    same = f.set_index("label").loc["age_group=0-40 ∧ breast_density=d ∧ dense=yes"]
+    assert same["role"] == "refinement"
+    # every root comes before its refinements
+    roots = list(f["root"])
+    assert all(roots.index(r) <= k for k, r in enumerate(roots))
+    # round trip through the analysis table
+    wf = with_findings(its, tab, scores)
+    assert (wf.loc[~is_significant(its), "role"] == "").all() and wf.attrs["statistic"] == "z_mw"
+    # untested: 3 cases at 0 beside everyone else
+    tiny = tab.index[(tab["age_group"] == "71+") & (tab["breast_density"] == "a") & (tab["menopause"] == "post")][:3]
+    low = scores.copy()
+    low[tiny] = 0.0
+    its2 = divergent_itemsets(tab, low, min_support=0.005, max_length=3)
+    small = untested_gaps(its2)
+    assert len(small) and (small["count"] < 5).all() and (small["ps"] <= 0.25).all()
+    assert any(set(lab.split(" ∧ ")) >= {"age_group=71+", "breast_density=a"} for lab in small["label"])
+
+
+@pytest.mark.parametrize("lower_is_better", [False, True])
+def test_no_flagged_row_shows_an_effect_of_the_opposite_sign(lower_is_better):
+    """Issue 27: a subgroup flagged as worse was shown "better on average" (Δ > 0 beside a flag, Dice and
+    HD95). Heavy-tailed scores where ranks and means disagree: every significant row's displayed effect (ps)
+    says worse; Δ, the mean, may not, and is labelled as the mean."""
+    from divaware import widgets
+
+    rng = np.random.default_rng(4)
+    meta, _, planted = planted_cohort(n=240, seed=4, gap=0.0)
+    # the planted group: typically a little lower, but never fails; the rest fail (0) now and then
+    dice = np.where(planted, rng.normal(0.78, 0.02, len(meta)), np.where(rng.random(len(meta)) < 0.12, 0.0,
+                                                                        rng.normal(0.86, 0.03, len(meta))))
+    frame = pd.DataFrame({"dice": dice, "hd95_mm": np.where(dice == 0, 80.0, 30 * (1 - dice))}, index=meta.index)
+    metric = "hd95_mm" if lower_is_better else "dice"
+    table = widgets.subgroup_explorer(meta, frame[[metric]], interactive=False, top=10_000, min_support=0.02)
+    sig = table[table["significant"]]
+    assert len(sig) and (sig["ps"] < 0.5).all() and (sig["ps_low"] <= sig["ps"]).all()
+    # the case the issue saw: a flagged subgroup whose mean is better than average
+    better_mean = sig["Δ"] > 0 if not lower_is_better else sig["Δ"] < 0
+    assert better_mean.any()

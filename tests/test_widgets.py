@@ -148,7 +148,7 @@ def test_explorer_lists_itemsets_in_the_q_sorted_tables_order_with_p_q_and_n(exp
     assert table.loc[table["tested"], "q"].is_monotonic_increasing
     # every option shows n, Δ, p and q (or says it was not tested)
     texts = [text for text, _ in itemset.options]
-    assert all("n=" in t and "Δ=" in t for t in texts)
+    assert all("n=" in t and "Δ mean=" in t and "ps=" in t for t in texts)
     assert all(("p=" in t and "q=" in t) == tested[i] for i, t in enumerate(texts))
     assert all("not tested" in t for t, ok in zip(texts, tested, strict=True) if not ok)
     # the static explorer is the same readable table: strings, p and q, one definition of significant
@@ -261,3 +261,20 @@ def test_lab_settings_are_installed_at_run_time_for_an_editable_install(tmp_path
     assert json.loads(target.read_text()) == widgets.LAB_SETTINGS
     mtime = target.stat().st_mtime_ns
     assert widgets.install_lab_settings(tmp_path / "lab") == target and target.stat().st_mtime_ns == mtime
+
+
+def test_explorer_shapley_table_names_and_follows_the_selected_itemset(explorer_data) -> None:
+    """Issue 27: the Shapley table decomposed another itemset than the one selected, without naming it."""
+    meta, scores = explorer_data
+    box = widgets.subgroup_explorer(meta, scores, attributes=["age_group", "menopause", "breast_density", "dense"],
+                                    min_support=0.02, max_length=2, interactive=True)
+    assert "dense" in box.controls["attributes"].value  # the derived attribute training uses is offered
+    itemset = box.controls["itemset"]
+    for k in (0, 3, 7):
+        itemset.value = itemset.options[k][1]
+        label = itemset.value
+        table = box.state["shapley"]
+        assert list(table.columns) == [f"Shapley contribution to Δ of {label}"]
+        assert set(table.index) == set(label.split(" ∧ "))
+        result = box.state["result"].set_index("label")
+        assert table.iloc[:, 0].sum() == pytest.approx(result.loc[label, "divergence"], abs=1e-3)
