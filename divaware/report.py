@@ -264,6 +264,9 @@ class ReportFolder:
             divergent["items"] = divergent["items"].map(lambda s: frozenset(json.loads(s)))
         if "flagged" in divergent.columns:
             divergent["flagged"] = divergent["flagged"].astype(bool)
+        for c in ("root", "role", "explained_by"):  # text columns whose empty cells CSV reads back as NaN
+            if c in divergent.columns:
+                divergent[c] = divergent[c].fillna("").astype(str)
         return divergent
 
     def read_report(self, text_columns: tuple[str, ...] = ()) -> FairnessReport:
