@@ -24,7 +24,12 @@ and ``divaware audit`` never import it), then runs the same fairness analysis as
 
 Matching follows the organisers' convention: the prediction of a case is ``<patient_id>.nii.gz`` (or
 ``.nii``), case-insensitive (``duke_001.nii.gz`` and ``DUKE_001.nii.gz`` both match ``DUKE_001``); a folder
-holding ``pred_segmentations/`` (the challenge's submission layout) is read from there. nnU-Net v2 names
+holding ``pred_segmentations/`` (the challenge's submission layout) is read from there, and one holding both
+prediction files and such a subfolder is refused (which of the two is the model's is not ours to guess).
+Many missing cases beside files that match no case is a naming mismatch, refused with the look-alike names;
+a folder with no prediction at all is described (``.npy`` files, ``.NII.GZ``, ``_0000`` inputs, subfolders).
+Probability maps are refused with the ``>= 0.5`` hint unless ``threshold`` (``--threshold``) is given.
+``attributes`` may name ``acquisition`` (:data:`ACQUISITION`) or add to the defaults with ``+``. nnU-Net v2 names
 its predictions ``<case_identifier>.nii.gz`` (no ``_0000`` channel suffix, that is for inputs) and writes
 ``dataset.json``/``plans.json``/``*.npz`` beside them, which are ignored; with the patient id as case
 identifier (as :func:`divaware.nnunet.to_nnunet_raw` writes) its output folder is audited as it is.
@@ -443,6 +448,19 @@ def _remove_stale(out: Path) -> None:
             f.unlink(missing_ok=True)
 
 
+def _check_matching(pred_dir: Path, ids: Sequence[str], missing: Sequence[str], unmatched: Sequence[str]) -> None:
+    """A naming mismatch is an error (:func:`naming_mismatch`); missing cases and unmatched files are named."""
+    mismatch = naming_mismatch(ids, missing, unmatched)
+    if mismatch:
+        raise ValueError(f"{pred_dir}: {mismatch}")
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
+                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M.few(missing)}", stacklevel=3)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} prediction file(s) in {pred_dir} match no case of the cohort and are not "
+                      f"scored: {M.few(unmatched)}", stacklevel=3)
+
+
 def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, out_dir: str | Path | None,
                   attributes: Sequence[str], min_support: float | None, max_length: int | None,
                   fdr: float | None) -> tuple[Path, Path, Path, tuple[str, ...], dict[str, Any]]:
@@ -500,7 +518,7 @@ def audit(
                                                               min_support, max_length, fdr)
     _check_numbers(analysis, n_boot, n_permutations, threshold)
 
-    from divaware.outputs import ensure_writable, output_error
+    from divaware.outputs import ensure_writable
 
     ensure_writable(out, "audit folder (--out)")  # read-only or full: one line now, not after scoring
     _remove_stale(out)
@@ -520,15 +538,7 @@ def audit(
     if not matched:
         raise ValueError(f"{pred_dir} holds no prediction for any of the {len(ids)} cases of split {split_name!r} "
                          f"(expected <patient_id>.nii.gz, e.g. {ids[0]}.nii.gz); {describe_folder(pred_dir)}")
-    mismatch = naming_mismatch(ids, missing, unmatched)
-    if mismatch:
-        raise ValueError(f"{pred_dir}: {mismatch}")
-    if missing:
-        warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
-                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M.few(missing)}", stacklevel=2)
-    if unmatched:
-        warnings.warn(f"{len(unmatched)} prediction file(s) in {pred_dir} match no case of the cohort and are not "
-                      f"scored: {M.few(unmatched)}", stacklevel=2)
+    _check_matching(pred_dir, ids, missing, unmatched)
     check_predictions(matched, cohort, threshold)
 
     per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose, threshold)
@@ -558,21 +568,29 @@ def audit(
     result = AuditResult(out_dir=out, data_root=root, predictions=pred_dir, split=split_name, per_case=per_case,
                          per_group=report.per_group, challenge=report.challenge, fairness=report.fairness,
                          divergent=divergent, null=null, settings=settings, report=report)
-    folder.write_report(report)
-    folder.write_text(folder.NULL_CHECK, null.to_csv(index=False))
-    folder.write_text(folder.AUDIT_MD, findings_markdown(divergent, int(settings["min_count"])))
+    _write_outputs(result, folder, cohort, figures)
+    if verbose:
+        print(result.summary())
+    return result
+
+
+def _write_outputs(result: AuditResult, folder: ReportFolder, cohort: Cohort, figures: bool) -> None:
+    """The audit's tables, null check, audit.md and figures, then its manifest (written last: a complete audit)."""
+    from divaware.outputs import output_error
+
+    settings = result.settings
+    folder.write_report(result.report)
+    folder.write_text(folder.NULL_CHECK, result.null.to_csv(index=False))
+    folder.write_text(folder.AUDIT_MD, findings_markdown(result.divergent, int(settings["min_count"])))
     if figures:
         try:
             settings["figures"] = [p.name for p in write_figures(result, cohort)]
         except OSError as err:  # a disk that fills while the figures are saved: one line naming it
-            mapped = output_error(err, out / FIGURES, "audit folder (--out)")
+            mapped = output_error(err, result.out_dir / FIGURES, "audit folder (--out)")
             if mapped is None:
                 raise
             raise mapped from None
-    folder.finish(settings)  # written last
-    if verbose:
-        print(result.summary())
-    return result
+    folder.finish(settings)
 
 
 def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> list[Path]:

@@ -414,7 +414,8 @@ def _read_split(path: Path) -> tuple[list[str], list[str]]:
 
 
 def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = True,
-                require_masks: bool = True, voxel_cache: str | Path | None = None) -> Cohort:
+                require_masks: bool = True, voxel_cache: str | Path | None = None,
+                phases: Sequence[int] | None = None) -> Cohort:
     """Load a MAMA-MIA-layout cohort from ``root``.
 
     ``strict``: raise :class:`CohortError` on any problem instead of excluding/reporting (see the module
@@ -423,7 +424,9 @@ def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = 
     ``False`` checks the headers only. ``voxel_cache``: a JSON file (outside ``root``) remembering the voxel
     checks per file (path, size, modification time), so later loads of the same files read no voxels;
     training and evaluation keep it in the run's cache folder. ``require_masks=False`` allows a cohort without
-    expert segmentations (inference only).
+    expert segmentations (inference only). ``phases``: the phase indices a run uses (its ``phases``); the
+    phases after the last of them are neither checked nor listed in ``Case.image_paths``, so a defect in a
+    phase the run never reads (0003 with phases [0, 1, 2]) excludes no case. None: every phase.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -477,7 +480,8 @@ def load_cohort(root: str | Path, strict: bool = False, *, check_voxels: bool = 
     ignored: list[Path] = []
     json_density = "breast_density" not in frame.columns
     for pid in meta.index:
-        result = _load_case(pid, index, check_voxels, require_masks, problems, ignored, cache)
+        result = _load_case(pid, index, check_voxels, require_masks, problems, ignored, cache,
+                            n_used=max(phases) + 1 if phases else None)
         if isinstance(result, list):
             excluded[pid] = result
             problems.extend(f"{pid}: excluded: {reason}" for reason in result)
@@ -680,7 +684,8 @@ def _not_a_file(path: Path, index: _Index) -> str:
 
 
 def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool, problems: list[str],
-               ignored: list[Path], voxel_cache: VoxelCache | None = None) -> tuple[Case, dict[str, Any]] | list[str]:
+               ignored: list[Path], voxel_cache: VoxelCache | None = None,
+               n_used: int | None = None) -> tuple[Case, dict[str, Any]] | list[str]:
     """The Case and its geometry, or the list of reasons to exclude it."""
     key = pid.upper()
     folders = index.folders.get(key, [])
@@ -721,7 +726,7 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
     if numbers != list(range(len(numbers))) or len(numbers) < 2:
         return [f"phases found {', '.join(f'{k:04d}' for k in numbers)} in images/{folder.name}/; they must be "
                 "numbered 0000 (pre-contrast), 0001, ... without gaps, with at least 0000 and 0001"]
-    paths = tuple(phases[k][0] for k in numbers)
+    paths = tuple(phases[k][0] for k in numbers[:n_used])  # n_used: the phases a run reads (load_cohort)
 
     reasons: list[str] = []
     headers = []
@@ -749,7 +754,7 @@ def _load_case(pid: str, index: _Index, check_voxels: bool, require_masks: bool,
             # np.allclose tolerance), so such a case could never be loaded: exclude it up front.
             reasons.append(f"phase {index.rel(p)} has a different affine (orientation/spacing/origin) from phase "
                            f"0000 ({affine_diff(h.affine, affine0)}); resample it onto phase 0000's grid")
-    if len(paths) < 3:
+    if len(paths) < 3 and n_used is None:
         problems.append(f"{pid}: only {len(paths)} phases (the real cases have at least 3)")
 
     mask_path, mask_header = _case_mask(pid, index, require_masks, shape0, affine0, reasons, problems)

@@ -480,9 +480,8 @@ def make_dataset(
     *,
     max_memory_bytes: float,
     num_workers: int,
-    progress: bool,
 ) -> Any:
-    """A MONAI dataset caching the deterministic part of ``transform``.
+    """A MONAI dataset caching the deterministic part of ``transform`` (without MONAI's progress bar).
 
     ``cache``: ``memory`` (``CacheDataset``), ``disk`` (``PersistentDataset`` in ``cache_dir``, keyed by the
     preprocessing settings so different settings never share files), ``none``, or ``auto``: memory when the
@@ -500,8 +499,9 @@ def make_dataset(
         need = estimate_cache_bytes(records, spec or DataSpec())
         cache = "memory" if need <= max_memory_bytes else "disk"
     if cache == "memory":
-        return CacheDataset(records, transform, cache_rate=1.0, num_workers=max(1, num_workers),
-                            progress=progress)
+        # MONAI's "Loading dataset" bar is plain-text tqdm on stderr, drawn in Jupyter as red boxes that read
+        # as errors: never shown (the training loop's own tqdm.auto bars report progress when asked)
+        return CacheDataset(records, transform, cache_rate=1.0, num_workers=max(1, num_workers), progress=False)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir (under the run folder, never the input data)")

@@ -584,7 +584,9 @@ def evaluate(
     # The checks of `divaware check`, voxels included (cached in the run folder): an excluded case is named
     # in a warning and never scored.
     run = RunFolder(run_dir)  # a bare prediction folder gets no cache written into it
-    cohort = load_cohort(root, voxel_cache=run.voxel_cache(data_root=root) if run.is_run() else None)
+    phases = (run.read_config().get("phases") or None) if run.is_run() else None  # the phases the run reads
+    cohort = load_cohort(root, voxel_cache=run.voxel_cache(data_root=root) if run.is_run() else None,
+                         phases=phases)
     ids = _evaluation_ids(cohort, run_dir, root, split, patient_ids)
 
     if predictions is None:

@@ -14,10 +14,13 @@ validation predictions, never from the test split)::
     export DIVAWARE_WEIGHTS=$PWD/weights.csv DIVAWARE_ALPHA=0.5
     nnUNetv2_train 901 3d_fullres 0 -tr nnUNetTrainerDivaware
 
-(``nnUNet_extTrainer`` is how recent nnU-Net releases, 2.8.1 included, find trainers outside their package;
-with an older one, copy ``divaware/nnunet_ext/divaware_trainer.py`` into ``nnunetv2/training/nnUNetTrainer/``.
-nnU-Net searches its own trainers first, importing each module, so the command needs an nnU-Net installation
-whose own trainers import: its Primus trainers import timm and so torchvision, which must match torch.)
+(``nnUNet_extTrainer`` is how recent nnU-Net releases, 2.8.1 included, find trainers outside their package.
+nnU-Net searches its own trainer folder first, importing each module in turn, and its Primus trainers import
+timm and so torchvision: on an installation whose torchvision does not import with its torch (a CPU-only
+torch beside a CUDA torchvision wheel) that search fails before it reaches ``nnUNet_extTrainer``. Then, and
+with nnU-Net < 2.6, use :func:`install_trainer` instead: it copies ``nnunet_ext/divaware_trainer.py`` into
+``nnunetv2/training/nnUNetTrainer/``, where the search finds it before it descends into the subfolders
+that hold the Primus trainers.)
 
 The trainer replaces the batch loss of :class:`nnUNetTrainer` by divaware's objective (DESIGN.md):
 for a batch of B cases with per-case losses ℓᵢ (nnU-Net's own loss, deep supervision included, on one case at
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["to_nnunet_raw", "ext_trainer_path", "WEIGHTS_ENV", "ALPHA_ENV"]  # and nnUNetTrainerDivaware (lazy)
+__all__ = ["to_nnunet_raw", "ext_trainer_path", "install_trainer", "WEIGHTS_ENV", "ALPHA_ENV"]  # and nnUNetTrainerDivaware (lazy)
 
 WEIGHTS_ENV = "DIVAWARE_WEIGHTS"
 """Environment variable naming the weights CSV (``divaware weights``) the trainer reads."""
@@ -47,6 +50,32 @@ ALPHA_ENV = "DIVAWARE_ALPHA"
 def ext_trainer_path() -> Path:
     """The folder to put in ``nnUNet_extTrainer`` so that ``nnUNetv2_train -tr nnUNetTrainerDivaware`` finds it."""
     return Path(__file__).resolve().parent / "nnunet_ext"
+
+
+def install_trainer(nnunet_trainer_folder: str | Path | None = None) -> Path:
+    """Copy divaware's trainer file into nnU-Net's own trainer folder (``nnunetv2/training/nnUNetTrainer/``,
+    found without importing nnU-Net's trainers, or ``nnunet_trainer_folder``); returns the file written.
+
+    For installations where the ``nnUNet_extTrainer`` route fails (see the module docstring): nnU-Net's trainer
+    search looks at the files of that folder before its subfolders, so ``-tr nnUNetTrainerDivaware`` is found
+    before the imports that need torchvision. The copy imports :mod:`divaware.nnunet`, so it follows divaware
+    updates; run this again after reinstalling nnU-Net (which removes it).
+    """
+    import importlib.util
+    import shutil
+
+    if nnunet_trainer_folder is None:
+        spec = importlib.util.find_spec("nnunetv2")
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError("nnunetv2 is not installed in this Python: pip install \"divaware[nnunet]\" first")
+        folder = Path(next(iter(spec.submodule_search_locations))) / "training" / "nnUNetTrainer"
+    else:
+        folder = Path(nnunet_trainer_folder).expanduser()
+    if not (folder / "nnUNetTrainer.py").is_file():
+        raise ValueError(f"{folder} is not nnU-Net's trainer folder (no nnUNetTrainer.py there)")
+    target = folder / "divaware_trainer.py"
+    shutil.copyfile(ext_trainer_path() / "divaware_trainer.py", target)
+    return target
 
 
 def to_nnunet_raw(data_root: str | Path, nnunet_raw: str | Path, dataset_id: int = 901, name: str = "MAMAMIA",

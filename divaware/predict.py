@@ -159,7 +159,8 @@ def _predict(run_dir: str | Path, data_root: str | Path, split: str | None, out_
     if out.resolve().is_relative_to(data_root):
         raise ValueError(f"out_dir {out} lies inside the input data folder {data_root}; input data is read-only")
     # inference needs no expert masks; the voxel checks are those of `divaware check`, cached in the run folder
-    cohort = load_cohort(data_root, require_masks=False, voxel_cache=run.voxel_cache(data_root=data_root))
+    cohort = load_cohort(data_root, require_masks=False, voxel_cache=run.voxel_cache(data_root=data_root),
+                         phases=spec.phases)
     if patient_ids is not None:
         ids = list(patient_ids)
     elif split == "val":

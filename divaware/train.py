@@ -568,9 +568,12 @@ class Trainer:
         assert run is not None
         # the same validation as `divaware check`, voxels included; results cached beside the preprocessed cases
         if config.cache in ("auto", "preprocessed"):  # voxel checks once per data folder, shared by runs and ranks
-            cohort = self.cohort = P.load_cohort_once(config.data_root, config.cache_dir or None)
+            # only the phases this run reads are checked: a defect in another excludes no case
+            cohort = self.cohort = P.load_cohort_once(config.data_root, config.cache_dir or None,
+                                                      phases=config.phases)
         else:
-            cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir))
+            cohort = self.cohort = load_cohort(config.data_root, voxel_cache=run.voxel_cache(config.cache_dir),
+                                               phases=config.phases)
         check_patch_fits(config, cohort.geometry)
         self.train_ids, self.val_ids, test_ids = self._split(cohort)
         ranks.on_main(config.to_yaml, run.config)
@@ -580,8 +583,7 @@ class Trainer:
         self.val_groups = attribute_table(cohort.metadata.loc[self.val_ids], list(config.attributes))
         spec = self.spec = config.data_spec()
         ds_args = {"cache": config.cache, "cache_dir": self.cache_dir, "spec": spec,
-                   "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers,
-                   "progress": config.progress}  # caching takes a while before the first epoch: show it
+                   "max_memory_bytes": config.cache_max_gb * 1024**3, "num_workers": config.num_workers}
         train_recs = D.make_records(cohort, self.train_ids, spec)
         # each rank validates its own share of the cases; the scores are gathered in validate()
         val_recs = D.make_records(cohort, ranks.shard(self.val_ids), spec)

@@ -52,6 +52,23 @@ def disagreement_slice(truth: np.ndarray | None, pred: np.ndarray | None, axis: 
     return int(np.argmax(profile))
 
 
+def opening_slice(truth: np.ndarray | None, pred: np.ndarray | None, axis: int = -1) -> int | None:
+    """The slice a viewer opens on: among the slices where truth and prediction both show, the one where they
+    disagree most; when no slice holds both (an empty prediction, or one off the tumour), the slice of most
+    disagreement (:func:`disagreement_slice`). None when there is nothing to compare."""
+    found = disagreement_slice(truth, pred, axis)
+    if found is None:
+        return None
+    t, p = np.asarray(truth, bool), np.asarray(pred, bool)
+    axis = axis % t.ndim
+    others = tuple(i for i in range(t.ndim) if i != axis)
+    both = t.any(axis=others) & p.any(axis=others)
+    if not both.any():
+        return found
+    wrong = (t ^ p).sum(axis=others)
+    return int(np.argmax(np.where(both, wrong, -1)))
+
+
 def largest_component_slice(mask: np.ndarray | None, axis: int = -1) -> int | None:
     """The slice along ``axis`` through the centre of the mask's largest connected component (None if empty)."""
     if mask is None or not np.any(mask):
@@ -92,15 +109,28 @@ def _window(images: list[np.ndarray], k: int) -> tuple[float, float]:
 def _draw_slice(ax: Any, image: np.ndarray, k: int, mask: np.ndarray | None, pred: np.ndarray | None,
                 title: str, window: tuple[float, float] | None = None) -> None:
     # Transpose so that x runs left-right and y bottom-top, the radiological-ish view readers expect.
+    from matplotlib.lines import Line2D
+
     from divaware.plots import _GT_COLOR, _PRED_COLOR
 
     vmin, vmax = window if window is not None else (None, None)
     ax.imshow(image[:, :, k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax)
     # Same colours as plots.plot_case_gallery and the notebooks' prose: truth green, prediction red.
-    if mask is not None and mask[:, :, k].any():
-        ax.contour(mask[:, :, k].T, levels=[0.5], colors=_GT_COLOR, linewidths=1.2)
-    if pred is not None and pred[:, :, k].any():
-        ax.contour(pred[:, :, k].T, levels=[0.5], colors=_PRED_COLOR, linewidths=1.2, linestyles="--")
+    handles = []
+    if mask is not None:
+        handles.append(Line2D([], [], color=_GT_COLOR, lw=1.2, label="truth"))
+        if mask[:, :, k].any():
+            ax.contour(mask[:, :, k].T, levels=[0.5], colors=_GT_COLOR, linewidths=1.2)
+    if pred is not None:
+        handles.append(Line2D([], [], color=_PRED_COLOR, lw=1.2, ls="--", label="prediction"))
+        if pred[:, :, k].any():
+            ax.contour(pred[:, :, k].T, levels=[0.5], colors=_PRED_COLOR, linewidths=1.2, linestyles="--")
+        else:  # say so: an absent red contour could be a drawing problem as well as an empty prediction
+            ax.text(0.5, 0.03, "prediction empty on this slice" if pred.any() else "prediction empty",
+                    transform=ax.transAxes, ha="center", va="bottom", color=_PRED_COLOR, fontsize=8,
+                    bbox={"facecolor": "black", "alpha": 0.6, "lw": 0})
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.6)
     import textwrap
 
     # wrapped, never cut: the distinguishing item of a long itemset label is often its last one
@@ -116,28 +146,52 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return Figure(figsize=figsize, layout="constrained")
 
 
+SUBTRACTION = "0001 − 0000"
+"""The subtraction image's name: first post-contrast minus pre-contrast, what radiologists read DCE-MRI by
+(a tumour that is darker than dense parenchyma at phase 1 is the brightest thing here)."""
+
+
+def _subtraction(case: Case) -> np.ndarray:
+    return load_canonical(case.image_paths[1]).astype(np.float32) - load_canonical(case.image_paths[0])
+
+
+def _viewer_images(case: Case, subtraction: bool) -> tuple[list[np.ndarray], list[tuple[str, int]]]:
+    """The viewer's images and phase-control options: every phase, then the subtraction when asked."""
+    images = [load_canonical(p) for p in case.image_paths]
+    options = [(f"{i:04d}", i) for i in range(len(images))]
+    if subtraction and len(images) > 1:
+        options.append((SUBTRACTION, len(images)))
+        images.append(images[1].astype(np.float32) - images[0])
+    return images, options
+
+
 def case_figure(case: Case, prediction: str | Path | None = None, slice_index: int | None = None,
                 phases: Sequence[int] | None = None, label: str | None = None,
-                scores: Mapping[str, float] | None = None) -> Figure:
+                scores: Mapping[str, float] | None = None, subtraction: bool = False) -> Figure:
     """All (or the chosen) phases of one case at one axial slice, truth in green, prediction dashed red.
 
     ``label`` (e.g. "young, dense breasts") and the case's ``scores`` (Dice, HD95) are added to the title so a
-    reader knows which case this is and how it scored. Without ``slice_index`` the slice is the one where
-    prediction and truth disagree most (:func:`disagreement_slice`), else the tumour's centre.
+    reader knows which case this is and how it scored. Without ``slice_index`` the slice is
+    :func:`opening_slice` (truth and prediction both shown, disagreeing most), else the tumour's centre. A
+    legend names the contours; a prediction with nothing on the slice says so. ``subtraction``: one more
+    panel, phase 0001 − 0000 (:data:`SUBTRACTION`), in its own grey window.
     """
     phases = list(range(len(case.image_paths))) if phases is None else list(phases)
     images = [load_canonical(case.image_paths[p]) for p in phases]
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     pred = load_canonical(prediction) > 0.5 if prediction is not None else None
     if slice_index is None:
-        found = disagreement_slice(mask, pred)
+        found = opening_slice(mask, pred)
         k = _slice_of(mask, images[0]) if found is None else found
     else:
         k = int(slice_index)
-    fig = _new_figure((2.6 * len(images), 3.0))
-    axes = fig.subplots(1, len(images), squeeze=False)
-    for ax, p, image in zip(axes[0], phases, images, strict=True):
+    sub = _subtraction(case) if subtraction and len(case.image_paths) > 1 else None
+    fig = _new_figure((2.6 * (len(images) + (sub is not None)), 3.0))
+    axes = fig.subplots(1, len(images) + (sub is not None), squeeze=False)
+    for ax, p, image in zip(axes[0], phases, images, strict=False):
         _draw_slice(ax, image, k, mask, pred, f"{case.patient_id} phase {p:04d}, z={k}", _window(images, k))
+    if sub is not None:
+        _draw_slice(axes[0][-1], sub, k, mask, pred, f"{case.patient_id} {SUBTRACTION}, z={k}", _window([sub], k))
     heading = " · ".join(x for x in (label, _score_text(scores)) if x)
     if heading:
         fig.suptitle(f"{case.patient_id}: {heading}", fontsize=10)
@@ -154,18 +208,22 @@ def _as_predictions(prediction: str | Path | Mapping[str, str | Path] | None) ->
 
 def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] | None = None,
                  interactive: bool = True, label: str | None = None,
-                 scores: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None) -> Any:
+                 scores: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None,
+                 subtraction: bool = False) -> Any:
     """Phase / slice / overlay viewer of one case; a static :func:`case_figure` when not interactive.
 
     ``prediction`` is one prediction file or a mapping model name -> file; with several, a *model* control
-    chooses whose prediction (dashed red) is drawn over the truth (green). ``scores`` (per-case scores such as
+    chooses whose prediction (dashed red) is drawn over the truth (green); the first model of the mapping is
+    shown first (pass the reference model first). ``scores`` (per-case scores such as
     ``{"dice": 0.0, "hd95_mm": 31.2}``, or model name -> such a mapping) go into the title. The viewer opens on
-    the slice where the prediction and the truth disagree most (a false positive away from the tumour is
-    where a Dice-0 case fails), and three buttons jump to that slice, to the centre of the truth's largest
+    :func:`opening_slice`: a slice where truth and prediction both show, disagreeing most there (else the
+    slice of most disagreement: a false positive away from the tumour is where a Dice-0 case fails), and
+    three buttons jump to that slice, to the centre of the truth's largest
     component and to the centre of the prediction's largest component. Each redraw displays a PNG inside the
     widget's output area, so the picture is an ordinary ``image/png`` output: it renders as an image in
     JupyterLab and is kept in the widget state saved with the notebook (see :func:`install_lab_settings`),
-    so a notebook reopened without a kernel still shows the last view.
+    so a notebook reopened without a kernel still shows the last view. ``subtraction``: the *phase* control
+    also offers phase 0001 − 0000 (:data:`SUBTRACTION`, in its own grey window; a static figure gets a panel).
     """
     predictions = _as_predictions(prediction)
     per_model: dict[str, Mapping[str, float]] = {}
@@ -175,20 +233,20 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
     if not interactive:
         first = next(iter(predictions), None)
         return case_figure(case, predictions.get(first) if first else None, label=label,
-                           scores=per_model.get(first or "", None) if per_model else None)
+                           scores=per_model.get(first or "", None) if per_model else None, subtraction=subtraction)
     import ipywidgets as w
 
     from divaware.plots import show
 
     install_lab_settings()
-    images = [load_canonical(p) for p in case.image_paths]
+    images, options = _viewer_images(case, subtraction)
+    n_phases = len(case.image_paths)
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     preds = {name: load_canonical(path) > 0.5 for name, path in predictions.items()}
     depth = images[0].shape[-1]
     first_pred = next(iter(preds.values()), None)
-    start = disagreement_slice(mask, first_pred)
-    phase = w.Dropdown(options=[(f"{i:04d}", i) for i in range(len(images))], value=min(1, len(images) - 1),
-                       description="phase")
+    start = opening_slice(mask, first_pred)
+    phase = w.Dropdown(options=options, value=min(1, n_phases - 1), description="phase")
     k = w.IntSlider(value=_slice_of(mask, images[0]) if start is None else start, min=0, max=depth - 1,
                     description="slice")
     overlay = w.Checkbox(value=True, description="overlay")
@@ -224,10 +282,12 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
         pred = preds.get(model.value) if preds else None
         who = f" · {model.value}" if preds else ""
         score = _score_text(per_model.get(model.value if preds else "", {})) if per_model else ""
+        shown = SUBTRACTION if phase.value == n_phases else f"phase {phase.value:04d}"
+        # the phases share one grey window (uptake shows as brightening); the subtraction has its own
+        window = _window([images[-1]], k.value) if phase.value == n_phases else _window(images[:n_phases], k.value)
         _draw_slice(ax, images[phase.value], k.value, mask if overlay.value else None,
                     pred if overlay.value else None,
-                    f"{heading} · phase {phase.value:04d}{who}" + (f" · {score}" if score else ""),
-                    _window(images, k.value))
+                    f"{heading} · {shown}{who}" + (f" · {score}" if score else ""), window)
         with out:
             out.clear_output(wait=True)
             show(fig)

@@ -126,3 +126,26 @@ def test_nnunet_trainer_scales_each_case_loss_by_its_weight(synthetic_root: Path
         assert step["loss"] == pytest.approx(float(np.mean(expected_scale * case_loss)), rel=1e-5)
         if not np.allclose(expected_scale, 1.0):
             assert step["loss"] != pytest.approx(float(case_loss.mean()), rel=1e-3)
+
+
+def test_install_trainer_copies_into_nnunets_own_trainer_folder(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from divaware.nnunet import ext_trainer_path, install_trainer
+
+    site = tmp_path / "site"  # a stand-in installation: the folder layout only (a real one is never written)
+    folder = site / "nnunetv2" / "training" / "nnUNetTrainer"
+    folder.mkdir(parents=True)
+    for init in (site / "nnunetv2", site / "nnunetv2" / "training", folder):
+        (init / "__init__.py").write_text("")
+    (folder / "nnUNetTrainer.py").write_text("class nnUNetTrainer: ...\n")
+    if importlib.util.find_spec("nnunetv2") is None:
+        monkeypatch.syspath_prepend(str(site))
+        target = install_trainer()  # found through the import system, nothing of nnU-Net imported
+    else:
+        target = install_trainer(folder)
+    assert target == folder / "divaware_trainer.py" and target.name == "divaware_trainer.py" and (target.parent / "nnUNetTrainer.py").is_file()
+    assert target.read_bytes() == (ext_trainer_path() / "divaware_trainer.py").read_bytes()
+    with pytest.raises(ValueError, match="not nnU-Net's trainer folder"):
+        install_trainer(tmp_path)

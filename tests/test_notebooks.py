@@ -99,6 +99,9 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
     assert r01["group_sizes"]["breast_density"] == meta["breast_density"].value_counts().to_dict()
     # the three disparity mechanisms on one hard patient: intrinsic hides part of the tumour's enhancement,
     # representation adds rising look-alikes outside the mask
+    executed = nbformat.read(out / "notebooks" / "04_fairness_evaluation.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "runs: erm, divaware" in printed  # the reference first, not the folders' alphabetical order
     mechanisms = r01["disparity_mechanisms"]  # each mechanism's own cue in the table
     assert mechanisms["lookalike"]["look-alike lesions per hard case"] >= 4  # the text's 4-10 lesions
     assert mechanisms["default"]["look-alike lesions per hard case"] == 0
@@ -236,3 +239,13 @@ def test_training_notebook_below_the_warm_up_draws_no_empty_weights_plot(synthet
     text = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells
                    for o in c.get("outputs", []))
     assert "no refresh happened in 1 epoch(s) (the first comes after a warm-up of 6 epochs)" in text
+
+
+def test_fairness_notebook_defines_what_it_shows() -> None:
+    text = " ".join(c.source for c in nbformat.read(NOTEBOOKS / "04_fairness_evaluation.ipynb", as_version=4).cells
+                    if c.cell_type == "markdown")
+    text = " ".join(text.split())
+    for term in ("`es_dice`, the equity-scaled Dice", "`std` is the standard deviation of the group means",
+                 "`P` (performance) = ½ (mean Dice + 1 − mean NormHD)", "`F` (fairness) = the mean over age",
+                 "`gap` (highest minus lowest group mean Dice)"):
+        assert term in text, term

@@ -534,3 +534,52 @@ def test_speed_claim_is_measured_once_and_quoted_once() -> None:
     for path in places:  # no other figure for the same change (it once read 3x, 3x x 1.9 and 4.59 in 3 places)
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"about 3\s*[x×]", text), path.name
+
+
+def test_no_monai_loading_bar_on_stderr(synthetic_root: Path, tmp_path: Path,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(_tiny(synthetic_root, tmp_path / "run", progress=True))  # notebook 03 with interactive=True
+    err = capfd.readouterr().err
+    assert "Loading dataset" not in err  # MONAI's plain-text bars read as errors in Jupyter
+
+
+def test_readme_audit_demo_is_the_recorded_run() -> None:
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "tools"))
+    import readme_audit_demo as demo
+
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    block = demo.readme_block(readme)
+    assert block == demo.readme_block((repo / "benchmarks" / "AUDIT_DEMO.md").read_text(encoding="utf-8"))
+    commands = [line for line in block.splitlines() if not line.startswith(("#", "```"))]
+    assert commands == demo.COMMANDS  # the commands that ran are the ones shown
+    assert f"flags something on this many cases; here {demo.null_share(block)} %" in " ".join(readme.split())
+
+
+def test_a_defect_in_a_phase_the_run_never_reads_excludes_no_case(cohort_copy: Path, tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from divaware.cohort import load_cohort
+
+    pid = next(p.name for p in sorted((cohort_copy / "images").iterdir())
+               if (p / f"{p.name.lower()}_0003.nii.gz").is_file() and p.name in
+               load_cohort(cohort_copy, check_voxels=False).ids("train"))
+    path = cohort_copy / "images" / pid / f"{pid.lower()}_0003.nii.gz"
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), str(path))  # a blank phase 0003
+    with pytest.warns(UserWarning, match=f"{pid}.*constant"):
+        assert pid not in load_cohort(cohort_copy).cases  # every phase checked: excluded
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        cohort = load_cohort(cohort_copy, phases=[0, 1, 2])
+    assert pid in cohort.cases and len(cohort.cases[pid].image_paths) == 3
+    assert not [w for w in seen if pid in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = train(_tiny(cohort_copy, tmp_path / "run", cache="memory"))  # phases [0, 1, 2]: the case trains
+    assert pid in (run / "splits.csv").read_text()

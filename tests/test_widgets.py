@@ -263,6 +263,43 @@ def test_lab_settings_are_installed_at_run_time_for_an_editable_install(tmp_path
     assert widgets.install_lab_settings(tmp_path / "lab") == target and target.stat().st_mtime_ns == mtime
 
 
+def test_viewer_opens_where_truth_and_prediction_both_show_with_a_legend() -> None:
+    from matplotlib.figure import Figure
+
+    truth = np.zeros((20, 20, 12), bool)
+    truth[5:9, 5:9, 2:6] = True  # the tumour, slices 2-5
+    pred = np.zeros_like(truth)
+    pred[5:8, 5:8, 3:6] = True  # found it, a bit small: slices 3-5
+    pred[12:19, 12:19, 9] = True  # and a large false positive on slice 9, where there is no tumour
+    assert widgets.disagreement_slice(truth, pred) == 9  # the old opening: only red on screen
+    k = widgets.opening_slice(truth, pred)
+    assert k in (3, 4, 5) and truth[:, :, k].any() and pred[:, :, k].any()
+    assert widgets.opening_slice(truth, np.zeros_like(truth)) == 2  # empty prediction: the truth's slices
+    image = np.random.default_rng(0).normal(size=truth.shape)
+    ax = Figure().subplots()
+    widgets._draw_slice(ax, image, 0, truth, pred, "case")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["truth", "prediction"]
+    assert "prediction empty on this slice" in [t.get_text() for t in ax.texts]
+    ax = Figure().subplots()
+    widgets._draw_slice(ax, image, 4, truth, pred, "case")
+    assert not ax.texts  # both drawn: nothing to explain
+
+
+def test_subtraction_image_in_the_viewer(cohort) -> None:
+    case = cohort.cases[cohort.ids("train")[0]]
+    fig = widgets.case_figure(case, subtraction=True)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == len(case.image_paths) + 1 and widgets.SUBTRACTION in titles[-1]
+    pre, post = (widgets.load_canonical(p) for p in case.image_paths[:2])
+    k = int(titles[-1].rsplit("z=", 1)[1])
+    shown = fig.axes[-1].images[0].get_array()
+    np.testing.assert_allclose(np.asarray(shown), (post - pre)[:, :, k].T.astype(np.float32), rtol=1e-5)
+    box = widgets.slice_viewer(case, subtraction=True)
+    labels = [label for label, _ in box.controls["phase"].options]
+    assert labels[-1] == widgets.SUBTRACTION and len(labels) == len(case.image_paths) + 1
+    box.controls["phase"].value = len(case.image_paths)  # redraws without error on the subtraction
+
+
 def test_explorer_shapley_table_names_and_follows_the_selected_itemset(explorer_data) -> None:
     """Issue 27: the Shapley table decomposed another itemset than the one selected, without naming it."""
     meta, scores = explorer_data
