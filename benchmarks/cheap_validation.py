@@ -75,15 +75,15 @@ def main() -> None:
         val_ids = splits.loc[splits["split"] == "val", "patient_id"].tolist()
         cohort = load_cohort(cfg.data_root, check_voxels=False)
         records = D.make_records(cohort, val_ids, spec)
-        _, val_ds, entries = P.make_datasets([], records, spec, tmp / "store")
+        _, val_ds, entries = P.make_datasets([], records, spec, tmp / "store", progress=False, precision=cfg.store_precision)
         t0 = time.perf_counter()
-        loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False)
-        full = T.validate(model, loader, torch.device("cpu"), spec.divisor, roi, 0.25, False)
+        loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False, num_workers=0)
+        full = T.validate(model, loader, torch.device("cpu"), spec.divisor, roi, 0.25, False, cfg.score)
         t_full = time.perf_counter() - t0
         for n_random in args.random:
             t0 = time.perf_counter()
             cheap = P.patch_scores(model, entries, val_ids, args.window, n_random, cfg.seed, torch.device("cpu"),
-                                   spec.divisor)
+                                   spec.divisor, amp=False, score=cfg.score)
             t_cheap = time.perf_counter() - t0
             rho = cheap["dice"].rank().corr(full.loc[cheap.index, "dice"].rank())
             rows.append({"trained on": "patches" if args.train_patch else "whole volumes", "epochs trained": epochs, "random windows": n_random, "val cases": len(val_ids),

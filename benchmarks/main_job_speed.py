@@ -57,7 +57,7 @@ def make_net(which: str) -> torch.nn.Module:
     channels, num_res_units = NETWORKS[which]
     torch.manual_seed(0)
     return build_model("unet", in_channels=3, out_channels=2, channels=channels, strides=[2] * (len(channels) - 1),
-                       num_res_units=num_res_units)
+                       num_res_units=num_res_units, dropout=0.0)
 
 
 def net_label(which: str) -> str:
@@ -74,25 +74,24 @@ def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Trainer:
-    """One network with its optimiser; ``step()`` is the training loop's step on a fixed batch."""
+    """One network with its optimiser; ``step()`` is the training step divaware runs
+    (:meth:`divaware.engine.SegmentationTask.training_step`, ERM's objective) on a fixed batch."""
 
     def __init__(self, which: str) -> None:
-        from divaware.losses import combine, make_loss
+        from divaware.engine import SegmentationTask
+        from divaware.losses import make_loss
 
         self.net = make_net(which)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-5)
-        self.loss_fn, self.combine = make_loss("dice_ce"), combine
-        self.image, self.label = batch(BATCH)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=1e-3, weight_decay=1e-5)
+        self.task = SegmentationTask(self.net, make_loss("dice_ce"), opt, alpha=1.0, weight_norm="global",
+                                     grad_clip=12.0, device=torch.device("cpu"))
+        image, label = batch(BATCH)
+        self.batch = {"image": image, "label": label, "patient_id": [f"case{i:03d}" for i in range(BATCH)]}
+        self.weights = np.ones(BATCH)
 
     def step(self) -> None:
         self.net.train()
-        per_case = self.loss_fn(self.net(self.image), self.label)
-        host = per_case.detach().cpu().numpy()  # the loop's one host sync per step
-        loss = self.combine(per_case, np.ones(len(host)), 1.0)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12.0)
-        self.opt.step()
+        self.task.training_step(self.batch, self.weights)
 
 
 def val_loader(n: int) -> list[dict[str, Any]]:
@@ -125,9 +124,10 @@ def time_loading(n_cases: int) -> tuple[float, float] | None:
     ids = cohort.ids("train")[:n_cases]
     spec = cfg.data_spec()
     t0 = time.perf_counter()
-    ds = D.make_dataset(D.make_records(cohort, ids, spec), D.train_transforms(spec), cache="memory", spec=spec)
+    ds = D.make_dataset(D.make_records(cohort, ids, spec), D.train_transforms(spec), cache="memory", spec=spec,
+                        max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
     fill = (time.perf_counter() - t0) / len(ids)
-    loader = D.make_loader(ds, BATCH, shuffle=True, seed=1)
+    loader = D.make_loader(ds, BATCH, shuffle=True, seed=1, num_workers=0)
     t0 = time.perf_counter()
     n = sum(1 for _ in loader)
     return (time.perf_counter() - t0) / n, fill

@@ -4,7 +4,7 @@ For synthetic cohorts of every disparity mechanism, each case's true mask is tes
 necrotic core (post = pre over the deepest 55 % of the mask, every post-contrast phase), as a rim-enhancing
 tumour (only the outer one-voxel shell enhances), transposed (axes 0 and 1), and with another case's mask
 pasted on its grid. Two rules are compared: the old absolute one (fewer than half of the mask's voxels
-enhance like the top 5 % of the rest -> excluded) and the new one of :func:`divaware.cohort._placement`
+enhance like the top 5 % of the rest -> excluded) and the new one of :func:`divaware.voxels.tumour_placement`
 (relative to the mask's flipped/transposed copies, and absolute only when the mask also holds none of the
 strongest enhancement -> reported). Prints and writes
 ``benchmarks/MASK_PLACEMENT.md``: the share of cases flagged per variant and rule. No timings.
@@ -21,8 +21,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from divaware.cohort import MIN_ENHANCING_FRACTION, _placement, load_cohort
+from divaware.cohort import load_cohort
 from divaware.synthetic import DISPARITIES, make_cohort
+from divaware.voxels import MIN_ENHANCING_FRACTION, tumour_placement
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,15 +62,15 @@ def variants(root: Path) -> dict[str, list[dict]]:
         m = masks[pid]
         if not m.any():
             continue
-        out["true"].append(_placement(m.astype(np.uint8), pre, post))
-        out["necrotic_55"].append(_placement(m.astype(np.uint8), pre, necrotic(m, pre, post)))
-        out["rim"].append(_placement(m.astype(np.uint8), pre, rim(m, pre, post)))
+        out["true"].append(tumour_placement(m.astype(np.uint8), pre, post))
+        out["necrotic_55"].append(tumour_placement(m.astype(np.uint8), pre, necrotic(m, pre, post)))
+        out["rim"].append(tumour_placement(m.astype(np.uint8), pre, rim(m, pre, post)))
         t = m.transpose(1, 0, 2)
         if np.count_nonzero(t & m) < 0.1 * np.count_nonzero(m):  # a transpose that moves the mask at all
-            out["transposed"].append(_placement(t.astype(np.uint8), pre, post))
+            out["transposed"].append(tumour_placement(t.astype(np.uint8), pre, post))
         other = masks[ids[(n + 1) % len(ids)]]
         if other.shape == m.shape and np.count_nonzero(other & m) < 0.1 * np.count_nonzero(m):
-            out["pasted"].append(_placement(other.astype(np.uint8), pre, post))
+            out["pasted"].append(tumour_placement(other.astype(np.uint8), pre, post))
     return out
 
 
@@ -99,7 +100,7 @@ def main() -> None:
     text = (f"# Misplaced-mask heuristic on synthetic cohorts\n\n{args.cases} cases per mechanism (seed "
             f"{args.seed}, default preset). true / necrotic_55 / rim: flagging is a false alarm; transposed / "
             "pasted (another case's mask): flagging is a catch. Old rule: excluded when < 50 % of the mask "
-            "enhances like the top 5 % of the rest; new rule (`divaware.cohort._placement`): reported when a "
+            "enhances like the top 5 % of the rest; new rule (`divaware.voxels.tumour_placement`): reported when a "
             "flipped/transposed copy enhances clearly more, or when < 50 % enhances, the mask holds none of "
             "the strongest enhancement and no more than its copies. Made by `python benchmarks/mask_placement.py --cases {args.cases}`.\n\n{table}\n")
     (HERE / "MASK_PLACEMENT.md").write_text(text)

@@ -44,6 +44,8 @@ from divaware import data as D
 from divaware import preprocess as P
 from divaware import train as T
 from divaware.cohort import load_cohort
+from divaware.config import TrainConfig, default
+from divaware.engine import SegmentationTask
 from divaware.losses import make_loss
 from divaware.model import build_model
 from divaware.runtime import cpu_model
@@ -68,10 +70,10 @@ def source_voxels(records: list[dict[str, Any]]) -> int:
 
 def epoch(ds: Any, model: torch.nn.Module, batch_cases: int, read: Callable[[], int]) -> dict[str, float]:
     """One training epoch: seconds waiting for data, seconds in steps, bytes read, patches seen."""
-    loss_fn = make_loss("dice_ce")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    task = SegmentationTask(model, make_loss("dice_ce"), torch.optim.AdamW(model.parameters(), lr=1e-3), alpha=1.0,
+                            weight_norm="global", grad_clip=TrainConfig().grad_clip, device=torch.device("cpu"))
     model.train()
-    loader = D.make_loader(ds, batch_cases, shuffle=True, seed=1, pad_batch=False)
+    loader = D.make_loader(ds, batch_cases, shuffle=True, seed=1, pad_batch=False, num_workers=0)
     t_data = t_step = 0.0
     patches = steps = 0
     r0 = read()
@@ -83,16 +85,11 @@ def epoch(ds: Any, model: torch.nn.Module, batch_cases: int, read: Callable[[], 
         except StopIteration:
             break
         t1 = time.perf_counter()
-        image = batch[D.IMAGE].as_subclass(torch.Tensor)
-        label = batch[D.LABEL].as_subclass(torch.Tensor)
-        loss = loss_fn(model(image), label).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        out = task.training_step(batch, np.ones(len(D.batch_ids(batch))))  # the step training runs
         t2 = time.perf_counter()
         t_data += t1 - t0
         t_step += t2 - t1
-        patches += image.shape[0]
+        patches += out["n"]
         steps += 1
     return {"data_s": t_data, "step_s": t_step, "bytes": read() - r0, "patches": patches, "steps": steps}
 
@@ -106,7 +103,7 @@ def main() -> None:
     ap.add_argument("--val-windows", type=int, default=2, help="random windows per case in cheap validation")
     ap.add_argument("--workers", type=int, default=2, help="also time the store's fill with this many workers")
     ap.add_argument("--gpu-step-ms", type=float, default=None)
-    ap.add_argument("--precision", default="float16", help="store precision: float16 or uint8")
+    ap.add_argument("--precision", default=default("store_precision"), help="store precision: float16 or uint8")
     ap.add_argument("--append", action="store_true", help="keep what --out holds below this run's section")
     ap.add_argument("--crop-to-breast", action="store_true",
                     help="crop to the breast box (default off, as configs/train_default.yaml: whole volumes)")
@@ -144,8 +141,10 @@ def main() -> None:
 
     # ---- before: MONAI PersistentDataset under the run folder -----------------------------------
     b = res["before"]
-    train_ds = D.make_dataset(train_recs, D.train_transforms(spec), cache="disk", cache_dir=tmp / "before", spec=spec)
-    val_ds = D.make_dataset(val_recs, D.eval_transforms(spec), cache="disk", cache_dir=tmp / "before", spec=spec)
+    train_ds = D.make_dataset(train_recs, D.train_transforms(spec), cache="disk", cache_dir=tmp / "before", spec=spec,
+                              max_memory_bytes=0, num_workers=0, progress=False)
+    val_ds = D.make_dataset(val_recs, D.eval_transforms(spec), cache="disk", cache_dir=tmp / "before", spec=spec,
+                            max_memory_bytes=0, num_workers=0, progress=False)
     t0 = time.perf_counter()
     for ds in (train_ds, val_ds):
         for i in range(len(ds)):
@@ -157,8 +156,8 @@ def main() -> None:
     b.update(epoch(train_ds, net, batch_cases, rchar))
     b["patch_bytes"] = b["patches"] * per_patch_f32
     t0 = time.perf_counter()
-    T.validate(net, D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False), torch.device("cpu"),
-               spec.divisor, list(patch), 0.25, False)
+    T.validate(net, D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False, num_workers=0), torch.device("cpu"),
+               spec.divisor, list(patch), 0.25, False, "dice")
     b["val_s"] = b["full_val_s"] = time.perf_counter() - t0
     print("before", {k: round(v, 3) for k, v in b.items()}, flush=True)
 
@@ -176,17 +175,18 @@ def main() -> None:
     a["cache_bytes"] = folder_bytes(tmp / "after")
     counter = P.ByteCounter()
     train_ds, val_ds, entries = P.make_datasets(train_recs, val_recs, spec, tmp / "after", counter=counter,
-                                                precision=args.precision)
+                                                progress=False, precision=args.precision)
     a["stored_voxels"] = sum(int(np.prod(P.Entry.open(f).shape)) for f in entries.values())
     net = model()
     a.update(epoch(train_ds, net, batch_cases, lambda: counter.bytes))
     a["patch_bytes"] = a["patches"] * per_patch_store
     t0 = time.perf_counter()
-    P.patch_scores(net, entries, val_ids, patch, args.val_windows, 0, torch.device("cpu"), spec.divisor)
+    P.patch_scores(net, entries, val_ids, patch, args.val_windows, 0, torch.device("cpu"), spec.divisor,
+                   amp=False, score="dice")
     a["val_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    T.validate(net, D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False), torch.device("cpu"),
-               spec.divisor, list(patch), 0.25, False)
+    T.validate(net, D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False, num_workers=0), torch.device("cpu"),
+               spec.divisor, list(patch), 0.25, False, "dice")
     a["full_val_s"] = time.perf_counter() - t0
     print("after", {k: round(v, 3) for k, v in a.items()}, flush=True)
     shutil.rmtree(tmp)

@@ -47,8 +47,9 @@ import numpy as np
 import torch
 
 from divaware import data as D
+from divaware.config import TrainConfig
+from divaware.engine import SegmentationTask
 from divaware.losses import make_loss
-from divaware.model import build_model
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 RESULTS_HEADER = ("# Training throughput\n\nWritten by `benchmarks/train_throughput.py` and `benchmarks/scaling.py`; "
@@ -86,22 +87,23 @@ def sync(device: torch.device) -> None:
 
 
 def make_net(device: torch.device, channels_last: bool) -> torch.nn.Module:
-    net = build_model("unet", in_channels=3, out_channels=2).to(device)  # the published network
+    net = TrainConfig().build_model().to(device)  # the published network: the config's default
     return net.to(memory_format=torch.channels_last_3d) if channels_last else net
 
 
 def train_step_fn(net: torch.nn.Module, step_net: Any, opt: torch.optim.Optimizer, loss_fn: Any,
                   device: torch.device, bf16: bool, channels_last: bool):
+    """The training step divaware runs (:meth:`divaware.engine.SegmentationTask.training_step`: ERM's
+    objective, the config's gradient clip, its one host sync per step) on an (image, label) pair."""
+    defaults = TrainConfig()
+    task = SegmentationTask(net, loss_fn, opt, alpha=1.0, weight_norm=defaults.weight_norm,
+                            grad_clip=defaults.grad_clip, device=device, use_amp=bf16, channels_last=channels_last,
+                            step_model=step_net)
+
     def step(image: torch.Tensor, label: torch.Tensor) -> float:
-        if channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = step_net(image)
-        loss = loss_fn(logits, label).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return float(loss.detach())  # a sync per step, as the training loop has
+        ids = [f"case{i}" for i in range(image.shape[0])]
+        out = task.training_step({"image": image, "label": label, "patient_id": ids}, np.ones(len(ids)))
+        return out["objective"]
 
     return step
 
@@ -183,7 +185,8 @@ def loader_stall(volume: tuple[int, int, int], patch: tuple[int, int, int], devi
         log(f"loader: writing {n_cases} cases of {volume} ...")
         records = write_cases(tmp, n_cases, volume)
         spec = D.DataSpec(patch_size=patch, samples_per_case=2, divisor=16)
-        ds = D.make_dataset(records, D.train_transforms(spec), cache="disk", cache_dir=tmp / "cache", spec=spec)
+        ds = D.make_dataset(records, D.train_transforms(spec), cache="disk", cache_dir=tmp / "cache", spec=spec,
+                             max_memory_bytes=0, num_workers=0, progress=False)
         log("loader: filling the disk cache (first epoch's deterministic work) ...")
         t0 = time.perf_counter()
         for i in range(len(ds)):

@@ -50,8 +50,6 @@ either). The voxel checks of the cohort (those of ``divaware check``) are cached
 
 from __future__ import annotations
 
-import inspect
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +61,8 @@ import pandas as pd
 
 from divaware import evaluate as ev
 from divaware import metrics as M
+from divaware.report import AnalysisSettings, FairnessReport, ReportFolder, analysis_defaults  # noqa: F401
+from divaware.runfolder import write_text
 
 if TYPE_CHECKING:
     from divaware.cohort import Case, Cohort
@@ -74,20 +74,11 @@ __all__ = [
     "finding_lines", "findings_markdown",
 ]
 
-FILES = {
-    "per_case": "per_case.csv",
-    "per_group": "per_group.csv",
-    "challenge": "challenge.json",
-    "fairness": "fairness.json",
-    "divergent": "divergent_itemsets.csv",
-    "null": "null_check.csv",
-    "manifest": "audit.json",
-    "report": "audit.md",
-}
-FIGURES = "figures"
+FILES = ReportFolder(".", "audit").files()
+"""Key -> file name of an audit folder (the names live in :class:`divaware.report.ReportFolder`)."""
+FIGURES = ReportFolder.FIGURES
 FIGURE_PATTERNS = ("group_dice_*.png", "heatmap.png", "divergent_itemsets.png", "hardest_cases.png")
 """The figures :func:`write_figures` writes: an earlier audit's are removed before a new one starts."""
-_ANALYSIS_KEYS = ("min_support", "max_length", "fdr", "min_count")
 ACQUISITION = ("dataset", "manufacturer", "field_strength")
 """The acquisition attributes (collection, scanner manufacturer, field strength): a failure tied to one
 collection or scanner shows only when they are analysed. ``--attributes +acquisition`` adds them."""
@@ -104,15 +95,6 @@ def expand_attributes(names: Sequence[str]) -> tuple[str, ...]:
         bare = n.lstrip("+")
         out += ATTRIBUTE_GROUPS.get(bare, (bare,))
     return tuple(dict.fromkeys(out))
-
-
-def analysis_defaults() -> dict[str, Any]:
-    """The ``divaware`` strategy's subgroup-analysis defaults (min_support, max_length, fdr, min_count),
-    read from its signature so the audit and training can never drift apart."""
-    from divaware.weighting import DivawareWeighting
-
-    params = inspect.signature(DivawareWeighting.__init__).parameters
-    return {k: params[k].default for k in _ANALYSIS_KEYS}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,11 +134,11 @@ def _split_ids(cohort: Cohort, split: str) -> tuple[list[str], str]:
     wanted = read_ids(path)
     unknown = [i for i in wanted if i.lower() not in by_lower]
     if unknown:
-        raise ValueError(f"ids file {path}: case(s) {M._few(unknown)} are not in the cohort at {cohort.root}")
+        raise ValueError(f"ids file {path}: case(s) {M.few(unknown)} are not in the cohort at {cohort.root}")
     ids = [by_lower[i.lower()] for i in wanted]
     excluded = [i for i in ids if i not in cohort.cases]
     if excluded:
-        warnings.warn(f"ids file {path}: case(s) {M._few(excluded)} were excluded by the cohort checks "
+        warnings.warn(f"ids file {path}: case(s) {M.few(excluded)} were excluded by the cohort checks "
                       "(see the warning above) and are not audited", stacklevel=3)
     return [i for i in ids if i in cohort.cases], path.stem
 
@@ -215,7 +197,7 @@ def describe_folder(folder: Path, limit: int = 4) -> str:
         hint = hints.get(kind) or ("rename the extension to lower case .nii.gz" if kind in (".NII.GZ", ".Nii.gz", ".NII")
                                    else "")
         label = f"{kind}s" if kind == "subfolder" else f"{kind} file(s)"
-        parts.append(f"{len(names)} {label} ({M._few(names, limit)})" + (f": {hint}" if hint else ""))
+        parts.append(f"{len(names)} {label} ({M.few(names, limit)})" + (f": {hint}" if hint else ""))
     return "it holds " + "; ".join(parts)
 
 
@@ -231,9 +213,9 @@ def naming_mismatch(ids: Sequence[str], missing: Sequence[str], unmatched: Seque
         hit = next((m for m in missing if m.lower() in stem or (len(stem) > 3 and stem in m.lower())), None)
         if hit is not None:
             guesses.append(f"{name} ~ {hit}")
-    looks = f"; these look like missing cases under another name: {M._few(guesses, 4)}" if guesses else ""
+    looks = f"; these look like missing cases under another name: {M.few(guesses, 4)}" if guesses else ""
     return (f"{len(missing)} of {len(ids)} cases have no prediction while {len(unmatched)} prediction file(s) match "
-            f"no case of the cohort ({M._few(unmatched, 4)}){looks}. Predictions are matched by name: "
+            f"no case of the cohort ({M.few(unmatched, 4)}){looks}. Predictions are matched by name: "
             f"<patient_id>.nii.gz, case-insensitive (e.g. {missing[0]}.nii.gz); rename the files, or audit the "
             "cases you predicted with --split <ids file>")
 
@@ -279,7 +261,7 @@ def check_predictions(matched: dict[str, Path], cohort: Cohort, threshold: float
 
 def _empty_prediction_metrics(case: Case) -> dict[str, float]:
     """How the organisers score a missing prediction: as an empty one (Dice 0, NormHD 1)."""
-    truth, spacing, _ = ev._load_mask(Path(case.mask_path))
+    truth, spacing, _ = ev.load_mask(Path(case.mask_path))
     return M.case_metrics(np.zeros(truth.shape, dtype=bool), truth > 0, spacing)
 
 
@@ -306,6 +288,8 @@ class AuditResult:
     null: pd.DataFrame
     """:func:`divaware.calibration.null_check` (row 0 the real analysis, then permutations)."""
     settings: dict[str, Any] = field(default_factory=dict)
+    report: FairnessReport | None = None
+    """The fairness report these tables belong to (the one evaluate writes too)."""
 
     @property
     def flagged(self) -> pd.DataFrame:
@@ -330,7 +314,7 @@ class AuditResult:
             ev.metric_line(c),
             f"  challenge: P {ev.score_text(c, 'P')}   F {ev.score_text(c, 'F')}   ranking {ev.score_text(c, 'ranking')}",
             *([f"  {len(s['unmatched'])} prediction file(s) match no case of the cohort (not scored): "
-               f"{M._few(s['unmatched'], 5)}"] if s.get("unmatched") else []),
+               f"{M.few(s['unmatched'], 5)}"] if s.get("unmatched") else []),
             f"  flagged subgroups (q <= {s.get('fdr')}, typically lower Dice than the other cases): {len(self.flagged)}",
             *finding_lines(self.divergent, int(s.get("min_count", 5))),
             f"  null check: noise alone flags something in {(null['fdr_flags'] > 0).mean():.0%} of "
@@ -410,7 +394,7 @@ def default_out_dir(predictions: str | Path, split: str) -> Path:
     """``<runs root>/audits/<predictions folder name>_<split>`` (see :func:`divaware.paths.resolve_output`)."""
     from divaware.paths import resolve_output
 
-    folder = ev._prediction_folder(predictions)
+    folder = ev.prediction_folder(predictions)
     name = folder.parent.name if folder.name == ev.PRED_FOLDER else folder.name
     tag = split if split in ("test", "train", "all") else Path(split).stem
     return resolve_output(Path("audits") / f"{name}_{tag}")
@@ -471,10 +455,10 @@ def _check_matching(pred_dir: Path, ids: Sequence[str], missing: Sequence[str], 
         raise ValueError(f"{pred_dir}: {mismatch}")
     if missing:
         warnings.warn(f"{len(missing)} of {len(ids)} case(s) have no prediction in {pred_dir} and are scored as "
-                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M._few(missing)}", stacklevel=3)
+                      f"empty predictions (Dice 0, NormHD 1), as the organisers do: {M.few(missing)}", stacklevel=3)
     if unmatched:
         warnings.warn(f"{len(unmatched)} prediction file(s) in {pred_dir} match no case of the cohort and are not "
-                      f"scored: {M._few(unmatched)}", stacklevel=3)
+                      f"scored: {M.few(unmatched)}", stacklevel=3)
 
 
 def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, out_dir: str | Path | None,
@@ -485,10 +469,10 @@ def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, ou
     if not root.is_dir():
         raise ValueError(f"data folder {root} does not exist; pass the MAMA-MIA root (holding images/ and "
                          "clinical_and_imaging_info.xlsx)")
-    pred_dir = ev._prediction_folder(predictions)
+    pred_dir = ev.prediction_folder(predictions)
     out = Path(out_dir).expanduser() if out_dir else default_out_dir(pred_dir, split)
     for folder, what in ((root, "data"), (pred_dir, "predictions")):
-        if ev._inside(out, folder):
+        if ev.is_inside(out, folder):
             raise ValueError(f"output folder {out} lies inside the {what} folder {folder}; inputs are read-only, "
                              "so pass --out elsewhere")
     attributes = expand_attributes(attributes)
@@ -499,36 +483,6 @@ def _audit_inputs(data_root: str | Path, predictions: str | Path, split: str, ou
                 "max_length": defaults["max_length"] if max_length is None else int(max_length),
                 "fdr": defaults["fdr"] if fdr is None else float(fdr), "min_count": defaults["min_count"]}
     return root, pred_dir, out, attributes, analysis
-
-
-def _subgroup_analysis(per_case: pd.DataFrame, attributes: Sequence[str], analysis: dict[str, Any],
-                       n_permutations: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The divergent itemsets of the per-case Dice (``flagged``: the rule divaware acts on; the finding
-    columns of :func:`divaware.subgroups.with_findings`) and the null check on permuted Dice."""
-    from divaware import calibration, subgroups
-
-    table = subgroups.attribute_table(per_case[list(attributes)], list(attributes))
-    dice = per_case["dice"].astype(float)
-    divergent = subgroups.divergent_itemsets(table, dice, min_support=analysis["min_support"],
-                                             max_length=analysis["max_length"], min_count=analysis["min_count"])
-    divergent["flagged"] = subgroups.is_significant(divergent, analysis["fdr"])
-    divergent = subgroups.with_findings(divergent, table, dice, analysis["fdr"])
-    null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
-                                  min_support=analysis["min_support"], max_length=analysis["max_length"],
-                                  fdr=analysis["fdr"])
-    return divergent, null
-
-
-def _write_tables(result: AuditResult) -> None:
-    """The audit's tables and audit.md into its folder (the manifest is written last, by :func:`audit`)."""
-    out = result.out_dir
-    ev._write_atomic(out / FILES["per_case"], result.per_case.to_csv())
-    ev._write_atomic(out / FILES["per_group"], result.per_group.to_csv(index=False))
-    ev._write_json(out / FILES["challenge"], result.challenge)
-    ev._write_json(out / FILES["fairness"], result.fairness)
-    ev._write_atomic(out / FILES["divergent"], ev._divergent_to_csv(result.divergent))
-    ev._write_atomic(out / FILES["null"], result.null.to_csv(index=False))
-    ev._write_atomic(out / FILES["report"], findings_markdown(result.divergent, int(result.settings["min_count"])))
 
 
 def audit(
@@ -557,6 +511,7 @@ def audit(
     the null check's permutations (``n_permutations``). ``figures``: write the PNG figures. ``threshold``: the
     predictions are probability maps, tumour where p >= ``threshold``.
     """
+    from divaware import calibration, subgroups
     from divaware.cohort import load_cohort
 
     root, pred_dir, out, attributes, analysis = _audit_inputs(data_root, predictions, split, out_dir, attributes,
@@ -567,6 +522,8 @@ def audit(
 
     ensure_writable(out, "audit folder (--out)")  # read-only or full: one line now, not after scoring
     _remove_stale(out)
+    folder = ReportFolder(out, "audit")
+    folder.begin()  # the manifest is absent until the new report is complete
     cohort = load_cohort(root, voxel_cache=out / "cache" / "voxel_checks.json")
     missing_cols = [a for a in attributes if a not in cohort.metadata.columns]
     if missing_cols:
@@ -586,10 +543,14 @@ def audit(
 
     per_case = _score_predictions(cohort, pred_dir, ids, matched, missing, attributes, verbose, threshold)
 
-    per_group = ev._per_group_table(per_case, attributes, n_boot, seed)
-    challenge = M.challenge_score(per_case, per_case)
-    fairness = ev._fairness(per_case, attributes, 1)
-    divergent, null = _subgroup_analysis(per_case, attributes, analysis, n_permutations, seed)
+    report = FairnessReport.from_scores(per_case, AnalysisSettings.from_strategy(
+        attributes, **analysis, n_boot=n_boot, seed=seed, min_group_size=1))
+    divergent = report.divergent
+    table = subgroups.attribute_table(per_case[list(attributes)], list(attributes))
+    dice = per_case["dice"].astype(float)
+    null = calibration.null_check(table, dice, n_permutations=n_permutations, seed=seed,
+                                  min_support=analysis["min_support"], max_length=analysis["max_length"],
+                                  fdr=analysis["fdr"])
 
     from divaware import __version__
 
@@ -605,29 +566,31 @@ def audit(
         "missing_counted_as": "empty prediction: Dice 0, NormHD 1 (as the organisers)",
     }
     result = AuditResult(out_dir=out, data_root=root, predictions=pred_dir, split=split_name, per_case=per_case,
-                         per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
-                         null=null, settings=settings)
-    _write_report(result, cohort, figures)
+                         per_group=report.per_group, challenge=report.challenge, fairness=report.fairness,
+                         divergent=divergent, null=null, settings=settings, report=report)
+    _write_outputs(result, folder, cohort, figures)
     if verbose:
         print(result.summary())
     return result
 
 
-def _write_report(result: AuditResult, cohort: Cohort, figures: bool) -> None:
-    """The audit's tables, audit.md and figures, then ``audit.json`` (its presence marks a complete audit)."""
+def _write_outputs(result: AuditResult, folder: ReportFolder, cohort: Cohort, figures: bool) -> None:
+    """The audit's tables, null check, audit.md and figures, then its manifest (written last: a complete audit)."""
     from divaware.outputs import output_error
 
-    out, settings = result.out_dir, result.settings
-    _write_tables(result)
+    settings = result.settings
+    folder.write_report(result.report)
+    folder.write_text(folder.NULL_CHECK, result.null.to_csv(index=False))
+    folder.write_text(folder.AUDIT_MD, findings_markdown(result.divergent, int(settings["min_count"])))
     if figures:
         try:
             settings["figures"] = [p.name for p in write_figures(result, cohort)]
         except OSError as err:  # a disk that fills while the figures are saved: one line naming it
-            mapped = output_error(err, out / FIGURES, "audit folder (--out)")
+            mapped = output_error(err, result.out_dir / FIGURES, "audit folder (--out)")
             if mapped is None:
                 raise
             raise mapped from None
-    ev._write_json(out / FILES["manifest"], settings)
+    folder.finish(settings)
 
 
 def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> list[Path]:
@@ -678,26 +641,23 @@ def write_figures(result: AuditResult, cohort: Cohort, n_hardest: int = 3) -> li
 
 def load_audit(out_dir: str | Path) -> AuditResult:
     """Read an audit written by :func:`audit` back."""
-    out = Path(out_dir).expanduser()
-    if not (out / FILES["manifest"]).is_file():
-        raise ValueError(f"{out} holds no complete audit (no {FILES['manifest']}); run `divaware audit` first")
-    settings = ev._read_json(out / FILES["manifest"])
-    per_case = ev._read_per_case(out / FILES["per_case"])
+    folder = ReportFolder(out_dir, "audit")
+    if not folder.is_complete():
+        raise ValueError(f"{folder.path} holds no complete audit (no {folder.manifest.name}); run `divaware audit` first")
+    settings = folder.read_manifest()
+    report = folder.read_report(ev.CASE_ATTRIBUTES)
+    per_case = report.per_case
     per_case["prediction_file"] = per_case["prediction_file"].fillna("").astype(str)
     per_case["missing"] = per_case["missing"].astype(bool)
-    divergent = pd.read_csv(out / FILES["divergent"])
-    divergent["items"] = divergent["items"].map(lambda s: frozenset(json.loads(s)))
-    divergent["flagged"] = divergent["flagged"].astype(bool)
+    divergent = report.divergent
     for c in ("root", "role", "explained_by"):  # audits written before these columns read as ""
         divergent[c] = divergent[c].fillna("").astype(str) if c in divergent.columns else ""
     return AuditResult(
-        out_dir=out, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
-        split=settings["split"], per_case=per_case,
-        per_group=pd.read_csv(out / FILES["per_group"], dtype={"group": str}),
-        challenge=ev._read_json(out / FILES["challenge"]), fairness=ev._read_json(out / FILES["fairness"]),
-        divergent=divergent, null=pd.read_csv(out / FILES["null"], keep_default_na=False,
-                                              dtype={"worst": str}),
-        settings=settings,
+        out_dir=folder.path, data_root=Path(settings["data_root"]), predictions=Path(settings["predictions"]),
+        split=settings["split"], per_case=per_case, per_group=report.per_group, challenge=report.challenge,
+        fairness=report.fairness, divergent=report.divergent,
+        null=pd.read_csv(folder.file(folder.NULL_CHECK), keep_default_na=False, dtype={"worst": str}),
+        settings=settings, report=report,
     )
 
 
@@ -716,7 +676,7 @@ def demo_predictions(data_root: str | Path, dest: str | Path, *, itemset: str = 
     from divaware.subgroups import AND, parse_item
 
     root, out = Path(data_root).expanduser(), Path(dest).expanduser()
-    if ev._inside(out, root):
+    if ev.is_inside(out, root):
         raise ValueError(f"demo predictions folder {out} lies inside the data folder {root}; write it elsewhere")
     cohort = load_cohort(root, check_voxels=False)
     meta = cohort.metadata
@@ -787,7 +747,7 @@ def _refuse_silent_weights(table: pd.DataFrame, flagged: Sequence[str], attribut
     if not len(flagged) or (table["worst_itemset"] != "").any():
         return
     raise ValueError(f"with attributes {list(attributes)} the divaware rule flags no subgroup, so every weight "
-                     f"would be 1, but the audit flagged {len(flagged)} ({M._few(list(flagged))}) on its attributes "
+                     f"would be 1, but the audit flagged {len(flagged)} ({M.few(list(flagged))}) on its attributes "
                      f"{list(audit_attributes)}: pass --attributes {' '.join(audit_attributes)} (the default), or "
                      "attributes that include the flagged subgroups'")
 
@@ -796,11 +756,11 @@ def write_weights(table: pd.DataFrame, path: str | Path, data_root: str | Path) 
     """Write a weights table as CSV (``patient_id, weight, divergence, worst_itemset``; floats round-trip),
     never inside the data folder."""
     out = Path(path).expanduser()
-    if ev._inside(out, Path(data_root).expanduser()):
+    if ev.is_inside(out, Path(data_root).expanduser()):
         raise ValueError(f"weights file {out} lies inside the data folder {data_root}; input data is read-only, "
                          "so write it elsewhere")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ev._write_atomic(out, table.to_csv())
+    write_text(out, table.to_csv())
     return out
 
 
@@ -842,7 +802,7 @@ def audit_weights(audit_dir: str | Path, train: str = "train", *, data_root: str
     scores = result.per_case["dice"].astype(float)
     tested = sorted(set(scores.index) & set(params["test_ids"]))
     if tested:
-        raise ValueError(f"audit {result.out_dir} scored {len(tested)} test-split case(s) ({M._few(tested)}); as in "
+        raise ValueError(f"audit {result.out_dir} scored {len(tested)} test-split case(s) ({M.few(tested)}); as in "
                          "training, the test split never drives weights: audit held-out training cases instead "
                          "(--split train, or an ids file, e.g. of nnU-Net's out-of-fold validation predictions)")
     meta = cohort.metadata

@@ -48,11 +48,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from divaware.train import TrainConfig, train
 
-    config = TrainConfig.from_yaml(args.config)
-    if args.out:
-        config.out_dir = args.out
-    if args.epochs is not None:
-        config.epochs = args.epochs
+    # the command line's values are part of the config, validated once with the rest
+    overrides = {"out_dir": args.out, "epochs": args.epochs}
+    config = TrainConfig.from_yaml(args.config, {k: v for k, v in overrides.items() if v is not None})
     run = train(config, resume=args.resume, overwrite=args.overwrite)
     print(run)
     return 0
@@ -178,7 +176,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="metadata columns for the per-group tables (default: age_group menopause breast_density)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the group CIs")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--min-support", type=float, default=0.05, help="support of the divergent itemsets")
+    p.add_argument("--min-support", type=float, default=None,
+                   help="support of the divergent itemsets (default: the divaware strategy's, as divaware audit)")
     p.add_argument("--repredict", action="store_true", help="predict again even if up-to-date predictions exist")
     window = p.add_mutually_exclusive_group()
     window.add_argument("--sliding-window", dest="sliding_window", action="store_true", default=None,

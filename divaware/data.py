@@ -474,11 +474,12 @@ def resolve_cache(cache: str, records: Sequence[Mapping[str, Any]], spec: DataSp
 def make_dataset(
     records: Sequence[Mapping[str, Any]],
     transform: Any,
-    cache: str = "auto",
+    cache: str,
     cache_dir: str | Path | None = None,
     spec: DataSpec | None = None,
-    max_memory_bytes: float = 2 * 1024**3,
-    num_workers: int = 0,
+    *,
+    max_memory_bytes: float,
+    num_workers: int,
 ) -> Any:
     """A MONAI dataset caching the deterministic part of ``transform`` (without MONAI's progress bar).
 
@@ -516,7 +517,8 @@ def make_loader(
     batch_size: int,
     shuffle: bool,
     seed: int,
-    num_workers: int = 0,
+    *,
+    num_workers: int,
     pin_memory: bool = False,
     pad_batch: bool = True,
     batches: list[list[int]] | None = None,

@@ -277,7 +277,7 @@ def _pad_end(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, widths)
 
 
-def setup(device: str = "auto") -> tuple[Ranks, str]:
+def setup(device: str) -> tuple[Ranks, str]:
     """Join the torchrun process group when launched by torchrun; returns ``(ranks, device)``.
 
     Under torchrun each rank drives one GPU, ``cuda:LOCAL_RANK`` (NCCL), when ``device`` is ``auto`` or

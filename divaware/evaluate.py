@@ -18,7 +18,9 @@ goes into **one folder of the run**, named by :func:`evaluation_dir`::
                               ES-Dice, over the groups the challenge's F counts (``unknown`` menopause is a
                               group, unknown age and missing density are left out: see
                               :func:`divaware.metrics.worst_group`; per_group.csv shows every group)
-        divergent_itemsets.csv DivExplorer itemsets of the per-case Dice (which subgroups does it fail?)
+        divergent_itemsets.csv DivExplorer itemsets of the per-case Dice with their ``flagged`` column: the
+                              analysis of :class:`divaware.report.FairnessReport` with the divaware strategy's
+                              settings, as ``divaware audit`` writes it (which subgroups does it fail?)
         evaluation.json       what was evaluated: run, data root, split, checkpoint, predictions folder,
                               settings; written last, so its presence marks a complete evaluation
 
@@ -52,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 from divaware import metrics as M
+from divaware.report import AnalysisSettings, FairnessReport, ReportFolder, itemsets_csv, jsonable
 from divaware.runfolder import RunFolder, check_name, split_name, write_text
 
 if TYPE_CHECKING:
@@ -61,18 +64,12 @@ CASE_ATTRIBUTES = ("age_group", "menopause", "breast_density", "dataset")
 """Metadata columns every per_case.csv carries, so notebooks need no join with the cohort."""
 
 DEFAULT_ATTRIBUTES = M.DEFAULT_ATTRIBUTES
-"""Attributes of the per-group tables, fairness figures and itemsets (the challenge's three)."""
+"""Attributes of the per-group tables, fairness figures and itemsets (the challenge's three; defined once,
+in :mod:`divaware.metrics`)."""
 
 PRED_FOLDER = "pred_segmentations"
-FILES = {
-    "per_case": "per_case.csv",
-    "per_group": "per_group.csv",
-    "challenge": "challenge.json",
-    "fairness": "fairness.json",
-    "divergent": "divergent_itemsets.csv",
-    "manifest": "evaluation.json",
-    "predictions": "predictions.json",
-}
+FILES = ReportFolder(".", "evaluation").files()
+"""Key -> file name of an evaluation folder (the names live in :class:`divaware.report.ReportFolder`)."""
 
 # predict() arguments that change how it runs but not what it predicts: they do not invalidate predictions.
 _OPERATIONAL = frozenset({"device", "num_workers", "progress"})
@@ -85,27 +82,7 @@ _RESERVED = frozenset({"run_dir", "data_root", "split", "out_dir", "checkpoint",
 # --------------------------------------------------------------------------------------------------
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON values; NaN and ±inf become null (JSON has no NaN, and readers choke on it)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
-        return [_jsonable(v) for v in items]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        x = float(obj)
-        return x if math.isfinite(x) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    return str(obj)
+_jsonable = jsonable
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -121,8 +98,10 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (both resolved): outputs never go into the data or predictions."""
     return path.resolve().is_relative_to(folder.resolve())
+
 
 
 _check_name = check_name
@@ -163,7 +142,7 @@ def _split_ids(cohort: Cohort, run_dir: Path, split: str | None) -> list[str]:
         return list(cohort.ids(None))
     if split == "val":
         # The fairness-validation cases are carved out by the run itself (train.py), not by the cohort.
-        from divaware.cohort import run_val_ids
+        from divaware.split import run_val_ids
 
         return run_val_ids(run_dir, cohort)
     return list(cohort.ids(split))
@@ -198,7 +177,8 @@ def _nifti_names(folder: Path) -> list[str]:
                   if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith((".nii.gz", ".nii")))
 
 
-def _prediction_folder(predictions: str | Path) -> Path:
+def prediction_folder(predictions: str | Path) -> Path:
+    """The folder of ``<patient_id>.nii.gz`` files: ``predictions``, or its ``pred_segmentations/``."""
     p = Path(predictions).expanduser()
     sub = p / PRED_FOLDER
     if sub.is_dir():
@@ -221,7 +201,8 @@ def _prediction_folder(predictions: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_mask(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+
+def load_mask(path: Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
     import nibabel as nib
 
     img = nib.load(str(path))
@@ -278,7 +259,7 @@ def score_cases(
     """
     from tqdm.auto import tqdm
 
-    folder = _prediction_folder(predictions)
+    folder = prediction_folder(predictions)
     ids = [str(i) for i in patient_ids]
     unknown = [i for i in ids if i not in cohort.cases]
     if unknown:
@@ -301,9 +282,9 @@ def score_cases(
     moved: list[str] = []
     relabelled: list[str] = []
     for pid in tqdm(ids, desc="score", unit="case", disable=not progress):
-        truth, spacing, affine_t = _load_mask(Path(cohort.cases[pid].mask_path))
+        truth, spacing, affine_t = load_mask(Path(cohort.cases[pid].mask_path))
         try:
-            pred, _, affine_p = _load_mask(files[pid.lower()])
+            pred, _, affine_p = load_mask(files[pid.lower()])
         except Exception as err:
             raise ValueError(f"case {pid}: cannot read the prediction {files[pid.lower()]} ({type(err).__name__}: "
                              f"{err}); predict it again (repredict=True / --repredict)") from None
@@ -379,9 +360,11 @@ class EvaluationResult:
     fairness: dict[str, dict[str, Any]]
     """Per attribute: :func:`divaware.metrics.fairness_summary` of Dice over the groups the challenge counts."""
     divergent: pd.DataFrame
-    """:func:`divaware.metrics.divergent_subgroups` of the per-case Dice."""
+    """The report's divergent subgroups (:class:`divaware.report.FairnessReport`, ``flagged`` included)."""
     attributes: tuple[str, ...] = DEFAULT_ATTRIBUTES
     settings: dict[str, Any] = field(default_factory=dict)
+    report: FairnessReport | None = None
+    """The fairness report these tables belong to (overall, worst group, gaps, flagged subgroups)."""
 
     def groups(self, attribute: str) -> pd.DataFrame:
         """The per-group rows of one attribute (a :func:`divaware.metrics.group_table`, for the plots)."""
@@ -432,36 +415,7 @@ class EvaluationResult:
         return self.summary()
 
 
-def _per_group_table(per_case: pd.DataFrame, attributes: Sequence[str], n_boot: int, seed: int) -> pd.DataFrame:
-    frames = []
-    for attr in attributes:
-        # per_case carries the attributes, so it is its own metadata: no second lookup that could disagree.
-        t = M.group_table(per_case, per_case, attr, metric="dice", n_boot=n_boot, seed=seed)
-        t = t.drop(columns=[attr])
-        t.insert(0, "attribute", attr)
-        frames.append(t)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def _fairness(per_case: pd.DataFrame, attributes: Sequence[str], min_group_size: int) -> dict[str, dict[str, Any]]:
-    return {
-        attr: M.fairness_summary(per_case, per_case, attr, metric="dice", min_n=min_group_size,
-                                 drop_unknown=not M.counts_unknown(attr))
-        for attr in attributes
-    }
-
-
-def divergent_to_csv(frame: pd.DataFrame) -> str:
-    """An itemset table as CSV text, its ``items`` as sorted JSON lists (a frozenset's own text follows
-    string hashing, so two identical runs would write different bytes)."""
-    out = frame.copy()
-    if "items" in out.columns:
-        # frozensets do not survive CSV; a JSON list does, and load_evaluation turns it back.
-        out["items"] = out["items"].map(lambda s: json.dumps(sorted(s), ensure_ascii=False))
-    return out.to_csv(index=False)
-
-
-_divergent_to_csv = divergent_to_csv  # the name audit.py uses
+divergent_to_csv = itemsets_csv  # an itemset table as CSV text (one definition: divaware.report)
 
 
 def _prediction_settings(predict_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -571,18 +525,6 @@ def _evaluation_ids(cohort: Cohort, run_dir: Path, root: Path, split: str | None
     return ids
 
 
-def _write_report(out: Path, per_case: pd.DataFrame, per_group: pd.DataFrame, challenge: dict[str, Any],
-                  fairness: dict[str, Any], divergent: pd.DataFrame, settings: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FILES["manifest"]).unlink(missing_ok=True)  # absent until the new report is complete
-    _write_atomic(out / FILES["per_case"], per_case.to_csv())
-    _write_atomic(out / FILES["per_group"], per_group.to_csv(index=False))
-    _write_json(out / FILES["challenge"], challenge)
-    _write_json(out / FILES["fairness"], fairness)
-    _write_atomic(out / FILES["divergent"], divergent_to_csv(divergent))
-    _write_json(out / FILES["manifest"], settings)  # written last: its presence marks a complete report
-
-
 def evaluate(
     run_dir: str | Path,
     data_root: str | Path | None = None,
@@ -594,7 +536,7 @@ def evaluate(
     attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
     n_boot: int = 2000,
     seed: int = 0,
-    min_support: float = 0.05,
+    min_support: float | None = None,
     min_group_size: int = 1,
     patient_ids: Sequence[str] | None = None,
     repredict: bool = False,
@@ -611,7 +553,8 @@ def evaluate(
 
     ``data_root`` defaults to the data folder recorded in the run's config.yaml. ``attributes``: metadata
     columns for per_group.csv, fairness.json and the itemsets (extra ones are added to per_case.csv).
-    ``n_boot``/``seed``: the group CIs' bootstrap. ``min_support``: DivExplorer support of the itemsets.
+    ``n_boot``/``seed``: the group CIs' bootstrap. ``min_support``: DivExplorer support of the itemsets (None:
+    the divaware strategy's, as every setting of the analysis: :class:`divaware.report.AnalysisSettings`).
     ``min_group_size``: groups smaller than this are left out of the fairness figures. ``patient_ids``
     restricts the split's cases. ``repredict`` predicts even when up-to-date predictions exist.
     """
@@ -624,12 +567,12 @@ def evaluate(
     if predictions is not None and predict_kwargs:
         raise ValueError(f"prediction settings {sorted(predict_kwargs)} have no effect when predictions= is "
                          "given; drop them or drop predictions=")
-    attributes = tuple(attributes)
-    if not attributes:
-        raise ValueError("attributes: give at least one metadata column")
+    analysis = AnalysisSettings.from_strategy(tuple(attributes), min_support=min_support, n_boot=n_boot, seed=seed,
+                                              min_group_size=min_group_size)
+    attributes = analysis.attributes
     root = _resolve_data_root(run_dir, data_root)
     out = evaluation_dir(run_dir, split, checkpoint, tag)
-    if _inside(out, root):
+    if is_inside(out, root):
         raise ValueError(f"run folder {run_dir} lies inside the data folder {root}; input data is read-only, "
                          "so evaluate a run kept elsewhere")
     from divaware.outputs import ensure_writable
@@ -650,14 +593,11 @@ def evaluate(
         pred_dir = _ensure_predictions(run_dir, root, out, ids, checkpoint, repredict, verbose, predict_kwargs,
                                        cohort)
     else:
-        pred_dir = _prediction_folder(predictions)
+        pred_dir = prediction_folder(predictions)
 
     case_attrs = tuple(dict.fromkeys((*CASE_ATTRIBUTES, *attributes)))
     per_case = score_cases(pred_dir, cohort, ids, attributes=case_attrs, progress=verbose)
-    per_group = _per_group_table(per_case, attributes, n_boot, seed)
-    challenge = M.challenge_score(per_case, per_case)
-    fairness = _fairness(per_case, attributes, min_group_size)
-    divergent = M.divergent_subgroups(per_case, per_case, attributes, metric="dice", min_support=min_support)
+    report = FairnessReport.from_scores(per_case, analysis)
 
     from divaware import __version__
 
@@ -667,15 +607,17 @@ def evaluate(
         # the file the predictions came from: last.pt when best.pt is absent (labelled so, not "best")
         "checkpoint_file": _checkpoint_file(run_dir, checkpoint).name if predictions is None else None,
         "predictions": str(pred_dir.resolve()), "predicted_here": predictions is None,
-        "n_cases": len(per_case), "attributes": list(attributes), "n_boot": n_boot, "seed": seed,
-        "min_support": min_support, "min_group_size": min_group_size,
+        "n_cases": len(per_case), **analysis.to_dict(),
         "fairness_groups": "the challenge's groups (unknown menopause a group; unknown age, density left out)",
     }
-    _write_report(out, per_case, per_group, challenge, fairness, divergent, settings)
+    folder = ReportFolder(out, "evaluation")
+    folder.begin()
+    folder.write_report(report)
+    folder.finish(settings)  # written last: its presence marks a complete report
     result = EvaluationResult(
         run_dir=run_dir, split=_split_name(split), checkpoint=checkpoint, out_dir=out, predictions=pred_dir,
-        per_case=per_case, per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
-        attributes=attributes, settings=settings,
+        per_case=per_case, per_group=report.per_group, challenge=report.challenge, fairness=report.fairness,
+        divergent=report.divergent, attributes=attributes, settings=settings, report=report,
     )
     if verbose:
         print(result.summary())
@@ -706,24 +648,16 @@ def load_evaluation(run_dir: str | Path, split: str | None = "test", checkpoint:
     """Read an evaluation written by :func:`evaluate` back (NaN where the JSON holds null)."""
     run_dir = Path(run_dir)
     out = _require_evaluation(run_dir, split, checkpoint, tag)
-    settings = _read_json(out / FILES["manifest"])
-    per_case = _read_per_case(out / FILES["per_case"])
-    per_group = pd.read_csv(out / FILES["per_group"], dtype={"group": str})
-    divergent = pd.read_csv(out / FILES["divergent"])
-    if "items" in divergent.columns:
-        divergent["items"] = divergent["items"].map(lambda s: frozenset(json.loads(s)))
-    challenge = _read_json(out / FILES["challenge"])
-    for key in ("P", "F_age", "F_menopause", "F_density", "F", "ranking", "mean_dice", "mean_norm_hd",
-                "mean_hd95_mm"):
-        if key in challenge and challenge[key] is None:
-            challenge[key] = math.nan
-    fairness = {a: {k: (math.nan if v is None and not k.endswith("label") else v) for k, v in fs.items()}
-                for a, fs in _read_json(out / FILES["fairness"]).items()}
+    folder = ReportFolder(out, "evaluation")
+    settings = folder.read_manifest()
+    report = folder.read_report(CASE_ATTRIBUTES)
+    per_case, per_group, divergent = report.per_case, report.per_group, report.divergent
+    challenge, fairness = report.challenge, report.fairness
     return EvaluationResult(
         run_dir=run_dir, split=settings.get("split", _split_name(split)), checkpoint=checkpoint, out_dir=out,
         predictions=Path(settings.get("predictions", out / PRED_FOLDER)), per_case=per_case,
         per_group=per_group, challenge=challenge, fairness=fairness, divergent=divergent,
-        attributes=tuple(settings.get("attributes", DEFAULT_ATTRIBUTES)), settings=settings,
+        attributes=tuple(settings.get("attributes", DEFAULT_ATTRIBUTES)), settings=settings, report=report,
     )
 
 

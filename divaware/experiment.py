@@ -41,9 +41,8 @@ import yaml
 if TYPE_CHECKING:
     from divaware import executors
 
-HELDOUT_TAG = "heldout"
-HELDOUT_SPLIT = "all"
-HELDOUT_CF_TAG = "heldout_counterfactual"
+from divaware.experiment_record import HELDOUT_CF_TAG, HELDOUT_SPLIT, HELDOUT_TAG  # noqa: F401 (re-exported)
+
 # executor, slurm: where the tasks run (divaware.executors; the command line overrides them)
 _KEYS = {"disparity", "strategies", "arms", "seeds", "heldout", "training", "per_strategy", "executor", "slurm"}
 # The data arms: ERM on another training cohort (TrainConfig overrides), and whether it needs a look-alike mechanism.
@@ -194,10 +193,9 @@ def run_one(config: Mapping[str, Any], out: str, strategy: str, seed: int, *, re
     if challenge_test and not _fresh(ev.evaluation_dir(run, "test"), run):
         ev.evaluate(run, None, split="test", n_boot=n_boot, verbose=False)
     if record is not None:
-        rec.record_run(run, record, mechanism=cfg["disparity"], strategy=strategy, seed=int(seed),
-                       config=config_, heldout=held,
-                       heldout_cf=targets[1][0] if len(targets) > 1 else None,
-                       seconds=time.perf_counter() - t0)
+        rec.record_run(run, record, mechanism=cfg["disparity"], strategy=strategy, arm=strategy in cfg["arms"],
+                       seed=int(seed), config=config_, heldout=held,
+                       heldout_cf=targets[1][0] if len(targets) > 1 else None, seconds=time.perf_counter() - t0)
     return {"run": run.name, "recorded": record is not None, "skipped": False,
             "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -36,6 +36,10 @@ import numpy as np
 import pandas as pd
 
 CHECKPOINTS = ("best", "last")
+# where run_one evaluates (divaware.experiment imports these: the record is the lower layer)
+HELDOUT_TAG = "heldout"
+HELDOUT_SPLIT = "all"
+HELDOUT_CF_TAG = "heldout_counterfactual"
 COHORT, CASES, RUN, HELDOUT, HELDOUT_CF, WEIGHTS = ("cohort.json", "heldout_cases.csv", "run.json", "heldout.csv",
                                                     "heldout_counterfactual.csv", "weights.csv")
 # TrainConfig fields that are where a run lived, not what it did (differ between machines)
@@ -103,7 +107,6 @@ def lesion_scores(pred_dir: Path, root: Path, ids: list[str]) -> pd.DataFrame:
 def _heldout_table(run: Path, root: Path, tag: str) -> pd.DataFrame:
     """Both checkpoints' lesion scores on one held-out cohort, one row per case."""
     from divaware import evaluate as ev
-    from divaware.experiment import HELDOUT_SPLIT
 
     parts = []
     for checkpoint in CHECKPOINTS:
@@ -190,12 +193,11 @@ def _cohort_files(record: Path, root: Path, cases: pd.DataFrame) -> None:
     write_text(record / COHORT, json.dumps(about, indent=1) + "\n")
 
 
-def record_run(run: str | Path, record: str | Path, *, mechanism: str, strategy: str, seed: int, config: Any,
-               heldout: Path, heldout_cf: Path | None, seconds: float) -> Path:
+def record_run(run: str | Path, record: str | Path, *, mechanism: str, strategy: str, arm: bool, seed: int,
+               config: Any, heldout: Path, heldout_cf: Path | None, seconds: float) -> Path:
     """Write the run's record folder ``<record>/<run name>`` (module docstring); returns it. Written last:
     ``run.json``, so a folder without it is an interrupted record (written again by the next sweep)."""
     from divaware import evaluate as ev
-    from divaware.experiment import ARMS, HELDOUT_CF_TAG, HELDOUT_SPLIT, HELDOUT_TAG
     from divaware.runfolder import RunFolder, write_text
     from divaware.synthetic import hard_subgroup
     from divaware.train import run_summary
@@ -216,7 +218,7 @@ def record_run(run: str | Path, record: str | Path, *, mechanism: str, strategy:
     if not table.empty:
         _write_csv(table, folder / WEIGHTS, index=False)
     summary = run_summary(run)
-    about = {"mechanism": mechanism, "run": run.name, "strategy": strategy, "arm": strategy in ARMS,
+    about = {"mechanism": mechanism, "run": run.name, "strategy": strategy, "arm": bool(arm),
              "seed": int(seed), "commit": _commit(), "training_cohort": train_root.name,
              "selected_epoch": summary["best_epoch"], "epochs": summary["epochs"],
              "train_minutes": round(summary["train_minutes"], 2), "wall_minutes": round(seconds / 60, 2),

@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 
 from divaware.cohort import UNKNOWN
+from divaware.metrics import DEFAULT_ATTRIBUTES  # the one definition of the report's attributes
 
 if TYPE_CHECKING:
     from divaware.cohort import Cohort
-
-DEFAULT_ATTRIBUTES = ("age_group", "menopause", "breast_density")
 
 
 def missingness(metadata: pd.DataFrame, attributes: Sequence[str] = DEFAULT_ATTRIBUTES,

@@ -60,7 +60,7 @@ def weights_for(weights: pd.Series | Mapping[str, float], patient_ids: Sequence[
     return np.array([lookup[str(i).lower()] for i in patient_ids], dtype=float)
 
 
-def mixed_weights(weights: pd.Series, alpha: float = 0.5) -> pd.Series:
+def mixed_weights(weights: pd.Series, alpha: float) -> pd.Series:
     """α + (1 − α)·w: the per-case weight of divaware's objective α·mean(ℓ) + (1 − α)·mean(w ℓ)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

@@ -103,11 +103,11 @@ def combine(
     per_case: torch.Tensor,
     weights: torch.Tensor | np.ndarray | Sequence[float] | None,
     alpha: float,
-    norm: str = "global",
+    norm: str,
 ) -> torch.Tensor:
     """The training objective of one batch: a scalar that carries gradient in both terms.
 
-    ``norm="global"`` (default): L = α · (1/B) Σ ℓ_i + (1 − α) · (1/B) Σ w_i ℓ_i. The weights come from a
+    ``norm="global"`` (the config's default ``weight_norm``): L = α · (1/B) Σ ℓ_i + (1 − α) · (1/B) Σ w_i ℓ_i. The weights come from a
     strategy with training-set mean 1 (every strategy in ``divaware.weighting``), so the second term is an
     unbiased estimate of the weighted training loss and case i always gets gradient (α + (1 − α) w_i)/B:
     two cases' gradients stand in the ratio of their α-mixed weights whatever else the batch holds, at

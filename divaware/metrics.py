@@ -260,10 +260,13 @@ def _per_case_frame(per_case: pd.DataFrame, required: Sequence[str]) -> pd.DataF
     return df
 
 
-def _few(ids: Any, k: int = 10) -> str:
+def few(ids: Any, k: int = 10) -> str:
     ids = [str(i) for i in ids]
     more = f" and {len(ids) - k} more" if len(ids) > k else ""
     return ", ".join(ids[:k]) + more
+
+
+_few = few  # the former private name
 
 
 def _metadata_for(ids: pd.Index, metadata: pd.DataFrame, columns: Sequence[str] = ()) -> pd.DataFrame:

@@ -35,10 +35,11 @@ def build_model(
     name: str = "unet",
     in_channels: int = 3,
     out_channels: int = 2,
-    channels: Sequence[int] = (16, 32, 64, 128, 256),
-    strides: Sequence[int] = (2, 2, 2, 2),
-    num_res_units: int = 2,
-    dropout: float = 0.0,
+    *,
+    channels: Sequence[int],
+    strides: Sequence[int],
+    num_res_units: int,
+    dropout: float,
     **kwargs: Any,
 ) -> nn.Module:
     """A 3D segmentation network by name (one of ``MODELS``).
@@ -113,7 +114,7 @@ def check_model_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
                          f"valid: {', '.join(accepted)}")
 
 
-def network_divisor(name: str = "unet", strides: Sequence[int] = (2, 2, 2, 2), **kwargs: Any) -> int:
+def network_divisor(name: str, strides: Sequence[int], **kwargs: Any) -> int:
     """The factor every spatial size must be divisible by for the network ``name`` (its total stride)."""
     key = _canonical(name)
     if key == "basicunet":
@@ -149,7 +150,8 @@ def infer(
     roi_size: Sequence[int] | None = None,
     overlap: float = 0.25,
     sw_batch_size: int = 2,
-    amp: bool = False,
+    *,
+    amp: bool,
 ) -> torch.Tensor:
     """Logits for a (B, C, *spatial) image on its own grid.
 

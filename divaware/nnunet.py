@@ -156,6 +156,7 @@ def _build_trainer() -> Any:
         raise ImportError(f"nnUNetTrainerDivaware needs nnU-Net v2: pip install 'divaware[nnunet]' ({err})") from err
 
     from divaware.external import mixed_weights, read_weights, weights_for
+    from divaware.losses import combine
 
     class nnUNetTrainerDivaware(nnUNetTrainer):  # noqa: N801 (nnU-Net's naming convention)
         """nnU-Net's trainer with each case's loss scaled by α + (1 − α)·w (module docstring).
@@ -167,28 +168,30 @@ def _build_trainer() -> Any:
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cuda")):  # noqa: B008 (nnU-Net's signature)
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.case_weights = None
-            self.alpha = float(os.environ.get(ALPHA_ENV, "0.5"))
+            self.case_weights = self.raw_weights = None
+            from divaware.config import default
+
+            self.alpha = float(os.environ.get(ALPHA_ENV, default("alpha")))  # the config's alpha unless set
             self.last_step: dict[str, Any] = {}
             if os.environ.get(WEIGHTS_ENV):
                 self.set_case_weights(read_weights(os.environ[WEIGHTS_ENV]), self.alpha)
 
-        def set_case_weights(self, weights: Any, alpha: float = 0.5) -> None:
+        def set_case_weights(self, weights: Any, alpha: float) -> None:
             """Use ``weights`` (a Series/mapping patient_id -> weight, e.g. :func:`read_weights`) with ``alpha``."""
             self.alpha = float(alpha)
             series = weights if isinstance(weights, pd.Series) else pd.Series(dict(weights), dtype=float)
+            self.raw_weights = series
             self.case_weights = mixed_weights(series, self.alpha)
 
-        def _scale(self, keys: Sequence[str]) -> torch.Tensor:
+        def _weights(self, keys: Sequence[str]) -> np.ndarray:
             if self.case_weights is None:
                 raise RuntimeError(f"nnUNetTrainerDivaware: no weights; set ${WEIGHTS_ENV} to the CSV written by "
                                    "`divaware weights`, or call set_case_weights()")
-            return torch.as_tensor(weights_for(self.case_weights, [str(k) for k in keys]), dtype=torch.float32,
-                                   device=self.device)
+            return np.asarray(weights_for(self.raw_weights, [str(k) for k in keys]), dtype=float)
 
         def train_step(self, batch: dict) -> dict:
             data, target = batch["data"], batch["target"]
-            scale = self._scale(batch["keys"])
+            weights = self._weights(batch["keys"])
             data = data.to(self.device, non_blocking=True)
             target = ([t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list)
                       else target.to(self.device, non_blocking=True))
@@ -201,7 +204,8 @@ def _build_trainer() -> Any:
                 output = self.network(data)
                 # nnU-Net's own loss (deep supervision included), one case at a time
                 case_loss = torch.stack([self.loss(one(output, i), one(target, i)) for i in range(data.shape[0])])
-                loss = (scale * case_loss).mean()
+                # divaware's objective itself (global norm: case i's loss scaled by alpha + (1 - alpha) w_i)
+                loss = combine(case_loss, weights, self.alpha, "global")
             # the stock trainer's backward pass, unchanged
             if self.grad_scaler is not None:
                 self.grad_scaler.scale(loss).backward()
@@ -213,7 +217,8 @@ def _build_trainer() -> Any:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
                 self.optimizer.step()
-            self.last_step = {"keys": [str(k) for k in batch["keys"]], "scale": scale.cpu().numpy(),
+            scale = self.alpha + (1.0 - self.alpha) * weights
+            self.last_step = {"keys": [str(k) for k in batch["keys"]], "scale": scale,
                               "case_loss": case_loss.detach().float().cpu().numpy(),
                               "loss": float(loss.detach())}
             return {"loss": np.asarray(loss.detach().cpu().numpy())}

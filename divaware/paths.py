@@ -21,11 +21,29 @@ from pathlib import Path
 DATA_ENV = "DIVAWARE_DATA"
 CACHE_ENV = "DIVAWARE_CACHE"
 RUNS_ENV = "DIVAWARE_RUNS"
+STORE_ENV = "DIVAWARE_PREPROCESSED"
 
 
 def cache_dir() -> Path:
     """The divaware cache folder (synthetic cohorts); ``$DIVAWARE_CACHE`` or ``~/.cache/divaware``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "divaware").expanduser()
+
+
+def store_root(override: str | Path | None = None) -> Path:
+    """The shared preprocessing store (:mod:`divaware.preprocess`): ``override``, else ``$DIVAWARE_PREPROCESSED``,
+    else ``<divaware cache>/preprocessed`` (``$DIVAWARE_CACHE`` or ``~/.cache/divaware``)."""
+    if override:
+        return Path(override).expanduser()
+    return Path(os.environ.get(STORE_ENV) or cache_dir() / "preprocessed").expanduser()
+
+
+def voxel_cache_path(data_root: str | Path, root: str | Path | None = None) -> Path:
+    """The voxel-check results of one data folder, kept in the shared store (one file per data root;
+    entries inside are keyed by the contents of each case's files, see :func:`divaware.cohort.load_cohort`)."""
+    import hashlib
+
+    key = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:12]
+    return store_root(root) / "voxel_checks" / f"{key}.json"
 
 
 def generator_tag() -> str:
@@ -77,7 +95,7 @@ def ensure_synthetic(n_cases: int = 300, seed: int = 0, preset: str = "default",
     return root
 
 
-def resolve_data_root(data_root: str | Path | None = "", n_cases: int = 300, seed: int = 0,
+def resolve_data_root(data_root: str | Path | None, n_cases: int = 300, seed: int = 0,
                       preset: str = "default", missingness: str = "teaching", disparity: str = "default",
                       counterfactual: bool = False, hard_fraction: float | None = None) -> Path:
     """The cohort folder to use: explicit argument, else ``$DIVAWARE_DATA``, else the synthetic default."""

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 
 from divaware import data as D
-from divaware.cohort import run_val_ids
 from divaware.model import check_inference_memory, infer, segment
 from divaware.outputs import ensure_writable
 from divaware.runfolder import RunFolder, atomic_write
+from divaware.split import run_val_ids
 from divaware.train import TrainConfig, resolve_device
 
 POSTPROCESS = ("largest_component", "breast_box")

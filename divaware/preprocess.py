@@ -52,7 +52,9 @@ from monai.transforms import MapTransform, Randomizable
 
 from divaware import data as D
 
-STORE_ENV = "DIVAWARE_PREPROCESSED"
+# where the store lives is a path question (divaware.paths): the run folder asks it without loading torch
+from divaware.paths import STORE_ENV, store_root, voxel_cache_path  # noqa: F401 (re-exported)
+
 STORE_VERSION = 2
 """Version 2: entries keyed by content digests, with per-file checksums in meta.json. Bump when the stored format or the preprocessing code changes what is stored: old entries are not read."""
 DIGESTS = "digests"
@@ -66,17 +68,7 @@ the non-zero voxels quantised linearly to 1..255 over their range, 0 kept for ex
 most half a step, about 0.01-0.05 SD of the z-scored intensities)."""
 
 
-def store_root(override: str | Path | None = None) -> Path:
-    """The shared preprocessing store: ``override``, else ``$DIVAWARE_PREPROCESSED``, else
-    ``<divaware cache>/preprocessed`` (``$DIVAWARE_CACHE`` or ``~/.cache/divaware``)."""
-    from divaware.paths import cache_dir
-
-    if override:
-        return Path(override).expanduser()
-    return Path(os.environ.get(STORE_ENV) or cache_dir() / "preprocessed").expanduser()
-
-
-def settings_key(spec: D.DataSpec, precision: str = "float16") -> str:
+def settings_key(spec: D.DataSpec, precision: str) -> str:
     """Hash of the settings that change the stored arrays (not patch size, sampling or augmentation)."""
     if precision not in PRECISIONS:
         raise ValueError(f"store precision must be one of {PRECISIONS}, got {precision!r}")
@@ -86,8 +78,7 @@ def settings_key(spec: D.DataSpec, precision: str = "float16") -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str = "float16",
-             memo: Path | None = None) -> str:
+def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str, memo: Path | None = None) -> str:
     """Hash of one case's files' contents (:func:`divaware.digests.file_digest`, remembered in ``memo``),
     its breast box and :func:`settings_key`: a file edited in place, even with its size and mtime kept,
     gives another key."""
@@ -101,7 +92,7 @@ def case_key(record: Mapping[str, Any], spec: D.DataSpec, precision: str = "floa
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def entry_dir(root: Path, record: Mapping[str, Any], spec: D.DataSpec, precision: str = "float16") -> Path:
+def entry_dir(root: Path, record: Mapping[str, Any], spec: D.DataSpec, precision: str) -> Path:
     """Where a case's entry lives (it exists only once complete)."""
     return (Path(root) / f"v{STORE_VERSION}-{settings_key(spec, precision)}"
             / f"{record[D.PID]}-{case_key(record, spec, precision, Path(root) / DIGESTS)}")
@@ -134,7 +125,7 @@ def file_lock(path: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path, precision: str = "float16") -> None:
+def _write_entry(record: Mapping[str, Any], spec: D.DataSpec, final: Path, precision: str) -> None:
     """Preprocess one case (:func:`divaware.data.preprocessing`, the same steps as every mode) and store it."""
     from monai.transforms import Compose
 
@@ -268,7 +259,7 @@ def _decode(block: np.ndarray, quant: Sequence[Sequence[float]] | None) -> np.nd
     return out
 
 
-def ensure_entry(record: Mapping[str, Any], spec: D.DataSpec, root: Path, precision: str = "float16") -> Path:
+def ensure_entry(record: Mapping[str, Any], spec: D.DataSpec, root: Path, precision: str) -> Path:
     """The entry of one case, written first if absent (under a per-case lock; stale temporaries removed)."""
     final = entry_dir(root, record, spec, precision)
     memo, pid = Path(root) / DIGESTS, str(record[D.PID])
@@ -306,7 +297,7 @@ def _fill_one(args: tuple[dict[str, Any], D.DataSpec, str, str]) -> str:
 
 
 def fill(records: Sequence[Mapping[str, Any]], spec: D.DataSpec, root: str | Path | None = None,
-         workers: int = 0, progress: bool = False, precision: str = "float16") -> list[Path]:
+         workers: int = 0, *, progress: bool, precision: str) -> list[Path]:
     """Make sure every case has its entry; returns the entry folders in the order of ``records``.
 
     ``workers`` > 0 preprocesses in that many worker processes (each single-threaded), with a progress
@@ -490,8 +481,8 @@ class LoadVolumed(MapTransform):
 
 
 def make_datasets(train_records: Sequence[Mapping[str, Any]], val_records: Sequence[Mapping[str, Any]],
-                  spec: D.DataSpec, root: str | Path | None = None, workers: int = 0, progress: bool = False,
-                  counter: ByteCounter | None = None, precision: str = "float16") -> tuple[Any, Any, dict[str, Path]]:
+                  spec: D.DataSpec, root: str | Path | None = None, workers: int = 0, *, progress: bool,
+                  precision: str, counter: ByteCounter | None = None) -> tuple[Any, Any, dict[str, Path]]:
     """Fill the store for both splits, then the training dataset (patches + augmentations; None without
     training records) and the full validation dataset; also returns ``patient_id -> entry folder`` for
     :func:`patch_scores`."""
@@ -506,13 +497,6 @@ def make_datasets(train_records: Sequence[Mapping[str, Any]], val_records: Seque
                 if train_records else None)
     val_ds = Dataset([{D.PID: r[D.PID]} for r in val_records], Compose([LoadVolumed(entries)]))
     return train_ds, val_ds, entries
-
-
-def voxel_cache_path(data_root: str | Path, root: str | Path | None = None) -> Path:
-    """The voxel-check results of one data folder, kept in the shared store (one file per data root;
-    entries inside are keyed by the contents of each case's files, see :func:`divaware.cohort.load_cohort`)."""
-    key = hashlib.sha1(str(Path(data_root).resolve()).encode()).hexdigest()[:12]
-    return store_root(root) / "voxel_checks" / f"{key}.json"
 
 
 def load_cohort_once(data_root: str | Path, root: str | Path | None = None, **kwargs: Any) -> Any:
@@ -534,9 +518,9 @@ def load_cohort_once(data_root: str | Path, root: str | Path | None = None, **kw
 # --------------------------------------------------------------------------------------------------
 
 
-def validation_windows(meta: Mapping[str, Any], size: Sequence[int], n_random: int, seed: int
+def validation_windows(meta: Mapping[str, Any], size: Sequence[int], val_patches: int, seed: int
                        ) -> list[tuple[int, int, int]]:
-    """Fixed windows of one case: tiles covering the tumour's bounding box, then ``n_random`` windows placed
+    """Fixed windows of one case: tiles covering the tumour's bounding box, then ``val_patches`` windows placed
     uniformly in the stored box (seeded by ``seed`` and the case), which catch false positives away from it.
     """
     shape = [int(s) for s in meta["shape"]]
@@ -553,15 +537,15 @@ def validation_windows(meta: Mapping[str, Any], size: Sequence[int], n_random: i
         starts += [(x, y, z) for x in axes[0] for y in axes[1] for z in axes[2]]
     digest = hashlib.sha1(f"{seed}:{meta['patient_id']}".encode()).hexdigest()
     rng = np.random.default_rng(int(digest[:12], 16))
-    for _ in range(int(n_random)):
+    for _ in range(int(val_patches)):
         starts.append(tuple(int(rng.integers(0, max(s - p, 0) + 1)) for s, p in zip(shape, size, strict=True)))
     return list(dict.fromkeys(starts))  # duplicates (a case smaller than the window) count once
 
 
 @torch.no_grad()
 def patch_scores(model: torch.nn.Module, entries: Mapping[str, Path], patient_ids: Sequence[str],
-                 size: Sequence[int], n_random: int, seed: int, device: torch.device, divisor: int,
-                 amp: bool = False, score: str = "dice") -> Any:
+                 size: Sequence[int], val_patches: int, seed: int, device: torch.device, divisor: int,
+                 amp: bool, score: str) -> Any:
     """Per-case scores on each case's fixed windows (:func:`validation_windows`), index ``patient_id``.
 
     Dice (and ``score``) over the union of the windows: the voxels outside them count as neither predicted
@@ -576,7 +560,7 @@ def patch_scores(model: torch.nn.Module, entries: Mapping[str, Path], patient_id
     rows = []
     for pid in patient_ids:
         entry = Entry.open(entries[str(pid)])
-        windows = validation_windows(entry.meta, size, n_random, seed)
+        windows = validation_windows(entry.meta, size, val_patches, seed)
         shape = entry.shape
         reads = [entry.read(w, size) for w in windows]
         image = torch.from_numpy(np.stack([r[0] for r in reads])).to(device)

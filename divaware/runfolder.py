@@ -262,7 +262,7 @@ class RunFolder:
         run's own disk cache. ``data_root``: the data folder checked (default: the run's)."""
         config = self.read_config() if self.config.is_file() else {}
         if config.get("cache", "auto") in ("auto", "preprocessed") and (data_root or config.get("data_root")):
-            from divaware.preprocess import voxel_cache_path
+            from divaware.paths import voxel_cache_path
 
             store = configured if configured is not None else config.get("cache_dir") or None
             return voxel_cache_path(data_root or config["data_root"], store or None)
@@ -312,6 +312,15 @@ class RunFolder:
 
     def read_val_scores(self) -> pd.DataFrame:
         return pd.read_csv(self.val_scores, dtype={"patient_id": str})
+
+    def epoch_val_scores(self, epoch: int | None = None) -> pd.DataFrame:
+        """One validated epoch's per-case scores (default: the last), index patient_id, one row per case: the
+        full sliding-window scores (``kind`` full) where cheap validation also wrote window scores."""
+        scores = self.read_val_scores()
+        if "kind" in scores.columns:  # with val_patches > 0, refreshes and the last epoch hold both kinds
+            scores = scores[scores["kind"].fillna("full") == "full"]
+        epoch = int(scores["epoch"].max()) if epoch is None else int(epoch)
+        return scores[scores["epoch"] == epoch].set_index("patient_id")
 
     def read_weights_history(self, **read_csv: Any) -> pd.DataFrame:
         """weights_history.csv (``read_csv`` keywords passed on; patient_id always read as text)."""

@@ -31,8 +31,6 @@ import random
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,399 +42,45 @@ import yaml
 from divaware import data as D
 from divaware import distributed
 from divaware import preprocess as P
-from divaware.cohort import derived_seed as _derived_seed
-from divaware.cohort import split_train_val, val_case_count  # noqa: F401 (re-exported)
-from divaware.losses import LOSSES, WEIGHT_NORMS, combine, make_loss
+
+# the schema and its constants live in divaware.config; re-exported here for callers of the former home
+from divaware.config import (  # noqa: F401
+    AMP_MODES,
+    LEGACY_VALUES,
+    MAX_LR,
+    OPERATIONAL_FIELDS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    SCORES,
+    TrainConfig,
+    default,
+    result_fields,
+)
+from divaware.engine import Callback, SegmentationTask, StepDiverged, ValidationResult
+from divaware.losses import make_loss
 from divaware.metrics import worst_group
-from divaware.model import MODELS, build_model, check_model_kwargs, infer, network_divisor, segment
+from divaware.model import infer, segment
 from divaware.outputs import ensure_writable
+from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401
 
 # VOXEL_CACHE, DiskFullError, split_train_val and worst_group are re-exported: callers import them from here
-from divaware.runfolder import VOXEL_CACHE, DiskFullError, RunFolder, torch_save, write_csv, write_text  # noqa: F401
-from divaware.weighting import REFRESH_SCHEDULE
+from divaware.split import derived_seed as _derived_seed
+from divaware.split import split_train_val, val_case_count  # noqa: F401 (re-exported)
 
 METRIC_COLUMNS = (
     "epoch", "loss", "loss_mean", "lr", "schedule_epochs", "val_dice", "val_worst_group_dice", "val_worst_group",
     "val_score", "selection", "best", "refreshed", "weight_min", "weight_max", "time_s", "train_time_s",
     "val_time_s",
 )
-AMP_MODES = ("auto", "bf16", "off")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("constant", "cosine", "poly")
-SCORES = ("dice", "challenge")
 CHECKPOINT_FORMAT = 1
-
-# Fields that do not change what a run computes: they may differ when resuming (e.g. more epochs, more
-# loader workers, another machine) and are ignored when checking a run folder against a config.
-OPERATIONAL_FIELDS = frozenset({
-    "epochs", "num_workers", "progress", "cache", "cache_dir", "cache_max_gb", "out_dir", "device", "compile",
-    "cpu_threads",
-})
-
-
-def _f(default: Any, doc: str) -> Any:
-    """A dataclass field with its documentation attached (written as comments into config.yaml)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. Load with :meth:`from_yaml`, save with :meth:`to_yaml`."""
-
-    # -- data --------------------------------------------------------------------------------------
-    data_root: str = _f("", "MAMA-MIA root folder; empty: $DIVAWARE_DATA, else the synthetic cohort "
-                            "(generated on first use in the divaware cache with the synthetic_* settings)")
-    synthetic_cases: int = _f(300, "cases of the synthetic cohort used when no data_root is given")
-    synthetic_seed: int = _f(0, "seed of the synthetic cohort")
-    synthetic_preset: str = _f("default", "preset of the synthetic cohort")
-    synthetic_disparity: str = _f("default", "what makes the synthetic hard subgroup hard: default, "
-                                             "representation, intrinsic (irreducible), lookalike (learnable) "
-                                             "or lookalike_weak (its dose control)")
-    synthetic_counterfactual: bool = _f(False, "look-alike mechanisms: the same patients rendered without their "
-                                               "lesions (the counterfactual cohort)")
-    synthetic_hard_fraction: float | None = _f(None, "share of hard-subgroup cases in the synthetic cohort (more "
-                                                     "distinct hard patients, e.g. 0.5); null: the natural ~13 %")
-    phases: list[int] = _f([0, 1, 2], "phases loaded as channels: 0 = _0000 pre-contrast, 1 = first post-contrast, ...")
-    subtraction: bool = _f(False, "add the post1 - pre subtraction image as an extra channel")
-    spacing: list[float] | None = _f(None, "resample to this spacing in mm (RAS order); null keeps each case's grid")
-    crop_to_breast: bool = _f(False, "crop every case to the breast box of its patient-info JSON")
-    breast_margin: int = _f(0, "voxels added around the breast box when cropping")
-    patch_size: list[int] | None = _f(None, "train on random patches of this size (tumour/background balanced) "
-                                            "and validate by sliding window; null: whole volumes")
-    samples_per_case: int = _f(2, "patches drawn per loaded case (patch training only)")
-    pos_fraction: float = _f(0.5, "fraction of patches centred on tumour (patch training only)")
-    augment: bool = _f(True, "random flips, small rotations/scaling and intensity changes while training")
-    affine_prob: float = _f(0.2, "probability of the random rotation/scaling per training sample")
-    # -- split and subgroups -----------------------------------------------------------------------
-    val_fraction: float = _f(0.2, "fraction of the challenge train split held out as fairness-validation")
-    min_val_cases: int = _f(96, "at least this many fairness-validation cases where the cohort allows: the split "
-                                "takes max(val_fraction, min_val_cases) but never more than 40 % of the cases "
-                                "(see val_case_count); 0: val_fraction alone")
-    stratify: list[str] = _f(["age_group", "menopause", "breast_density"],
-                             "metadata columns the train/val split is stratified by (rare strata merged)")
-    attributes: list[str] = _f(["age_group", "menopause", "breast_density", "dense"],
-                               "subgroup attributes: given to the weighting strategy and used for the "
-                               "worst-group validation Dice (dense: BI-RADS c/d vs a/b, derived from "
-                               "breast_density)")
-    min_group_size: int = _f(3, "validation groups smaller than this are left out of the worst-group Dice")
-    # -- model ---------------------------------------------------------------------------------------
-    model: str = _f("unet", f"network: one of {', '.join(MODELS)}")
-    channels: list[int] = _f([16, 32, 64, 128, 256], "feature channels per resolution level")
-    strides: list[int] = _f([2, 2, 2, 2], "down-sampling stride between levels")
-    num_res_units: int = _f(2, "residual units per block (unet; dynunet uses residual blocks if > 0)")
-    dropout: float = _f(0.0, "dropout probability")
-    model_kwargs: dict = _f({}, "extra keyword arguments for the MONAI network constructor")
-    # -- loss and weighting ----------------------------------------------------------------------
-    loss: str = _f("dice_ce", f"per-case loss: one of {', '.join(LOSSES)}")
-    loss_params: dict = _f({}, "extra loss parameters, e.g. {gamma: 2.0, lambda_dice: 1.0, lambda_other: 1.0}")
-    alpha: float = _f(0.5, "L = alpha * mean(l) + (1 - alpha) * weighted term (see weight_norm); 1 = plain ERM")
-    weight_norm: str = _f("global", "weighted term: global = sum(w l) / B with weights of training-set mean 1 "
-                                    "(each case's gradient follows its weight at any batch size); batch = "
-                                    "sum(w l) / sum(w) (the former form: no effect at batch size 1)")
-    strategy: str = _f("divaware", "weighting strategy: erm, inverse_frequency, group_dro, paper, divaware, "
-                                   "febs, oracle (synthetic cohorts only)")
-    strategy_params: dict = _f({}, "extra parameters of the strategy (e.g. tau, w_min, w_max, min_support; "
-                                   "names are checked; defaults: divaware.weighting.DEFAULTS)")
-    warmup_epochs: int = _f(REFRESH_SCHEDULE["warmup_epochs"], "epochs of plain training before the first weight "
-                            "refresh (refreshing strategies; default: divaware.weighting.REFRESH_SCHEDULE)")
-    update_every: int = _f(REFRESH_SCHEDULE["update_every"], "epochs between weight refreshes after the warm-up")
-    score: str = _f("dice", "per-case validation score given to the strategy: dice, or challenge "
-                            "(= (Dice + 1 - NormHD) / 2)")
-    # -- optimisation --------------------------------------------------------------------------------
-    epochs: int = _f(20, "training epochs (may be raised when resuming)")
-    batch_size: int = _f(4, "cases per batch (times samples_per_case patches in patch training)")
-    lr: float = _f(1e-3, "learning rate")
-    weight_decay: float = _f(1e-5, "weight decay")
-    optimizer: str = _f("adamw", f"optimiser: one of {', '.join(OPTIMIZERS)}")
-    scheduler: str = _f("cosine", "learning-rate schedule over `schedule_epochs`: constant, cosine or poly "
-                                  "(exponent 0.9)")
-    schedule_epochs: int | None = _f(None, "epochs the lr schedule spans; null: the run's `epochs` at its first "
-                                           "start, kept when a resumed run raises `epochs` (epochs past the "
-                                           "schedule keep its final lr); set it to plan a longer run")
-    grad_clip: float | None = _f(12.0, "clip the gradient norm to this; null: no clipping")
-    seed: int = _f(0, "seed of the split, initialisation, loader order and augmentations")
-    # -- engine --------------------------------------------------------------------------------------
-    device: str = _f("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
-    amp: str = _f("auto", "mixed precision: auto (bf16 autocast on CUDA, off on CPU), bf16 or off")
-    compile: bool = _f(False, "torch.compile the network for training (CUDA only; minutes of compilation; "
-                              "meant for patch training: whole volumes of varying size recompile per shape)")
-    channels_last: bool | None = _f(None, "channels_last_3d memory format; null: on for CUDA")
-    deterministic: bool = _f(False, "deterministic algorithms (slower on CUDA; CPU runs are reproducible anyway)")
-    num_workers: int = _f(0, "data-loader worker processes (0: load in the main process)")
-    cpu_threads: int = _f(0, "torch CPU threads; 0: torch's default (use 1 on a busy shared machine, where "
-                             "threads spinning against other processes slow CPU training down many times)")
-    cache: str = _f("auto", "cache of preprocessed cases: auto (memory when the cases fit cache_max_gb, else "
-                            "preprocessed for patch training, disk otherwise), memory, disk, none, or "
-                            "preprocessed (the store shared by all runs: divaware.preprocess)")
-    cache_dir: str = _f("", "disk-cache folder; empty: <out_dir>/cache, or for preprocessed the shared store "
-                            "($DIVAWARE_PREPROCESSED, else <divaware cache>/preprocessed); never inside the data")
-    cache_max_gb: float = _f(2.0, "auto cache: in memory up to this many GiB, on disk beyond")
-    sw_overlap: float = _f(0.25, "sliding-window overlap for validation in patch training")
-    val_every: int = _f(1, "validate every this many epochs (refreshes and the last epoch always validate)")
-    store_precision: str = _f("float16", "image precision in the preprocessed store: float16 (2 bytes per phase "
-                                         "and voxel) or uint8 (1 byte: per case and phase, linear over the "
-                                         "non-zero range, error <= half a step)")
-    val_patches: int = _f(0, "cheap validation (preprocessed cache only): score each val case on patch-size "
-                             "windows covering its tumour plus this many fixed random windows; the metrics "
-                             "and selection use these, refreshes and the last epoch add full sliding-window "
-                             "scores (the refresh uses them); 0: full sliding window at every validation")
-    out_dir: str = _f("runs/{strategy}_seed{seed}", "run folder; {field} placeholders are filled from this config")
-    progress: bool = _f(True, "show tqdm progress bars")
-
-    def __post_init__(self) -> None:
-        # YAML and Python callers hand in tuples, strings such as "1e-3" (PyYAML reads that as text) or
-        # ints for floats: coerce once so comparisons between configs and the YAML round trip are exact.
-        def whole(value: Any) -> int:
-            # int(2.7) would silently train 2 epochs: a fractional value for a count is an error; and
-            # `epochs: true` (YAML's yes/true) is a typo, not 1
-            if isinstance(value, bool):
-                raise ValueError(f"{value!r} is a boolean, not a number")
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"{value!r} is not a whole number")
-            if abs(int(value)) >= 2**63:  # torch and numpy take 64-bit integers (seed: 1e20 overflowed there)
-                raise ValueError(f"{value!r} is too large (at most {2**63 - 1})")
-            return int(value)
-
-        def as_list(value: Any, kind: type) -> list | None:
-            if value is not None and isinstance(value, (str, bytes, int, float)):
-                raise TypeError(f"{value!r} is not a list (write it as [{value}, ...])")
-            return None if value is None else [(whole if kind is int else kind)(v) for v in value]
-
-        current = ""  # the field being coerced: every type error names it
-        try:
-            for current, kind in (("phases", int), ("channels", int), ("strides", int), ("patch_size", int),
-                                  ("spacing", float), ("stratify", str), ("attributes", str)):
-                setattr(self, current, as_list(getattr(self, current), kind))
-            for f in dataclasses.fields(self):
-                current, value = f.name, getattr(self, f.name)
-                if isinstance(value, bool) and f.type in ("int", "float", "int | None", "float | None"):
-                    raise ValueError(f"field {f.name!r}: {value!r} is a boolean, not a number")
-                if f.type in ("int",):
-                    try:
-                        setattr(self, f.name, whole(value))
-                    except ValueError as err:
-                        raise ValueError(f"field {f.name!r}: {err}") from None
-                elif f.type in ("float",):
-                    setattr(self, f.name, float(value))
-                elif f.type == "float | None" and value is not None:
-                    setattr(self, f.name, float(value))
-                elif f.type == "int | None" and value is not None and not isinstance(value, bool):
-                    setattr(self, f.name, int(value))
-                elif f.type == "dict":
-                    setattr(self, f.name, dict(value or {}))
-                elif f.type == "str":
-                    setattr(self, f.name, "" if value is None else str(value))
-        except (TypeError, ValueError, OverflowError) as err:
-            given = getattr(self, current, None)
-            expected = {"int": "a whole number", "float": "a number", "int | None": "a whole number or null",
-                        "float | None": "a number or null"}.get(self.__dataclass_fields__[current].type, "")
-            detail = (str(err) if str(err).startswith("field ") else f"field {current!r} is null (empty)"
-                      if given is None else f"field {current!r} = {given!r}: {err}")
-            raise ValueError(f"config {detail}" + (f"; give {expected}" if expected else "")) from None
-
-    # ---------------------------------------------------------------------------------------------
-    @classmethod
-    def field_docs(cls) -> dict[str, str]:
-        """Field name -> documentation."""
-        return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        """A config from a mapping; unknown keys raise (a typo must not silently fall back to a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config field(s) {unknown}; valid fields: {sorted(known)}")
-        cfg = cls(**{k: values[k] for k in values})
-        cfg.validate()
-        return cfg
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Load a YAML file (missing fields take their defaults)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {path} not found")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as err:
-            raise ValueError(f"config file {path} is not UTF-8 text (byte {err.start}: {err.reason}); save it "
-                             "as UTF-8") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {path} is not valid YAML ({_yaml_error(err)}); fix the syntax") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of field: value")
-        return cls.from_dict(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """The config as commented YAML (each field preceded by its documentation); written if ``path``."""
-        docs = self.field_docs()
-        lines = ["# divaware training configuration (see divaware.train.TrainConfig)"]
-        for key, value in self.to_dict().items():
-            lines.append(f"# {docs[key]}")
-            lines.append(yaml.safe_dump({key: value}, default_flow_style=False, sort_keys=False).rstrip())
-        text = "\n".join(lines) + "\n"
-        if path is not None:
-            write_text(path, text)
-        return text
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field for any value that cannot work."""
-        def bad(name: str, why: str) -> None:
-            raise ValueError(f"config field {name!r} = {getattr(self, name)!r}: {why}")
-
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            bad("alpha", "must lie in [0, 1]")
-        for name in ("epochs", "batch_size", "update_every", "val_every", "samples_per_case", "synthetic_cases"):
-            if int(getattr(self, name)) < 1:
-                bad(name, "must be >= 1")
-        if int(self.warmup_epochs) < 0:
-            bad("warmup_epochs", "must be >= 0")
-        if isinstance(self.min_val_cases, bool) or float(self.min_val_cases) != int(self.min_val_cases) \
-                or int(self.min_val_cases) < 0:
-            bad("min_val_cases", "must be a whole number >= 0 (0: val_fraction alone)")
-        if float(self.lr) <= 0:
-            bad("lr", "must be > 0")
-        if self.schedule_epochs is not None and int(self.schedule_epochs) < 1:
-            bad("schedule_epochs", "must be >= 1 or null")
-        if self.amp not in AMP_MODES:
-            bad("amp", f"must be one of {AMP_MODES}")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", f"must be one of {OPTIMIZERS}")
-        if self.scheduler not in SCHEDULERS:
-            bad("scheduler", f"must be one of {SCHEDULERS}")
-        if self.weight_norm not in WEIGHT_NORMS:
-            bad("weight_norm", f"must be one of {WEIGHT_NORMS}")
-        if self.score not in SCORES:
-            bad("score", f"must be one of {SCORES}")
-        if self.cache not in D.CACHE_MODES:
-            bad("cache", f"must be one of {D.CACHE_MODES}")
-        if self.store_precision not in P.PRECISIONS:
-            bad("store_precision", f"must be one of {P.PRECISIONS}")
-        try:
-            make_loss(self.loss, **self.loss_params)
-        except (ValueError, TypeError) as err:
-            bad("loss", f"{err} (loss_params: {self.loss_params})")
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            bad("device", "must be auto, cpu, cuda or cuda:N")
-        if int(self.num_workers) < 0:
-            bad("num_workers", "must be >= 0")
-        if int(self.cpu_threads) < 0:
-            bad("cpu_threads", "must be >= 0")
-        from divaware.weighting import STRATEGIES, check_strategy_params
-
-        if self.strategy not in STRATEGIES:
-            bad("strategy", f"must be one of {sorted(STRATEGIES)}")
-        try:  # names only: a typo must fail here, before any data is read
-            check_strategy_params(self.strategy, self.strategy_params)
-        except ValueError as err:
-            raise ValueError(f"config field 'strategy_params': {err}") from None
-        try:
-            check_model_kwargs(self.model, self.model_kwargs)
-        except ValueError as err:
-            raise ValueError(f"config field 'model_kwargs': {err}") from None
-        from divaware.synthetic import DISPARITIES
-
-        if self.synthetic_disparity not in DISPARITIES:
-            bad("synthetic_disparity", f"must be one of {DISPARITIES}")
-        if self.synthetic_hard_fraction is not None and not 0.0 < float(self.synthetic_hard_fraction) < 1.0:
-            bad("synthetic_hard_fraction", "must be between 0 and 1 (exclusive), or null")
-        try:
-            self.data_spec()
-        except ValueError as err:
-            raise ValueError(f"config: {err}") from None
-        try:
-            self.run_dir()
-        except (KeyError, IndexError, ValueError) as err:
-            bad("out_dir", f"placeholder {err} is not a config field")
-        check_config_values(self)
-
-    def divisor(self) -> int:
-        return network_divisor(self.model, self.strides, **self.model_kwargs)
-
-    def data_spec(self) -> D.DataSpec:
-        """The data pipeline settings of this run (shared with ``predict``)."""
-        return D.DataSpec(
-            phases=tuple(self.phases), subtraction=bool(self.subtraction),
-            spacing=None if self.spacing is None else tuple(self.spacing),
-            crop_to_breast=bool(self.crop_to_breast), breast_margin=int(self.breast_margin),
-            patch_size=None if self.patch_size is None else tuple(self.patch_size),
-            samples_per_case=int(self.samples_per_case), pos_fraction=float(self.pos_fraction),
-            augment=bool(self.augment), affine_prob=float(self.affine_prob), divisor=self.divisor(),
-        )
-
-    def build_model(self) -> torch.nn.Module:
-        """The network of this run (weights freshly initialised from the global torch RNG)."""
-        return build_model(self.model, in_channels=self.data_spec().in_channels, out_channels=2,
-                           channels=self.channels, strides=self.strides, num_res_units=self.num_res_units,
-                           dropout=self.dropout, **self.model_kwargs)
-
-    def run_dir(self) -> Path:
-        """The run folder, with ``{field}`` placeholders of ``out_dir`` filled in."""
-        return Path(self.out_dir.format(**self.to_dict())).expanduser()
 
 
 class TrainingDivergedError(RuntimeError):
     """A non-finite loss or gradient; the message names epoch, batch and patient_ids."""
 
 
-def _yaml_error(err: Exception) -> str:
-    mark = getattr(err, "problem_mark", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + str(getattr(err, "problem", None) or err).splitlines()[0]
-
-
-MAX_LR = 1.0
-"""Largest learning rate accepted: above it Adam/AdamW/SGD steps are larger than the weights themselves."""
 EXPLOSION_FACTOR = 1e4
 """Training stops when a batch's mean loss exceeds this multiple of the run's first loss (without NaN)."""
-
-
-def check_config_values(config: TrainConfig) -> None:
-    """Raise a one-line ValueError for a value of the right type but no meaning (negative, fractional, absurd).
-
-    Kept apart from :meth:`TrainConfig.validate` (which checks names and choices) so the two lists stay short.
-    """
-    def bad(name: str, why: str) -> None:
-        raise ValueError(f"config field {name!r} = {getattr(config, name)!r}: {why}")
-
-    for name in ("epochs", "batch_size", "update_every", "val_every", "samples_per_case", "synthetic_cases",
-                 "warmup_epochs", "min_group_size", "breast_margin", "num_res_units", "seed", "num_workers",
-                 "cpu_threads"):
-        value = getattr(config, name)
-        if isinstance(value, float) and not float(value).is_integer():
-            bad(name, "must be a whole number")
-    if int(config.min_group_size) < 1:
-        bad("min_group_size", "must be >= 1 (groups smaller than this are left out of the worst-group Dice)")
-    if int(config.breast_margin) < 0:
-        bad("breast_margin", "must be >= 0")
-    if not 0.0 < float(config.val_fraction) <= 0.5:
-        bad("val_fraction", "must lie in (0, 0.5]: the fairness-validation split is carved from the training "
-                            "cases, and above half of them too few are left to train on")
-    if not math.isfinite(float(config.lr)) or float(config.lr) > MAX_LR:
-        bad("lr", f"must be a finite number <= {MAX_LR:g} (typical: 1e-4 to 1e-2)")
-    if float(config.weight_decay) < 0 or not math.isfinite(float(config.weight_decay)):
-        bad("weight_decay", "must be >= 0")
-    if config.grad_clip is not None and not (math.isfinite(config.grad_clip) and config.grad_clip > 0):
-        bad("grad_clip", "must be > 0 (a gradient-norm limit), or null for no clipping")
-    if not 0.0 <= float(config.dropout) < 1.0:
-        bad("dropout", "must lie in [0, 1)")
-    if not 0.0 <= float(config.sw_overlap) < 1.0:
-        bad("sw_overlap", "must lie in [0, 1)")
-    if float(config.cache_max_gb) < 0:
-        bad("cache_max_gb", "must be >= 0")
-    if config.spacing is not None and (len(config.spacing) != 3
-                                       or not all(math.isfinite(v) and v > 0 for v in config.spacing)):
-        bad("spacing", "must be 3 positive voxel sizes in mm, or null")
-    if config.patch_size is not None and not all(v > 0 for v in config.patch_size):
-        bad("patch_size", "must be 3 positive sizes, or null")
-    if any(int(c) < 1 for c in config.channels) or any(int(c) < 1 for c in config.strides):
-        bad("channels", "channels and strides must be positive")
 
 
 def check_patch_fits(config: TrainConfig, geometry: pd.DataFrame) -> None:
@@ -459,7 +103,7 @@ def refuse_inside_data(data_root: str | Path, **folders: Path) -> None:
                              "choose a folder outside it")
 
 
-class _LossWatch:
+class _LossWatch(Callback):
     """Stops training whose loss explodes without becoming NaN (e.g. an absurd lr: 3e12 -> 5e16)."""
 
     def __init__(self, history: Sequence[Mapping[str, Any]]) -> None:
@@ -475,6 +119,34 @@ class _LossWatch:
             _diverged(run_dir, epoch, batch, ids, losses,
                       f"loss grew {mean / self.reference:.3g} times above the first loss "
                       f"({self.reference:.4g} -> {mean:.4g}): exploding")
+
+    def on_batch_end(self, trainer: Trainer, epoch: int, batch: int, out: dict[str, Any]) -> None:
+        assert trainer.run is not None
+        self.check(trainer.run.path, epoch, batch, out["ids"], out["losses"])
+
+
+class RefreshWeights(Callback):
+    """New training weights from the fairness-validation scores, when the strategy's schedule asks: always on
+    full sliding-window scores (measured at every refresh, also under cheap validation)."""
+
+    def on_validation_end(self, trainer: Trainer, result: ValidationResult) -> None:
+        if trainer.strategy.should_refresh(result.epoch):
+            assert result.full is not None
+            trainer.refresh_weights(result.epoch, result.full)
+
+
+class SelectBest(Callback):
+    """best.pt: the model whose selection criterion beats every earlier epoch's (ties keep the earlier)."""
+
+    def on_validation_end(self, trainer: Trainer, result: ValidationResult) -> None:
+        result.best = trainer.select(result.epoch, result.metrics["selection"])
+
+
+class WriteRunFolder(Callback):
+    """last.pt and the tables after every epoch (rank 0; the ranks agree)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, row: dict[str, Any]) -> None:
+        trainer.save(epoch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -567,7 +239,7 @@ def validate(
     roi_size: Sequence[int] | None,
     overlap: float,
     amp: bool,
-    score: str = "dice",
+    score: str,
     batch_cases: int = 1,
 ) -> pd.DataFrame:
     """Per-case validation metrics (index ``patient_id``): ``dice`` (+ ``norm_hd``) and ``score``.
@@ -630,15 +302,6 @@ def _val_batch_cases(config: TrainConfig) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-# What a run folder written before a field existed computed: its absence in an old config.yaml means this
-# value, not the current default (so resuming such a run under the new default is refused, not silent).
-LEGACY_VALUES: dict[str, Any] = {"weight_norm": "batch"}
-
-
-def _result_fields(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in OPERATIONAL_FIELDS}
-
-
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """A copy with the data root made explicit (generating the synthetic cohort if needed)."""
     from divaware.paths import resolve_data_root
@@ -671,7 +334,7 @@ def _prepare_run_dir(run_dir: Path, config: TrainConfig, resume: bool, overwrite
             raise ValueError(f"run folder {run_dir} is not empty and holds no config.yaml; choose another out_dir")
         return False
     old = yaml.safe_load(cfg_path.read_text()) or {}
-    diff = sorted(k for k, v in _result_fields(config.to_dict()).items() if old.get(k, LEGACY_VALUES.get(k, v)) != v)
+    diff = sorted(k for k, v in result_fields(config.to_dict()).items() if old.get(k, LEGACY_VALUES.get(k, v)) != v)
     if diff and not overwrite:
         details = ", ".join(f"{k}: {old.get(k, LEGACY_VALUES.get(k))!r} -> {getattr(config, k)!r}" for k in diff)
         raise ValueError(
@@ -696,7 +359,7 @@ def _check_checkpoint_config(run: RunFolder, config: TrainConfig) -> None:
     """Resuming continues what ``last.pt`` was trained with: a field of config.yaml edited since (channels
     gave a state-dict size mismatch, data_root a KeyError on the split's ids) is named, not a traceback."""
     saved = load_checkpoint(run.path).get("config") or {}
-    current = _result_fields(config.to_dict())
+    current = result_fields(config.to_dict())
     diff = sorted(k for k, v in current.items() if k in saved and saved[k] != v)
     if diff:
         details = ", ".join(f"{k}: {saved[k]!r} in last.pt -> {current[k]!r} now" for k in diff)
@@ -744,7 +407,8 @@ def _set_lr(optimizer: torch.optim.Optimizer, config: TrainConfig, epoch: int) -
     return lr
 
 
-def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False,
+          callbacks: Sequence[Callback] = ()) -> Path:
     """Train one run and return its folder (see :mod:`divaware.runfolder` for what it holds).
 
     ``resume``: continue the run in the folder exactly where its last checkpoint left it (model, optimiser,
@@ -752,14 +416,15 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False) ->
     augmentations of epoch e depend only on (seed, e)); a finished run returns at once; with no checkpoint
     the run starts fresh. ``overwrite``: replace a run folder holding another run. Without either, an
     existing run folder is never touched. One process owns a run folder at a time (its ``run.lock``): a
-    second ``train`` into the same folder refuses with a message naming the owner.
+    second ``train`` into the same folder refuses with a message naming the owner. ``callbacks``
+    (:class:`divaware.engine.Callback`) run after the built-in ones at each point of the loop.
     """
     previous_threads = torch.get_num_threads()
     if config.cpu_threads > 0:
         torch.set_num_threads(int(config.cpu_threads))
     # under torchrun: one rank of a data-parallel run (see divaware.distributed); else a single process
     ranks, device_name = distributed.setup(config.device)
-    trainer = Trainer(config, ranks, device_name, resume=resume, overwrite=overwrite)
+    trainer = Trainer(config, ranks, device_name, resume=resume, overwrite=overwrite, callbacks=callbacks)
     try:
         return trainer.fit()
     finally:
@@ -778,7 +443,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, ranks: distributed.Ranks, device_name: str, resume: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, callbacks: Sequence[Callback] = ()) -> None:
         self.config, self.ranks, self.device_name = config, ranks, device_name
         self.resume, self.overwrite = resume, overwrite
         self.run: RunFolder | None = None
@@ -787,6 +452,7 @@ class Trainer:
         self.val_records: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": 0, "selection": -math.inf}
         self.start_epoch = 0
+        self.extra_callbacks = list(callbacks)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -799,7 +465,11 @@ class Trainer:
         if self.start_epoch >= config.epochs:
             return run.path
         self.watch = _LossWatch(self.history)
+        self.callbacks: list[Callback] = [self.watch, RefreshWeights(), SelectBest(), WriteRunFolder(),
+                                          *self.extra_callbacks]
         self._wrap_model()
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
         epochs_bar = tqdm(range(self.start_epoch, config.epochs), desc=f"train {run.path.name}", unit="epoch",
                           initial=self.start_epoch, total=config.epochs,
                           disable=not (config.progress and self.ranks.is_main))
@@ -809,7 +479,8 @@ class Trainer:
         return run.path
 
     def epoch(self, epoch: int) -> dict[str, Any]:
-        """One epoch: train, validate (when due), refresh the weights, select, save; returns its metrics row."""
+        """One epoch: train, validate when due (then the callbacks: refresh, best checkpoint), and the epoch's
+        callbacks (run-folder writing); returns its metrics row."""
         config = self.config
         t0 = time.perf_counter()
         row = self.train_epoch(epoch)
@@ -822,10 +493,12 @@ class Trainer:
         t1 = time.perf_counter()
         is_best = False
         if validate_now:
-            self.validate(next_epoch, row, full=refresh_due or next_epoch == config.epochs)
-            if refresh_due:  # always on full sliding-window scores (see validate)
-                self.refresh_weights(next_epoch, self.per_case_full)
-            is_best = self.select(next_epoch, row["selection"])
+            result = self.validate(next_epoch, full=refresh_due or next_epoch == config.epochs)
+            row.update(result.metrics)
+            self.val_records += result.records()
+            for cb in self.callbacks:
+                cb.on_validation_end(self, result)
+            is_best = result.best
         else:
             row.update(val_dice=math.nan, val_worst_group_dice=math.nan, val_worst_group="",
                        val_score=math.nan, selection=math.nan)
@@ -834,7 +507,8 @@ class Trainer:
                    val_time_s=time.perf_counter() - t1, train_time_s=train_time,
                    time_s=time.perf_counter() - t0)
         self.history.append(row)
-        self.save(next_epoch)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, next_epoch, row)
         return row
 
     # -- set up ---------------------------------------------------------------------------------------
@@ -849,8 +523,7 @@ class Trainer:
 
     def _setup_run_folder(self) -> None:
         config, ranks = self.config, self.ranks
-        config.validate()
-        config = ranks.on_main(resolve_config, config)  # rank 0 generates a missing synthetic cohort
+        config = ranks.on_main(resolve_config, config)  # the config was validated when it was made  # rank 0 generates a missing synthetic cohort
         run = self.run = RunFolder(config.run_dir())
         self.cache_dir = run.cache_dir(config.cache_dir)
         refuse_inside_data(config.data_root, out_dir=run.path, cache_dir=self.cache_dir)
@@ -924,6 +597,11 @@ class Trainer:
             self.train_ds = D.make_dataset(train_recs, D.train_transforms(spec), **ds_args)
             self.val_ds = D.make_dataset(val_recs, D.eval_transforms(spec), **ds_args)
         self.cheap_val = config.val_patches > 0 and cache_mode == "preprocessed"
+        unused = [n for n in ("store_precision", "val_patches") if getattr(config, n) != default(n)]
+        if cache_mode != "preprocessed" and unused:  # cache: auto chose memory or disk for these cases
+            warnings.warn(f"{', '.join(unused)} set, but cache: auto keeps these cases in {cache_mode} (they fit "
+                          f"cache_max_gb = {config.cache_max_gb}), not in the preprocessed store where they act; set "
+                          "cache: preprocessed to use them", stacklevel=4)
 
     def _split(self, cohort: Any) -> tuple[list[str], list[str], list[str]]:
         """(train, val, test) ids: splits.csv of a resumed run, else a fresh stratified split (written)."""
@@ -956,6 +634,9 @@ class Trainer:
             self.model = model = model.to(memory_format=torch.channels_last_3d)
         self.optimizer = _make_optimizer(config, model.parameters())
         self.loss_fn = make_loss(config.loss, **config.loss_params)
+        self.task = SegmentationTask(model, self.loss_fn, self.optimizer, alpha=config.alpha,
+                                     weight_norm=config.weight_norm, grad_clip=config.grad_clip, device=self.device,
+                                     use_amp=self.use_amp, channels_last=self.channels_last, ranks=self.ranks)
 
     def _wrap_model(self) -> None:
         """The module the training steps call: DDP on several ranks, compiled when asked (CUDA)."""
@@ -965,6 +646,7 @@ class Trainer:
                 self.step_model = torch.compile(self.step_model)  # type: ignore[assignment]
             else:
                 warnings.warn("compile: torch.compile is used on CUDA only", stacklevel=4)
+        self.task.step_model = self.step_model
 
     def _load_checkpoint(self) -> None:
         assert self.run is not None
@@ -995,78 +677,48 @@ class Trainer:
         batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
                        disable=not (config.progress and ranks.is_main))
         for b, batch in enumerate(batches, start=1):
-            self._train_step(epoch, b, batch, sums)
+            try:
+                out = self.task.training_step(batch, self.strategy.batch_weights)
+            except StepDiverged as err:
+                assert self.run is not None
+                _diverged(self.run.path, epoch, b, err.ids, err.losses, err.what)
+            for cb in self.callbacks:
+                cb.on_batch_end(self, epoch, b, out)
+            sums["loss"] += out["objective"] * out["n"]
+            sums["mean"] += float(out["losses"].mean()) * out["n"]
+            sums["n"] += out["n"]
             batches.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}")
         n = max(sums["n"], 1)
         return {"epoch": epoch + 1, "loss": sums["loss"] / n, "loss_mean": sums["mean"] / n, "lr": lr,
                 "schedule_epochs": int(config.schedule_epochs)}
 
-    def _train_step(self, epoch: int, b: int, batch: Any, sums: dict[str, Any]) -> None:
-        config, ranks, device, run = self.config, self.ranks, self.device, self.run
-        assert run is not None
-        ids = D.batch_ids(batch)
-        image = batch[D.IMAGE].as_subclass(torch.Tensor).to(device, non_blocking=True)
-        label = batch[D.LABEL].as_subclass(torch.Tensor).to(device, non_blocking=True)
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.use_amp):
-            logits = self.step_model(image)
-        per_case = self.loss_fn(logits, label)
-        host = per_case.detach().cpu().numpy()  # one sync per step: NaN check, weights, logging
-        # the global batch over all ranks (this rank's alone in a single process): weights by id, and
-        # online strategies (GroupDRO's q) step on every rank's cases, identically on every rank
-        ids, host, mine = ranks.gather_losses(batch, ids, host)
-        if not np.isfinite(host).all():
-            _diverged(run.path, epoch, b, ids, host, "non-finite loss")
-        self.watch.check(run.path, epoch, b, ids, host)
-        weights = self.strategy.batch_weights(ids, host)
-        loss = ranks.objective(per_case, partial(combine, weights=weights, alpha=config.alpha,
-                                                 norm=config.weight_norm), host, mine)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
-            if not math.isfinite(float(norm)):
-                _diverged(run.path, epoch, b, ids, host, "non-finite gradient")
-        self.optimizer.step()
-        n = len(ids)
-        # the same objective on the host copy: no extra device sync for logging
-        sums["loss"] += float(combine(torch.from_numpy(host).double(), weights, config.alpha,
-                                      config.weight_norm)) * n
-        sums["mean"] += float(host.mean()) * n
-        sums["n"] += n
-
     # -- validate, refresh, select, save --------------------------------------------------------------
-    def validate(self, epoch: int, row: dict[str, Any], full: bool = True) -> pd.DataFrame:
-        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank; fills ``row``.
+    def validate(self, epoch: int, full: bool = True) -> ValidationResult:
+        """Per-case fairness-validation scores after ``epoch`` (1-based) on every rank, as a result object.
 
         Full sliding-window scores on whole volumes, unless cheap validation is on (``val_patches`` with the
         preprocessed store): then the metrics and selection use fixed windows per case, and ``full`` epochs
-        (refreshes, the last one) also score whole volumes, kept in ``self.per_case_full`` for the refresh;
+        (refreshes, the last one) also score whole volumes (``result.full``, which the refresh uses);
         ``val_scores.csv`` tells them apart by its ``kind`` column."""
         config, spec = self.config, self.spec
         roi = None if spec.patch_size is None else list(spec.patch_size)
+        per_case_full = None
         if not self.cheap_val or full:
             val_loader = D.make_loader(self.val_ds, 1, shuffle=False, seed=0, num_workers=config.num_workers,
                                        pin_memory=self.cuda, pad_batch=False)
-            self.per_case_full = self.ranks.gather_frame(
+            per_case_full = self.ranks.gather_frame(
                 validate(self.model, val_loader, self.device, spec.divisor, roi, config.sw_overlap, self.use_amp,
                          config.score, batch_cases=_val_batch_cases(config)),
                 self.val_ids)
-        per_case_val = self.per_case_full if not self.cheap_val else self.ranks.gather_frame(
+        per_case_val = per_case_full if not self.cheap_val else self.ranks.gather_frame(
             P.patch_scores(self.model, self.entries, self.ranks.shard(self.val_ids), roi or [], config.val_patches,
                            config.seed, self.device, spec.divisor, self.use_amp, config.score), self.val_ids)
+        assert per_case_val is not None
         worst, worst_label = worst_group(per_case_val["dice"], self.val_groups, config.min_group_size)
         mean_dice = float(per_case_val["dice"].mean())
-        row.update(val_dice=mean_dice, val_worst_group_dice=worst, val_worst_group=worst_label,
-                   val_score=float(per_case_val["score"].mean()), selection=selection_score(mean_dice, worst))
-        kind = {"kind": "patches"} if self.cheap_val else {}
-        self.val_records += [{"epoch": epoch, "patient_id": pid, **kind, **r}
-                             for pid, r in per_case_val.to_dict("index").items()]
-        if self.cheap_val and full:
-            self.val_records += [{"epoch": epoch, "patient_id": pid, "kind": "full", **r}
-                                 for pid, r in self.per_case_full.to_dict("index").items()]
-        return per_case_val
+        metrics = {"val_dice": mean_dice, "val_worst_group_dice": worst, "val_worst_group": worst_label,
+                   "val_score": float(per_case_val["score"].mean()), "selection": selection_score(mean_dice, worst)}
+        return ValidationResult(epoch, per_case_val, per_case_full, self.cheap_val, metrics)
 
     def refresh_weights(self, epoch: int, per_case_val: pd.DataFrame) -> None:
         """New training weights from the fairness-validation scores just measured."""
@@ -1137,28 +789,30 @@ def _diverged(run_dir: Path, epoch: int, batch: int, ids: Sequence[str], losses:
 # ------------------------------------------------------------------------------------------------
 
 
-def method_config(method: str, *, data_root: str | Path, out_dir: str | Path, alpha: float = 0.5, epochs: int = 20,
-                  seed: int = 0, batch_size: int = 4, lr: float = 1e-3, channels: Sequence[int] = (16, 32, 64, 128),
-                  num_res_units: int = 2, warmup_epochs: int | None = None, update_every: int | None = None,
-                  tau: float | None = None, w_max: float | None = None, min_support: float | None = None,
-                  eta: float | None = None, cpu_threads: int = 0, progress: bool = False) -> TrainConfig:
-    """The config of one method of the notebook series: a UNet with ``channels`` (stride 2 between levels),
-    ``alpha`` 1 for ``erm``, and only the method's own parameters (divaware: tau, w_max, min_support; paper:
-    min_support; group_dro: eta). ``None`` takes the default of :data:`divaware.weighting.DEFAULTS` (and
-    the schedule of ``REFRESH_SCHEDULE``), written out so config.yaml shows every value used."""
-    from divaware.weighting import DEFAULTS
+def method_config(method: str, *, data_root: str | Path, out_dir: str | Path,
+                  strategy_params: Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
+    """The config of one method of the notebook series: :class:`TrainConfig`'s defaults with ``overrides`` of any
+    field on top, ``alpha`` 1 for ``erm``, ``strides`` of 2 between the levels of ``channels`` unless given.
 
-    given = {"tau": tau, "w_max": w_max, "min_support": min_support, "eta": eta}
-    own = {"divaware": ("tau", "w_max", "min_support"), "paper": ("min_support",), "group_dro": ("eta",)}
-    strategy_params = {k: DEFAULTS[method][k] if given[k] is None else given[k] for k in own.get(method, ())}
-    return TrainConfig(
-        data_root=str(data_root), strategy=method, strategy_params=strategy_params,
-        alpha=1.0 if method == "erm" else alpha, epochs=epochs, seed=seed, batch_size=batch_size, lr=lr,
-        channels=list(channels), strides=[2] * (len(channels) - 1), num_res_units=num_res_units,
-        warmup_epochs=REFRESH_SCHEDULE["warmup_epochs"] if warmup_epochs is None else warmup_epochs,
-        update_every=REFRESH_SCHEDULE["update_every"] if update_every is None else update_every,
-        out_dir=str(out_dir), progress=progress, cpu_threads=cpu_threads,
-    )
+    ``strategy_params`` may name parameters of several strategies (notebook 03 hands over all of its own):
+    the method keeps those its strategy takes, and a ``None`` value takes the strategy's default from
+    :data:`divaware.weighting.DEFAULTS`, written out so config.yaml shows every value used."""
+    from divaware.weighting import DEFAULTS, STRATEGIES
+
+    accepted = set(inspect.signature(STRATEGIES[method].__init__).parameters) if method in STRATEGIES else set()
+    own = DEFAULTS.get(method, {})
+    params = {k: own[k] if v is None else v for k, v in (strategy_params or {}).items()
+              if k in accepted and (v is not None or k in own)}
+    values: dict[str, Any] = {"strategy": method, "strategy_params": params, **overrides,
+                              "data_root": str(data_root), "out_dir": str(out_dir)}
+    if method == "erm":
+        values["alpha"] = 1.0
+    if "channels" in overrides and "strides" not in overrides:
+        values["strides"] = [2] * (len(overrides["channels"]) - 1)
+    # a notebook's None means "the default" for a field that cannot be null (warmup_epochs); where null is a
+    # value of its own (grad_clip: no clipping) it is kept
+    nullable = {f.name for f in dataclasses.fields(TrainConfig) if "None" in str(f.type)}
+    return TrainConfig.from_dict({k: v for k, v in values.items() if v is not None or k in nullable})
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:

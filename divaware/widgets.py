@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from divaware.metrics import DEFAULT_ATTRIBUTES
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -503,7 +505,7 @@ def _itemset_option(r: pd.Series) -> str:
 
 
 def subgroup_explorer(metadata: pd.DataFrame, scores: pd.DataFrame, cases: dict[str, Case] | None = None,
-                      attributes: Sequence[str] = ("age_group", "menopause", "breast_density"),
+                      attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
                       min_support: float = 0.05, max_length: int = 3, interactive: bool = True,
                       top: int = 15,
                       predictions: str | Path | Callable[[str], str | Path | None] | None = None,

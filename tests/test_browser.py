@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import (
+
+from divaware.browser import (
     REPO,
     cell_errors,
     chromium_path,

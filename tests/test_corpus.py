@@ -553,7 +553,7 @@ def test_one_spacing_source_or_refused(tiny_root: Path, tmp_path: Path) -> None:
     spacing. The case must be refused, and every kept case measured with one spacing everywhere."""
     from monai.transforms import LoadImage
 
-    from divaware.evaluate import _load_mask
+    from divaware.evaluate import load_mask
 
     root = tmp_path / "data"
     shutil.copytree(tiny_root, root)
@@ -566,7 +566,7 @@ def test_one_spacing_source_or_refused(tiny_root: Path, tmp_path: Path) -> None:
     for pid in c.ids("test"):
         case = c.cases[pid]
         monai_spacing = np.linalg.norm(np.asarray(loader(str(case.image_paths[0])).affine)[:3, :3], axis=0)
-        scored_spacing = _load_mask(Path(case.mask_path))[1]
+        scored_spacing = load_mask(Path(case.mask_path))[1]
         cohort_spacing = c.geometry.loc[pid, ["spacing_x", "spacing_y", "spacing_z"]].to_numpy(dtype=float)
         np.testing.assert_allclose(scored_spacing, monai_spacing, rtol=1e-5, err_msg=pid)
         np.testing.assert_allclose(cohort_spacing, monai_spacing, rtol=1e-5, err_msg=pid)
@@ -637,8 +637,7 @@ def test_crop_to_breast_keeps_going_without_a_usable_box(tiny_root: Path, tmp_pa
     bad_json, no_tumour = c.ids("train")[1], c.ids("train")[2]
     (root / "patient_info_files" / f"{bad_json.lower()}.json").write_text("{not json")
     _box_without_tumour(root, no_tumour)
-    cfg = _train_config(root, tmp_path / "run")
-    cfg.crop_to_breast = True
+    cfg = _train_config(root, tmp_path / "run").with_values(crop_to_breast=True)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         train(cfg)
@@ -826,7 +825,10 @@ def test_full_disk_in_evaluate_names_the_file_and_leaves_no_partial(
             raise OSError(errno.ENOSPC, "No space left on device")
         return R.atomic_write(path, write)
 
+    import divaware.report as RP
+
     monkeypatch.setattr(E, "write_text", full_write)
+    monkeypatch.setattr(RP, "write_text", full_write)  # the report's files are written by report.ReportFolder
     _small_full_disk(monkeypatch)
     rc = cli_main(["evaluate", "--run", str(run), "--data", str(root), "--predictions", str(pred), "--n-boot", "5"])
     err = capsys.readouterr().err

@@ -111,7 +111,7 @@ def test_fewer_validation_cases_than_ranks(synthetic_root: Path, tmp_path: Path)
 
 
 def test_empty_validation_share_gives_an_empty_frame() -> None:
-    frame = T.validate(torch.nn.Identity(), [], torch.device("cpu"), 16, None, 0.5, False)
+    frame = T.validate(torch.nn.Identity(), [], torch.device("cpu"), 16, None, 0.5, False, "dice")
     assert frame.empty and frame.index.name == "patient_id" and list(frame.columns) == ["dice", "score"]
 
 

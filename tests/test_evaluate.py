@@ -178,7 +178,8 @@ def test_evaluation_of_fake_predictions_matches_hand_computed_metrics(data, tmp_
     # -- divergent itemsets: single items agree with the group means
     div = pd.read_csv(res.out_dir / "divergent_itemsets.csv")
     assert list(div.columns) == ["label", "items", "length", "support", "count", "mean", "divergence", "ps", "ps_low",
-                                 "ps_high", "z_mw", "p", "q"]
+                                 "ps_high", "z_mw", "p", "q", "flagged", *div.columns[14:]]  # the report's analysis
+    assert {"root", "role", "explained_by"} <= set(div.columns)  # issue 27's finding columns, as in an audit
     common = exp["age_group"].value_counts().index[0]
     one = div[div["label"] == f"age_group={common}"].iloc[0]
     assert one["count"] == (exp["age_group"] == common).sum()

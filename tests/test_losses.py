@@ -69,9 +69,9 @@ def test_combine_value() -> None:
     expected = alpha * ell.mean() + (1 - alpha) * (1 * 1 + 1 * 2 + 2 * 4) / 4
     torch.testing.assert_close(combine(ell, w, alpha, norm="batch"), expected)
     expected_global = alpha * ell.mean() + (1 - alpha) * (1 * 1 + 1 * 2 + 2 * 4) / 3
-    torch.testing.assert_close(combine(ell, w, alpha), expected_global)
-    torch.testing.assert_close(combine(ell, None, alpha), ell.mean())
-    torch.testing.assert_close(combine(ell, w, 1.0), ell.mean())
+    torch.testing.assert_close(combine(ell, w, alpha, "global"), expected_global)
+    torch.testing.assert_close(combine(ell, None, alpha, "global"), ell.mean())
+    torch.testing.assert_close(combine(ell, w, 1.0, "global"), ell.mean())
 
 
 def _grad_wrt_losses(weights: np.ndarray, alpha: float, norm: str = "batch") -> torch.Tensor:
@@ -109,7 +109,7 @@ def test_weighted_term_sends_gradient_into_the_network() -> None:
     per_case_grads = [flat_grad(loss_fn(net(logits_in), target)[i]) for i in range(3)]
     alpha = 0.0  # only the weighted term: if it sent no gradient, L would have none at all
     for w in (np.array([1.0, 1.0, 1.0]), np.array([1.0, 2.0, 1.0])):
-        grad = flat_grad(combine(loss_fn(net(logits_in), target), w, alpha))
+        grad = flat_grad(combine(loss_fn(net(logits_in), target), w, alpha, "global"))
         coeff = alpha / 3 + (1 - alpha) * w / 3
         expected = sum(float(c) * g for c, g in zip(coeff, per_case_grads, strict=True))
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
@@ -132,7 +132,7 @@ def test_alpha_zero_and_one_differ_in_gradient_with_unequal_weights() -> None:
 def test_weights_are_constants() -> None:
     ell = torch.tensor([0.5, 1.5], requires_grad=True)
     w = torch.tensor([1.0, 2.0], requires_grad=True)
-    combine(ell, w, 0.5).backward()
+    combine(ell, w, 0.5, "global").backward()
     assert w.grad is None and ell.grad is not None
 
 

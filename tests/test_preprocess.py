@@ -39,7 +39,7 @@ def test_two_runs_sharing_one_cache_train_on_correct_arrays(synthetic_root: Path
     exactly what it computes with a private cache. Before the cache key named the transforms, the second
     run was served the first run's *validation* entries (unpadded, no foreground indices) for its training
     cases and crashed ("smaller than the patch") or sampled no tumour-centred patches."""
-    import divaware.cohort as C
+    import divaware.voxels as V
 
     shared = tmp_path / "shared"
     runs = {}
@@ -51,7 +51,7 @@ def test_two_runs_sharing_one_cache_train_on_correct_arrays(synthetic_root: Path
             def no_voxel_reads(*args: object, **kwargs: object) -> None:
                 raise AssertionError("voxel checks repeated although the store holds them")
 
-            monkeypatch.setattr(C, "_check_voxels", no_voxel_reads)
+            monkeypatch.setattr(V, "run_voxel_checks", no_voxel_reads)
     if cache == "preprocessed":
         monkeypatch.undo()
         assert len(list((shared / "voxel_checks").glob("*.json"))) == 1
@@ -67,7 +67,7 @@ def test_store_entry_is_the_shared_preprocessing_cropped(synthetic_root: Path, t
     cohort = load_cohort(synthetic_root, check_voxels=False)
     spec = D.DataSpec(patch_size=(16, 16, 16), subtraction=True)
     records = D.make_records(cohort, cohort.ids("train")[:3], spec)
-    folders = P.fill(records, spec, tmp_path / "store")
+    folders = P.fill(records, spec, tmp_path / "store", progress=False, precision="float16")
     for rec, folder in zip(records, folders, strict=True):
         ref = Compose(D.preprocessing(spec))(dict(rec))
         image = ref[D.IMAGE].as_subclass(torch.Tensor).numpy()
@@ -102,18 +102,19 @@ def test_store_keys_follow_files_and_settings(cohort_copy: Path, tmp_path: Path)
     spec = D.DataSpec(patch_size=(16, 16, 16))
     rec = D.make_records(cohort, cohort.ids("train")[:1], spec)[0]
     root = tmp_path / "store"
-    first = P.fill([rec], spec, root)[0]
-    assert P.fill([rec], D.DataSpec(patch_size=(32, 32, 32), samples_per_case=4), root)[0] == first
-    assert P.entry_dir(root, rec, D.DataSpec(patch_size=(16, 16, 16), subtraction=True)) != first
-    assert P.entry_dir(root, rec, D.DataSpec(patch_size=(16, 16, 16), phases=(0, 1))) != first
+    first = P.fill([rec], spec, root, progress=False, precision="float16")[0]
+    assert P.fill([rec], D.DataSpec(patch_size=(32, 32, 32), samples_per_case=4), root, progress=False,
+                  precision="float16")[0] == first
+    assert P.entry_dir(root, rec, D.DataSpec(patch_size=(16, 16, 16), subtraction=True), "float16") != first
+    assert P.entry_dir(root, rec, D.DataSpec(patch_size=(16, 16, 16), phases=(0, 1)), "float16") != first
     st = os.stat(rec[D.IMAGE][1])
     os.utime(rec[D.IMAGE][1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    assert P.entry_dir(root, rec, spec) == first  # keyed by content: a touched file is the same file
+    assert P.entry_dir(root, rec, spec, "float16") == first  # keyed by content: a touched file is the same file
     import nibabel as nib
 
     img = nib.load(rec[D.IMAGE][1])
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) + 1, img.affine, img.header), rec[D.IMAGE][1])
-    assert P.entry_dir(root, rec, spec) != first
+    assert P.entry_dir(root, rec, spec, "float16") != first
 
 
 def test_uint8_store_is_within_half_a_step(synthetic_root: Path, tmp_path: Path) -> None:
@@ -121,8 +122,8 @@ def test_uint8_store_is_within_half_a_step(synthetic_root: Path, tmp_path: Path)
     cohort = load_cohort(synthetic_root, check_voxels=False)
     spec = D.DataSpec(patch_size=(16, 16, 16))
     rec = D.make_records(cohort, cohort.ids("train")[:1], spec)[0]
-    f16 = P.fill([rec], spec, tmp_path / "store")[0]
-    u8 = P.fill([rec], spec, tmp_path / "store", precision="uint8")[0]
+    f16 = P.fill([rec], spec, tmp_path / "store", progress=False, precision="float16")[0]
+    u8 = P.fill([rec], spec, tmp_path / "store", progress=False, precision="uint8")[0]
     assert u8 != f16 and np.load(u8 / "image.npy").dtype == np.uint8
     ref = Compose(D.preprocessing(spec))(dict(rec))[D.IMAGE].as_subclass(torch.Tensor).numpy()
     got = P.LoadVolumed({rec[D.PID]: u8})({D.PID: rec[D.PID]})[D.IMAGE].numpy()
@@ -138,7 +139,7 @@ def test_uint8_store_is_within_half_a_step(synthetic_root: Path, tmp_path: Path)
 
 def _fill_in_child(args: tuple[list[dict], D.DataSpec, str]) -> list[str]:
     records, spec, root = args
-    return [str(p) for p in P.fill(records, spec, root)]
+    return [str(p) for p in P.fill(records, spec, root, progress=False, precision="float16")]
 
 
 def test_concurrent_and_interrupted_fills(synthetic_root: Path, tmp_path: Path) -> None:
@@ -147,8 +148,8 @@ def test_concurrent_and_interrupted_fills(synthetic_root: Path, tmp_path: Path) 
     records = D.make_records(cohort, cohort.ids("train")[:4], spec)
     root = tmp_path / "store"
     # an interrupted fill: one finished entry, one temporary left behind by a killed process
-    done = P.fill(records[:1], spec, root)[0]
-    stale = done.parent / f".{P.entry_dir(root, records[1], spec).name}.99999.dead.tmp"
+    done = P.fill(records[:1], spec, root, progress=False, precision="float16")[0]
+    stale = done.parent / f".{P.entry_dir(root, records[1], spec, 'float16').name}.99999.dead.tmp"
     stale.mkdir()
     (stale / "image.npy").write_bytes(b"partial")
     mtime = (done / "image.npy").stat().st_mtime_ns
@@ -193,17 +194,17 @@ def test_patch_scores_rank_cases_like_full_validation(synthetic_root: Path, tmp_
     spec = D.DataSpec(patch_size=(16, 16, 16), divisor=4)
     ids = cohort.ids("train")[:20]
     records = D.make_records(cohort, ids, spec)
-    _, val_ds, entries = P.make_datasets([], records, spec, tmp_path / "store")
+    _, val_ds, entries = P.make_datasets([], records, spec, tmp_path / "store", progress=False, precision="float16")
     model = _Threshold(1.5)
-    loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False)
-    full = T.validate(model, loader, torch.device("cpu"), 4, [16, 16, 16], 0.25, False)
-    cheap = P.patch_scores(model, entries, ids, (16, 16, 16), 4, 0, torch.device("cpu"), 4)
+    loader = D.make_loader(val_ds, 1, shuffle=False, seed=0, pad_batch=False, num_workers=0)
+    full = T.validate(model, loader, torch.device("cpu"), 4, [16, 16, 16], 0.25, False, "dice")
+    cheap = P.patch_scores(model, entries, ids, (16, 16, 16), 4, 0, torch.device("cpu"), 4, amp=False, score="dice")
     assert full["dice"].std() > 0.05  # the cases differ: a ranking to reproduce
     rho = cheap["dice"].rank().corr(full.loc[cheap.index, "dice"].rank())
     assert rho >= 0.8, rho
     assert (cheap["covered_fraction"] < 0.8).all()  # and it looked at part of each volume only
     # fixed windows: the same scores every epoch
-    again = P.patch_scores(model, entries, ids, (16, 16, 16), 4, 0, torch.device("cpu"), 4)
+    again = P.patch_scores(model, entries, ids, (16, 16, 16), 4, 0, torch.device("cpu"), 4, amp=False, score="dice")
     pd.testing.assert_frame_equal(cheap, again)
 
 

@@ -15,6 +15,7 @@ import yaml
 import divaware.train as T
 from divaware import data as D
 from divaware.cohort import Cohort
+from divaware.engine import Callback, SegmentationTask, ValidationResult
 from divaware.weighting import STRATEGIES, make_strategy
 
 TIME_COLUMNS = ["time_s", "train_time_s", "val_time_s"]
@@ -85,9 +86,9 @@ def test_config_rejects_bad_values(values: dict[str, Any], match: str) -> None:
 
 def test_split_is_seeded_stratified_and_train_only(cohort: Cohort) -> None:
     ids = cohort.ids("train")
-    a = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=1)
-    b = T.split_train_val(cohort.metadata, list(reversed(ids)), 0.25, ["age_group", "menopause"], seed=1)
-    c = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=2)
+    a = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=1, min_val_cases=0)
+    b = T.split_train_val(cohort.metadata, list(reversed(ids)), 0.25, ["age_group", "menopause"], seed=1, min_val_cases=0)
+    c = T.split_train_val(cohort.metadata, ids, 0.25, ["age_group", "menopause"], seed=2, min_val_cases=0)
     pd.testing.assert_frame_equal(a, b)
     assert not a["split"].equals(c["split"])
     assert sorted(a["patient_id"]) == sorted(ids)
@@ -174,9 +175,9 @@ def test_weights_follow_ids_under_shuffling(cohort: Cohort) -> None:
     spec = D.DataSpec(augment=False)
     recs = D.make_records(cohort, ids, spec)
     own_image = {r[D.PID]: D.eval_transforms(spec)(dict(r))[D.IMAGE].as_tensor() for r in recs}
-    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec)
+    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
     for seed in (0, 1, 2):
-        for batch in D.make_loader(ds, batch_size=5, shuffle=True, seed=seed):
+        for batch in D.make_loader(ds, batch_size=5, shuffle=True, seed=seed, num_workers=0):
             pids = D.batch_ids(batch)
             w = strategy.batch_weights(pids, np.ones(len(pids)))
             np.testing.assert_array_equal(w, expected.loc[pids].to_numpy())
@@ -214,20 +215,15 @@ def test_kill_and_resume_equals_an_uninterrupted_run(two_epochs: Path, synthetic
     history = pd.read_csv(two_epochs / "weights_history.csv")
     assert history["refresh"].max() >= 2 and history.groupby("refresh")["weight"].std().max() > 0
     cfg = tiny_config(synthetic_root, tmp_path / "killed", epochs=2)
-    real_validate = T.validate
-    calls = {"n": 0}
 
-    def killed_in_epoch_2(*args: Any, **kwargs: Any) -> pd.DataFrame:
-        calls["n"] += 1
-        if calls["n"] == 2:  # after epoch 2's training steps, before its checkpoint
-            raise KeyboardInterrupt
-        return real_validate(*args, **kwargs)
+    class KilledInEpoch2(Callback):  # a callback, not a monkeypatch: the loop calls it after each step
+        def on_batch_end(self, trainer: Any, epoch: int, batch: int, out: dict[str, Any]) -> None:
+            if epoch == 1:  # 0-based: after epoch 2's first training step, before its checkpoint
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "validate", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        T.train(cfg)
+        T.train(cfg, callbacks=[KilledInEpoch2()])
     assert _load(tmp_path / "killed" / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(T, "validate", real_validate)
     T.train(cfg, resume=True)
     _assert_same_run(two_epochs, tmp_path / "killed")
 
@@ -289,30 +285,80 @@ def test_run_folder_is_protected(two_epochs: Path, synthetic_root: Path) -> None
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
         synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    poisoned = {"on": False}
-    real_make_loss, real_validate = T.make_loss, T.validate
+    class PoisonAfterEpoch1(Callback):  # every loss after epoch 1's validation is NaN
+        def on_validation_end(self, trainer: Any, result: ValidationResult) -> None:
+            inner = trainer.task.loss_fn
+            trainer.task.loss_fn = lambda logits, target: inner(logits, target) * float("nan")
 
-    class Poisoned(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            out = self.inner(logits, target)
-            return out * float("nan") if poisoned["on"] else out
-
-    def validate_then_poison(*args: Any, **kwargs: Any) -> pd.DataFrame:
-        result = real_validate(*args, **kwargs)
-        poisoned["on"] = True  # every loss after epoch 1 is NaN
-        return result
-
-    monkeypatch.setattr(T, "make_loss", lambda *a, **k: Poisoned(real_make_loss(*a, **k)))
-    monkeypatch.setattr(T, "validate", validate_then_poison)
     out = tmp_path / "nan"
     with pytest.raises(T.TrainingDivergedError, match=r"non-finite loss at epoch 2, batch 1 \(patient_ids ") as err:
-        T.train(tiny_config(synthetic_root, out, epochs=2, warmup_epochs=5))
+        T.train(tiny_config(synthetic_root, out, epochs=2, warmup_epochs=5), callbacks=[PoisonAfterEpoch1()])
     splits = pd.read_csv(out / "splits.csv", dtype={"patient_id": str})
     assert any(pid in str(err.value) for pid in splits.loc[splits["split"] == "train", "patient_id"])
     assert "last good checkpoint" in str(err.value) and "(epoch 1)" in str(err.value)
     assert _load(out / "last.pt")["epoch"] == 1
     assert len(pd.read_csv(out / "metrics.csv")) == 1
+
+
+def test_a_callback_sees_every_step_validation_and_epoch_without_monkeypatching(synthetic_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """train(config, callbacks=[...]): the loop hands a callback each step's output, each validation's result
+    object (the scores the metrics and the refresh used) and each epoch's metrics row."""
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.events: list[tuple[Any, ...]] = []
+
+        def on_fit_start(self, trainer: Any) -> None:
+            self.events.append(("start", trainer.start_epoch))
+
+        def on_batch_end(self, trainer: Any, epoch: int, batch: int, out: dict[str, Any]) -> None:
+            assert set(out) == {"ids", "losses", "weights", "objective", "n"} and len(out["ids"]) == out["n"]
+            self.events.append(("batch", epoch, batch, out["n"]))
+
+        def on_validation_end(self, trainer: Any, result: ValidationResult) -> None:
+            assert sorted(result.per_case.index) == sorted(trainer.val_ids) and not result.cheap
+            self.events.append(("val", result.epoch, result.metrics["val_dice"], result.best))
+
+        def on_epoch_end(self, trainer: Any, epoch: int, row: dict[str, Any]) -> None:
+            self.events.append(("epoch", epoch, row["val_dice"], row["best"]))
+
+    rec = Recorder()
+    run = T.train(tiny_config(synthetic_root, tmp_path / "cb", epochs=2), callbacks=[rec])
+    log = pd.read_csv(run / "metrics.csv")
+    splits = pd.read_csv(run / "splits.csv")
+    batches = [e for e in rec.events if e[0] == "batch"]
+    assert rec.events[0] == ("start", 0)
+    assert sum(e[3] for e in batches if e[1] == 0) >= (splits["split"] == "train").sum()  # every case (+ padding)
+    vals = [e for e in rec.events if e[0] == "val"]
+    epochs = [e for e in rec.events if e[0] == "epoch"]
+    assert [e[1] for e in vals] == [e[1] for e in epochs] == [1, 2]
+    assert [e[2] for e in vals] == pytest.approx(log["val_dice"].tolist())
+    assert [e[3] for e in epochs] == log["best"].tolist() == [e[3] for e in vals]
+
+
+def test_the_training_step_takes_a_batch_and_its_weights_and_does_no_io(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """SegmentationTask.training_step: weights as an array or the strategy's lookup, the objective of
+    losses.combine, a dict back; run in an empty folder it writes nothing."""
+    from divaware.losses import combine, make_loss
+
+    torch.manual_seed(0)
+    model = T.TrainConfig(channels=[4, 8, 16], strides=[2, 2], num_res_units=0).build_model()
+    task = SegmentationTask(model, make_loss("dice_ce"), torch.optim.SGD(model.parameters(), lr=0.0),
+                            alpha=0.5, weight_norm="global", grad_clip=12.0, device=torch.device("cpu"))
+    image = torch.randn(2, 3, 16, 16, 16)
+    label = (torch.rand(2, 1, 16, 16, 16) > 0.9).float()
+    batch = {"image": image, "label": label, "patient_id": ["a", "b"]}
+    monkeypatch.chdir(tmp_path)
+    out = task.training_step(batch, np.array([2.0, 0.5]))
+    seen: list[list[str]] = []
+    again = task.training_step(batch, lambda ids, losses: seen.append(list(ids)) or np.array([2.0, 0.5]))
+    assert seen == [["a", "b"]] and list(out["ids"]) == ["a", "b"] and out["n"] == 2
+    model.train()
+    with torch.no_grad():
+        per_case = make_loss("dice_ce")(model(image), label)
+    np.testing.assert_allclose(out["losses"], per_case.numpy(), rtol=1e-5)  # lr 0: the model did not move
+    assert out["objective"] == pytest.approx(float(combine(per_case.double(), np.array([2.0, 0.5]), 0.5, "global")))
+    assert again["objective"] == pytest.approx(out["objective"])
+    assert list(tmp_path.iterdir()) == []

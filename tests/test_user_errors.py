@@ -197,9 +197,9 @@ def test_store_entry_follows_a_file_edited_with_its_size_and_mtime_kept(cohort_c
     mask = Path(rec[D.LABEL])
     arr = np.asanyarray(nib.load(str(mask)).dataobj)
     _same_size_rewrite(mask, arr)
-    first = P.fill([rec], spec, tmp_path / "store")[0]
+    first = P.fill([rec], spec, tmp_path / "store", progress=False, precision="float16")[0]
     _same_size_rewrite(mask, np.roll(arr, 8, axis=0))  # the mask shifted by 8 voxels
-    second = P.fill([rec], spec, tmp_path / "store")[0]
+    second = P.fill([rec], spec, tmp_path / "store", progress=False, precision="float16")[0]
     assert second != first
 
     def full_label(folder: Path) -> np.ndarray:
@@ -243,7 +243,7 @@ def test_damaged_store_entry_is_named_and_rebuilt(synthetic_root: Path, tmp_path
     spec = D.DataSpec(patch_size=(16, 16, 16))
     records = D.make_records(cohort, cohort.ids("train")[:2], spec)
     store = tmp_path / "store"
-    folders = P.fill(records, spec, store)
+    folders = P.fill(records, spec, store, progress=False, precision="float16")
     image = np.load(folders[0] / "image.npy").copy()
     if damage == "random_bytes":
         _corrupt_middle(folders[0] / "image.npy")
@@ -257,12 +257,12 @@ def test_damaged_store_entry_is_named_and_rebuilt(synthetic_root: Path, tmp_path
         folders[1].rename(folders[0])
         tmp.rename(folders[1])
     with pytest.warns(UserWarning, match=f"preprocessed entry .*{folders[0].name} is damaged: {words}"):
-        again = P.fill(records, spec, store)
+        again = P.fill(records, spec, store, progress=False, precision="float16")
     assert again == folders
     np.testing.assert_array_equal(np.load(again[0] / "image.npy"), image)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # intact now: verified silently
-        P.fill(records, spec, store)
+        P.fill(records, spec, store, progress=False, precision="float16")
 
 
 def test_store_inside_the_data_is_refused_before_anything_is_written_there(cohort_copy: Path) -> None:
@@ -280,7 +280,7 @@ def test_prediction_folder_with_a_leftover_pred_segmentations_is_refused(synthet
     import shutil
 
     from divaware.audit import audit, demo_predictions
-    from divaware.evaluate import _prediction_folder
+    from divaware.evaluate import prediction_folder
 
     preds, _ = demo_predictions(synthetic_root, tmp_path / "preds", erode=0)
     leftover = preds / "pred_segmentations"
@@ -290,11 +290,11 @@ def test_prediction_folder_with_a_leftover_pred_segmentations_is_refused(synthet
     with pytest.raises(ValueError, match="holds both .* prediction file.*pred_segmentations/ subfolder"):
         audit(synthetic_root, preds, out_dir=tmp_path / "audit", verbose=False)
     assert not (tmp_path / "audit").exists()
-    assert _prediction_folder(leftover) == leftover  # the subfolder, named explicitly, is what is scored
+    assert prediction_folder(leftover) == leftover  # the subfolder, named explicitly, is what is scored
     empty = tmp_path / "empty_sub"
     (empty / "pred_segmentations").mkdir(parents=True)
     shutil.copy(next(preds.glob("*.nii.gz")), empty)
-    assert _prediction_folder(empty) == empty  # an empty subfolder is no rival to the files beside it
+    assert prediction_folder(empty) == empty  # an empty subfolder is no rival to the files beside it
 
 
 def test_sweep_devices_that_are_no_gpu_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -402,7 +402,7 @@ def test_full_disk_while_filling_the_store_is_one_line(synthetic_root: Path, tmp
 
     monkeypatch.setattr(P.np, "save", save)
     with pytest.raises(OutputError, match="disk full writing .*preprocessed store") as info:
-        P.fill(records, spec, tmp_path / "store")
+        P.fill(records, spec, tmp_path / "store", progress=False, precision="float16")
     assert "\n" not in str(info.value)
     assert not list((tmp_path / "store").rglob("*.tmp")) and not list((tmp_path / "store").rglob("meta.json"))
 
@@ -418,12 +418,12 @@ def test_a_filled_read_only_store_serves_reads(synthetic_root: Path, tmp_path: P
 
     records, spec = _store_records(synthetic_root)
     store = tmp_path / "store"
-    folders = P.fill(records, spec, store)
+    folders = P.fill(records, spec, store, progress=False, precision="float16")
     P.load_cohort_once(synthetic_root, store)  # voxel checks cached in the store
     _read_only_under(monkeypatch, store.absolute())
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert P.fill(records, spec, store) == folders
+        assert P.fill(records, spec, store, progress=False, precision="float16") == folders
         cohort = P.load_cohort_once(synthetic_root, store)
     said = [str(w.message) for w in seen if "store" in str(w.message) or "cache" in str(w.message)]
     assert not said, said  # nothing to say: everything needed is there

@@ -202,7 +202,7 @@ def test_group_dro_is_sagawa_algorithm_1_on_a_stream_of_batches(adjustment):
     for (groups, losses), ids, (q_ref, obj_ref, g_ref) in zip(stream, ids_stream, ref, strict=True):
         w = st.batch_weights(ids, losses)
         ell = torch.tensor(losses, dtype=torch.float64, requires_grad=True)
-        objective = combine(ell, w, 0.0)  # alpha 0: the weighted term alone, default (global) norm
+        objective = combine(ell, w, 0.0, "global")  # alpha 0: the weighted term alone, the global norm
         objective.backward()
         np.testing.assert_allclose(st.q.to_numpy(), q_ref, rtol=0, atol=1e-12)
         assert float(objective.detach()) == pytest.approx(obj_ref, rel=0, abs=1e-9)

@@ -2,7 +2,7 @@
 
     python tools/screenshot_audit.py [--out figures] [--cases 300]
 
-Uses the browser harness of the tests (``tests/browser.py``, as ``tools/screenshots.py`` does): a fresh
+Uses the browser harness of the tests (``divaware.browser``, as ``tools/screenshots.py`` does): a fresh
 JupyterLab with its own folders, the system Chromium, notebook 05 run with ``interactive=True`` on a synthetic
 cohort and its demo predictions (expert masks with the age 0-40 cases eroded: a planted failure), audited on
 the test split. The shot centres on the subgroup explorer: the flagged subgroups, their cases and the viewer
@@ -12,14 +12,11 @@ with the prediction (dashed red) over the truth (green). Writes ``<out>/notebook
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from browser import (  # noqa: E402
+from divaware.browser import (
     REPO,
     cell_errors,
     lab_and_browser,
@@ -28,7 +25,6 @@ from browser import (  # noqa: E402
     run_all,
     wait_until_done,
 )
-
 from divaware.synthetic import make_cohort  # noqa: E402
 
 NAME = "05_audit"

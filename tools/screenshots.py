@@ -3,7 +3,7 @@
     divaware run --config configs/default.yaml --out runs/default     # README command 1, once
     python tools/screenshots.py [--run runs/default] [--out figures]
 
-Uses the browser harness of the tests (``tests/browser.py``): a fresh JupyterLab on 127.0.0.1 with its own
+Uses the browser harness of the tests (``divaware.browser``): a fresh JupyterLab on 127.0.0.1 with its own
 folders and the system Chromium. Each notebook of the finished default run is run again with the parameters
 that run gave it (``<run>/params/<label>.yaml``) and ``interactive=True``, on a temporary copy of the run's
 training runs (the models are trained already: 03 resumes a finished run, 02 analyses the run's ERM model, 04
@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from browser import (  # noqa: E402
+from divaware.browser import (
     REPO,
     cell_errors,
     lab_and_browser,

@@ -1,6 +1,7 @@
 """A real-browser harness: JupyterLab on 127.0.0.1 driven by the system's headless Chromium through playwright.
 
-Used by ``tests/test_browser.py`` and by ``tools/screenshots.py`` (the README gallery). Everything it starts
+Used by ``tests/test_browser.py`` and by ``tools/screenshots.py`` (the README gallery), imported as
+``divaware.browser`` (a checkout's tool, not used by the package itself: it needs playwright and Chromium). Everything it starts
 lives in its own temporary folders (server root, Jupyter config/data/runtime, JupyterLab settings and
 workspaces, browser profile) and is stopped by the harness itself: the JupyterLab server is started in a
 process group of its own (its kernels are its children) and only that group is signalled.
