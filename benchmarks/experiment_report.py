@@ -325,10 +325,13 @@ def verdict(mech: dict[str, Any], cmp: dict[str, Any], lad: dict[str, Any] | Non
         dh = d["d_hard"]
         sign = ("raises" if dh[1] > 0 else "lowers" if dh[2] < 0 else "does not measurably change")
         share = d.get("of_oracle")
+        fp = d.get("of_oracle_fp")
+        fp_text = ("" if not fp or math.isnan(fp[0]) else
+                   f", and removes {pct(fp)} of the lesion false positives the oracle removes" if fp[0] >= 0 else
+                   f", but adds false positives inside lesions where the oracle removes them ({pct(fp)} of the "
+                   "oracle's removal): its gain comes from elsewhere")
         lines.append(f"divaware {sign} the hard group's Dice ({ci(dh)}; mean Dice {ci(d['d_mean'])}), "
-                     f"{pct(share)} of the oracle's gain" +
-                     (f", and removes {pct(d.get('of_oracle_fp'))} of the lesion false positives the oracle removes"
-                      if d.get("of_oracle_fp") else "") +
+                     f"{pct(share)} of the oracle's gain" + fp_text +
                      f"; it re-weighted {d['reweighted']:.0f} of {d['epochs']:.0f} epochs on average with "
                      f"hard/rest weight {d['hard_over_rest']:.2f} (the oracle's: "
                      f"{rows['oracle']['hard_over_rest']:.2f})." if "oracle" in rows else ".")
@@ -422,7 +425,13 @@ def readme_text(mechs: list[dict[str, Any]], results: list[dict[str, Any]], runs
         for m, r in cmp["rows"].items():
             lines.append(f"| {m} | {len(r['seeds'])} | {level(r['mean'])} | {ci(r.get('d_hard')) if m != 'erm' else '–'} "
                          f"| {ci(r.get('d_mean')) if m != 'erm' else '–'} | {pct(r.get('of_oracle')) if m not in ('erm', 'oracle') else '–'} |")
-        lines += ["", f"*{verdict(mech, cmp, res['ladder']['best'], res['partial'])}*", ""]
+        lad = res["ladder"]["best"]
+        if lad is not None:
+            rungs = "; ".join(f"{m} recovers {pct(x['recovered'])} of that loss" for m, x in lad["rungs"].items())
+            lines += ["", f"Ladder: without the lesions (counterfactual arm) the hard group scores {lad['cf_hard']:.3f} "
+                      f"(rest {lad['cf_rest']:.3f}); with them ERM's hard group loses {ci(lad['loss'])} Dice, "
+                      f"{pct(lad['fp_share'])} of that as false positives inside the lesions; {rungs}."]
+        lines += ["", f"*{verdict(mech, cmp, lad, res['partial'])}*", ""]
     return "\n".join(lines)
 
 
