@@ -145,6 +145,11 @@ def test_series_executes_and_records(series_run: tuple[Path, dict], synthetic_ro
         expected = challenge_score(per_case, meta)
         assert row["ranking"] == pytest.approx(expected["ranking"])
         assert row["mean_dice"] == pytest.approx(per_case["dice"].mean())
+    # section 6 shows the headline experiment's verdict as benchmarks/EXPERIMENT.md states it (source checkout)
+    report = Path(__file__).resolve().parents[1] / "benchmarks" / "EXPERIMENT.md"
+    verdicts = [line.removeprefix("**Verdict.** ") for line in report.read_text().splitlines()
+                if line.startswith("**Verdict.**")]
+    assert r04["experiment"]["verdict"] == verdicts[0] and r04["experiment"]["figure"].endswith("experiment_lookalike.png")
 
 
 def figure_outputs(notebook: Path) -> tuple[list[str], list[str]]:
