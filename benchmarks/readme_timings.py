@@ -180,7 +180,7 @@ def comparison_lines(run_dir: Path, methods: list[str]) -> list[str]:
         weights = (r02.get("weights") or {}).get("divaware") or {}
         text = (f"02 (ERM on the {r02.get('n_val', '?')}-case fairness-validation split): the first itemset by q is "
                 f"`{first}`; {r02.get('n_significant', null.get('real_fdr_flags', '?'))} itemsets are significant "
-                f"(q ≤ 0.05, Δ < 0), while {100 * null.get('null_share_fdr_flags', float('nan')):.0f} % of 50 "
+                f"(q ≤ 0.05 and ps < 0.5: typically lower, the rank test's effect), while {100 * null.get('null_share_fdr_flags', float('nan')):.0f} % of 50 "
                 f"permuted-score replicates flag any")
         if weights.get("n_flagged"):
             text += (f"; divaware's weights from that analysis: {weights['n_flagged']} flagged training cases at "
