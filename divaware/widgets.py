@@ -167,13 +167,13 @@ def _viewer_images(case: Case, subtraction: bool) -> tuple[list[np.ndarray], lis
 
 def case_figure(case: Case, prediction: str | Path | None = None, slice_index: int | None = None,
                 phases: Sequence[int] | None = None, label: str | None = None,
-                scores: Mapping[str, float] | None = None, subtraction: bool = False) -> Figure:
+                scores: Mapping[str, float] | None = None, show_subtraction: bool = False) -> Figure:
     """All (or the chosen) phases of one case at one axial slice, truth in green, prediction dashed red.
 
     ``label`` (e.g. "young, dense breasts") and the case's ``scores`` (Dice, HD95) are added to the title so a
     reader knows which case this is and how it scored. Without ``slice_index`` the slice is
     :func:`opening_slice` (truth and prediction both shown, disagreeing most), else the tumour's centre. A
-    legend names the contours; a prediction with nothing on the slice says so. ``subtraction``: one more
+    legend names the contours; a prediction with nothing on the slice says so. ``show_subtraction``: one more
     panel, phase 0001 − 0000 (:data:`SUBTRACTION`), in its own grey window.
     """
     phases = list(range(len(case.image_paths))) if phases is None else list(phases)
@@ -185,7 +185,7 @@ def case_figure(case: Case, prediction: str | Path | None = None, slice_index: i
         k = _slice_of(mask, images[0]) if found is None else found
     else:
         k = int(slice_index)
-    sub = _subtraction(case) if subtraction and len(case.image_paths) > 1 else None
+    sub = _subtraction(case) if show_subtraction and len(case.image_paths) > 1 else None
     fig = _new_figure((2.6 * (len(images) + (sub is not None)), 3.0))
     axes = fig.subplots(1, len(images) + (sub is not None), squeeze=False)
     for ax, p, image in zip(axes[0], phases, images, strict=False):
@@ -209,7 +209,7 @@ def _as_predictions(prediction: str | Path | Mapping[str, str | Path] | None) ->
 def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] | None = None,
                  interactive: bool = True, label: str | None = None,
                  scores: Mapping[str, float] | Mapping[str, Mapping[str, float]] | None = None,
-                 subtraction: bool = False) -> Any:
+                 show_subtraction: bool = False) -> Any:
     """Phase / slice / overlay viewer of one case; a static :func:`case_figure` when not interactive.
 
     ``prediction`` is one prediction file or a mapping model name -> file; with several, a *model* control
@@ -222,7 +222,7 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
     component and to the centre of the prediction's largest component. Each redraw displays a PNG inside the
     widget's output area, so the picture is an ordinary ``image/png`` output: it renders as an image in
     JupyterLab and is kept in the widget state saved with the notebook (see :func:`install_lab_settings`),
-    so a notebook reopened without a kernel still shows the last view. ``subtraction``: the *phase* control
+    so a notebook reopened without a kernel still shows the last view. ``show_subtraction``: the *phase* control
     also offers phase 0001 − 0000 (:data:`SUBTRACTION`, in its own grey window; a static figure gets a panel).
     """
     predictions = _as_predictions(prediction)
@@ -233,13 +233,13 @@ def slice_viewer(case: Case, prediction: str | Path | Mapping[str, str | Path] |
     if not interactive:
         first = next(iter(predictions), None)
         return case_figure(case, predictions.get(first) if first else None, label=label,
-                           scores=per_model.get(first or "", None) if per_model else None, subtraction=subtraction)
+                           scores=per_model.get(first or "", None) if per_model else None, show_subtraction=show_subtraction)
     import ipywidgets as w
 
     from divaware.plots import show
 
     install_lab_settings()
-    images, options = _viewer_images(case, subtraction)
+    images, options = _viewer_images(case, show_subtraction)
     n_phases = len(case.image_paths)
     mask = load_canonical(case.mask_path) > 0.5 if case.mask_path is not None else None
     preds = {name: load_canonical(path) > 0.5 for name, path in predictions.items()}

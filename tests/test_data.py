@@ -100,7 +100,7 @@ def test_breast_box_follows_the_organisers_axis_convention(cohort: Cohort) -> No
 def test_patches_are_balanced_and_keep_their_ids(cohort: Cohort) -> None:
     ids = cohort.ids("train")[:4]
     spec = D.DataSpec(patch_size=(16, 16, 16), samples_per_case=3, pos_fraction=1.0)
-    ds = D.make_dataset(D.make_records(cohort, ids, spec), D.train_transforms(spec), cache="none", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
+    ds = D.make_dataset(D.make_records(cohort, ids, spec), D.train_transforms(spec), cache="none", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0)
     batch = next(iter(D.make_loader(ds, batch_size=2, shuffle=True, seed=3, pad_batch=False, num_workers=0)))
     assert batch[D.IMAGE].shape == (6, 3, 16, 16, 16)
     pids = D.batch_ids(batch)
@@ -115,7 +115,7 @@ def test_shuffled_batches_carry_the_ids_of_their_images(cohort: Cohort) -> None:
     spec = D.DataSpec(augment=False)
     recs = D.make_records(cohort, ids, spec)
     reference = {r[D.PID]: D.eval_transforms(spec)(dict(r))[D.IMAGE].as_tensor() for r in recs}
-    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
+    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0)
     orders = []
     for seed in (0, 1):
         seen = []
@@ -139,10 +139,10 @@ def test_caching_memory_disk_and_never_into_the_input(cohort: Cohort, tmp_path: 
     est = D.estimate_cache_bytes(recs, spec)
     assert est == 3 * 48 * 48 * 32 * 4 * (3 + 1)
     auto_small = D.make_dataset(recs, D.eval_transforms(spec), cache="auto", spec=spec, cache_dir=tmp_path,
-                                max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
+                                max_memory_bytes=2 * 1024**3, num_workers=0)
     assert isinstance(auto_small, CacheDataset)
     auto_large = D.make_dataset(recs, D.eval_transforms(spec), cache="auto", spec=spec, cache_dir=tmp_path,
-                                max_memory_bytes=est - 1, num_workers=0, progress=False)
+                                max_memory_bytes=est - 1, num_workers=0)
     assert isinstance(auto_large, PersistentDataset)
     first = [auto_large[i][D.IMAGE] for i in range(3)]
     cached = list((tmp_path / spec.preprocessing_key()).glob("*.pt"))
@@ -153,7 +153,7 @@ def test_caching_memory_disk_and_never_into_the_input(cohort: Cohort, tmp_path: 
     other = D.DataSpec(phases=(0, 1))
     assert other.preprocessing_key() != spec.preprocessing_key()
     with pytest.raises(ValueError, match="cache_dir"):
-        D.make_dataset(recs, D.eval_transforms(spec), cache="disk", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
+        D.make_dataset(recs, D.eval_transforms(spec), cache="disk", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0)
     # (the session fixture asserts that nothing was written into the synthetic cohort folder)
 
 

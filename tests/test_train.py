@@ -175,7 +175,7 @@ def test_weights_follow_ids_under_shuffling(cohort: Cohort) -> None:
     spec = D.DataSpec(augment=False)
     recs = D.make_records(cohort, ids, spec)
     own_image = {r[D.PID]: D.eval_transforms(spec)(dict(r))[D.IMAGE].as_tensor() for r in recs}
-    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0, progress=False)
+    ds = D.make_dataset(recs, D.train_transforms(spec), cache="memory", spec=spec, max_memory_bytes=2 * 1024**3, num_workers=0)
     for seed in (0, 1, 2):
         for batch in D.make_loader(ds, batch_size=5, shuffle=True, seed=seed, num_workers=0):
             pids = D.batch_ids(batch)

@@ -287,14 +287,14 @@ def test_viewer_opens_where_truth_and_prediction_both_show_with_a_legend() -> No
 
 def test_subtraction_image_in_the_viewer(cohort) -> None:
     case = cohort.cases[cohort.ids("train")[0]]
-    fig = widgets.case_figure(case, subtraction=True)
+    fig = widgets.case_figure(case, show_subtraction=True)
     titles = [ax.get_title() for ax in fig.axes]
     assert len(fig.axes) == len(case.image_paths) + 1 and widgets.SUBTRACTION in titles[-1]
     pre, post = (widgets.load_canonical(p) for p in case.image_paths[:2])
     k = int(titles[-1].rsplit("z=", 1)[1])
     shown = fig.axes[-1].images[0].get_array()
     np.testing.assert_allclose(np.asarray(shown), (post - pre)[:, :, k].T.astype(np.float32), rtol=1e-5)
-    box = widgets.slice_viewer(case, subtraction=True)
+    box = widgets.slice_viewer(case, show_subtraction=True)
     labels = [label for label, _ in box.controls["phase"].options]
     assert labels[-1] == widgets.SUBTRACTION and len(labels) == len(case.image_paths) + 1
     box.controls["phase"].value = len(case.image_paths)  # redraws without error on the subtraction
