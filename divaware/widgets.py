@@ -575,10 +575,15 @@ class _SubgroupExplorer:
         self.rerun()
 
     def members(self, items: Sequence[str]) -> list[str]:
+        from divaware.subgroups import attribute_table
+
         mask = pd.Series(True, index=self.scores.index)
+        names = sorted({item.split("=", 1)[0] for item in items})
+        # the itemsets' own table: derived attributes (dense) and binned values, as the analysis labels them
+        table = attribute_table(self.metadata.loc[self.scores.index], names) if names else None
         for item in items:
             name, value = item.split("=", 1)
-            mask &= self.metadata.loc[self.scores.index, name].astype(str) == value
+            mask &= table[name].astype(str) == value
         return _worst_first(self.scores, list(mask[mask].index), self.metric.value)
 
     def prediction_of(self, pid: str) -> Path | None:

@@ -315,3 +315,19 @@ def test_explorer_shapley_table_names_and_follows_the_selected_itemset(explorer_
         assert set(table.index) == set(label.split(" ∧ "))
         result = box.state["result"].set_index("label")
         assert table.iloc[:, 0].sum() == pytest.approx(result.loc[label, "divergence"], abs=1e-3)
+
+
+def test_explorer_members_of_a_derived_attribute(explorer_data) -> None:
+    """Notebook 02 analyses the derived `dense` (c/d) beside the metadata; the explorer's members of a `dense`
+    itemset come from the analysis's own attribute table (the metadata has no `dense` column)."""
+    meta, scores = explorer_data
+    assert "dense" not in meta.columns
+    box = widgets.subgroup_explorer(meta, scores, attributes=["age_group", "breast_density", "dense"],
+                                    min_support=0.02, max_length=2, interactive=True)
+    _, _, _, itemset, case_pick = explorer_parts(box)
+    dense = [value for text, value in itemset.options if "dense=" in text]
+    assert dense, "no itemset of the derived attribute to select"
+    itemset.value = dense[0]
+    label = selected_label(itemset)
+    derived = meta.assign(dense=np.where(meta["breast_density"].astype(str).isin(["c", "d"]), "yes", "no"))
+    assert sorted(case_values(case_pick)) == sorted(expected_members(derived, scores.index, label)), label
