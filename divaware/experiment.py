@@ -10,10 +10,11 @@ One YAML file per mechanism (``configs/experiment_<mechanism>.yaml``)::
     training: {epochs: 20, ...}        # TrainConfig fields shared by every run
     per_strategy: {group_dro: {alpha: 0.0}}   # TrainConfig fields for one strategy only
 
-:func:`run_experiment` trains every (strategy, seed) into ``<out>/runs/<strategy>_seed<seed>`` and evaluates
-it twice: on the **held-out cohort** (all of its cases; ``evaluation_all_heldout``), which is generated once
+:func:`run_experiment` hands every (strategy or arm, seed) as one task (:func:`run_one`) to an executor; each
+trains into ``<out>/runs/<strategy>_seed<seed>`` and is evaluated at its validation-selected and its last
+checkpoint on the **held-out cohort** (all of its cases; ``evaluation_all_heldout``), which is generated once
 from the same generator and mechanism with another seed and is never seen by training, model selection or
-the weights, and on the training cohort's own challenge test split (``evaluation_test``, the split that
+the weights, and (unless ``challenge_test`` is off) on the training cohort's own challenge test split (``evaluation_test``, the split that
 ``divaware evaluate`` uses by default). The **arms** rung a mechanism's ladder: ERM trained on another cohort
 of the same size and seed, into ``<out>/runs/<arm>_seed<seed>`` --
 
