@@ -55,6 +55,7 @@ import pandas as pd
 
 from divaware import metrics as M
 from divaware.report import AnalysisSettings, FairnessReport, ReportFolder, itemsets_csv, jsonable
+from divaware.report import worst_group as report_worst_group
 from divaware.runfolder import RunFolder, check_name, split_name, write_text
 
 if TYPE_CHECKING:
@@ -374,18 +375,7 @@ class EvaluationResult:
 
     def worst_group(self) -> dict[str, Any] | None:
         """The group (as the challenge counts them) with the lowest mean Dice over all attributes: ``attribute, group, dice, n``."""
-        best: dict[str, Any] | None = None
-        for attr, fs in self.fairness.items():
-            value = fs.get("worst_group")
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            if best is None or value < best["dice"]:
-                best = {"attribute": attr, "group": fs["worst_group_label"], "dice": float(value)}
-        if best is not None:
-            g = self.per_group
-            row = g[(g["attribute"] == best["attribute"]) & (g["group"].astype(str) == str(best["group"]))]
-            best["n"] = int(row["n"].iloc[0]) if len(row) else None
-        return best
+        return report_worst_group(self.fairness, self.per_group)
 
     def checkpoint_label(self) -> str:
         """The checkpoint asked for, and the file that was used when it is another (``best`` without best.pt)."""

@@ -75,6 +75,23 @@ class AnalysisSettings:
         return {**dataclasses.asdict(self), "attributes": list(self.attributes)}
 
 
+def worst_group(fairness: Mapping[str, Mapping[str, Any]], per_group: pd.DataFrame) -> dict[str, Any] | None:
+    """The group with the lowest mean Dice over the attributes of ``fairness`` (per attribute, the challenge's
+    worst group), with its size from ``per_group``: ``attribute, group, dice, n``; None when there is none."""
+    best: dict[str, Any] | None = None
+    for attr, fs in fairness.items():
+        value = fs.get("worst_group")
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if best is None or value < best["dice"]:
+            best = {"attribute": attr, "group": fs["worst_group_label"], "dice": float(value)}
+    if best is not None:
+        g = per_group
+        row = g[(g["attribute"] == best["attribute"]) & (g["group"].astype(str) == str(best["group"]))]
+        best["n"] = int(row["n"].iloc[0]) if len(row) else None
+    return best
+
+
 @dataclass
 class FairnessReport:
     """Overall, per-group (with n), worst-group, gaps and divergent subgroups of one set of per-case scores."""
@@ -127,18 +144,7 @@ class FairnessReport:
     def worst_group(self) -> dict[str, Any] | None:
         """The group (as the challenge counts them) with the lowest mean Dice over all attributes:
         ``attribute, group, dice, n``; None when no attribute has a group."""
-        best: dict[str, Any] | None = None
-        for attr, fs in self.fairness.items():
-            value = fs.get("worst_group")
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            if best is None or value < best["dice"]:
-                best = {"attribute": attr, "group": fs["worst_group_label"], "dice": float(value)}
-        if best is not None:
-            g = self.per_group
-            row = g[(g["attribute"] == best["attribute"]) & (g["group"].astype(str) == str(best["group"]))]
-            best["n"] = int(row["n"].iloc[0]) if len(row) else None
-        return best
+        return worst_group(self.fairness, self.per_group)
 
     def gaps(self) -> dict[str, float]:
         """Per attribute: the max − min gap of group mean Dice (the groups the challenge counts)."""
